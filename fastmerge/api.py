@@ -1,0 +1,154 @@
+"""Public merge API: ``fastmerge.merge(method, base, models, ...)`` and one alias per method.
+
+Semantics follow mergekit 0.1.5's generalized task arithmetic (see ``reference.py`` for the
+formulas and ``_semantics.py`` for the per-method table); computation is fp32 throughout.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+
+from . import _semantics as sem
+from . import _validate as V
+from . import backends as B
+from .philox import resolve_seed
+
+
+def run(plan: sem.Plan, base, inputs, out_dtype, backend):
+    device = inputs[0].device
+    return B.module(B.resolve(backend, device)).run_plan(plan, base, inputs, out_dtype)
+
+
+def _rescale_mode(rescale, default: bool):
+    if rescale is None:
+        rescale = default
+    if rescale is True:
+        return "l1"
+    if rescale is False:
+        return None
+    if isinstance(rescale, str) and rescale in sem.RESCALE_NORMS:
+        return rescale
+    raise ValueError(f"rescale must be a bool or one of {sem.RESCALE_NORMS}; got {rescale!r}")
+
+
+def _flag(x, name: str, default: bool) -> bool:
+    if x is None:
+        return default
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool or None, got {type(x).__name__}")
+    return x
+
+
+def merge(
+    method: str,
+    base: Optional[torch.Tensor],
+    models: Sequence[torch.Tensor],
+    *,
+    weights=None,
+    density=1.0,
+    lam: float = 1.0,
+    normalize: Optional[bool] = None,
+    rescale=None,
+    gamma=0.01,
+    epsilon=0.15,
+    seed: Optional[int] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Merge ``models`` onto ``base`` with one of mergekit's methods.
+
+    ``out = base + lam * M(w_k * sparsify(models[k] - base))`` where ``M`` is a plain sum
+    (task arithmetic, DARE linear, breadcrumbs, DELLA linear) or TIES's sign-elected disjoint
+    sum; ``normalize`` divides by ``sum w_k`` (over the agreeing models under consensus).
+
+    Args:
+        method: ``task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
+            della, della_linear`` or ``linear`` (``sum w_k m_k / sum w_k``, base unused).
+        base: the base model tensor (may be None for ``linear``).
+        models: K same-shape, same-dtype, same-device tensors; read in place, never stacked.
+        weights: scalar or K numbers (default 1.0 each).
+        density: scalar or K numbers in [0, 1]: fraction of each delta kept (1 = no pruning).
+        lam: mergekit's ``lambda``, scales the merged delta.
+        normalize, rescale: None for the method's default. ``rescale`` True = mergekit's L1 norm
+            matching; also ``"l1" | "l2" | "linf" | "density"`` (1/density).
+        gamma: breadcrumbs' fraction of largest magnitudes removed (scalar or per model).
+        epsilon: DELLA's spread of keep probabilities (scalar or per model).
+        seed: Philox seed for DARE/DELLA; None draws one from torch's default generator.
+        out_dtype: output dtype (default: base's dtype).
+        backend: ``auto | torch | cpu | triton | cuda`` (default: env ``FASTMERGE_BACKEND``
+            or auto).
+    """
+    if not isinstance(method, str) or method not in sem.METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(sem.METHODS)}")
+    models = V.tensor_list(models)
+    if base is None and method != "linear":
+        raise TypeError(f"base must be a torch.Tensor for method {method!r}, got None")
+    if base is not None and not isinstance(base, torch.Tensor):
+        raise TypeError(f"base must be a torch.Tensor, got {type(base).__name__}")
+    ref, ref_name = (base, "base") if base is not None else (models[0], "models[0]")
+    V.check_dtype(ref, ref_name)
+    V.same_as(ref, ref_name, models, "models")
+    K = len(models)
+    w = V.per_model(1.0 if weights is None else weights, K, "weights")
+    dens = V.per_model(density, K, "density", 0.0, 1.0)
+    lam = V.number(lam, "lam")
+    dtype = V.out_dtype(out_dtype, ref.dtype)
+
+    if method == "linear":
+        norm = _flag(normalize, "normalize", True)
+        if norm and sum(w) == 0:
+            raise ValueError("weights sum to zero: linear merge cannot normalize (pass normalize=False)")
+        plan = sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw",
+                        normalize=norm, lam=lam)
+        return run(plan, None, models, dtype, backend)
+
+    consensus, sparsify, d_norm, d_rescale = sem.MERGEKIT_METHODS[method]
+    n = ref.numel()
+    if sparsify == "magnitude":
+        masks = [sem.magnitude_mask(d, n) for d in dens]
+    elif sparsify == "outliers":
+        g = V.per_model(gamma, K, "gamma", 0.0, 1.0)
+        masks = [sem.outlier_mask(d, gi, n) for d, gi in zip(dens, g)]
+    elif sparsify == "random":
+        masks = [sem.random_mask(d) for d in dens]
+    elif sparsify == "della":
+        eps = V.per_model(epsilon, K, "epsilon", 0.0, 1.0)
+        masks = [sem.della_mask(d, e) for d, e in zip(dens, eps)]
+    else:
+        masks = [sem.MaskSpec("none")] * K
+    random = any(m.kind in ("random", "della") for m in masks)
+    plan = sem.Plan(
+        masks=masks,
+        weights=w,
+        rescale=_rescale_mode(rescale, d_rescale) if sparsify else None,
+        consensus=consensus,
+        elect_weighted=True,
+        divisor="weight" if consensus else "sumw",
+        normalize=_flag(normalize, "normalize", d_norm),
+        lam=lam,
+        seed=resolve_seed(seed) if random else 0,
+    )
+    return run(plan, base, models, dtype, backend)
+
+
+def _alias(method: str):
+    @functools.wraps(merge)
+    def f(base, models, **kwargs):
+        return merge(method, base, models, **kwargs)
+
+    f.__name__ = f.__qualname__ = method
+    f.__doc__ = f"``fastmerge.merge({method!r}, base, models, ...)``; see :func:`merge`."
+    return f
+
+
+task_arithmetic = _alias("task_arithmetic")
+ties = _alias("ties")
+dare_ties = _alias("dare_ties")
+dare_linear = _alias("dare_linear")
+breadcrumbs = _alias("breadcrumbs")
+breadcrumbs_ties = _alias("breadcrumbs_ties")
+della = _alias("della")
+della_linear = _alias("della_linear")
+linear = _alias("linear")

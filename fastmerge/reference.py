@@ -1,0 +1,195 @@
+"""The ``torch`` backend: pure PyTorch, readable, the definition of correct.
+
+Every computation runs in fp32 (inputs are upcast once), sums over models run in model order,
+and the output is cast once at the end. Notation for K inputs with base ``b``:
+
+* ``d_k = m_k - b`` (mergekit) or ``d_k = t_k`` (PEFT task tensors).
+* sparsify: ``s_k = mask_k * d_k``, then rescale: ``s_k *= |d_k| / |s_k|`` (L1/L2/Linf norm
+  matching, skipped when either norm < 1e-7) or ``s_k /= density`` (DARE's 1/p rescale).
+* weight: ``v_k = w_k * s_k``.
+* consensus (TIES, Yadav et al. 2023, arXiv:2306.01708): ``M = +1 where sum_k e_k >= 0 else -1``
+  with ``e_k = v_k`` (mergekit) or ``s_k`` (PEFT); ``count`` uses ``sum_k sign(e_k)``.
+  ``a_k = [sign(e_k) == M]`` (exact zeros never agree).
+* merge: ``mixed = sum_k a_k v_k``; divisor ``sum_k a_k w_k`` (0 -> 1, mergekit) or
+  ``max(sum_k a_k, 1)`` (PEFT). Without consensus ``mixed = sum_k v_k``, divisor ``sum_k w_k``
+  (``|.| < 1e-8`` -> 1).
+* ``normalize``: ``mixed /= divisor``; ``mixed *= lam``; ``out = b + mixed`` cast to the output
+  dtype.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import philox
+from ._semantics import MaskSpec, Plan, rows_of
+
+NORM_EPS = 1e-7
+
+
+def _f32(x: float) -> torch.Tensor:
+    # 0-d CPU tensors mix with tensors on any device and keep the arithmetic in fp32.
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def priority_order(a: torch.Tensor) -> torch.Tensor:
+    """Flat indices sorted by (|value| descending, index ascending)."""
+    return torch.sort(a.reshape(-1), descending=True, stable=True).indices
+
+
+def range_keep(a: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Bool mask of the elements at priority positions ``start <= pos < stop``."""
+    keep = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
+    keep[priority_order(a)[start:stop]] = True
+    return keep.reshape(a.shape)
+
+
+def della_probs(d: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """Per-element keep probabilities of DELLA, ranks along dim 1 (see philox.py)."""
+    outer, length, inner = rows_of(d.shape)
+    rows = d.abs().reshape(outer, length, inner).transpose(1, 2).reshape(-1, length)
+    # descending priority position -> ascending rank a = length - 1 - pos
+    order = torch.sort(rows, dim=1, descending=True, stable=True).indices
+    pos = torch.empty_like(order)
+    pos.scatter_(1, order, torch.arange(length, device=d.device).expand_as(order))
+    asc = (length - 1 - pos).to(torch.float32)
+    rn = asc / float(length - 1) if length > 1 else torch.zeros_like(asc)
+    probs = _f32(spec.c1) + rn * _f32(spec.c2)
+    return probs.reshape(outer, inner, length).transpose(1, 2).reshape(d.shape)
+
+
+def keep_mask(d: torch.Tensor, spec: MaskSpec, seed: int, stream: int) -> torch.Tensor | None:
+    """The bool keep mask of ``spec`` on fp32 delta ``d`` (None when everything is kept)."""
+    if spec.kind == "none":
+        return None
+    if spec.kind == "zero":
+        return torch.zeros(d.shape, dtype=torch.bool, device=d.device)
+    if spec.kind == "range":
+        return range_keep(d.abs(), spec.start, spec.stop)
+    u = philox.uniform(d.numel(), seed, stream, d.device).reshape(d.shape)
+    if spec.kind == "random":
+        return u < _f32(spec.p)
+    if spec.kind == "della":
+        return u < della_probs(d, spec)
+    raise ValueError(f"unknown mask kind {spec.kind!r}")
+
+
+def norm_of(x: torch.Tensor, norm: str) -> float:
+    x = x.double()
+    if norm == "l1":
+        return float(x.abs().sum())
+    if norm == "l2":
+        return float(x.square().sum().sqrt())
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+def sparsify(d: torch.Tensor, spec: MaskSpec, rescale, seed: int, stream: int) -> torch.Tensor:
+    """``s = mask * d`` then the rescale of the plan (fp32 in, fp32 out)."""
+    keep = keep_mask(d, spec, seed, stream)
+    if keep is None:
+        return d
+    s = torch.where(keep, d, torch.zeros((), dtype=d.dtype))
+    if rescale == "density":
+        # DARE / PEFT: divide by the keep probability (0 when everything was dropped).
+        return s / _f32(spec.density) if spec.density > 0 else torch.zeros_like(s)
+    if rescale in ("l1", "l2", "linf") and spec.kind != "zero":
+        before, after = norm_of(d, rescale), norm_of(s, rescale)
+        if before >= NORM_EPS and after >= NORM_EPS:
+            s = s * _f32(before / after)
+    return s
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains non-finite values (inf or nan)")
+
+
+def run_plan(plan: Plan, base: torch.Tensor | None, inputs: Sequence[torch.Tensor],
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """Execute a merge plan on K inputs (deltas from ``base`` when one is given)."""
+    b = base.to(torch.float32) if base is not None else None
+    if base is not None:
+        check_finite(base, "base")
+    values, weights = [], []
+    for k, (x, spec, w) in enumerate(zip(inputs, plan.masks, plan.weights)):
+        check_finite(x, plan.meta.get("input_name", "models") + f"[{k}]")
+        d = x.to(torch.float32) - b if b is not None else x.to(torch.float32)
+        s = sparsify(d, spec, plan.rescale, plan.seed, k)
+        values.append((s, s * _f32(w)))
+        weights.append(_f32(w))
+
+    shape, dev = inputs[0].shape, inputs[0].device
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    if plan.consensus is None:
+        mixed = torch.zeros(shape, dtype=torch.float32, device=dev)
+        for _, v in values:
+            mixed = mixed + v
+        if plan.divisor == "sumw":
+            wsum = zero
+            for w in weights:
+                wsum = wsum + w
+            divisor = wsum if abs(float(wsum)) >= 1e-8 else _f32(1.0)
+        else:
+            divisor = None
+    else:
+        elect = [v if plan.elect_weighted else s for s, v in values]
+        total = torch.zeros(shape, dtype=torch.float32, device=dev)
+        for e in elect:
+            total = total + (e if plan.consensus == "sum" else torch.sign(e))
+        positive = total >= 0
+        mixed = torch.zeros(shape, dtype=torch.float32, device=dev)
+        divisor = torch.zeros(shape, dtype=torch.float32, device=dev)
+        for e, (_, v), w in zip(elect, values, weights):
+            agree = torch.where(positive, e > 0, e < 0)
+            mixed = mixed + torch.where(agree, v, zero)
+            if plan.divisor == "count":
+                divisor = divisor + agree.to(torch.float32)
+            else:
+                divisor = divisor + torch.where(agree, w, zero)
+        if plan.divisor == "count":
+            divisor = torch.clamp(divisor, min=1.0)
+        else:
+            divisor = torch.where(divisor == 0, _f32(1.0), divisor)
+    if plan.normalize and divisor is not None:
+        mixed = mixed / divisor
+    if plan.lam != 1:
+        mixed = mixed * _f32(plan.lam)
+    if b is not None:
+        mixed = b + mixed
+    return mixed.to(out_dtype)
+
+
+# ---- primitives (fastmerge.ops) -------------------------------------------------------------
+
+def elect_sign(tensors: Sequence[torch.Tensor], weights, method: str) -> torch.Tensor:
+    """Majority sign (int8, +1/-1) of ``sum_k w_k t_k`` (``sum``) or ``sum_k sign(w_k t_k)``."""
+    total = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    for t, w in zip(tensors, weights):
+        e = t.to(torch.float32) * _f32(w)
+        total = total + (e if method == "sum" else torch.sign(e))
+    return torch.where(total >= 0, 1, -1).to(torch.int8)
+
+
+def disjoint_merge(tensors, sign, weights, divisor: str, out_dtype) -> torch.Tensor:
+    """``sum_k w_k t_k [sign(t_k) == sign] / divisor`` (count: max(#agree, 1); weight: sum w)."""
+    positive = sign > 0
+    dev = tensors[0].device
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    mixed = torch.zeros(tensors[0].shape, dtype=torch.float32, device=dev)
+    div = torch.zeros(tensors[0].shape, dtype=torch.float32, device=dev)
+    for t, w in zip(tensors, weights):
+        e = t.to(torch.float32)
+        agree = torch.where(positive, e > 0, e < 0)
+        mixed = mixed + torch.where(agree, e * _f32(w), zero)
+        div = div + (agree.to(torch.float32) if divisor == "count" else torch.where(agree, _f32(w), zero))
+    div = torch.clamp(div, min=1.0) if divisor == "count" else torch.where(div == 0, _f32(1.0), div)
+    return (mixed / div).to(out_dtype)
+
+
+def magnitude_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest |x| (``inf`` when k == 0), in x's dtype."""
+    if k == 0:
+        return torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+    a = x.detach().reshape(-1).to(torch.float32).abs()
+    return a[priority_order(a)[k - 1]].to(x.dtype)
