@@ -19,7 +19,7 @@ from .api import (
     ties,
 )
 from ._semantics import METHODS
-from .backends import backends
+from .dispatch import backends
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ import torch
 
 from . import _semantics as sem
 from . import _validate as V
-from . import backends as B
+from . import dispatch as B
 from .philox import resolve_seed
 
 

@@ -11,7 +11,7 @@ import torch
 
 from . import _semantics as sem
 from . import _validate as V
-from . import backends as B
+from . import dispatch as B
 from .api import _rescale_mode, run
 from .philox import resolve_seed
 

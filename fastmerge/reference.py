@@ -165,7 +165,8 @@ def run_plan(plan: Plan, base: torch.Tensor | None, inputs: Sequence[torch.Tenso
 def elect_sign(tensors: Sequence[torch.Tensor], weights, method: str) -> torch.Tensor:
     """Majority sign (int8, +1/-1) of ``sum_k w_k t_k`` (``sum``) or ``sum_k sign(w_k t_k)``."""
     total = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
-    for t, w in zip(tensors, weights):
+    for k, (t, w) in enumerate(zip(tensors, weights)):
+        check_finite(t, f"tensors[{k}]")
         e = t.to(torch.float32) * _f32(w)
         total = total + (e if method == "sum" else torch.sign(e))
     return torch.where(total >= 0, 1, -1).to(torch.int8)
@@ -178,7 +179,8 @@ def disjoint_merge(tensors, sign, weights, divisor: str, out_dtype) -> torch.Ten
     zero = torch.zeros((), dtype=torch.float32, device=dev)
     mixed = torch.zeros(tensors[0].shape, dtype=torch.float32, device=dev)
     div = torch.zeros(tensors[0].shape, dtype=torch.float32, device=dev)
-    for t, w in zip(tensors, weights):
+    for k, (t, w) in enumerate(zip(tensors, weights)):
+        check_finite(t, f"tensors[{k}]")
         e = t.to(torch.float32)
         agree = torch.where(positive, e > 0, e < 0)
         mixed = mixed + torch.where(agree, e * _f32(w), zero)

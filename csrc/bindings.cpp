@@ -1,0 +1,54 @@
+// pybind11 bindings. Tensors cross as (data pointer, dtype code, numel); the caller (fastmerge/cpu.py)
+// guarantees contiguity, matching dtypes and lifetimes. The GIL is released while kernels run.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+#ifndef FM_MODULE
+#define FM_MODULE _C
+#endif
+#ifndef FM_ISA
+#define FM_ISA "baseline x86-64"
+#endif
+
+
+namespace py = pybind11;
+
+#define FM_STR2(x) #x
+#define FM_STR(x) FM_STR2(x)
+
+PYBIND11_MODULE(FM_MODULE, m) {
+    m.doc() = "fastmerge fused CPU kernels (" FM_ISA ")";
+    m.def("isa", []() { return std::string(FM_ISA); });
+    m.def("max_threads", &fm::max_threads);
+    m.def("select_ranges", &fm::select_ranges, py::call_guard<py::gil_scoped_release>(),
+          py::arg("base"), py::arg("models"), py::arg("dtype"), py::arg("n"), py::arg("q_model"),
+          py::arg("q_k"), py::arg("nthreads"));
+    m.def(
+        "mask_norms",
+        [](uint64_t base, const std::vector<uint64_t>& models, int dt, int64_t n, const std::vector<int>& kind,
+           const std::vector<int64_t>& ranges, const std::vector<float>& p, uint64_t seed,
+           const std::vector<uint64_t>& bits_out, int norm, int nthreads) {
+            fm::MaskArgs a{kind, ranges, p, std::vector<uint64_t>(models.size(), 0), seed};
+            return fm::mask_norms(base, models, dt, n, a, bits_out, norm, nthreads);
+        },
+        py::call_guard<py::gil_scoped_release>());
+    m.def("della_bits", &fm::della_bits, py::call_guard<py::gil_scoped_release>());
+    m.def(
+        "fused_merge",
+        [](uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t out, int out_dt, int64_t n,
+           const std::vector<int>& kind, const std::vector<int64_t>& ranges, const std::vector<float>& p,
+           const std::vector<uint64_t>& bits, uint64_t seed, const std::vector<float>& weights,
+           const std::vector<float>& scale, int scale_mode, int consensus, bool elect_weighted, int divisor,
+           float const_div, bool normalize, float lam, bool sign_only, uint64_t sign, int nthreads) {
+            fm::MaskArgs ma{kind, ranges, p, bits, seed};
+            fm::MergeArgs a{weights, scale, scale_mode, consensus, elect_weighted, divisor,
+                            const_div, normalize, lam, sign_only};
+            return fm::fused_merge(base, models, dt, out, out_dt, n, ma, a, sign, nthreads);
+        },
+        py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,149 @@
+// Shared helpers of the fastmerge CPU kernels: dtype conversion, Philox, keys.
+//
+// The module does not link against libtorch: Python hands over raw data pointers of
+// contiguous tensors (as bitsandbytes does), so the build needs no torch and one binary
+// serves every torch version.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <vector>
+
+namespace fm {
+
+enum DType : int { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
+
+static inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// IEEE half -> float, exact (normals, subnormals, inf, nan).
+static inline float half_to_float(uint16_t h) {
+    uint32_t o = (uint32_t)(h & 0x7fffu) << 13;
+    const uint32_t exp = o & 0x0f800000u;
+    o += (uint32_t)(127 - 15) << 23;
+    if (exp == 0x0f800000u) {
+        o += (uint32_t)(128 - 16) << 23;              // inf / nan
+    } else if (exp == 0) {
+        o += 1u << 23;                                 // zero / subnormal: renormalise
+        o = f2u(u2f(o) - 6.103515625e-05f);
+    }
+    return u2f(o | ((uint32_t)(h & 0x8000u) << 16));
+}
+
+// float -> IEEE half, round to nearest even, saturating to inf like a cast does.
+static inline uint16_t float_to_half(float f) {
+    uint32_t x = f2u(f);
+    const uint32_t sign = x & 0x80000000u;
+    x ^= sign;
+    uint32_t o;
+    if (x >= (uint32_t)(127 + 16) << 23) {
+        o = x > 0x7f800000u ? 0x7e00u : 0x7c00u;
+    } else if (x < (uint32_t)113 << 23) {
+        const uint32_t magic = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
+        o = f2u(u2f(x) + u2f(magic)) - magic;         // subnormal: let the FPU round
+    } else {
+        const uint32_t odd = (x >> 13) & 1u;
+        x += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;
+        o = x >> 13;
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+static inline float bf16_to_float(uint16_t h) { return u2f((uint32_t)h << 16); }
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u = f2u(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  // quiet nan
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// Load n elements starting at element i0 of a tensor of dtype dt into fp32 dst.
+static inline void load_block(const void* p, int dt, int64_t i0, int n, float* __restrict dst) {
+    if (dt == F32) {
+        const float* s = (const float*)p + i0;
+        for (int j = 0; j < n; ++j) dst[j] = s[j];
+    } else if (dt == BF16) {
+        const uint16_t* s = (const uint16_t*)p + i0;
+        for (int j = 0; j < n; ++j) dst[j] = u2f((uint32_t)s[j] << 16);
+    } else {
+        const uint16_t* s = (const uint16_t*)p + i0;
+        for (int j = 0; j < n; ++j) dst[j] = half_to_float(s[j]);
+    }
+}
+
+static inline void store_block(void* p, int dt, int64_t i0, int n, const float* __restrict src) {
+    if (dt == F32) {
+        float* d = (float*)p + i0;
+        for (int j = 0; j < n; ++j) d[j] = src[j];
+    } else if (dt == BF16) {
+        uint16_t* d = (uint16_t*)p + i0;
+        for (int j = 0; j < n; ++j) d[j] = float_to_bf16(src[j]);
+    } else {
+        uint16_t* d = (uint16_t*)p + i0;
+        for (int j = 0; j < n; ++j) d[j] = float_to_half(src[j]);
+    }
+}
+
+static inline float load_one(const void* p, int dt, int64_t i) {
+    if (dt == F32) return ((const float*)p)[i];
+    if (dt == BF16) return bf16_to_float(((const uint16_t*)p)[i]);
+    return half_to_float(((const uint16_t*)p)[i]);
+}
+
+// ---- Philox4x32-10 (layout documented in fastmerge/philox.py) --------------------------
+constexpr uint32_t PH_M0 = 0xD2511F53u, PH_M1 = 0xCD9E8D57u;
+constexpr uint32_t PH_W0 = 0x9E3779B9u, PH_W1 = 0xBB67AE85u;
+constexpr float UNIFORM_SCALE = 5.9604644775390625e-08f;  // 2^-24
+
+struct PhiloxKey { uint32_t k0[10], k1[10]; };
+
+static inline PhiloxKey philox_key(uint64_t seed) {
+    PhiloxKey k;
+    uint32_t a = (uint32_t)seed, b = (uint32_t)(seed >> 32);
+    for (int r = 0; r < 10; ++r) { k.k0[r] = a; k.k1[r] = b; a += PH_W0; b += PH_W1; }
+    return k;
+}
+
+static inline void philox(const PhiloxKey& key, uint64_t g, uint32_t stream, uint32_t out[4]) {
+    uint32_t c0 = (uint32_t)g, c1 = (uint32_t)(g >> 32), c2 = stream, c3 = 0;
+    for (int r = 0; r < 10; ++r) {
+        const uint64_t p0 = (uint64_t)PH_M0 * c0;
+        const uint64_t p1 = (uint64_t)PH_M1 * c2;
+        const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ key.k0[r];
+        const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ key.k1[r];
+        c1 = (uint32_t)p1; c3 = (uint32_t)p0; c0 = n0; c2 = n2;
+    }
+    out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
+}
+
+// Uniforms u = (word >> 8) * 2^-24 of elements i0 .. i0+n-1 (i0 a multiple of 4).
+// Structure-of-arrays over groups so the ten rounds vectorise across groups.
+static inline void philox_uniform_block(const PhiloxKey& key, int64_t i0, int n, uint32_t stream,
+                                        float* __restrict u) {
+    const int ng = (n + 3) / 4;
+    const uint64_t g0 = (uint64_t)i0 >> 2;
+    for (int t = 0; t < ng; ++t) {
+        const uint64_t g = g0 + (uint64_t)t;
+        uint32_t c0 = (uint32_t)g, c1 = (uint32_t)(g >> 32), c2 = stream, c3 = 0;
+        for (int r = 0; r < 10; ++r) {
+            const uint64_t p0 = (uint64_t)PH_M0 * c0;
+            const uint64_t p1 = (uint64_t)PH_M1 * c2;
+            const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ key.k0[r];
+            const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ key.k1[r];
+            c1 = (uint32_t)p1; c3 = (uint32_t)p0; c0 = n0; c2 = n2;
+        }
+        u[4 * t + 0] = (float)(c0 >> 8) * UNIFORM_SCALE;
+        u[4 * t + 1] = (float)(c1 >> 8) * UNIFORM_SCALE;
+        u[4 * t + 2] = (float)(c2 >> 8) * UNIFORM_SCALE;
+        u[4 * t + 3] = (float)(c3 >> 8) * UNIFORM_SCALE;
+    }
+}
+
+// Magnitude key: the fp32 bit pattern of |d| orders non-negative floats like the floats.
+static inline uint32_t mag_key(float d) { return f2u(d) & 0x7fffffffu; }
+
+static inline bool nonfinite_bits(float v) { return (f2u(v) & 0x7f800000u) == 0x7f800000u; }
+
+}  // namespace fm

@@ -1,0 +1,544 @@
+// fastmerge CPU kernels (C++17 + OpenMP). Semantics: fastmerge/reference.py; every sum over
+// models runs in model order in fp32, exactly like the reference, so results agree bit for bit
+// (or within an ulp where a norm ratio rounds differently).
+//
+// Passes of a merge (N elements, K inputs, base optional):
+//   select_ranges : exact top-k thresholds by radix select on the fp32 bit patterns of |d|
+//                   (a 16-bit histogram pass, a 16-bit pass restricted to the chosen bucket,
+//                   and, only when ties at the threshold are split, a count pass that finds
+//                   the index cutoff). No sort, no mask.
+//   mask_norms    : only for norm-matching rescale: per-model norms before/after masking;
+//                   random (DARE) masks are written as bits so the merge pass need not redraw.
+//   della_bits    : per-row ranks by LSD radix sort (one sort, not mergekit's double argsort),
+//                   DELLA keep decisions as bits, norms.
+//   fused_merge   : reads base + K inputs once, writes the output once. Masks are evaluated
+//                   on the fly from thresholds, Philox counters or bits.
+#include "common.h"
+#include "kernels.h"
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <stdexcept>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fm {
+
+constexpr int BLK = 512;  // elements per block: a multiple of 64 (bit words) and 4 (Philox)
+constexpr int64_t SENTINEL_NONE = (int64_t)1 << 32;  // threshold no key exceeds
+
+enum MaskKind : int { M_NONE = 0, M_ZERO = 1, M_RANGE = 2, M_RANDOM = 3, M_BITS = 4 };
+enum Consensus : int { C_NONE = 0, C_SUM = 1, C_COUNT = 2, C_GIVEN = 3 };
+enum Divisor : int { D_NONE = 0, D_WEIGHT = 1, D_COUNT = 2, D_CONST = 3 };
+enum Scale : int { S_NONE = 0, S_MUL = 1, S_DIV = 2 };
+enum Norm : int { N_NONE = 0, N_L1 = 1, N_L2 = 2, N_LINF = 3 };
+
+static int threads_for(int requested, int64_t n) {
+    int t = requested > 0 ? requested : 1;
+    const int64_t blocks = (n + BLK - 1) / BLK;
+    if (blocks < t) t = (int)std::max<int64_t>(1, blocks);
+    return t;
+}
+
+// Per model, the selection "top set of size k": key > T or (key == T and index <= J).
+struct TopSet { int64_t T; int64_t J; };
+
+static inline bool in_top(uint32_t key, int64_t i, const TopSet& s) {
+    return (int64_t)key > s.T || ((int64_t)key == s.T && i <= s.J);
+}
+
+// Fill d[0..n) with the fp32 delta of model m for elements i0..i0+n-1.
+static inline void load_delta(const void* base, const void* x, int dt, int64_t i0, int n,
+                              const float* __restrict bb, float* __restrict d) {
+    load_block(x, dt, i0, n, d);
+    if (base)
+        for (int j = 0; j < n; ++j) d[j] = d[j] - bb[j];
+}
+
+// ======================= exact top-k selection (radix select) ============================
+// queries: (model index, k). Returns T and J per query.
+std::vector<int64_t> select_ranges(uint64_t base_ptr, const std::vector<uint64_t>& models, int dt,
+                                   int64_t n, const std::vector<int>& q_model,
+                                   const std::vector<int64_t>& q_k, int nthreads) {
+    const void* base = (const void*)base_ptr;
+    const int Q = (int)q_model.size();
+    std::vector<int64_t> out(2 * (size_t)Q);
+    std::vector<int> todo;
+    for (int q = 0; q < Q; ++q) {
+        const int64_t k = q_k[q];
+        if (k <= 0) { out[2 * q] = SENTINEL_NONE; out[2 * q + 1] = -1; }
+        else if (k >= n) { out[2 * q] = 0; out[2 * q + 1] = n; }
+        else todo.push_back(q);
+    }
+    if (todo.empty()) return out;
+    // distinct models taking part
+    std::vector<int> mods;
+    for (int q : todo) if (std::find(mods.begin(), mods.end(), q_model[q]) == mods.end()) mods.push_back(q_model[q]);
+    const int M = (int)mods.size();
+    std::vector<int> slot(models.size(), -1);
+    for (int s = 0; s < M; ++s) slot[mods[s]] = s;
+    const int nt = threads_for(nthreads, n);
+    const int64_t nblocks = (n + BLK - 1) / BLK;
+    constexpr int64_t SUPER = (int64_t)1 << 30;  // per-thread uint32 counters cannot overflow
+
+    // ---- pass 1: histogram of the high 16 bits of every key, per model ----
+    std::vector<uint64_t> h1((size_t)M * 65536, 0);
+    for (int64_t b0 = 0; b0 < nblocks; b0 += SUPER / BLK) {
+        const int64_t b1 = std::min(nblocks, b0 + SUPER / BLK);
+#pragma omp parallel num_threads(nt)
+        {
+            std::vector<uint32_t> h((size_t)M * 65536, 0);
+            alignas(64) float bb[BLK], d[BLK];
+#pragma omp for schedule(static)
+            for (int64_t b = b0; b < b1; ++b) {
+                const int64_t i0 = b * BLK;
+                const int len = (int)std::min<int64_t>(BLK, n - i0);
+                if (base) load_block(base, dt, i0, len, bb);
+                for (int s = 0; s < M; ++s) {
+                    load_delta(base, (const void*)models[mods[s]], dt, i0, len, bb, d);
+                    uint32_t* hs = h.data() + (size_t)s * 65536;
+                    for (int j = 0; j < len; ++j) hs[mag_key(d[j]) >> 16]++;
+                }
+            }
+#pragma omp critical
+            for (size_t t = 0; t < h.size(); ++t) h1[t] += h[t];
+        }
+    }
+    // per query: bucket h and the rank still needed inside it
+    std::vector<uint32_t> qh(Q);
+    std::vector<int64_t> qrem(Q);
+    for (int q : todo) {
+        const uint64_t* hs = h1.data() + (size_t)slot[q_model[q]] * 65536;
+        int64_t above = 0;
+        int b = 65535;
+        for (; b > 0; --b) {
+            if (above + (int64_t)hs[b] >= q_k[q]) break;
+            above += (int64_t)hs[b];
+        }
+        qh[q] = (uint32_t)b;
+        qrem[q] = q_k[q] - above;
+    }
+    // ---- pass 2: histogram of the low 16 bits inside the chosen bucket, per query ----
+    const int TQ = (int)todo.size();
+    std::vector<uint64_t> h2((size_t)TQ * 65536, 0);
+    for (int64_t b0 = 0; b0 < nblocks; b0 += SUPER / BLK) {
+        const int64_t b1 = std::min(nblocks, b0 + SUPER / BLK);
+#pragma omp parallel num_threads(nt)
+        {
+            std::vector<uint32_t> h((size_t)TQ * 65536, 0);
+            alignas(64) float bb[BLK], d[BLK];
+#pragma omp for schedule(static)
+            for (int64_t b = b0; b < b1; ++b) {
+                const int64_t i0 = b * BLK;
+                const int len = (int)std::min<int64_t>(BLK, n - i0);
+                if (base) load_block(base, dt, i0, len, bb);
+                for (int s = 0; s < M; ++s) {
+                    load_delta(base, (const void*)models[mods[s]], dt, i0, len, bb, d);
+                    for (int tq = 0; tq < TQ; ++tq) {
+                        const int q = todo[tq];
+                        if (q_model[q] != mods[s]) continue;
+                        const uint32_t want = qh[q];
+                        uint32_t* hs = h.data() + (size_t)tq * 65536;
+                        for (int j = 0; j < len; ++j) {
+                            const uint32_t key = mag_key(d[j]);
+                            if ((key >> 16) == want) hs[key & 0xffffu]++;
+                        }
+                    }
+                }
+            }
+#pragma omp critical
+            for (size_t t = 0; t < h.size(); ++t) h2[t] += h[t];
+        }
+    }
+    std::vector<int> split;  // queries whose threshold ties are only partly kept
+    std::vector<int64_t> need(Q, 0);
+    for (int tq = 0; tq < TQ; ++tq) {
+        const int q = todo[tq];
+        const uint64_t* hs = h2.data() + (size_t)tq * 65536;
+        int64_t above = 0;
+        int b = 65535;
+        for (; b > 0; --b) {
+            if (above + (int64_t)hs[b] >= qrem[q]) break;
+            above += (int64_t)hs[b];
+        }
+        const int64_t T = ((int64_t)qh[q] << 16) | b;
+        const int64_t keep_eq = qrem[q] - above;  // equal keys to keep, lowest index first
+        out[2 * q] = T;
+        if (keep_eq >= (int64_t)hs[b]) out[2 * q + 1] = n;
+        else { need[q] = keep_eq; split.push_back(q); }
+    }
+    // ---- pass 3 (rare): index of the keep_eq-th key equal to T ----
+    for (int q : split) {
+        const int64_t T = out[2 * q];
+        const void* x = (const void*)models[q_model[q]];
+        std::vector<int64_t> cnt(nblocks, 0);
+#pragma omp parallel num_threads(nt)
+        {
+            alignas(64) float bb[BLK], d[BLK];
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < nblocks; ++b) {
+                const int64_t i0 = b * BLK;
+                const int len = (int)std::min<int64_t>(BLK, n - i0);
+                if (base) load_block(base, dt, i0, len, bb);
+                load_delta(base, x, dt, i0, len, bb, d);
+                int64_t c = 0;
+                for (int j = 0; j < len; ++j) c += (int64_t)mag_key(d[j]) == T;
+                cnt[b] = c;
+            }
+        }
+        int64_t seen = 0, J = n;
+        for (int64_t b = 0; b < nblocks; ++b) {
+            if (seen + cnt[b] >= need[q]) {
+                alignas(64) float bb[BLK], d[BLK];
+                const int64_t i0 = b * BLK;
+                const int len = (int)std::min<int64_t>(BLK, n - i0);
+                if (base) load_block(base, dt, i0, len, bb);
+                load_delta(base, x, dt, i0, len, bb, d);
+                for (int j = 0; j < len; ++j)
+                    if ((int64_t)mag_key(d[j]) == T && ++seen == need[q]) { J = i0 + j; break; }
+                break;
+            }
+            seen += cnt[b];
+        }
+        out[2 * q + 1] = J;
+    }
+    return out;
+}
+
+// ============================ per-model mask description =================================
+
+// keep[j] in {0, 1} for model m on elements i0..i0+len-1; d holds the delta (for keys).
+static inline void eval_mask(const MaskArgs& a, const PhiloxKey& key, int m, int64_t i0, int len,
+                             const float* __restrict d, float* __restrict keep, float* __restrict tmp) {
+    switch (a.kind[m]) {
+        case M_NONE:
+            for (int j = 0; j < len; ++j) keep[j] = 1.0f;
+            break;
+        case M_ZERO:
+            for (int j = 0; j < len; ++j) keep[j] = 0.0f;
+            break;
+        case M_RANGE: {
+            const TopSet stop{a.ranges[4 * m], a.ranges[4 * m + 1]};
+            const TopSet start{a.ranges[4 * m + 2], a.ranges[4 * m + 3]};
+            for (int j = 0; j < len; ++j) {
+                const uint32_t k = mag_key(d[j]);
+                const int64_t i = i0 + j;
+                keep[j] = (in_top(k, i, stop) && !in_top(k, i, start)) ? 1.0f : 0.0f;
+            }
+            break;
+        }
+        case M_RANDOM: {
+            philox_uniform_block(key, i0, len, (uint32_t)m, tmp);
+            const float p = a.p[m];
+            for (int j = 0; j < len; ++j) keep[j] = tmp[j] < p ? 1.0f : 0.0f;
+            break;
+        }
+        case M_BITS: {
+            const uint64_t* w = (const uint64_t*)a.bits[m] + (i0 >> 6);
+            for (int j = 0; j < len; ++j) keep[j] = (float)((w[j >> 6] >> (j & 63)) & 1u);
+            break;
+        }
+    }
+}
+
+// ============================ norms before/after masking =================================
+// For flat masks (range / random). Random masks are also written as bits when bits[m] != 0.
+// Returns 2 doubles per model: norm of d, norm of mask * d (L1, L2 or Linf).
+std::vector<double> mask_norms(uint64_t base_ptr, const std::vector<uint64_t>& models, int dt, int64_t n,
+                               const MaskArgs& a, const std::vector<uint64_t>& bits_out, int norm,
+                               int nthreads) {
+    const void* base = (const void*)base_ptr;
+    const int K = (int)models.size();
+    std::vector<double> out(2 * (size_t)K, 0.0);
+    const int nt = threads_for(nthreads, n);
+    const int64_t nblocks = (n + BLK - 1) / BLK;
+    const PhiloxKey key = philox_key(a.seed);
+#pragma omp parallel num_threads(nt)
+    {
+        std::vector<double> acc(2 * (size_t)K, 0.0);
+        alignas(64) float bb[BLK], d[BLK], keep[BLK], tmp[BLK + 4];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; ++b) {
+            const int64_t i0 = b * BLK;
+            const int len = (int)std::min<int64_t>(BLK, n - i0);
+            if (base) load_block(base, dt, i0, len, bb);
+            for (int m = 0; m < K; ++m) {
+                if (a.kind[m] != M_RANGE && a.kind[m] != M_RANDOM) continue;
+                load_delta(base, (const void*)models[m], dt, i0, len, bb, d);
+                eval_mask(a, key, m, i0, len, d, keep, tmp);
+                double before = 0, after = 0;
+                if (norm == N_L1) {
+                    for (int j = 0; j < len; ++j) { const double v = std::fabs(d[j]); before += v; after += v * keep[j]; }
+                } else if (norm == N_L2) {
+                    for (int j = 0; j < len; ++j) { const double v = (double)d[j] * d[j]; before += v; after += v * keep[j]; }
+                } else if (norm == N_LINF) {
+                    for (int j = 0; j < len; ++j) { const double v = std::fabs(d[j]); before = std::max(before, v); after = std::max(after, v * keep[j]); }
+                }
+                if (norm == N_LINF) { acc[2 * m] = std::max(acc[2 * m], before); acc[2 * m + 1] = std::max(acc[2 * m + 1], after); }
+                else { acc[2 * m] += before; acc[2 * m + 1] += after; }
+                if (a.kind[m] == M_RANDOM && bits_out[m]) {
+                    uint64_t* w = (uint64_t*)bits_out[m] + (i0 >> 6);
+                    for (int wj = 0; wj < (len + 63) / 64; ++wj) {
+                        uint64_t word = 0;
+                        const int jmax = std::min(64, len - wj * 64);
+                        for (int t = 0; t < jmax; ++t) word |= (uint64_t)(keep[wj * 64 + t] != 0.0f) << t;
+                        w[wj] = word;
+                    }
+                }
+            }
+        }
+#pragma omp critical
+        for (int m = 0; m < K; ++m) {
+            if (norm == N_LINF) { out[2 * m] = std::max(out[2 * m], acc[2 * m]); out[2 * m + 1] = std::max(out[2 * m + 1], acc[2 * m + 1]); }
+            else { out[2 * m] += acc[2 * m]; out[2 * m + 1] += acc[2 * m + 1]; }
+        }
+    }
+    if (norm == N_L2)
+        for (auto& v : out) v = std::sqrt(v);
+    return out;
+}
+
+// ================================ DELLA keep bits ========================================
+// Rows along dim 1: element (o, t, j) at flat (o*len + t)*inner + j. Within each row, rank by
+// (|d| descending, index ascending) with a stable LSD radix sort of the 31-bit keys; ascending
+// rank a = len-1-pos; keep iff u < c1 + (a / (len-1)) * c2. Bits are ORed into zeroed buffers.
+std::vector<double> della_bits(uint64_t base_ptr, const std::vector<uint64_t>& models, int dt,
+                               int64_t outer, int64_t len, int64_t inner,
+                               const std::vector<int>& which, const std::vector<float>& c1,
+                               const std::vector<float>& c2, uint64_t seed,
+                               const std::vector<uint64_t>& bits_out, int norm, int nthreads) {
+    const void* base = (const void*)base_ptr;
+    const int K = (int)models.size();
+    std::vector<double> out(2 * (size_t)K, 0.0);
+    const int64_t rows = outer * inner;
+    const int64_t n = rows * len;
+    if (n == 0) return out;
+    const PhiloxKey key = philox_key(seed);
+    int nt = nthreads > 0 ? nthreads : 1;
+    if (rows < nt) nt = (int)rows;
+    for (int m : which) {
+        const void* x = (const void*)models[m];
+        uint64_t* bits = (uint64_t*)bits_out[m];
+        double before_all = 0, after_all = 0;
+#pragma omp parallel num_threads(nt)
+        {
+            std::vector<float> d(len), u(len + 8);
+            std::vector<uint32_t> keys(len), ia(len), ib(len);
+            std::vector<uint64_t> rowbits(len / 64 + 2);
+            std::vector<uint32_t> cnt(2048);
+            double bsum = 0, asum = 0;
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; ++r) {
+                const int64_t o = r / inner, jj = r % inner;
+                const int64_t first = o * len * inner + jj;  // flat index of t = 0
+                for (int64_t t = 0; t < len; ++t) {
+                    const int64_t i = first + t * inner;
+                    float v = load_one(x, dt, i);
+                    if (base) v = v - load_one(base, dt, i);
+                    d[t] = v;
+                    keys[t] = 0x7fffffffu - mag_key(v);  // ascending order = descending |d|
+                    ia[t] = (uint32_t)t;
+                }
+                // stable LSD radix sort of indices by keys: digits of 11, 10, 10 bits
+                const int shifts[3] = {0, 11, 21}, widths[3] = {11, 10, 10};
+                uint32_t* src = ia.data();
+                uint32_t* dst = ib.data();
+                for (int pass = 0; pass < 3; ++pass) {
+                    const int nb = 1 << widths[pass];
+                    const uint32_t mask = (uint32_t)nb - 1;
+                    std::fill(cnt.begin(), cnt.begin() + nb, 0u);
+                    for (int64_t t = 0; t < len; ++t) cnt[(keys[src[t]] >> shifts[pass]) & mask]++;
+                    if (cnt[(keys[src[0]] >> shifts[pass]) & mask] == (uint32_t)len) continue;  // one digit
+                    uint32_t sum = 0;
+                    for (int b = 0; b < nb; ++b) { const uint32_t c = cnt[b]; cnt[b] = sum; sum += c; }
+                    for (int64_t t = 0; t < len; ++t) { const uint32_t e = src[t]; dst[cnt[(keys[e] >> shifts[pass]) & mask]++] = e; }
+                    std::swap(src, dst);
+                }
+                // uniforms of the row's elements
+                if (inner == 1) {
+                    const int64_t a0 = first & ~(int64_t)3;
+                    const int off = (int)(first - a0);
+                    float* uf = u.data();
+                    for (int64_t t0 = 0; t0 < len + off; t0 += 4) {
+                        uint32_t w[4];
+                        philox(key, (uint64_t)(a0 + t0) >> 2, (uint32_t)m, w);
+                        for (int q = 0; q < 4; ++q) {
+                            const int64_t t = t0 + q - off;
+                            if (t >= 0 && t < len) uf[t] = (float)(w[q] >> 8) * UNIFORM_SCALE;
+                        }
+                    }
+                } else {
+                    float* uf = u.data();
+                    for (int64_t t = 0; t < len; ++t) {
+                        const int64_t i = first + t * inner;
+                        uint32_t w[4];
+                        philox(key, (uint64_t)i >> 2, (uint32_t)m, w);
+                        uf[t] = (float)(w[i & 3] >> 8) * UNIFORM_SCALE;
+                    }
+                }
+                const float* uf = u.data();
+                std::fill(rowbits.begin(), rowbits.end(), 0ull);
+                const float den = (float)(len - 1);
+                const int shift0 = inner == 1 ? (int)(first & 63) : 0;
+                double& before = bsum;
+                double& after = asum;
+                for (int64_t pos = 0; pos < len; ++pos) {
+                    const uint32_t t = src[pos];
+                    const float rn = len > 1 ? (float)(len - 1 - pos) / den : 0.0f;
+                    const float prod = rn * c2[m];
+                    const float p = c1[m] + prod;
+                    const bool keep = uf[t] < p;
+                    const double v = norm == N_L2 ? (double)d[t] * d[t] : std::fabs((double)d[t]);
+                    if (norm == N_LINF) { before = std::max(before, v); if (keep) after = std::max(after, v); }
+                    else { before += v; if (keep) after += v; }
+                    if (keep) {
+                        if (inner == 1) rowbits[(t + shift0) >> 6] |= 1ull << ((t + shift0) & 63);
+                        else {
+                            const int64_t i = first + (int64_t)t * inner;
+                            __atomic_fetch_or(bits + (i >> 6), 1ull << (i & 63), __ATOMIC_RELAXED);
+                        }
+                    }
+                }
+                if (inner == 1) {
+                    const int64_t w0 = first >> 6;
+                    const int64_t nw = (shift0 + len + 63) / 64;
+                    for (int64_t w = 0; w < nw; ++w)
+                        if (rowbits[w]) __atomic_fetch_or(bits + w0 + w, rowbits[w], __ATOMIC_RELAXED);
+                }
+            }
+#pragma omp critical
+            {
+                if (norm == N_LINF) { before_all = std::max(before_all, bsum); after_all = std::max(after_all, asum); }
+                else { before_all += bsum; after_all += asum; }
+            }
+        }
+        if (norm == N_L2) { before_all = std::sqrt(before_all); after_all = std::sqrt(after_all); }
+        out[2 * m] = before_all;
+        out[2 * m + 1] = after_all;
+    }
+    return out;
+}
+
+// ================================= the fused merge =======================================
+
+// Returns K+1 flags: non-finite values seen in input m (last: base).
+std::vector<int> fused_merge(uint64_t base_ptr, const std::vector<uint64_t>& models, int dt,
+                             uint64_t out_ptr, int out_dt, int64_t n, const MaskArgs& ma,
+                             const MergeArgs& a, uint64_t sign_ptr, int nthreads) {
+    const void* base = (const void*)base_ptr;
+    const int K = (int)models.size();
+    int8_t* sign = (int8_t*)sign_ptr;
+    const int nt = threads_for(nthreads, n);
+    const int64_t nblocks = (n + BLK - 1) / BLK;
+    const PhiloxKey key = philox_key(ma.seed);
+    std::vector<int> flags(K + 1, 0);
+    const bool need_s = a.consensus != C_NONE && !a.elect_weighted;
+#pragma omp parallel num_threads(nt)
+    {
+        std::vector<float> V((size_t)K * BLK), S(need_s ? (size_t)K * BLK : 0);
+        alignas(64) float bb[BLK], d[BLK], keep[BLK], tmp[BLK + 4], total[BLK], mixed[BLK], div[BLK];
+        std::vector<int> bad(K + 1, 0);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; ++b) {
+            const int64_t i0 = b * BLK;
+            const int len = (int)std::min<int64_t>(BLK, n - i0);
+            if (base) {
+                load_block(base, dt, i0, len, bb);
+                int f = 0;
+                for (int j = 0; j < len; ++j) f |= nonfinite_bits(bb[j]);
+                bad[K] |= f;
+            }
+            for (int m = 0; m < K; ++m) {
+                load_block((const void*)models[m], dt, i0, len, d);
+                int f = 0;
+                for (int j = 0; j < len; ++j) f |= nonfinite_bits(d[j]);
+                bad[m] |= f;
+                if (base)
+                    for (int j = 0; j < len; ++j) d[j] = d[j] - bb[j];
+                float* v = V.data() + (size_t)m * BLK;
+                if (ma.kind[m] != M_NONE) {
+                    eval_mask(ma, key, m, i0, len, d, keep, tmp);
+                    for (int j = 0; j < len; ++j) d[j] = keep[j] != 0.0f ? d[j] : 0.0f;
+                }
+                if (a.scale_mode == S_MUL) {
+                    const float s = a.scale[m];
+                    for (int j = 0; j < len; ++j) d[j] = d[j] * s;
+                } else if (a.scale_mode == S_DIV) {
+                    const float s = a.scale[m];
+                    for (int j = 0; j < len; ++j) d[j] = d[j] / s;
+                }
+                if (need_s) std::memcpy(S.data() + (size_t)m * BLK, d, sizeof(float) * len);
+                const float w = a.weights[m];
+                for (int j = 0; j < len; ++j) v[j] = d[j] * w;
+            }
+            for (int j = 0; j < len; ++j) mixed[j] = 0.0f;
+            bool have_div = false;
+            if (a.consensus == C_NONE) {
+                for (int m = 0; m < K; ++m) {
+                    const float* v = V.data() + (size_t)m * BLK;
+                    for (int j = 0; j < len; ++j) mixed[j] = mixed[j] + v[j];
+                }
+            } else {
+                const float* E = a.elect_weighted ? V.data() : S.data();
+                if (a.consensus == C_GIVEN) {
+                    for (int j = 0; j < len; ++j) total[j] = sign[i0 + j] > 0 ? 1.0f : -1.0f;
+                } else {
+                    for (int j = 0; j < len; ++j) total[j] = 0.0f;
+                    for (int m = 0; m < K; ++m) {
+                        const float* e = E + (size_t)m * BLK;
+                        if (a.consensus == C_SUM)
+                            for (int j = 0; j < len; ++j) total[j] = total[j] + e[j];
+                        else
+                            for (int j = 0; j < len; ++j) total[j] = total[j] + (float)((e[j] > 0.0f) - (e[j] < 0.0f));
+                    }
+                }
+                if (a.sign_only) {
+                    for (int j = 0; j < len; ++j) sign[i0 + j] = total[j] >= 0.0f ? 1 : -1;
+                    continue;
+                }
+                for (int j = 0; j < len; ++j) div[j] = 0.0f;
+                for (int m = 0; m < K; ++m) {
+                    const float* e = E + (size_t)m * BLK;
+                    const float* v = V.data() + (size_t)m * BLK;
+                    const float w = a.divisor == D_COUNT ? 1.0f : a.weights[m];
+                    for (int j = 0; j < len; ++j) {
+                        const bool pos = total[j] >= 0.0f;
+                        const bool agree = pos ? e[j] > 0.0f : e[j] < 0.0f;
+                        mixed[j] = mixed[j] + (agree ? v[j] : 0.0f);
+                        div[j] = div[j] + (agree ? w : 0.0f);
+                    }
+                }
+                if (a.divisor == D_COUNT)
+                    for (int j = 0; j < len; ++j) div[j] = div[j] < 1.0f ? 1.0f : div[j];
+                else
+                    for (int j = 0; j < len; ++j) div[j] = div[j] == 0.0f ? 1.0f : div[j];
+                have_div = true;
+            }
+            if (a.normalize) {
+                if (have_div) for (int j = 0; j < len; ++j) mixed[j] = mixed[j] / div[j];
+                else if (a.divisor == D_CONST) for (int j = 0; j < len; ++j) mixed[j] = mixed[j] / a.const_div;
+            }
+            if (a.lam != 1.0f)
+                for (int j = 0; j < len; ++j) mixed[j] = mixed[j] * a.lam;
+            if (base)
+                for (int j = 0; j < len; ++j) mixed[j] = bb[j] + mixed[j];
+            store_block((void*)out_ptr, out_dt, i0, len, mixed);
+        }
+#pragma omp critical
+        for (int m = 0; m <= K; ++m) flags[m] |= bad[m];
+    }
+    return flags;
+}
+
+int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+}  // namespace fm

@@ -1,0 +1,178 @@
+"""The ``cpu`` backend: drives the fused C++ kernels (csrc/) for a merge plan.
+
+A merge runs as at most three streaming passes over the inputs, never materialising a
+``(K, *shape)`` stack or a dense mask (see csrc/kernels.cpp):
+
+1. exact top-k thresholds for magnitude masks (radix select over the fp32 bit patterns),
+2. only when norm-matching rescale or DELLA needs them: per-model norms, and the random keep
+   decisions as bit masks (K * N / 8 bytes, 1/32 of an fp32 tensor per model),
+3. the fused merge: base + K inputs read once, the output written once.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch as B
+from ._semantics import MaskSpec, Plan, rows_of
+from .reference import NORM_EPS
+
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_KIND = {"none": 0, "zero": 1, "range": 2, "random": 3, "bits": 4}
+_NORM = {None: 0, "l1": 1, "l2": 2, "linf": 3}
+_CONS = {None: 0, "sum": 1, "count": 2, "given": 3}
+_DIV = {"none": 0, "weight": 1, "count": 2, "sumw": 3}
+NONE_T = 1 << 32  # threshold that no 31-bit key exceeds: empty top set
+
+
+def _lib():
+    return B.native()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _ptrs(tensors):
+    return [t.data_ptr() for t in tensors]
+
+
+def _contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _raise_nonfinite(flags, names):
+    for flag, name in zip(flags, names):
+        if flag:
+            raise ValueError(f"{name} contains non-finite values (inf or nan)")
+
+
+def _thresholds(base, inputs, masks, n):
+    """(T_stop, J_stop, T_start, J_start) per model from one multi-query radix select."""
+    q_model, q_k = [], []
+    for m, spec in enumerate(masks):
+        if spec.kind == "range":
+            q_model += [m, m]
+            q_k += [spec.stop, spec.start]
+    ranges = [NONE_T, -1, NONE_T, -1] * len(masks)
+    if q_model:
+        res = _lib().select_ranges(base.data_ptr() if base is not None else 0, _ptrs(inputs),
+                                   _DT[inputs[0].dtype], n, q_model, q_k, _threads())
+        for q, m in enumerate(q_model):
+            off = 4 * m + (0 if q % 2 == 0 else 2)
+            ranges[off], ranges[off + 1] = res[2 * q], res[2 * q + 1]
+    return ranges
+
+
+def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
+    lib = _lib()
+    shape = inputs[0].shape
+    n = inputs[0].numel()
+    out = torch.empty(shape, dtype=out_dtype, device=inputs[0].device)
+    if n == 0:
+        return out
+    inputs = [_contig(x) for x in inputs]
+    base = _contig(base) if base is not None else None
+    K = len(inputs)
+    dt = _DT[inputs[0].dtype]
+    bptr = base.data_ptr() if base is not None else 0
+    masks: list[MaskSpec] = plan.masks
+    kinds = [_KIND[m.kind if m.kind != "della" else "bits"] for m in masks]
+    ranges = _thresholds(base, inputs, masks, n)
+    probs = [m.p for m in masks]
+    norm = plan.rescale if plan.rescale in ("l1", "l2", "linf") else None
+
+    # bit masks: DELLA always; DARE when its norms must be known before the merge
+    bits = [None] * K
+    for m, spec in enumerate(masks):
+        if spec.kind == "della" or (spec.kind == "random" and norm is not None):
+            bits[m] = torch.zeros((n + 63) // 64, dtype=torch.int64)
+            kinds[m] = _KIND["bits"]
+    bit_ptrs = [b.data_ptr() if b is not None else 0 for b in bits]
+
+    norms = [0.0] * (2 * K)
+    flat = [m for m, s in enumerate(masks) if s.kind in ("range", "random")]
+    if norm is not None and flat:
+        flat_kinds = [_KIND[s.kind] if s.kind in ("range", "random") else 0 for s in masks]
+        res = lib.mask_norms(bptr, _ptrs(inputs), dt, n, flat_kinds, ranges, probs, plan.seed,
+                             bit_ptrs, _NORM[norm], _threads())
+        for m in flat:
+            norms[2 * m], norms[2 * m + 1] = res[2 * m], res[2 * m + 1]
+    della = [m for m, s in enumerate(masks) if s.kind == "della"]
+    if della:
+        outer, length, inner = rows_of(shape)
+        res = lib.della_bits(bptr, _ptrs(inputs), dt, outer, length, inner, della,
+                             [masks[m].c1 if m in della else 0.0 for m in range(K)],
+                             [masks[m].c2 if m in della else 0.0 for m in range(K)],
+                             plan.seed, bit_ptrs, _NORM[norm], _threads())
+        for m in della:
+            norms[2 * m], norms[2 * m + 1] = res[2 * m], res[2 * m + 1]
+
+    scale, scale_mode = [1.0] * K, 0
+    if plan.rescale == "density":
+        scale_mode = 2
+        scale = [s.density if s.kind == "random" and s.density > 0 else 1.0 for s in masks]
+        # PEFT divides the kept values by density; a density of 0 drops everything (no 0/0)
+        for m, s in enumerate(masks):
+            if s.kind == "random" and s.density <= 0:
+                kinds[m] = _KIND["zero"]
+    elif norm is not None:
+        scale_mode = 1
+        for m, s in enumerate(masks):
+            before, after = norms[2 * m], norms[2 * m + 1]
+            if s.kind in ("range", "random", "della") and before >= NORM_EPS and after >= NORM_EPS:
+                scale[m] = _f32(before / after)
+
+    const_div = 1.0
+    if plan.divisor == "sumw":
+        wsum = torch.zeros((), dtype=torch.float32)
+        for w in plan.weights:
+            wsum = wsum + torch.tensor(w, dtype=torch.float32)
+        const_div = float(wsum) if abs(float(wsum)) >= 1e-8 else 1.0
+    flags = lib.fused_merge(
+        bptr, _ptrs(inputs), dt, out.data_ptr(), _DT[out_dtype], n, kinds, ranges, probs, bit_ptrs,
+        plan.seed, plan.weights, scale, scale_mode, _CONS[plan.consensus], plan.elect_weighted,
+        _DIV[plan.divisor], const_div, plan.normalize, plan.lam, False, 0, _threads())
+    prefix = plan.meta.get("input_name", "models")
+    _raise_nonfinite(flags, [f"{prefix}[{m}]" for m in range(K)] + ["base"])
+    return out
+
+
+def _elect(tensors, weights, consensus, sign, sign_only, divisor="none", out=None):
+    tensors = [_contig(t) for t in tensors]
+    K = len(tensors)
+    n = tensors[0].numel()
+    flags = _lib().fused_merge(
+        0, _ptrs(tensors), _DT[tensors[0].dtype], out.data_ptr() if out is not None else 0,
+        _DT[out.dtype] if out is not None else 0, n, [0] * K, [NONE_T, -1, NONE_T, -1] * K,
+        [1.0] * K, [0] * K, 0, weights, [1.0] * K, 0, _CONS[consensus], consensus != "given",
+        _DIV[divisor], 1.0, True, 1.0, sign_only, sign.data_ptr(), _threads())
+    _raise_nonfinite(flags, [f"tensors[{m}]" for m in range(K)])
+
+
+def elect_sign(tensors, weights, method):
+    sign = torch.empty(tensors[0].shape, dtype=torch.int8)
+    if sign.numel():
+        _elect(tensors, weights, method, sign, True)
+    return sign
+
+
+def disjoint_merge(tensors, sign, weights, divisor, out_dtype):
+    out = torch.empty(tensors[0].shape, dtype=out_dtype)
+    if out.numel():
+        sign = _contig(sign if sign.dtype == torch.int8 else (sign > 0).to(torch.int8))
+        _elect(tensors, weights, "given", sign, False, divisor, out)
+    return out
+
+
+def magnitude_threshold(x, k):
+    if k == 0:
+        return torch.tensor(float("inf"), dtype=x.dtype)
+    if k == x.numel():
+        return x.detach().abs().min()
+    x = _contig(x)
+    T, _ = _lib().select_ranges(0, [x.data_ptr()], _DT[x.dtype], x.numel(), [0], [k], _threads())
+    return torch.tensor([T], dtype=torch.int64).to(torch.int32).view(torch.float32)[0].to(x.dtype)

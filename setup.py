@@ -1,0 +1,43 @@
+"""Build of the native CPU kernels (csrc/) as two pybind11 modules.
+
+``fastmerge._C`` is built for the x86-64 baseline and loads everywhere; on x86-64 a second
+build, ``fastmerge._C_avx2`` (AVX2 + F16C), is preferred at import when the CPU has those
+features. Neither links against libtorch. ``-ffp-contract=off`` keeps every multiply and add
+separately rounded, as the torch reference and the GPU kernels do.
+"""
+import os
+import platform
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+SOURCES = ["csrc/kernels.cpp", "csrc/bindings.cpp"]
+COMMON = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+
+
+def ext(name, isa, extra):
+    return Pybind11Extension(
+        f"fastmerge.{name}",
+        SOURCES,
+        include_dirs=["csrc"],
+        define_macros=[("FM_MODULE", name), ("FM_ISA", f'"{isa}"')],
+        extra_compile_args=COMMON + extra,
+        extra_link_args=["-fopenmp"],
+        cxx_std=17,
+    )
+
+
+ext_modules = []
+if os.environ.get("FASTMERGE_NO_NATIVE") != "1":
+    ext_modules.append(ext("_C", "baseline", []))
+    if platform.machine() in ("x86_64", "AMD64"):
+        ext_modules.append(ext("_C_avx2", "avx2+f16c", ["-mavx2", "-mf16c", "-mfma"]))
+
+setup(
+    packages=["fastmerge", "fastmerge.triton_kernels", "fastmerge.bench"],
+    package_dir={"fastmerge": "fastmerge", "fastmerge.triton_kernels": "triton_kernels",
+                 "fastmerge.bench": "bench"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    zip_safe=False,
+)
