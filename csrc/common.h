@@ -10,6 +10,10 @@
 #include <cmath>
 #include <vector>
 
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
 namespace fm {
 
 enum DType : int { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
@@ -69,7 +73,12 @@ static inline void load_block(const void* p, int dt, int64_t i0, int n, float* _
         for (int j = 0; j < n; ++j) dst[j] = u2f((uint32_t)s[j] << 16);
     } else {
         const uint16_t* s = (const uint16_t*)p + i0;
-        for (int j = 0; j < n; ++j) dst[j] = half_to_float(s[j]);
+        int j = 0;
+#ifdef __F16C__
+        for (; j + 8 <= n; j += 8)
+            _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + j))));
+#endif
+        for (; j < n; ++j) dst[j] = half_to_float(s[j]);
     }
 }
 
@@ -82,7 +91,13 @@ static inline void store_block(void* p, int dt, int64_t i0, int n, const float* 
         for (int j = 0; j < n; ++j) d[j] = float_to_bf16(src[j]);
     } else {
         uint16_t* d = (uint16_t*)p + i0;
-        for (int j = 0; j < n; ++j) d[j] = float_to_half(src[j]);
+        int j = 0;
+#ifdef __F16C__
+        // hardware conversion rounds to nearest even like float_to_half
+        for (; j + 8 <= n; j += 8)
+            _mm_storeu_si128((__m128i*)(d + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+        for (; j < n; ++j) d[j] = float_to_half(src[j]);
     }
 }
 

@@ -50,12 +50,115 @@ static inline bool in_top(uint32_t key, int64_t i, const TopSet& s) {
     return (int64_t)key > s.T || ((int64_t)key == s.T && i <= s.J);
 }
 
+// Same test without branches (vectorisable): 1 if in the top set.
+static inline uint32_t in_top_bits(uint32_t key, int64_t i, const TopSet& s) {
+    const int64_t k = (int64_t)key;
+    return (uint32_t)(k > s.T) | ((uint32_t)(k == s.T) & (uint32_t)(i <= s.J));
+}
+
 // Fill d[0..n) with the fp32 delta of model m for elements i0..i0+n-1.
 static inline void load_delta(const void* base, const void* x, int dt, int64_t i0, int n,
                               const float* __restrict bb, float* __restrict d) {
     load_block(x, dt, i0, n, d);
     if (base)
         for (int j = 0; j < n; ++j) d[j] = d[j] - bb[j];
+}
+
+// ---- fast path: bracket the k-th key from a sample, then one streaming pass -------------
+// A sample of 2^15 keys (2048 runs of 16 contiguous elements) brackets the k-th largest key
+// in [lo, hi] with a generous margin (6 standard deviations of the sample quantile). One pass
+// counts keys above hi and collects the few in [lo, hi] with their indices; nth_element on the
+// candidates in (key desc, index asc) order gives the exact threshold and tie cutoff. If the
+// bracket misses (the count check fails), the caller falls back to the histogram passes.
+struct Cand { uint32_t key; int64_t idx; };
+
+static std::vector<int> select_bracket(const void* base, const std::vector<uint64_t>& models, int dt,
+                                       int64_t n, const std::vector<int>& q_model,
+                                       const std::vector<int64_t>& q_k, const std::vector<int>& todo,
+                                       std::vector<int64_t>& out, int nt) {
+    constexpr int RUNS = 2048, RUN = 16, S = RUNS * RUN;
+    const int TQ = (int)todo.size();
+    std::vector<uint32_t> lo(TQ), hi(TQ);
+    std::vector<int64_t> expect(TQ);
+    std::vector<uint32_t> sample(S);
+    for (int tq = 0; tq < TQ; ++tq) {
+        const int q = todo[tq];
+        const void* x = (const void*)models[q_model[q]];
+        const int64_t stride = n / RUNS;
+        for (int r = 0; r < RUNS; ++r) {
+            const int64_t i0 = std::min<int64_t>(r * stride, n - RUN);
+            for (int t = 0; t < RUN; ++t) {
+                float v = load_one(x, dt, i0 + t);
+                if (base) v = v - load_one(base, dt, i0 + t);
+                sample[r * RUN + t] = mag_key(v);
+            }
+        }
+        std::sort(sample.begin(), sample.end(), std::greater<uint32_t>());
+        const double f = (double)q_k[q] / (double)n;
+        const double rank = f * S;
+        const double margin = 6.0 * std::sqrt(S * f * (1.0 - f)) + 32.0;
+        const int64_t rh = (int64_t)std::floor(rank - margin), rl = (int64_t)std::ceil(rank + margin);
+        hi[tq] = rh <= 0 ? 0xffffffffu : sample[rh];
+        lo[tq] = rl >= S - 1 ? 0u : sample[rl];
+        expect[tq] = (int64_t)((double)(std::min<int64_t>(rl, S) - std::max<int64_t>(rh, 0) + 1) / S * n);
+    }
+    std::vector<int64_t> above(TQ, 0);
+    std::vector<std::vector<Cand>> cands(TQ);
+    const int64_t nblocks = (n + BLK - 1) / BLK;
+#pragma omp parallel num_threads(nt)
+    {
+        std::vector<int64_t> ab(TQ, 0);
+        std::vector<std::vector<Cand>> cs(TQ);
+        for (int tq = 0; tq < TQ; ++tq) cs[tq].reserve(expect[tq] / nt + BLK);
+        alignas(64) float bb[BLK], d[BLK];
+        alignas(64) uint32_t keys[BLK];
+        Cand cbuf[BLK];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; ++b) {
+            const int64_t i0 = b * BLK;
+            const int len = (int)std::min<int64_t>(BLK, n - i0);
+            if (base) load_block(base, dt, i0, len, bb);
+            int loaded = -1;
+            for (int tq = 0; tq < TQ; ++tq) {
+                const int m = q_model[todo[tq]];
+                if (m != loaded) {
+                    load_delta(base, (const void*)models[m], dt, i0, len, bb, d);
+                    for (int j = 0; j < len; ++j) keys[j] = mag_key(d[j]);
+                    loaded = m;
+                }
+                const uint32_t l = lo[tq], h = hi[tq], w = h - l;
+                int64_t c = 0;
+                for (int j = 0; j < len; ++j) c += keys[j] > h;
+                ab[tq] += c;
+                // branch-free compaction: write every element, advance only on a candidate
+                int nc = 0;
+                for (int j = 0; j < len; ++j) {
+                    cbuf[nc].key = keys[j];
+                    cbuf[nc].idx = i0 + j;
+                    nc += (int)(keys[j] - l <= w);
+                }
+                if (nc) cs[tq].insert(cs[tq].end(), cbuf, cbuf + nc);
+            }
+        }
+#pragma omp critical
+        for (int tq = 0; tq < TQ; ++tq) {
+            above[tq] += ab[tq];
+            if (cands[tq].empty()) cands[tq].swap(cs[tq]);
+            else cands[tq].insert(cands[tq].end(), cs[tq].begin(), cs[tq].end());
+        }
+    }
+    std::vector<int> failed;
+    for (int tq = 0; tq < TQ; ++tq) {
+        const int q = todo[tq];
+        std::vector<Cand>& v = cands[tq];
+        const int64_t need = q_k[q] - above[tq];
+        if (need < 1 || need > (int64_t)v.size()) { failed.push_back(q); continue; }
+        auto prio = [](const Cand& a, const Cand& b) { return a.key > b.key || (a.key == b.key && a.idx < b.idx); };
+        std::nth_element(v.begin(), v.begin() + (need - 1), v.end(), prio);
+        out[2 * q] = v[need - 1].key;
+        out[2 * q + 1] = v[need - 1].idx;
+    }
+    return failed;
 }
 
 // ======================= exact top-k selection (radix select) ============================
@@ -74,13 +177,17 @@ std::vector<int64_t> select_ranges(uint64_t base_ptr, const std::vector<uint64_t
         else todo.push_back(q);
     }
     if (todo.empty()) return out;
+    const int nt = threads_for(nthreads, n);
+    if (n >= ((int64_t)1 << 20)) {
+        todo = select_bracket(base, models, dt, n, q_model, q_k, todo, out, nt);
+        if (todo.empty()) return out;
+    }
     // distinct models taking part
     std::vector<int> mods;
     for (int q : todo) if (std::find(mods.begin(), mods.end(), q_model[q]) == mods.end()) mods.push_back(q_model[q]);
     const int M = (int)mods.size();
     std::vector<int> slot(models.size(), -1);
     for (int s = 0; s < M; ++s) slot[mods[s]] = s;
-    const int nt = threads_for(nthreads, n);
     const int64_t nblocks = (n + BLK - 1) / BLK;
     constexpr int64_t SUPER = (int64_t)1 << 30;  // per-thread uint32 counters cannot overflow
 
@@ -210,15 +317,16 @@ std::vector<int64_t> select_ranges(uint64_t base_ptr, const std::vector<uint64_t
 
 // ============================ per-model mask description =================================
 
-// keep[j] in {0, 1} for model m on elements i0..i0+len-1; d holds the delta (for keys).
+// keep[j] = all ones (kept) or 0 (dropped) for model m on elements i0..i0+len-1; d holds the
+// delta (for keys). Bit masks rather than bools so every consumer stays branch-free.
 static inline void eval_mask(const MaskArgs& a, const PhiloxKey& key, int m, int64_t i0, int len,
-                             const float* __restrict d, float* __restrict keep, float* __restrict tmp) {
+                             const float* __restrict d, uint32_t* __restrict keep, float* __restrict tmp) {
     switch (a.kind[m]) {
         case M_NONE:
-            for (int j = 0; j < len; ++j) keep[j] = 1.0f;
+            for (int j = 0; j < len; ++j) keep[j] = ~0u;
             break;
         case M_ZERO:
-            for (int j = 0; j < len; ++j) keep[j] = 0.0f;
+            for (int j = 0; j < len; ++j) keep[j] = 0u;
             break;
         case M_RANGE: {
             const TopSet stop{a.ranges[4 * m], a.ranges[4 * m + 1]};
@@ -226,19 +334,24 @@ static inline void eval_mask(const MaskArgs& a, const PhiloxKey& key, int m, int
             for (int j = 0; j < len; ++j) {
                 const uint32_t k = mag_key(d[j]);
                 const int64_t i = i0 + j;
-                keep[j] = (in_top(k, i, stop) && !in_top(k, i, start)) ? 1.0f : 0.0f;
+                keep[j] = 0u - (in_top_bits(k, i, stop) & (in_top_bits(k, i, start) ^ 1u));
             }
             break;
         }
         case M_RANDOM: {
             philox_uniform_block(key, i0, len, (uint32_t)m, tmp);
             const float p = a.p[m];
-            for (int j = 0; j < len; ++j) keep[j] = tmp[j] < p ? 1.0f : 0.0f;
+            for (int j = 0; j < len; ++j) keep[j] = 0u - (uint32_t)(tmp[j] < p);
             break;
         }
         case M_BITS: {
             const uint64_t* w = (const uint64_t*)a.bits[m] + (i0 >> 6);
-            for (int j = 0; j < len; ++j) keep[j] = (float)((w[j >> 6] >> (j & 63)) & 1u);
+            for (int wj = 0; wj * 64 < len; ++wj) {
+                const uint64_t word = w[wj];
+                const int jmax = std::min(64, len - wj * 64);
+                uint32_t* kk = keep + wj * 64;
+                for (int t = 0; t < jmax; ++t) kk[t] = 0u - (uint32_t)((word >> t) & 1u);
+            }
             break;
         }
     }
@@ -259,7 +372,8 @@ std::vector<double> mask_norms(uint64_t base_ptr, const std::vector<uint64_t>& m
 #pragma omp parallel num_threads(nt)
     {
         std::vector<double> acc(2 * (size_t)K, 0.0);
-        alignas(64) float bb[BLK], d[BLK], keep[BLK], tmp[BLK + 4];
+        alignas(64) float bb[BLK], d[BLK], tmp[BLK + 4];
+        alignas(64) uint32_t keep[BLK];
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; ++b) {
             const int64_t i0 = b * BLK;
@@ -271,11 +385,11 @@ std::vector<double> mask_norms(uint64_t base_ptr, const std::vector<uint64_t>& m
                 eval_mask(a, key, m, i0, len, d, keep, tmp);
                 double before = 0, after = 0;
                 if (norm == N_L1) {
-                    for (int j = 0; j < len; ++j) { const double v = std::fabs(d[j]); before += v; after += v * keep[j]; }
+                    for (int j = 0; j < len; ++j) { const double v = std::fabs(d[j]); before += v; after += keep[j] ? v : 0.0; }
                 } else if (norm == N_L2) {
-                    for (int j = 0; j < len; ++j) { const double v = (double)d[j] * d[j]; before += v; after += v * keep[j]; }
+                    for (int j = 0; j < len; ++j) { const double v = (double)d[j] * d[j]; before += v; after += keep[j] ? v : 0.0; }
                 } else if (norm == N_LINF) {
-                    for (int j = 0; j < len; ++j) { const double v = std::fabs(d[j]); before = std::max(before, v); after = std::max(after, v * keep[j]); }
+                    for (int j = 0; j < len; ++j) { const double v = std::fabs(d[j]); before = std::max(before, v); after = std::max(after, keep[j] ? v : 0.0); }
                 }
                 if (norm == N_LINF) { acc[2 * m] = std::max(acc[2 * m], before); acc[2 * m + 1] = std::max(acc[2 * m + 1], after); }
                 else { acc[2 * m] += before; acc[2 * m + 1] += after; }
@@ -284,7 +398,7 @@ std::vector<double> mask_norms(uint64_t base_ptr, const std::vector<uint64_t>& m
                     for (int wj = 0; wj < (len + 63) / 64; ++wj) {
                         uint64_t word = 0;
                         const int jmax = std::min(64, len - wj * 64);
-                        for (int t = 0; t < jmax; ++t) word |= (uint64_t)(keep[wj * 64 + t] != 0.0f) << t;
+                        for (int t = 0; t < jmax; ++t) word |= (uint64_t)(keep[wj * 64 + t] & 1u) << t;
                         w[wj] = word;
                     }
                 }
@@ -439,7 +553,8 @@ std::vector<int> fused_merge(uint64_t base_ptr, const std::vector<uint64_t>& mod
 #pragma omp parallel num_threads(nt)
     {
         std::vector<float> V((size_t)K * BLK), S(need_s ? (size_t)K * BLK : 0);
-        alignas(64) float bb[BLK], d[BLK], keep[BLK], tmp[BLK + 4], total[BLK], mixed[BLK], div[BLK];
+        alignas(64) float bb[BLK], d[BLK], tmp[BLK + 4], total[BLK], mixed[BLK], div[BLK];
+        alignas(64) uint32_t keep[BLK];
         std::vector<int> bad(K + 1, 0);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; ++b) {
@@ -461,7 +576,7 @@ std::vector<int> fused_merge(uint64_t base_ptr, const std::vector<uint64_t>& mod
                 float* v = V.data() + (size_t)m * BLK;
                 if (ma.kind[m] != M_NONE) {
                     eval_mask(ma, key, m, i0, len, d, keep, tmp);
-                    for (int j = 0; j < len; ++j) d[j] = keep[j] != 0.0f ? d[j] : 0.0f;
+                    for (int j = 0; j < len; ++j) d[j] = u2f(f2u(d[j]) & keep[j]);  // dropped -> +0
                 }
                 if (a.scale_mode == S_MUL) {
                     const float s = a.scale[m];
@@ -504,11 +619,15 @@ std::vector<int> fused_merge(uint64_t base_ptr, const std::vector<uint64_t>& mod
                     const float* e = E + (size_t)m * BLK;
                     const float* v = V.data() + (size_t)m * BLK;
                     const float w = a.divisor == D_COUNT ? 1.0f : a.weights[m];
+                    const uint32_t wb = f2u(w);
                     for (int j = 0; j < len; ++j) {
-                        const bool pos = total[j] >= 0.0f;
-                        const bool agree = pos ? e[j] > 0.0f : e[j] < 0.0f;
-                        mixed[j] = mixed[j] + (agree ? v[j] : 0.0f);
-                        div[j] = div[j] + (agree ? w : 0.0f);
+                        // branch-free so it vectorises: agree iff sign(e) == elected sign;
+                        // a disagreeing input adds +0 exactly like the reference's where(.., 0)
+                        const uint32_t pos = (uint32_t)(total[j] >= 0.0f);
+                        const uint32_t agree = (pos & (uint32_t)(e[j] > 0.0f)) | ((pos ^ 1u) & (uint32_t)(e[j] < 0.0f));
+                        const uint32_t mk = 0u - agree;
+                        mixed[j] = mixed[j] + u2f(f2u(v[j]) & mk);
+                        div[j] = div[j] + u2f(wb & mk);
                     }
                 }
                 if (a.divisor == D_COUNT)

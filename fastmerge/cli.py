@@ -1,0 +1,87 @@
+"""The ``fastmerge`` command line (also ``python -m fastmerge``).
+
+Subcommands:
+    fastmerge bench [options]   benchmark against PEFT and mergekit (``fastmerge bench --help``)
+    fastmerge backends          which backends this machine can run, and why not
+
+Heavy imports happen inside the subcommand that needs them, so ``fastmerge --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def _bench_suite():
+    """``fastmerge.bench.suite`` when installed (setup.py maps bench/ to fastmerge.bench);
+    from a source tree without install, ``bench/suite.py`` next to the package."""
+    try:
+        from fastmerge.bench import suite
+
+        return suite
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastmerge.bench", "fastmerge.bench.suite"):
+            raise  # a real missing dependency inside the suite: show it
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "bench", "suite.py")):
+        raise SystemExit("fastmerge bench: the benchmark suite is not installed "
+                         "(fastmerge.bench is missing); reinstall fastmerge with `pip install .`")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench import suite
+
+    return suite
+
+
+def _cmd_bench(args, rest) -> int:
+    return _bench_suite().main(rest, prog="fastmerge bench")
+
+
+def _cmd_backends(args, rest) -> int:
+    import fastmerge
+
+    for name, info in fastmerge.backends().items():
+        print(f"{name:<7} {'available' if info['available'] else 'unavailable':<11}  {info['reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmerge",
+        description="fastmerge: fused model-merging kernels (TIES, DARE, DELLA, breadcrumbs, "
+                    "task arithmetic).",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # bench parses its own options (shared with bench/run.py), so its parser here only names it.
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark against PEFT and mergekit on this machine (bench --help)")
+    sub.add_parser("backends", help="list the backends available here, and why not")
+    return parser
+
+
+COMMANDS = {"bench": _cmd_bench, "backends": _cmd_backends}
+PASSTHROUGH = ("bench",)  # subcommands that take the rest of the command line as is
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"fastmerge {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if rest and args.command not in PASSTHROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return COMMANDS[args.command](args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
