@@ -114,10 +114,10 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     scale, scale_mode = [1.0] * K, 0
     if plan.rescale == "density":
         scale_mode = 2
-        scale = [s.density if s.kind == "random" and s.density > 0 else 1.0 for s in masks]
-        # PEFT divides the kept values by density; a density of 0 drops everything (no 0/0)
+        # kept values are divided by the density; a density of 0 drops everything (no 0/0)
+        scale = [s.density if s.kind != "none" and s.density > 0 else 1.0 for s in masks]
         for m, s in enumerate(masks):
-            if s.kind == "random" and s.density <= 0:
+            if s.kind != "none" and s.density <= 0:
                 kinds[m] = _KIND["zero"]
     elif norm is not None:
         scale_mode = 1

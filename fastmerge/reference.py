@@ -86,7 +86,7 @@ def norm_of(x: torch.Tensor, norm: str) -> float:
 
 def sparsify(d: torch.Tensor, spec: MaskSpec, rescale, seed: int, stream: int) -> torch.Tensor:
     """``s = mask * d`` then the rescale of the plan (fp32 in, fp32 out)."""
-    keep = keep_mask(d, spec, seed, stream)
+    keep = keep_mask(d, spec, seed, stream) if d.numel() else None
     if keep is None:
         return d
     s = torch.where(keep, d, torch.zeros((), dtype=d.dtype))
