@@ -21,6 +21,11 @@ _native_error = None
 def _load_native():
     """Import the C++ extension, preferring the AVX2 build on CPUs that have AVX2."""
     global _native, _native_error
+    if os.environ.get("FASTMERGE_DISABLE_NATIVE") == "1":
+        _native_error = "disabled by FASTMERGE_DISABLE_NATIVE=1"
+        warnings.warn(f"fastmerge: native CPU kernels {_native_error}; the torch reference serves every op.",
+                      RuntimeWarning, stacklevel=3)
+        return
     errors = []
     candidates = ["fastmerge._C"]
     if _cpu_has_avx2():

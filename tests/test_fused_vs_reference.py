@@ -262,3 +262,4 @@ def test_auto_prefers_fused_on_cpu():
     expected = "cpu" if "cpu" in BACKENDS else "torch"
     assert dispatch.resolve("auto", torch.device("cpu")) == expected
     assert dispatch.resolve(None, torch.device("cpu")) in ("cpu", "torch")
+

@@ -1,0 +1,165 @@
+"""Shared helpers for fastmerge's tests.
+
+* ``BACKENDS``: every backend that ``fastmerge.backends()`` reports as available on this
+  machine (``torch`` always; ``cpu`` once the native module is built; GPU ones on GPU hosts).
+* ``DTYPES``: ``(dtype, atol, rtol)`` used when comparing against libraries that compute in the
+  input dtype (mergekit, PEFT) while fastmerge accumulates in fp32 and rounds once.
+* ``make_models``: a base tensor and K fine-tuned-like models (base + small random deltas).
+* ``mergekit_merge``: the real mergekit 0.1.5 ``merge_tensors`` with fastmerge-style arguments.
+* ``assert_close_frac``: allclose that tolerates a bounded fraction of mismatching positions
+  (used only where a documented by-design difference can flip a few top-k decisions).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+
+with warnings.catch_warnings():
+    # The "native module missing" RuntimeWarning is expected until the cpu backend is built.
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import fastmerge
+
+from fastmerge import philox
+
+BACKENDS = [name for name, info in fastmerge.backends().items() if info["available"]]
+
+# (dtype, atol, rtol) for results of O(1) magnitude computed by a library working in `dtype`
+# versus fastmerge's fp32 accumulation with a single final rounding: about two ulps.
+DTYPES = [
+    (torch.float32, 1e-6, 1e-5),
+    (torch.bfloat16, 2e-2, 2 ** -6),
+    (torch.float16, 2e-3, 2 ** -9),
+]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each available fastmerge backend by name."""
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=DTYPE_IDS)
+def dtype_tol(request):
+    return request.param
+
+
+def make_models(shape=(37, 53), K=3, dtype=torch.float32, *, seed=0, scale=0.05,
+                base_scale=1.0):
+    """``(base, [m_1..m_K])``: ``base ~ N(0, base_scale)`` and ``m_k = base + N(0, s_k)`` with
+    per-model scales spread over ``[scale/5, 2*scale]`` (~0.01..0.1 by default), built in fp32
+    and then cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(shape)
+    base = torch.randn(shape, generator=g) * base_scale
+    models = []
+    for k in range(K):
+        s = scale * (0.2 + 1.8 * k / max(1, K - 1)) if K > 1 else scale
+        m = base + s * torch.randn(shape, generator=g)
+        if dtype == torch.float32:
+            m = _distinct_deltas(base, m)
+        models.append(m.to(dtype))
+    return base.to(dtype), models
+
+
+def _distinct_deltas(base, m):
+    """Nudge ``m`` by ulps until the magnitudes ``|m - base|`` are pairwise distinct, so that
+    fp32 comparisons with libraries whose top-k / rank tie-breaking is unspecified (mergekit's
+    unstable argsort) are not at the mercy of rounding coincidences."""
+    m = m.clone()
+    flat = m.reshape(-1)
+    for _ in range(100):
+        a = (m - base).abs().reshape(-1)
+        s, order = a.sort(stable=True)
+        dup = torch.zeros_like(a, dtype=torch.bool)
+        dup[order[1:][s[1:] == s[:-1]]] = True
+        if not dup.any():
+            return m
+        flat[dup] = torch.nextafter(flat[dup], torch.full_like(flat[dup], float("inf")))
+    raise AssertionError("could not make deltas distinct")
+
+
+def make_tasks(shape=(37, 53), K=3, dtype=torch.float32, *, seed=0, scale=0.05):
+    """K task tensors (deltas) for PEFT-style functions."""
+    g = torch.Generator().manual_seed(seed)
+    return [(scale * (1 + k % 3) * torch.randn(tuple(shape), generator=g)).to(dtype)
+            for k in range(K)]
+
+
+def mergekit_merge(name, base, models, **params):
+    """mergekit 0.1.5's own ``merge_tensors`` on ``[base, *models]`` (base index 0).
+
+    Per-model parameters (weight, density, gamma, epsilon) are lists of K values for the
+    non-base models; shared ones: normalize, rescale, lambda, int8_mask. ``base=None`` merges
+    the models alone (``linear``)."""
+    from mergekit.merge_methods import merge_tensors
+
+    with torch.no_grad():
+        if base is None:
+            return merge_tensors(list(models), name, parameters=params)
+        return merge_tensors([base, *models], name, parameters=params, base_index=0)
+
+
+def assert_close_frac(actual, expected, *, atol, rtol, max_frac=0.0, msg=""):
+    """``|a - e| <= atol + rtol*|e|`` everywhere except at most ``max_frac`` of positions.
+
+    NaN never matches. Shapes and dtypes must agree."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    a, e = actual.double(), expected.double()
+    bad = ~((a - e).abs() <= atol + rtol * e.abs())
+    nbad = int(bad.sum())
+    allowed = math.floor(max_frac * a.numel())
+    if nbad > allowed:
+        idx = bad.reshape(-1).nonzero()[:5].reshape(-1).tolist()
+        worst = float((a - e).abs().max())
+        raise AssertionError(
+            f"{msg} {nbad}/{a.numel()} positions differ (allowed {allowed}); max |diff| {worst:g}; "
+            f"first at flat {idx}: actual {a.reshape(-1)[idx].tolist()} "
+            f"expected {e.reshape(-1)[idx].tolist()}"
+        )
+
+
+def philox_mask(shape, seed, stream, p):
+    """The keep mask fastmerge's counter layout defines: ``uniform(seed, stream) < fp32(p)``,
+    where ``p`` is a float or an fp32 tensor of per-element probabilities."""
+    n = math.prod(shape)
+    u = philox.uniform(n, seed, stream=stream).reshape(shape)
+    if not isinstance(p, torch.Tensor):
+        p = torch.tensor(p, dtype=torch.float32)
+    return u < p.to(torch.float32)
+
+
+@contextlib.contextmanager
+def bernoulli_from_philox(monkeypatch, seed, streams, shape, *, p=None, check_p=None):
+    """Temporarily replace ``torch.bernoulli`` (the global one mergekit and PEFT call) with
+    fastmerge's Philox mask for the given streams, consumed one per call in order.
+
+    ``p=None`` uses the probability tensor the library passes in (mergekit's DELLA probs);
+    otherwise ``p`` (a float, compared in fp32). ``check_p(prob_tensor)`` may assert on what
+    the library passed. Yields the list of masks handed out."""
+    streams = list(streams)
+    handed = []
+    real = torch.bernoulli
+
+    def fake(input, *args, **kwargs):
+        assert not args and not kwargs.get("generator"), "unexpected bernoulli call"
+        assert streams, "more bernoulli calls than expected"
+        assert tuple(input.shape) == tuple(shape) or input.numel() == math.prod(shape), input.shape
+        if check_p is not None:
+            check_p(input)
+        k = streams.pop(0)
+        prob = input.float() if p is None else p
+        mask = philox_mask(tuple(input.shape), seed, k, prob)
+        handed.append(mask)
+        return mask.to(input.dtype)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "bernoulli", fake)
+        yield handed
+    assert torch.bernoulli is real
+    assert not streams, f"bernoulli called fewer times than expected; left {streams}"
