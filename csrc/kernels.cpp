@@ -108,6 +108,7 @@ static std::vector<int> select_bracket(const void* base, const std::vector<uint6
 #pragma omp parallel num_threads(nt)
     {
         std::vector<int64_t> ab(TQ, 0);
+        uint32_t nf = 0;
         std::vector<std::vector<Cand>> cs(TQ);
         for (int tq = 0; tq < TQ; ++tq) cs[tq].reserve(expect[tq] / nt + BLK);
         alignas(64) float bb[BLK], d[BLK];
@@ -128,7 +129,9 @@ static std::vector<int> select_bracket(const void* base, const std::vector<uint6
                 }
                 const uint32_t l = lo[tq], h = hi[tq], w = h - l;
                 int64_t c = 0;
-                for (int j = 0; j < len; ++j) c += keys[j] > h;
+                uint32_t f = 0;
+                for (int j = 0; j < len; ++j) { c += keys[j] > h; f |= (uint32_t)(keys[j] >= 0x7f800000u); }
+                nf |= f;
                 ab[tq] += c;
                 // branch-free compaction: write every element, advance only on a candidate
                 int nc = 0;
@@ -142,6 +145,7 @@ static std::vector<int> select_bracket(const void* base, const std::vector<uint6
         }
 #pragma omp critical
         for (int tq = 0; tq < TQ; ++tq) {
+            if (nf) out.back() = 1;
             above[tq] += ab[tq];
             if (cands[tq].empty()) cands[tq].swap(cs[tq]);
             else cands[tq].insert(cands[tq].end(), cs[tq].begin(), cs[tq].end());
@@ -162,13 +166,14 @@ static std::vector<int> select_bracket(const void* base, const std::vector<uint6
 }
 
 // ======================= exact top-k selection (radix select) ============================
-// queries: (model index, k). Returns T and J per query.
+// queries: (model index, k). Returns T and J per query, then a non-finite flag.
 std::vector<int64_t> select_ranges(uint64_t base_ptr, const std::vector<uint64_t>& models, int dt,
                                    int64_t n, const std::vector<int>& q_model,
                                    const std::vector<int64_t>& q_k, int nthreads) {
     const void* base = (const void*)base_ptr;
     const int Q = (int)q_model.size();
-    std::vector<int64_t> out(2 * (size_t)Q);
+    // 2 values (T, J) per query, then one flag: a non-finite key was seen in a scanned input
+    std::vector<int64_t> out(2 * (size_t)Q + 1, 0);
     std::vector<int> todo;
     for (int q = 0; q < Q; ++q) {
         const int64_t k = q_k[q];
@@ -214,6 +219,9 @@ std::vector<int64_t> select_ranges(uint64_t base_ptr, const std::vector<uint64_t
             for (size_t t = 0; t < h.size(); ++t) h1[t] += h[t];
         }
     }
+    for (int s = 0; s < M; ++s)
+        for (int b = 0x7f80; b < 65536; ++b)
+            if (h1[(size_t)s * 65536 + b]) out.back() = 1;
     // per query: bucket h and the rank still needed inside it
     std::vector<uint32_t> qh(Q);
     std::vector<int64_t> qrem(Q);

@@ -60,12 +60,14 @@ class Plan:
     rescale: Optional[str] = None  # None | l1 | l2 | linf | density (applied to kept values)
     consensus: Optional[str] = None  # None | sum | count
     elect_weighted: bool = True  # elect on w_k * t_k (mergekit) or on t_k (PEFT)
-    divisor: str = "none"  # none | weight (sum w*mask, 0 -> 1) | count (max(sum mask, 1)) | sumw
+    # none | weight (sum w*mask, 0 -> 1) | count (max(sum mask, 1)) | sumw (sum w, |.| < 1e-8 -> 1)
+    # | sumw_exact (sum w as is: mergekit's linear)
+    divisor: str = "none"
     normalize: bool = False
     lam: float = 1.0
     seed: int = 0
     out_dtype: Optional[torch.dtype] = None
-    meta: dict = field(default_factory=dict)
+    names: Optional[list] = None  # input names for error messages (default models[k])
 
     @property
     def needs_norms(self) -> bool:

@@ -32,9 +32,10 @@ def check_dtype(t: torch.Tensor, name: str) -> None:
         )
 
 
-def same_as(ref: torch.Tensor, ref_name: str, tensors: Sequence[torch.Tensor], name: str) -> None:
-    """Every tensor must match ``ref`` in shape, dtype and device."""
-    for k, t in enumerate(tensors):
+def same_as(ref: torch.Tensor, ref_name: str, tensors: Sequence[torch.Tensor], name: str,
+            start: int = 0) -> None:
+    """Every tensor must match ``ref`` in shape, dtype and device (``name[start + i]``)."""
+    for k, t in enumerate(tensors, start):
         if t.shape != ref.shape:
             raise ValueError(
                 f"{name}[{k}] has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}"

@@ -100,7 +100,7 @@ def merge(
         norm = _flag(normalize, "normalize", True)
         if norm and sum(w) == 0:
             raise ValueError("weights sum to zero: linear merge cannot normalize (pass normalize=False)")
-        plan = sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw",
+        plan = sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
                         normalize=norm, lam=lam)
         return run(plan, None, models, dtype, backend)
 

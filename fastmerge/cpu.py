@@ -14,13 +14,13 @@ import torch
 
 from . import dispatch as B
 from ._semantics import MaskSpec, Plan, rows_of
-from .reference import NORM_EPS
+from .reference import NORM_EPS, input_names
 
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _KIND = {"none": 0, "zero": 1, "range": 2, "random": 3, "bits": 4}
 _NORM = {None: 0, "l1": 1, "l2": 2, "linf": 3}
 _CONS = {None: 0, "sum": 1, "count": 2, "given": 3}
-_DIV = {"none": 0, "weight": 1, "count": 2, "sumw": 3}
+_DIV = {"none": 0, "weight": 1, "count": 2, "sumw": 3, "sumw_exact": 3}
 NONE_T = 1 << 32  # threshold that no 31-bit key exceeds: empty top set
 
 
@@ -127,17 +127,17 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
                 scale[m] = _f32(before / after)
 
     const_div = 1.0
-    if plan.divisor == "sumw":
+    if plan.divisor in ("sumw", "sumw_exact"):
         wsum = torch.zeros((), dtype=torch.float32)
         for w in plan.weights:
             wsum = wsum + torch.tensor(w, dtype=torch.float32)
-        const_div = float(wsum) if abs(float(wsum)) >= 1e-8 else 1.0
+        guard = plan.divisor == "sumw" and abs(float(wsum)) < 1e-8
+        const_div = 1.0 if guard else float(wsum)
     flags = lib.fused_merge(
         bptr, _ptrs(inputs), dt, out.data_ptr(), _DT[out_dtype], n, kinds, ranges, probs, bit_ptrs,
         plan.seed, plan.weights, scale, scale_mode, _CONS[plan.consensus], plan.elect_weighted,
         _DIV[plan.divisor], const_div, plan.normalize, plan.lam, False, 0, _threads())
-    prefix = plan.meta.get("input_name", "models")
-    _raise_nonfinite(flags, [f"{prefix}[{m}]" for m in range(K)] + ["base"])
+    _raise_nonfinite(flags, input_names(plan, K) + ["base"])
     return out
 
 
@@ -169,10 +169,11 @@ def disjoint_merge(tensors, sign, weights, divisor, out_dtype):
 
 
 def magnitude_threshold(x, k):
-    if k == 0:
-        return torch.tensor(float("inf"), dtype=x.dtype)
-    if k == x.numel():
-        return x.detach().abs().min()
+    if k == 0 or k == x.numel():  # no selection pass runs: check the input here
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains non-finite values (inf or nan)")
+        return torch.tensor(float("inf"), dtype=x.dtype) if k == 0 else x.detach().abs().min()
     x = _contig(x)
-    T, _ = _lib().select_ranges(0, [x.data_ptr()], _DT[x.dtype], x.numel(), [0], [k], _threads())
+    T, _, nonfinite = _lib().select_ranges(0, [x.data_ptr()], _DT[x.dtype], x.numel(), [0], [k], _threads())
+    _raise_nonfinite([nonfinite], ["x"])
     return torch.tensor([T], dtype=torch.int64).to(torch.int32).view(torch.float32)[0].to(x.dtype)

@@ -54,7 +54,7 @@ def magnitude_prune(x: torch.Tensor, density: Optional[float] = None, *, k: Opti
     x = _one(x)
     kk = _k(x, density, k)
     plan = sem.Plan(masks=[sem.MaskSpec("range", 0, kk)], weights=[1.0],
-                    rescale=_rescale_mode(rescale, False))
+                    rescale=_rescale_mode(rescale, False), names=["x"])
     if plan.rescale == "density":
         raise ValueError("rescale='density' applies to random_drop; use 'l1', 'l2' or 'linf'")
     return run(plan, None, [x], x.dtype, backend)
@@ -71,14 +71,15 @@ def random_drop(x: torch.Tensor, density: float, *, seed: Optional[int] = None, 
     x = _one(x)
     d = V.per_model(density, 1, "density", 0.0, 1.0)[0]
     mode = "density" if rescale is True else _rescale_mode(rescale, False)
-    plan = sem.Plan(masks=[sem.random_mask(d)], weights=[1.0], rescale=mode, seed=resolve_seed(seed))
+    plan = sem.Plan(masks=[sem.random_mask(d)], weights=[1.0], rescale=mode, seed=resolve_seed(seed),
+                    names=["x"])
     return run(plan, None, [x], x.dtype, backend)
 
 
 def _same_inputs(tensors, name="tensors"):
     tensors = V.tensor_list(tensors, name)
     V.check_dtype(tensors[0], f"{name}[0]")
-    V.same_as(tensors[0], f"{name}[0]", tensors[1:], name)
+    V.same_as(tensors[0], f"{name}[0]", tensors[1:], name, start=1)
     return tensors
 
 

@@ -35,6 +35,8 @@ def _density(density) -> Optional[float]:
 
 def _weights(weights, k: int):
     if isinstance(weights, torch.Tensor):
+        if weights.dim() == 0:  # PEFT broadcasts a 0-d weight over every task
+            return [V.number(weights, "weights")] * k, weights.dtype
         if weights.dim() != 1 or weights.numel() != k:
             raise ValueError(f"weights must be a 1-D tensor of {k} entries, got shape {tuple(weights.shape)}")
         return weights.tolist(), weights.dtype
@@ -46,12 +48,15 @@ def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_meth
     tasks = _same_inputs(task_tensors, "task_tensors")
     w, wdtype = _weights(weights, len(tasks))
     out_dtype = torch.promote_types(tasks[0].dtype, wdtype)
-    V.check_dtype(torch.empty((), dtype=out_dtype), "result (task dtype promoted with weights)")
     consensus = None
     if sign_method is not None:
         if sign_method not in _SIGN_METHODS:
             raise ValueError(f'majority_sign_method must be "total" or "frequency", got {sign_method!r}')
         consensus = _SIGN_METHODS[sign_method]
+        # PEFT divides by clamp(mask.sum(0), min=1.0), a tensor of torch's default float dtype
+        out_dtype = torch.promote_types(out_dtype, torch.get_default_dtype())
+    # kernels write fp32/fp16/bf16; a wider PEFT result type (float64 weights) is a final cast
+    work_dtype = out_dtype if out_dtype in V.SUPPORTED_DTYPES else torch.float32
     d = _density(density) if method != "none" else None
     n = tasks[0].numel()
     if d is None:
@@ -69,9 +74,9 @@ def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_meth
         divisor="count" if consensus else "none",
         normalize=consensus is not None,
         seed=resolve_seed(seed) if method == "random" and d is not None else 0,
-        meta={"input_name": "task_tensors"},
+        names=[f"task_tensors[{i}]" for i in range(len(tasks))],
     )
-    return run(plan, None, tasks, out_dtype, backend)
+    return run(plan, None, tasks, work_dtype, backend).to(out_dtype)
 
 
 def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor, *, backend=None) -> torch.Tensor:

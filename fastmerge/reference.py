@@ -105,6 +105,10 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains non-finite values (inf or nan)")
 
 
+def input_names(plan: Plan, k: int) -> list:
+    return plan.names if plan.names is not None else [f"models[{i}]" for i in range(k)]
+
+
 def run_plan(plan: Plan, base: torch.Tensor | None, inputs: Sequence[torch.Tensor],
              out_dtype: torch.dtype) -> torch.Tensor:
     """Execute a merge plan on K inputs (deltas from ``base`` when one is given)."""
@@ -112,8 +116,9 @@ def run_plan(plan: Plan, base: torch.Tensor | None, inputs: Sequence[torch.Tenso
     if base is not None:
         check_finite(base, "base")
     values, weights = [], []
+    names = input_names(plan, len(inputs))
     for k, (x, spec, w) in enumerate(zip(inputs, plan.masks, plan.weights)):
-        check_finite(x, plan.meta.get("input_name", "models") + f"[{k}]")
+        check_finite(x, names[k])
         d = x.to(torch.float32) - b if b is not None else x.to(torch.float32)
         s = sparsify(d, spec, plan.rescale, plan.seed, k)
         values.append((s, s * _f32(w)))
@@ -125,11 +130,12 @@ def run_plan(plan: Plan, base: torch.Tensor | None, inputs: Sequence[torch.Tenso
         mixed = torch.zeros(shape, dtype=torch.float32, device=dev)
         for _, v in values:
             mixed = mixed + v
-        if plan.divisor == "sumw":
+        if plan.divisor in ("sumw", "sumw_exact"):
             wsum = zero
             for w in weights:
                 wsum = wsum + w
-            divisor = wsum if abs(float(wsum)) >= 1e-8 else _f32(1.0)
+            guard = plan.divisor == "sumw" and abs(float(wsum)) < 1e-8
+            divisor = _f32(1.0) if guard else wsum
         else:
             divisor = None
     else:
@@ -191,6 +197,7 @@ def disjoint_merge(tensors, sign, weights, divisor: str, out_dtype) -> torch.Ten
 
 def magnitude_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest |x| (``inf`` when k == 0), in x's dtype."""
+    check_finite(x, "x")
     if k == 0:
         return torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
     a = x.detach().reshape(-1).to(torch.float32).abs()
