@@ -10,7 +10,7 @@
 #include <cmath>
 #include <vector>
 
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -139,7 +139,46 @@ static inline void philox_uniform_block(const PhiloxKey& key, int64_t i0, int n,
                                         float* __restrict u) {
     const int ng = (n + 3) / 4;
     const uint64_t g0 = (uint64_t)i0 >> 2;
-    for (int t = 0; t < ng; ++t) {
+    int t = 0;
+#ifdef __AVX2__
+    // 8 counters per step: 32x32->64 products of even and odd lanes, blended back into hi/lo.
+    const __m256i m0 = _mm256_set1_epi32((int)PH_M0), m1 = _mm256_set1_epi32((int)PH_M1);
+    const __m256 sc = _mm256_set1_ps(UNIFORM_SCALE);
+    for (; t + 8 <= ng; t += 8) {
+        alignas(32) uint32_t lo32[8], hi32[8];
+        for (int l = 0; l < 8; ++l) { const uint64_t g = g0 + (uint64_t)(t + l); lo32[l] = (uint32_t)g; hi32[l] = (uint32_t)(g >> 32); }
+        __m256i c0 = _mm256_load_si256((const __m256i*)lo32), c1 = _mm256_load_si256((const __m256i*)hi32);
+        __m256i c2 = _mm256_set1_epi32((int)stream), c3 = _mm256_setzero_si256();
+        for (int r = 0; r < 10; ++r) {
+            const __m256i pe0 = _mm256_mul_epu32(c0, m0), po0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+            const __m256i pe1 = _mm256_mul_epu32(c2, m1), po1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+            const __m256i lo0 = _mm256_blend_epi32(pe0, _mm256_slli_epi64(po0, 32), 0xAA);
+            const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(pe0, 32), po0, 0xAA);
+            const __m256i lo1 = _mm256_blend_epi32(pe1, _mm256_slli_epi64(po1, 32), 0xAA);
+            const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(pe1, 32), po1, 0xAA);
+            const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)key.k0[r]));
+            const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)key.k1[r]));
+            c1 = lo1; c3 = lo0; c0 = n0; c2 = n2;
+        }
+        // words -> uniforms, then transpose so group g's four words land at 4g .. 4g+3
+        const __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c0, 8)), sc);
+        const __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c1, 8)), sc);
+        const __m256 f2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c2, 8)), sc);
+        const __m256 f3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c3, 8)), sc);
+        const __m256 t0 = _mm256_unpacklo_ps(f0, f1), t1 = _mm256_unpackhi_ps(f0, f1);
+        const __m256 t2 = _mm256_unpacklo_ps(f2, f3), t3 = _mm256_unpackhi_ps(f2, f3);
+        const __m256 r0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+        const __m256 r1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+        const __m256 r2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+        const __m256 r3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+        float* o = u + 4 * t;
+        _mm256_storeu_ps(o + 0, _mm256_permute2f128_ps(r0, r1, 0x20));
+        _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(r2, r3, 0x20));
+        _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(r0, r1, 0x31));
+        _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(r2, r3, 0x31));
+    }
+#endif
+    for (; t < ng; ++t) {
         const uint64_t g = g0 + (uint64_t)t;
         uint32_t c0 = (uint32_t)g, c1 = (uint32_t)(g >> 32), c2 = stream, c3 = 0;
         for (int r = 0; r < 10; ++r) {
