@@ -128,7 +128,7 @@ def merge(
         divisor="weight" if consensus else "sumw",
         normalize=_flag(normalize, "normalize", d_norm),
         lam=lam,
-        seed=resolve_seed(seed) if random else 0,
+        seed=resolve_seed(seed) if random or seed is not None else 0,  # validate a given seed
     )
     return run(plan, base, models, dtype, backend)
 

@@ -9,7 +9,8 @@ Counter layout (the contract the ``cpu``, ``triton`` and ``cuda`` kernels reprod
 -----------------------------------------------------------------------------------------------
 * key  ``(k0, k1) = (seed & 0xFFFFFFFF, seed >> 32)`` for a 64-bit unsigned ``seed``.
 * For the element with flat (row-major, logical) index ``i`` (64-bit) of the tensor of input
-  slot ``stream`` (the model's position in the ``models`` list; 0 for single-tensor ops), the
+  slot ``stream`` (the model's position in the ``models`` list, a 32-bit value; 0 for
+  single-tensor ops), the
   counter is ``(c0, c1, c2, c3) = (lo32(i >> 2), hi32(i >> 2), stream, 0)``.
   One Philox call yields four 32-bit words; element ``i`` uses word ``i & 3``.
 * Uniform: ``u = float32(word >> 8) * 2**-24`` (exact, in ``[0, 1)``).

@@ -42,12 +42,13 @@ def _quiet(fn, *a, **kw):
         return fn(*a, **kw)
 
 
-def _close(ours, theirs, **tol):
-    assert ours.dtype == theirs.dtype, (ours.dtype, theirs.dtype)
-    assert ours.shape == theirs.shape
+def _close(ours, theirs, msg="", **tol):
+    assert ours.dtype == theirs.dtype, (msg, ours.dtype, theirs.dtype)
+    assert ours.shape == theirs.shape, msg
     tol = tol or TIGHT
     scale = max(1.0, float(theirs.abs().max())) if theirs.numel() else 1.0
-    torch.testing.assert_close(ours, theirs, atol=tol["atol"] * scale, rtol=tol["rtol"])
+    torch.testing.assert_close(ours, theirs, atol=tol["atol"] * scale, rtol=tol["rtol"],
+                               msg=lambda m: f"{msg}\n{m}" if msg else m)
 
 
 class _PhiloxBernoulli:
@@ -79,32 +80,35 @@ def _peft_with_philox(monkeypatch, seed, density, streams, fn, *args):
 # ---- deterministic merges, fp32 ----------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_task_arithmetic(shape, K, backend):
-    tasks, w = make_tasks(shape, K, seed=K), _weights(K, seed=K)
-    _close(F.task_arithmetic(tasks, w, backend=backend), P.task_arithmetic(tasks, w))
+def test_task_arithmetic(shape, backend):
+    for K in KS:
+        tasks, w = make_tasks(shape, K, seed=K), _weights(K, seed=K)
+        _close(F.task_arithmetic(tasks, w, backend=backend), P.task_arithmetic(tasks, w),
+               msg=f"K={K}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("density", [0.0, 1e-3, 0.3, 0.7, 0.999])
-def test_magnitude_prune(density, shape, K, backend):
-    tasks, w = make_tasks(shape, K, seed=10 + K), _weights(K, seed=K)
-    _close(F.magnitude_prune(tasks, w, density, backend=backend), P.magnitude_prune(tasks, w, density))
+def test_magnitude_prune(density, shape, backend):
+    for K in KS:
+        tasks, w = make_tasks(shape, K, seed=10 + K), _weights(K, seed=K)
+        _close(F.magnitude_prune(tasks, w, density, backend=backend),
+               P.magnitude_prune(tasks, w, density), msg=f"K={K}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["total", "frequency"])
-@pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("density", [0.0, 1e-3, 0.2, 0.5, 0.999])
-def test_ties(density, shape, K, method, backend):
+def test_ties(density, shape, method, backend):
     """PEFT's TIES elects the sign on the UNWEIGHTED pruned tasks and divides by the number of
     agreeing tasks (not their weights)."""
-    tasks, w = make_tasks(shape, K, seed=20 + K), _weights(K, seed=K)
-    _close(F.ties(tasks, w, density, method, backend=backend), P.ties(tasks, w, density, method))
+    for K in KS:
+        tasks, w = make_tasks(shape, K, seed=20 + K), _weights(K, seed=K)
+        _close(F.ties(tasks, w, density, method, backend=backend), P.ties(tasks, w, density, method),
+               msg=f"K={K}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -172,15 +176,14 @@ def _tol(*dtypes):
     return max((TOL[d] for d in dtypes), key=lambda t: t[1])
 
 
-def _align_consensus_dtype(fn, ours, theirs):
-    """PEFT's ties/dare_ties return ``result_type(tasks, weights, float32)``: its disjoint merge
-    divides by ``clamp(bool_mask.sum(0), min=1.0)``, a float32 tensor. fastmerge returns
-    ``result_type(tasks, weights)`` (see test_consensus_output_dtype_like_peft, xfail). Compare
-    the values in PEFT's dtype so that the value check still runs."""
-    if fn in CONSENSUS and ours.dtype != theirs.dtype:
-        assert theirs.dtype == torch.float32 and ours.dtype in (torch.bfloat16, torch.float16)
-        return ours.to(theirs.dtype), ours.dtype
-    return ours, ours.dtype
+def _peft_dtype(fn, tdtype, wdtype):
+    """PEFT's result dtype: ``result_type(tasks, weights)``; ties/dare_ties also promote with
+    torch's default float dtype, because their disjoint merge divides by
+    ``clamp(bool_mask.sum(0), min=1.0)``."""
+    out = torch.promote_types(tdtype, wdtype)
+    if fn in CONSENSUS:
+        out = torch.promote_types(out, torch.get_default_dtype())
+    return out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -199,11 +202,9 @@ def test_low_precision_tie_free(fn, tdtype, wdtype, backend):
     else:
         m = "frequency" if fn == "ties_frequency" else "total"
         ours, theirs = F.ties(tasks, w, 0.3, m, backend=backend), P.ties(tasks, w, 0.3, m)
-    out_dtype = torch.promote_types(tdtype, wdtype)
-    assert ours.dtype == out_dtype
-    ours, rounded = _align_consensus_dtype(fn, ours, theirs)
-    assert ours.dtype == theirs.dtype
-    atol, rtol = _tol(tdtype, out_dtype, rounded)
+    out_dtype = _peft_dtype(fn, tdtype, wdtype)
+    assert theirs.dtype == out_dtype and ours.dtype == out_dtype
+    atol, rtol = _tol(tdtype, wdtype, out_dtype)
     assert_close_frac(ours, theirs, atol=atol / 8, rtol=rtol, max_frac=0.0, msg=fn)
 
 
@@ -233,21 +234,21 @@ def test_low_precision_magnitude_ties_at_threshold(density, dtype, backend):
 # ---- DARE with PEFT's Bernoulli replaced by our Philox mask -------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("density", [1e-3, 0.1, 0.5, 0.999])
 @pytest.mark.parametrize("fn", ["dare_linear", "dare_ties", "dare_ties_frequency"])
-def test_dare_same_mask(fn, density, shape, K, backend, monkeypatch):
+def test_dare_same_mask(fn, density, shape, backend, monkeypatch):
     """PEFT's DARE: drop with probability 1-density, rescale by 1/density, then (dare_ties)
     elect the sign on the unweighted rescaled tasks and divide by the agreeing count."""
-    tasks, w = make_tasks(shape, K, seed=40 + K), _weights(K, seed=40 + K)
-    seed = 2**40 + 17 * K
-    extra = ("frequency",) if fn == "dare_ties_frequency" else ()
-    name = fn.replace("_frequency", "")
-    ours = getattr(F, name)(tasks, w, density, *extra, seed=seed, backend=backend)
-    theirs = _peft_with_philox(monkeypatch, seed, density, range(K), getattr(P, name),
-                               tasks, w, density, *extra)
-    _close(ours, theirs)
+    for K in KS:
+        tasks, w = make_tasks(shape, K, seed=40 + K), _weights(K, seed=40 + K)
+        seed = 2**40 + 17 * K
+        extra = ("frequency",) if fn == "dare_ties_frequency" else ()
+        name = fn.replace("_frequency", "")
+        ours = getattr(F, name)(tasks, w, density, *extra, seed=seed, backend=backend)
+        theirs = _peft_with_philox(monkeypatch, seed, density, range(K), getattr(P, name),
+                                   tasks, w, density, *extra)
+        _close(ours, theirs, msg=f"K={K}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -262,11 +263,9 @@ def test_dare_low_precision_same_mask(fn, dtype, wdtype, backend, monkeypatch):
     for density in (0.5, 0.75):
         ours = getattr(F, fn)(tasks, w, density, seed=7, backend=backend)
         theirs = _peft_with_philox(monkeypatch, 7, density, range(3), getattr(P, fn), tasks, w, density)
-        assert ours.dtype == torch.promote_types(dtype, wdtype)
-        ours, rounded = _align_consensus_dtype(fn, ours, theirs)
-        assert ours.dtype == theirs.dtype
+        assert ours.dtype == theirs.dtype == _peft_dtype(fn, dtype, wdtype)
         # PEFT rounds t * mask / density to the task dtype before weighting
-        atol, rtol = _tol(dtype, rounded)
+        atol, rtol = _tol(dtype, wdtype)
         assert_close_frac(ours, theirs, atol=atol, rtol=rtol, max_frac=0.0, msg=fn)
 
 
@@ -340,17 +339,17 @@ def test_prune_errors_match(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["total", "frequency"])
-@pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_calculate_majority_sign_mask(shape, K, method, backend):
-    tasks = make_tasks(shape, K, seed=60 + K)
-    # exact zeros (pruned entries) never agree with the majority sign
-    tasks = [torch.where(t.abs() < 0.02, torch.zeros_like(t), t) for t in tasks]
-    T = torch.stack(tasks)
-    ours = F.calculate_majority_sign_mask(T, method, backend=backend)
-    theirs = P.calculate_majority_sign_mask(T, method)
-    assert ours.dtype == theirs.dtype == torch.bool
-    assert torch.equal(ours, theirs)
+def test_calculate_majority_sign_mask(shape, method, backend):
+    for K in KS:
+        tasks = make_tasks(shape, K, seed=60 + K)
+        # exact zeros (pruned entries) never agree with the majority sign
+        tasks = [torch.where(t.abs() < 0.02, torch.zeros_like(t), t) for t in tasks]
+        T = torch.stack(tasks)
+        ours = F.calculate_majority_sign_mask(T, method, backend=backend)
+        theirs = P.calculate_majority_sign_mask(T, method)
+        assert ours.dtype == theirs.dtype == torch.bool
+        assert torch.equal(ours, theirs), f"K={K}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -374,27 +373,41 @@ def test_disjoint_merge(shape, K, mask_kind):
     _close(F.disjoint_merge(T, mask), P.disjoint_merge(T, mask))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "suspected gap: PEFT's reshape_weight_task_tensors broadcasts a 0-d weights tensor over "
-    "all tasks; fastmerge.peft rejects it (requires a 1-D tensor of K entries)"))
-def test_scalar_weight_tensor_like_peft():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["task_arithmetic", "magnitude_prune", "ties"])
+def test_scalar_weight_tensor_like_peft(fn, backend):
+    """PEFT's reshape_weight_task_tensors broadcasts a 0-d weights tensor over all tasks."""
     tasks = make_tasks((5, 7), 3, seed=80)
     w = torch.tensor(0.5)
-    _close(F.task_arithmetic(tasks, w), P.task_arithmetic(tasks, w))
+    args = (tasks, w) if fn == "task_arithmetic" else (tasks, w, 0.4)
+    _close(getattr(F, fn)(*args, backend=backend), getattr(P, fn)(*args))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "suspected bug: PEFT's ties/dare_ties return float32 for bf16/fp16 tasks with same-dtype "
-    "weights (disjoint_merge divides by clamp(mask.sum(0), min=1.0), a float32 tensor); "
-    "fastmerge.peft returns result_type(tasks, weights) = bf16/fp16"))
-@pytest.mark.parametrize("fn", ["ties", "dare_ties"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["task_arithmetic", "magnitude_prune", "ties"])
+@pytest.mark.parametrize("tdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_float64_weights_give_float64_like_peft(tdtype, fn, backend):
+    """float64 weights make PEFT's result float64; fastmerge computes in fp32 (weights rounded
+    to fp32) and casts. Tie-free tasks: bf16 magnitudes would otherwise tie at the cut."""
+    tasks = _tie_free_tasks((23, 41), 3, tdtype, seed=82)
+    w = _weights(3, torch.float64, seed=82)
+    args = (tasks, w) if fn == "task_arithmetic" else (tasks, w, 0.4)
+    ours, theirs = getattr(F, fn)(*args, backend=backend), getattr(P, fn)(*args)
+    assert ours.dtype == theirs.dtype == torch.float64
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_consensus_output_dtype_like_peft(dtype, fn):
+def test_output_dtype_like_peft_same_dtype_weights(dtype, fn, backend):
+    """Low-precision tasks with same-dtype weights: PEFT's ties/dare_ties return float32
+    (their disjoint merge divides by ``clamp(mask.sum(0), min=1.0)``, a float32 tensor); the
+    linear ones keep the task dtype."""
     tasks = make_tasks((5, 7), 2, dtype, seed=81)
     w = torch.tensor([1.0, 0.5], dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        theirs = getattr(P, fn)(tasks, w, 1.0)  # density 1: no RNG involved
-        ours = getattr(F, fn)(tasks, w, 1.0)
-    assert theirs.dtype == torch.float32
+    args = (tasks, w) if fn == "task_arithmetic" else (tasks, w, 1.0)  # density 1: no RNG
+    theirs = _quiet(getattr(P, fn), *args)
+    ours = _quiet(getattr(F, fn), *args, backend=backend)
+    assert theirs.dtype == _peft_dtype(fn, dtype, dtype)
     assert ours.dtype == theirs.dtype

@@ -152,11 +152,29 @@ OPS_CASES = [
     ("drop-rescale", lambda be: ops.random_drop(B, 0.5, seed=1, rescale="foo", backend=be), ValueError,
      ["rescale"]),
     ("drop-nonfinite", lambda be: ops.random_drop(_poison(B, INF), 0.5, seed=1, backend=be), ValueError,
-     ["non-finite"]),
+     ["non-finite", "x "]),
+    ("prune-nonfinite", lambda be: ops.magnitude_prune(_poison(B, INF), 0.5, backend=be), ValueError,
+     ["non-finite", "x "]),
+    ("prune-nonfinite-k0", lambda be: ops.magnitude_prune(_poison(B, NAN), k=0, backend=be), ValueError,
+     ["non-finite", "x "]),
+    ("threshold-nonfinite", lambda be: ops.magnitude_threshold(_poison(B, NAN), 0.5, backend=be),
+     ValueError, ["non-finite", "x "]),
+    ("threshold-nonfinite-inf", lambda be: ops.magnitude_threshold(_poison(B, -INF), k=3, backend=be),
+     ValueError, ["non-finite", "x "]),
+    ("threshold-nonfinite-k0", lambda be: ops.magnitude_threshold(_poison(B, INF), k=0, backend=be),
+     ValueError, ["non-finite", "x "]),
+    ("threshold-nonfinite-all", lambda be: ops.magnitude_threshold(_poison(B, INF), k=B.numel(),
+                                                                    backend=be), ValueError, ["non-finite"]),
     ("elect-method", lambda be: ops.elect_sign(MS, method="mean", backend=be), ValueError, ["method"]),
     ("elect-weights", lambda be: ops.elect_sign(MS, [1.0], backend=be), ValueError, ["weights"]),
     ("elect-empty", lambda be: ops.elect_sign([], backend=be), ValueError, ["tensors"]),
     ("elect-non-tensor", lambda be: ops.elect_sign([MS[0], 1.0], backend=be), TypeError, ["tensors[1]"]),
+    ("elect-shape", lambda be: ops.elect_sign([MS[0], MS[1], MS[2][:2]], backend=be), ValueError,
+     ["tensors[2]", "shape"]),
+    ("elect-dtype", lambda be: ops.elect_sign([MS[0], MS[1].half()], backend=be), TypeError,
+     ["tensors[1]", "float16"]),
+    ("disjoint-shape", lambda be: ops.disjoint_merge([MS[0], MS[1][:2]], torch.ones(SHAPE), backend=be),
+     ValueError, ["tensors[1]"]),
     ("elect-nonfinite", lambda be: ops.elect_sign(_models_with(2, NAN), backend=be), ValueError,
      ["non-finite", "tensors[2]"]),
     ("disjoint-sign-shape", lambda be: ops.disjoint_merge(MS, torch.ones(3, 3), backend=be), ValueError,
@@ -182,11 +200,14 @@ PEFT_CASES = [
     ("ties-density-negative", lambda be: FP.ties(MS, W3, -0.5, backend=be), ValueError, ["ensity"]),
     ("ties-density-nan", lambda be: FP.magnitude_prune(MS, W3, NAN, backend=be), ValueError, ["density"]),
     ("dare-seed", lambda be: FP.dare_linear(MS, W3, 0.5, seed=-1, backend=be), ValueError, ["seed"]),
-    ("weights-float64", lambda be: FP.task_arithmetic(MS, W3.double(), backend=be), TypeError, ["float64"]),
     ("tasks-empty", lambda be: FP.task_arithmetic([], torch.ones(0), backend=be), ValueError, ["task_tensors"]),
     ("tasks-single-tensor", lambda be: FP.task_arithmetic(MS[0], W3, backend=be), TypeError, ["task_tensors"]),
     ("tasks-dtype", lambda be: FP.task_arithmetic([MS[0], MS[1].bfloat16(), MS[2]], W3, backend=be),
-     TypeError, ["task_tensors", "bfloat16"]),  # index: see the xfail below
+     TypeError, ["task_tensors[1]", "bfloat16"]),
+    ("tasks-shape", lambda be: FP.ties([MS[0], MS[1].T.contiguous()], torch.tensor([1.0, 1.0]), 0.5,
+                                       backend=be), ValueError, ["task_tensors[1]", "shape"]),
+    ("tasks-shape-third", lambda be: FP.task_arithmetic([MS[0], MS[1], MS[2][:2]], W3, backend=be),
+     ValueError, ["task_tensors[2]", "shape"]),
     ("tasks-nonfinite", lambda be: FP.ties(_models_with(2, INF), W3, 0.5, backend=be), ValueError,
      ["non-finite", "task_tensors[2]"]),
     ("dare-nonfinite", lambda be: FP.dare_ties(_models_with(0, NAN), W3, 0.5, seed=1, backend=be), ValueError,
@@ -301,38 +322,3 @@ def test_valid_edge_inputs_do_not_raise():
         fastmerge.merge("ties", B, MS, lam=torch.tensor(0.5), backend=be)
         fastmerge.merge("linear", None, MS, weights=[1.0, -1.0, 0.0], normalize=False, backend=be)
 
-
-# ---- suspected bugs (strict xfail: they start failing, i.e. passing, once fixed) ---------
-
-@pytest.mark.xfail(strict=True, reason="suspected bug: ops/peft shape and dtype errors name "
-                   "tensors[k-1] (_same_inputs passes tensors[1:] to same_as, which enumerates from 0)")
-@pytest.mark.parametrize("kind", ["shape", "dtype"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_peft_list_mismatch_names_the_right_index(backend, kind):
-    bad = MS[1].T.contiguous() if kind == "shape" else MS[1].bfloat16()
-    with pytest.raises((ValueError, TypeError), match=r"task_tensors\[1\]"):
-        FP.ties([MS[0], bad], torch.tensor([1.0, 1.0]), 0.5, backend=backend)
-
-
-@pytest.mark.xfail(strict=True, reason="suspected bug: ops elect_sign shape errors name tensors[k-1]")
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ops_shape_mismatch_names_the_right_index(backend):
-    with pytest.raises(ValueError, match=r"tensors\[2\]"):
-        ops.elect_sign([MS[0], MS[1], MS[2][:2]], backend=backend)
-
-
-@pytest.mark.xfail(strict=True, reason="suspected bug: ops.magnitude_prune / random_drop report a "
-                   "non-finite x as 'models[0]' instead of naming x")
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ops_single_tensor_nonfinite_names_x(backend):
-    with pytest.raises(ValueError, match=r"non-finite") as info:
-        ops.magnitude_prune(_poison(B, INF), 0.5, backend=backend)
-    assert "models" not in str(info.value) and "x" in str(info.value)
-
-
-@pytest.mark.xfail(strict=True, reason="suspected bug: ops.magnitude_threshold does not detect "
-                   "non-finite input (returns inf/nan silently)")
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_magnitude_threshold_nonfinite(backend):
-    with pytest.raises(ValueError, match="non-finite"):
-        ops.magnitude_threshold(_poison(B, NAN), 0.5, backend=backend)
