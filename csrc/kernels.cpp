@@ -397,6 +397,11 @@ static inline void eval_mask(const MaskArgs& a, const PhiloxKey& key, int m, int
         case M_RANGE: {
             const TopSet stop{a.ranges[4 * m], a.ranges[4 * m + 1]};
             const TopSet start{a.ranges[4 * m + 2], a.ranges[4 * m + 3]};
+            if (start.T >= SENTINEL_NONE) {  // plain top-k (TIES): one test per element
+                for (int j = 0; j < len; ++j)
+                    keep[j] = 0u - in_top_bits(mag_key(d[j]), i0 + j, stop);
+                break;
+            }
             for (int j = 0; j < len; ++j) {
                 const uint32_t k = mag_key(d[j]);
                 const int64_t i = i0 + j;
@@ -505,7 +510,7 @@ std::vector<double> della_bits(uint64_t base_ptr, const std::vector<uint64_t>& m
         double before_all = 0, after_all = 0;
 #pragma omp parallel num_threads(nt)
         {
-            std::vector<float> d(len), u(len + 8);
+            std::vector<float> d(len), u(len + 12);
             std::vector<uint32_t> keys(len), ia(len), ib(len);
             std::vector<uint64_t> rowbits(len / 64 + 2);
             std::vector<uint32_t> cnt(2048);
@@ -537,29 +542,21 @@ std::vector<double> della_bits(uint64_t base_ptr, const std::vector<uint64_t>& m
                     for (int64_t t = 0; t < len; ++t) { const uint32_t e = src[t]; dst[cnt[(keys[e] >> shifts[pass]) & mask]++] = e; }
                     std::swap(src, dst);
                 }
-                // uniforms of the row's elements
+                // uniforms of the row's elements (contiguous rows: the vectorised block generator)
+                const float* uf = u.data();
                 if (inner == 1) {
                     const int64_t a0 = first & ~(int64_t)3;
                     const int off = (int)(first - a0);
-                    float* uf = u.data();
-                    for (int64_t t0 = 0; t0 < len + off; t0 += 4) {
-                        uint32_t w[4];
-                        philox(key, (uint64_t)(a0 + t0) >> 2, (uint32_t)m, w);
-                        for (int q = 0; q < 4; ++q) {
-                            const int64_t t = t0 + q - off;
-                            if (t >= 0 && t < len) uf[t] = (float)(w[q] >> 8) * UNIFORM_SCALE;
-                        }
-                    }
+                    philox_uniform_block(key, a0, (int)(len + off), (uint32_t)m, u.data());
+                    uf = u.data() + off;
                 } else {
-                    float* uf = u.data();
                     for (int64_t t = 0; t < len; ++t) {
                         const int64_t i = first + t * inner;
                         uint32_t w[4];
                         philox(key, (uint64_t)i >> 2, (uint32_t)m, w);
-                        uf[t] = (float)(w[i & 3] >> 8) * UNIFORM_SCALE;
+                        u[t] = (float)(w[i & 3] >> 8) * UNIFORM_SCALE;
                     }
                 }
-                const float* uf = u.data();
                 std::fill(rowbits.begin(), rowbits.end(), 0ull);
                 const float den = (float)(len - 1);
                 const int shift0 = inner == 1 ? (int)(first & 63) : 0;
