@@ -223,6 +223,50 @@ static std::vector<int> select_bracket(const void* base, const std::vector<uint6
     return failed;
 }
 
+// One histogram pass over the deltas of the models in `mods` (base read once per block):
+// fill(h, slot, d, len) counts a block into per-thread uint32 histograms of `bins` counters,
+// merged into 64-bit totals every 2^30 elements so the 32-bit counters cannot overflow.
+template <class Fill>
+static std::vector<uint64_t> hist_pass(const void* base, const std::vector<uint64_t>& models,
+                                       const std::vector<int>& mods, int dt, int64_t n, size_t bins,
+                                       int nt, Fill fill) {
+    constexpr int64_t SUPER = (int64_t)1 << 30;
+    const int64_t nblocks = (n + BLK - 1) / BLK;
+    std::vector<uint64_t> total(bins, 0);
+    for (int64_t b0 = 0; b0 < nblocks; b0 += SUPER / BLK) {
+        const int64_t b1 = std::min(nblocks, b0 + SUPER / BLK);
+#pragma omp parallel num_threads(nt)
+        {
+            std::vector<uint32_t> h(bins, 0);
+            alignas(64) float bb[BLK], d[BLK];
+#pragma omp for schedule(static)
+            for (int64_t b = b0; b < b1; ++b) {
+                const int64_t i0 = b * BLK;
+                const int len = (int)std::min<int64_t>(BLK, n - i0);
+                if (base) load_block(base, dt, i0, len, bb);
+                for (int s = 0; s < (int)mods.size(); ++s) {
+                    load_delta(base, (const void*)models[mods[s]], dt, i0, len, bb, d);
+                    fill(h.data(), s, d, len);
+                }
+            }
+#pragma omp critical
+            for (size_t t = 0; t < bins; ++t) total[t] += h[t];
+        }
+    }
+    return total;
+}
+
+// Highest bucket b such that the counts of buckets >= b reach `need`; `above` gets the count
+// strictly above b.
+static int top_bucket(const uint64_t* hs, int64_t need, int64_t& above) {
+    int b = 65535;
+    for (; b > 0; --b) {
+        if (above + (int64_t)hs[b] >= need) break;
+        above += (int64_t)hs[b];
+    }
+    return b;
+}
+
 // ======================= exact top-k selection (radix select) ============================
 // queries: (model index, k). Returns T and J per query, then a non-finite flag.
 std::vector<int64_t> select_ranges(uint64_t base_ptr, const std::vector<uint64_t>& models, int dt,
@@ -252,31 +296,13 @@ std::vector<int64_t> select_ranges(uint64_t base_ptr, const std::vector<uint64_t
     std::vector<int> slot(models.size(), -1);
     for (int s = 0; s < M; ++s) slot[mods[s]] = s;
     const int64_t nblocks = (n + BLK - 1) / BLK;
-    constexpr int64_t SUPER = (int64_t)1 << 30;  // per-thread uint32 counters cannot overflow
 
     // ---- pass 1: histogram of the high 16 bits of every key, per model ----
-    std::vector<uint64_t> h1((size_t)M * 65536, 0);
-    for (int64_t b0 = 0; b0 < nblocks; b0 += SUPER / BLK) {
-        const int64_t b1 = std::min(nblocks, b0 + SUPER / BLK);
-#pragma omp parallel num_threads(nt)
-        {
-            std::vector<uint32_t> h((size_t)M * 65536, 0);
-            alignas(64) float bb[BLK], d[BLK];
-#pragma omp for schedule(static)
-            for (int64_t b = b0; b < b1; ++b) {
-                const int64_t i0 = b * BLK;
-                const int len = (int)std::min<int64_t>(BLK, n - i0);
-                if (base) load_block(base, dt, i0, len, bb);
-                for (int s = 0; s < M; ++s) {
-                    load_delta(base, (const void*)models[mods[s]], dt, i0, len, bb, d);
-                    uint32_t* hs = h.data() + (size_t)s * 65536;
-                    for (int j = 0; j < len; ++j) hs[mag_key(d[j]) >> 16]++;
-                }
-            }
-#pragma omp critical
-            for (size_t t = 0; t < h.size(); ++t) h1[t] += h[t];
-        }
-    }
+    const std::vector<uint64_t> h1 = hist_pass(base, models, mods, dt, n, (size_t)M * 65536, nt,
+        [&](uint32_t* h, int s, const float* d, int len) {
+            uint32_t* hs = h + (size_t)s * 65536;
+            for (int j = 0; j < len; ++j) hs[mag_key(d[j]) >> 16]++;
+        });
     for (int s = 0; s < M; ++s)
         for (int b = 0x7f80; b < 65536; ++b)
             if (h1[(size_t)s * 65536 + b]) out.back() = 1;
@@ -284,59 +310,32 @@ std::vector<int64_t> select_ranges(uint64_t base_ptr, const std::vector<uint64_t
     std::vector<uint32_t> qh(Q);
     std::vector<int64_t> qrem(Q);
     for (int q : todo) {
-        const uint64_t* hs = h1.data() + (size_t)slot[q_model[q]] * 65536;
         int64_t above = 0;
-        int b = 65535;
-        for (; b > 0; --b) {
-            if (above + (int64_t)hs[b] >= q_k[q]) break;
-            above += (int64_t)hs[b];
-        }
-        qh[q] = (uint32_t)b;
+        qh[q] = (uint32_t)top_bucket(h1.data() + (size_t)slot[q_model[q]] * 65536, q_k[q], above);
         qrem[q] = q_k[q] - above;
     }
     // ---- pass 2: histogram of the low 16 bits inside the chosen bucket, per query ----
     const int TQ = (int)todo.size();
-    std::vector<uint64_t> h2((size_t)TQ * 65536, 0);
-    for (int64_t b0 = 0; b0 < nblocks; b0 += SUPER / BLK) {
-        const int64_t b1 = std::min(nblocks, b0 + SUPER / BLK);
-#pragma omp parallel num_threads(nt)
-        {
-            std::vector<uint32_t> h((size_t)TQ * 65536, 0);
-            alignas(64) float bb[BLK], d[BLK];
-#pragma omp for schedule(static)
-            for (int64_t b = b0; b < b1; ++b) {
-                const int64_t i0 = b * BLK;
-                const int len = (int)std::min<int64_t>(BLK, n - i0);
-                if (base) load_block(base, dt, i0, len, bb);
-                for (int s = 0; s < M; ++s) {
-                    load_delta(base, (const void*)models[mods[s]], dt, i0, len, bb, d);
-                    for (int tq = 0; tq < TQ; ++tq) {
-                        const int q = todo[tq];
-                        if (q_model[q] != mods[s]) continue;
-                        const uint32_t want = qh[q];
-                        uint32_t* hs = h.data() + (size_t)tq * 65536;
-                        for (int j = 0; j < len; ++j) {
-                            const uint32_t key = mag_key(d[j]);
-                            if ((key >> 16) == want) hs[key & 0xffffu]++;
-                        }
-                    }
+    const std::vector<uint64_t> h2 = hist_pass(base, models, mods, dt, n, (size_t)TQ * 65536, nt,
+        [&](uint32_t* h, int s, const float* d, int len) {
+            for (int tq = 0; tq < TQ; ++tq) {
+                const int q = todo[tq];
+                if (q_model[q] != mods[s]) continue;
+                const uint32_t want = qh[q];
+                uint32_t* hs = h + (size_t)tq * 65536;
+                for (int j = 0; j < len; ++j) {
+                    const uint32_t key = mag_key(d[j]);
+                    if ((key >> 16) == want) hs[key & 0xffffu]++;
                 }
             }
-#pragma omp critical
-            for (size_t t = 0; t < h.size(); ++t) h2[t] += h[t];
-        }
-    }
+        });
     std::vector<int> split;  // queries whose threshold ties are only partly kept
     std::vector<int64_t> need(Q, 0);
     for (int tq = 0; tq < TQ; ++tq) {
         const int q = todo[tq];
         const uint64_t* hs = h2.data() + (size_t)tq * 65536;
         int64_t above = 0;
-        int b = 65535;
-        for (; b > 0; --b) {
-            if (above + (int64_t)hs[b] >= qrem[q]) break;
-            above += (int64_t)hs[b];
-        }
+        const int b = top_bucket(hs, qrem[q], above);
         const int64_t T = ((int64_t)qh[q] << 16) | b;
         const int64_t keep_eq = qrem[q] - above;  // equal keys to keep, lowest index first
         out[2 * q] = T;
