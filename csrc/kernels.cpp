@@ -65,11 +65,7 @@ static int threads_for(int requested, int64_t n) {
 // Per model, the selection "top set of size k": key > T or (key == T and index <= J).
 struct TopSet { int64_t T; int64_t J; };
 
-static inline bool in_top(uint32_t key, int64_t i, const TopSet& s) {
-    return (int64_t)key > s.T || ((int64_t)key == s.T && i <= s.J);
-}
-
-// Same test without branches (vectorisable): 1 if in the top set.
+// 1 if (key, index i) is in the top set: key > T, or key == T and i <= J. Branch-free.
 static inline uint32_t in_top_bits(uint32_t key, int64_t i, const TopSet& s) {
     const int64_t k = (int64_t)key;
     return (uint32_t)(k > s.T) | ((uint32_t)(k == s.T) & (uint32_t)(i <= s.J));

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch as B
-from ._semantics import MaskSpec, Plan, rows_of
+from ._semantics import MaskSpec, Plan, fp32, rows_of
 from .reference import NORM_EPS, input_names
 
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -38,10 +38,6 @@ def _ptrs(tensors):
 
 def _contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
-
-
-def _f32(x: float) -> float:
-    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def _raise_nonfinite(flags, names):
@@ -124,7 +120,7 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
         for m, s in enumerate(masks):
             before, after = norms[2 * m], norms[2 * m + 1]
             if s.kind in ("range", "random", "della") and before >= NORM_EPS and after >= NORM_EPS:
-                scale[m] = _f32(before / after)
+                scale[m] = fp32(before / after)
 
     const_div = 1.0
     if plan.divisor in ("sumw", "sumw_exact"):
