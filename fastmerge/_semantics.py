@@ -31,6 +31,7 @@ MERGEKIT_METHODS = {
 }
 METHODS = tuple(MERGEKIT_METHODS) + ("linear",)
 RESCALE_NORMS = ("l1", "l2", "linf", "density")
+NORM_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no norm matching below this
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,27 @@ class Plan:
 def fp32(x: float) -> float:
     """Round a Python float to the nearest fp32 value (what the kernels see)."""
     return float(torch.tensor(x, dtype=torch.float32))
+
+
+def norm_scale(before: float, after: float) -> Optional[float]:
+    """Norm-matching factor ``|d| / |mask * d|`` rounded to fp32; None (no rescale) when either
+    norm is below ``NORM_EPS``."""
+    if before < NORM_EPS or after < NORM_EPS:
+        return None
+    return fp32(before / after)
+
+
+def weight_sum_divisor(plan: "Plan") -> Optional[float]:
+    """The divisor of merges without consensus: ``sum_k w_k`` added in fp32 in model order;
+    for ``sumw`` a sum with ``|.| < 1e-8`` becomes 1 (mergekit). None for other divisors."""
+    if plan.divisor not in ("sumw", "sumw_exact"):
+        return None
+    wsum = torch.zeros((), dtype=torch.float32)
+    for w in plan.weights:
+        wsum = wsum + torch.tensor(w, dtype=torch.float32)
+    if plan.divisor == "sumw" and abs(float(wsum)) < 1e-8:
+        return 1.0
+    return float(wsum)
 
 
 def magnitude_mask(density: float, n: int, convention: str = "mergekit") -> MaskSpec:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import dispatch as B
-from ._semantics import MaskSpec, Plan, fp32, rows_of
-from .reference import NORM_EPS, input_names
+from ._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
+from .reference import input_names
 
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _KIND = {"none": 0, "zero": 1, "range": 2, "random": 3, "bits": 4}
@@ -118,17 +118,12 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     elif norm is not None:
         scale_mode = 1
         for m, s in enumerate(masks):
-            before, after = norms[2 * m], norms[2 * m + 1]
-            if s.kind in ("range", "random", "della") and before >= NORM_EPS and after >= NORM_EPS:
-                scale[m] = fp32(before / after)
+            f = norm_scale(norms[2 * m], norms[2 * m + 1])
+            if s.kind in ("range", "random", "della") and f is not None:
+                scale[m] = f
 
-    const_div = 1.0
-    if plan.divisor in ("sumw", "sumw_exact"):
-        wsum = torch.zeros((), dtype=torch.float32)
-        for w in plan.weights:
-            wsum = wsum + torch.tensor(w, dtype=torch.float32)
-        guard = plan.divisor == "sumw" and abs(float(wsum)) < 1e-8
-        const_div = 1.0 if guard else float(wsum)
+    wsum = weight_sum_divisor(plan)
+    const_div = wsum if wsum is not None else 1.0
     flags = lib.fused_merge(
         bptr, _ptrs(inputs), dt, out.data_ptr(), _DT[out_dtype], n, kinds, ranges, probs, bit_ptrs,
         plan.seed, plan.weights, scale, scale_mode, _CONS[plan.consensus], plan.elect_weighted,

@@ -23,9 +23,7 @@ from typing import Sequence
 import torch
 
 from . import philox
-from ._semantics import MaskSpec, Plan, rows_of
-
-NORM_EPS = 1e-7
+from ._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
 
 
 def _f32(x: float) -> torch.Tensor:
@@ -94,9 +92,9 @@ def sparsify(d: torch.Tensor, spec: MaskSpec, rescale, seed: int, stream: int) -
         # DARE / PEFT: divide by the keep probability (0 when everything was dropped).
         return s / _f32(spec.density) if spec.density > 0 else torch.zeros_like(s)
     if rescale in ("l1", "l2", "linf") and spec.kind != "zero":
-        before, after = norm_of(d, rescale), norm_of(s, rescale)
-        if before >= NORM_EPS and after >= NORM_EPS:
-            s = s * _f32(before / after)
+        scale = norm_scale(norm_of(d, rescale), norm_of(s, rescale))
+        if scale is not None:
+            s = s * _f32(scale)
     return s
 
 
@@ -130,14 +128,8 @@ def run_plan(plan: Plan, base: torch.Tensor | None, inputs: Sequence[torch.Tenso
         mixed = torch.zeros(shape, dtype=torch.float32, device=dev)
         for _, v in values:
             mixed = mixed + v
-        if plan.divisor in ("sumw", "sumw_exact"):
-            wsum = zero
-            for w in weights:
-                wsum = wsum + w
-            guard = plan.divisor == "sumw" and abs(float(wsum)) < 1e-8
-            divisor = _f32(1.0) if guard else wsum
-        else:
-            divisor = None
+        wsum = weight_sum_divisor(plan)
+        divisor = _f32(wsum) if wsum is not None else None
     else:
         elect = [v if plan.elect_weighted else s for s, v in values]
         total = torch.zeros(shape, dtype=torch.float32, device=dev)
