@@ -681,10 +681,8 @@ def plot(rows: list, meta: dict, plot_dir: str, log=print) -> list:
         return (f"{meta['devices'].get(dev, dev)} | {'x'.join(map(str, shape))} {dtype} K={k} | "
                 f"copy {meta['copy_gbps_by_device'][dev]:.1f} GB/s")
 
-    # Effective bandwidth
-    width = max(8.0, 0.9 * max(len({_label(r) for r in g}) for g in groups.values()) + 2)
-    fig, axes = panels(len(groups), width)
-    for ax, (key, g) in zip(axes, groups.items()):
+    def grouped_bars(ax, g, value, legend, annotate=None):
+        """One bar group per op label, one bar per backend; returns (labels, backends)."""
         labels = list(dict.fromkeys(_label(r) for r in g))
         series = sorted({r["backend"] for r in g}, key=lambda b: order.get(b, 99))
         bw = 0.8 / len(series)
@@ -694,8 +692,19 @@ def plot(rows: list, meta: dict, plot_dir: str, log=print) -> list:
                 hit = [r for r in g if _label(r) == lab and r["backend"] == b]
                 if hit:
                     xs.append(i - 0.4 + bw * (j + 0.5))
-                    ys.append(hit[0]["gbps"])
-            ax.bar(xs, ys, bw, label=b, color=colors.get(b))
+                    ys.append(value(hit[0]))
+            bars = ax.bar(xs, ys, bw, label=legend.format(b), color=colors.get(b))
+            if annotate:
+                for rect, y in zip(bars, ys):
+                    ax.annotate(annotate.format(y), (rect.get_x() + rect.get_width() / 2, y),
+                                ha="center", va="bottom", fontsize=7)
+        return labels, series
+
+    # Effective bandwidth
+    width = max(8.0, 0.9 * max(len({_label(r) for r in g}) for g in groups.values()) + 2)
+    fig, axes = panels(len(groups), width)
+    for ax, (key, g) in zip(axes, groups.items()):
+        labels, series = grouped_bars(ax, g, lambda r: r["gbps"], "{}")
         copy = meta["copy_gbps_by_device"][key[0]]
         ax.axhline(copy, color="black", ls="--", lw=1, label=f"copy {copy:.1f} GB/s")
         ax.set_yscale("log")
@@ -719,20 +728,8 @@ def plot(rows: list, meta: dict, plot_dir: str, log=print) -> list:
         return paths
     fig, axes = panels(len(sgroups), width)
     for ax, (key, g) in zip(axes, sgroups.items()):
-        labels = list(dict.fromkeys(_label(r) for r in g))
-        series = sorted({r["backend"] for r in g}, key=lambda b: order.get(b, 99))
-        bw = 0.8 / len(series)
-        for j, b in enumerate(series):
-            xs, ys = [], []
-            for i, lab in enumerate(labels):
-                hit = [r for r in g if _label(r) == lab and r["backend"] == b]
-                if hit:
-                    xs.append(i - 0.4 + bw * (j + 0.5))
-                    ys.append(hit[0]["speedup_vs"][hit[0]["api"]])
-            bars = ax.bar(xs, ys, bw, label=f"fastmerge[{b}]", color=colors.get(b))
-            for rect, y in zip(bars, ys):
-                ax.annotate(f"{y:.1f}x", (rect.get_x() + rect.get_width() / 2, y), ha="center",
-                            va="bottom", fontsize=7)
+        labels, _ = grouped_bars(ax, g, lambda r: r["speedup_vs"][r["api"]], "fastmerge[{}]",
+                                 annotate="{:.1f}x")
         ax.axhline(1.0, color="black", lw=1)
         ax.set_yscale("log")
         ax.set_xticks(range(len(labels)))
@@ -789,20 +786,19 @@ def _ks(text: str) -> list:
     return ks
 
 
-def _methods(text: str) -> list:
-    ms = _csv(text)
-    for m in ms:
-        if m not in ALL_OPS:
-            raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from {', '.join(ALL_OPS)}")
-    return ms
+def _choices(allowed, what: str):
+    """argparse type: a comma-separated list whose entries must all be in ``allowed``."""
+    def parse(text: str) -> list:
+        items = _csv(text)
+        for x in items:
+            if x not in allowed:
+                raise argparse.ArgumentTypeError(f"unknown {what} {x!r}; choose from {', '.join(allowed)}")
+        return items
+    return parse
 
 
-def _backends(text: str) -> list:
-    bs = _csv(text)
-    for b in bs:
-        if b not in BACKENDS:
-            raise argparse.ArgumentTypeError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-    return bs
+_methods = _choices(ALL_OPS, "method")
+_backends = _choices(BACKENDS, "backend")
 
 
 def _density(text: str) -> float:
