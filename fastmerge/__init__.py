@@ -19,12 +19,13 @@ from .api import (
     ties,
 )
 from ._semantics import METHODS
+from ._validate import NonFiniteError
 from .dispatch import backends
 
 __version__ = "0.1.0"
 
 __all__ = [
     "merge", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-    "breadcrumbs_ties", "della", "della_linear", "linear", "ops", "peft", "backends", "METHODS",
+    "breadcrumbs_ties", "della", "della_linear", "linear", "ops", "peft", "backends", "METHODS", "NonFiniteError",
     "__version__",
 ]

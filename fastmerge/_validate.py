@@ -10,6 +10,15 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+class NonFiniteError(ValueError):
+    """An input holds inf or nan. A ValueError; its own type so that the drop-in integrations
+    can hand such tensors back to the library they replace (which propagates them)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"{name} contains non-finite values (inf or nan)")
+        self.argument = name
+
+
 def tensor_list(models, name: str = "models") -> list:
     if isinstance(models, torch.Tensor):
         raise TypeError(f"{name} must be a list of tensors, got a single tensor")

@@ -3,6 +3,9 @@
 Subcommands:
     fastmerge bench [options]   benchmark against PEFT and mergekit (``fastmerge bench --help``)
     fastmerge backends          which backends this machine can run, and why not
+    fastmerge mergekit CONFIG OUT [mergekit-yaml options]
+                                mergekit-yaml with its task-arithmetic family and linear merges
+                                running on fastmerge (same YAML, same output layout)
 
 Heavy imports happen inside the subcommand that needs them, so ``fastmerge --help`` is instant.
 """
@@ -47,6 +50,34 @@ def _cmd_backends(args, rest) -> int:
     return 0
 
 
+def _cmd_mergekit(args, rest) -> int:
+    """``mergekit-yaml`` itself (its options, its config parsing, its writer), with
+    :func:`fastmerge.integrations.mergekit.patch` applied first."""
+    from .integrations import mergekit as fm_mergekit
+
+    try:
+        fm_mergekit.patch()
+    except (ImportError, RuntimeError) as exc:
+        print(f"fastmerge mergekit: {exc}", file=sys.stderr)
+        return 2
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    if not any(a in ("-h", "--help") for a in rest):
+        import fastmerge
+
+        names = [n for n, i in fastmerge.backends().items() if i["available"]]
+        print(f"fastmerge mergekit: mergekit {', '.join(fm_mergekit.METHODS)} run on fastmerge "
+              f"(backends here: {', '.join(names)})", file=sys.stderr)
+    try:
+        mergekit_yaml.main(args=rest, prog_name="fastmerge mergekit", standalone_mode=True)
+    except SystemExit as exc:  # click ends every run with sys.exit
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except FileNotFoundError as exc:
+        print(f"fastmerge mergekit: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmerge",
@@ -59,11 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", add_help=False,
                    help="benchmark against PEFT and mergekit on this machine (bench --help)")
     sub.add_parser("backends", help="list the backends available here, and why not")
+    sub.add_parser("mergekit", add_help=False,
+                   help="mergekit-yaml CONFIG OUT [options] with merges on fastmerge (mergekit --help)")
     return parser
 
 
-COMMANDS = {"bench": _cmd_bench, "backends": _cmd_backends}
-PASSTHROUGH = ("bench",)  # subcommands that take the rest of the command line as is
+COMMANDS = {"bench": _cmd_bench, "backends": _cmd_backends, "mergekit": _cmd_mergekit}
+PASSTHROUGH = ("bench", "mergekit")  # subcommands that take the rest of the command line as is
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

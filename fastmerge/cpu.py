@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _validate as V
 from . import dispatch as B
 from ._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
 from .reference import input_names
@@ -43,7 +44,7 @@ def _contig(t: torch.Tensor) -> torch.Tensor:
 def _raise_nonfinite(flags, names):
     for flag, name in zip(flags, names):
         if flag:
-            raise ValueError(f"{name} contains non-finite values (inf or nan)")
+            raise V.NonFiniteError(name)
 
 
 def _thresholds(base, inputs, masks, n):
@@ -162,7 +163,7 @@ def disjoint_merge(tensors, sign, weights, divisor, out_dtype):
 def magnitude_threshold(x, k):
     if k == 0 or k == x.numel():  # no selection pass runs: check the input here
         if not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains non-finite values (inf or nan)")
+            raise V.NonFiniteError("x")
         return torch.tensor(float("inf"), dtype=x.dtype) if k == 0 else x.detach().abs().min()
     x = _contig(x)
     T, _, nonfinite = _lib().select_ranges(0, [x.data_ptr()], _DT[x.dtype], x.numel(), [0], [k], _threads())

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from . import _validate as V
 from . import philox
 from ._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
 
@@ -100,7 +101,7 @@ def sparsify(d: torch.Tensor, spec: MaskSpec, rescale, seed: int, stream: int) -
 
 def check_finite(x: torch.Tensor, name: str) -> None:
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains non-finite values (inf or nan)")
+        raise V.NonFiniteError(name)
 
 
 def input_names(plan: Plan, k: int) -> list:

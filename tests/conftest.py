@@ -90,6 +90,19 @@ def make_tasks(shape=(37, 53), K=3, dtype=torch.float32, *, seed=0, scale=0.05):
             for k in range(K)]
 
 
+def make_tie_free_tasks(shape, K, dtype, seed):
+    """Tasks whose magnitudes are pairwise distinct and exact in bf16/fp16 (unique top-k)."""
+    n = math.prod(shape)
+    g = torch.Generator().manual_seed(seed)
+    mags = torch.tensor([(1 + j / 128) * 2.0 ** -e for e in range(2, 12) for j in range(128)])
+    out = []
+    for _ in range(K):
+        pick = mags[torch.randperm(mags.numel(), generator=g)[:n]]
+        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        out.append((pick * sign).reshape(shape).to(dtype))
+    return out
+
+
 def mergekit_merge(name, base, models, **params):
     """mergekit 0.1.5's own ``merge_tensors`` on ``[base, *models]`` (base index 0).
 
@@ -163,3 +176,28 @@ def bernoulli_from_philox(monkeypatch, seed, streams, shape, *, p=None, check_p=
         yield handed
     assert torch.bernoulli is real
     assert not streams, f"bernoulli called fewer times than expected; left {streams}"
+
+
+@contextlib.contextmanager
+def bernoulli_as_fastmerge(monkeypatch, k):
+    """Make a library's ``torch.bernoulli`` draw exactly the masks fastmerge's seeded path
+    draws when ``seed=None``: one fused merge of ``k`` tensors takes ONE seed from torch's
+    default generator (``philox.resolve_seed``) and gives tensor ``i`` stream ``i``, while the
+    library calls ``torch.bernoulli`` once per tensor. So the fake takes a fresh seed from the
+    same generator every ``k`` calls and hands out stream ``call % k`` with the probabilities
+    the library passed (compared in fp32). Yields the number of calls made so far (a list)."""
+    calls = [0]
+    state = {}
+
+    def fake(input, *args, **kwargs):
+        assert not args and not kwargs.get("generator"), "unexpected bernoulli call"
+        i = calls[0] % k
+        if i == 0:
+            state["seed"] = philox.resolve_seed(None)
+        calls[0] += 1
+        return philox_mask(tuple(input.shape), state["seed"], i, input.float()).to(input.dtype)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "bernoulli", fake)
+        yield calls
+    assert calls[0] % k == 0, f"{calls[0]} bernoulli calls is not a multiple of {k}"

@@ -23,7 +23,7 @@ import torch
 from peft.utils import merge_utils as P
 
 import fastmerge.peft as F
-from conftest import BACKENDS, DTYPES, assert_close_frac, make_tasks, philox_mask
+from conftest import BACKENDS, DTYPES, assert_close_frac, make_tasks, make_tie_free_tasks, philox_mask
 
 SHAPES = [(37, 53), (101,), (1,), (3, 5, 7)]
 KS = [1, 2, 3, 5, 8]
@@ -145,17 +145,6 @@ def test_negative_density_raises_in_both(fn, backend):
 
 # ---- output dtype and low precision -------------------------------------------------------
 
-def _tie_free_tasks(shape, K, dtype, seed):
-    """Tasks whose magnitudes are pairwise distinct and exact in bf16/fp16 (unique top-k)."""
-    n = math.prod(shape)
-    g = torch.Generator().manual_seed(seed)
-    mags = torch.tensor([(1 + j / 128) * 2.0 ** -e for e in range(2, 12) for j in range(128)])
-    out = []
-    for _ in range(K):
-        pick = mags[torch.randperm(mags.numel(), generator=g)[:n]]
-        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-        out.append((pick * sign).reshape(shape).to(dtype))
-    return out
 
 
 LOWP = [
@@ -193,7 +182,7 @@ def test_low_precision_tie_free(fn, tdtype, wdtype, backend):
     """Output dtype is ``result_type(task, weights)`` as in PEFT; with unique top-k sets values
     agree within about an ulp of that dtype (PEFT rounds intermediate products and sums)."""
     shape, K = (23, 41), 4
-    tasks = _tie_free_tasks(shape, K, tdtype, seed=33)
+    tasks = make_tie_free_tasks(shape, K, tdtype, seed=33)
     w = torch.tensor([1.0, 0.5, -0.25, 0.75]).to(wdtype)
     if fn == "task_arithmetic":
         ours, theirs = F.task_arithmetic(tasks, w, backend=backend), P.task_arithmetic(tasks, w)
@@ -258,7 +247,7 @@ def test_dare_same_mask(fn, density, shape, backend, monkeypatch):
 def test_dare_low_precision_same_mask(fn, dtype, wdtype, backend, monkeypatch):
     """bf16 tasks: PEFT's full_like(task, density) rounds density to bf16 (0.5 and 0.75 are
     exact); the mask we hand back keeps with fp32(density)."""
-    tasks = _tie_free_tasks((23, 41), 3, dtype, seed=41)
+    tasks = make_tie_free_tasks((23, 41), 3, dtype, seed=41)
     w = torch.tensor([1.0, 0.5, -0.25]).to(wdtype)
     for density in (0.5, 0.75):
         ours = getattr(F, fn)(tasks, w, density, seed=7, backend=backend)
@@ -389,7 +378,7 @@ def test_scalar_weight_tensor_like_peft(fn, backend):
 def test_float64_weights_give_float64_like_peft(tdtype, fn, backend):
     """float64 weights make PEFT's result float64; fastmerge computes in fp32 (weights rounded
     to fp32) and casts. Tie-free tasks: bf16 magnitudes would otherwise tie at the cut."""
-    tasks = _tie_free_tasks((23, 41), 3, tdtype, seed=82)
+    tasks = make_tie_free_tasks((23, 41), 3, tdtype, seed=82)
     w = _weights(3, torch.float64, seed=82)
     args = (tasks, w) if fn == "task_arithmetic" else (tasks, w, 0.4)
     ours, theirs = getattr(F, fn)(*args, backend=backend), getattr(P, fn)(*args)

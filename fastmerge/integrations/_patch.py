@@ -1,0 +1,129 @@
+"""Revertible monkey-patches shared by the PEFT and mergekit integrations.
+
+A :class:`Patch` is a list of ``(owner, attribute, replacement)`` triples applied together:
+applying twice is a no-op, reverting restores the very objects that were there before (identity,
+not a copy), and every replacement keeps its original as ``__wrapped__``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.metadata
+import warnings
+from typing import Callable, List, Tuple
+
+import torch
+
+from .._validate import NonFiniteError
+
+
+def require(module: str, dist: str, tested: Tuple[int, int], allow_untested: bool):
+    """Import ``module`` (from distribution ``dist``) or raise a clear ImportError; refuse
+    versions other than the tested ``major.minor`` unless ``allow_untested``: the semantics
+    fastmerge reproduces were read from that release, and a silent mismatch is worse than none."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"fastmerge.integrations.{dist}.patch() needs {dist}, which is not importable here "
+            f"({exc}); install it with `pip install {dist}=={tested[0]}.{tested[1]}.*`"
+        ) from exc
+    version = importlib.metadata.version(dist)
+    major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if major_minor != tuple(tested) and not allow_untested:
+        raise RuntimeError(
+            f"{dist} {version} is installed but fastmerge's {dist} integration is tested with "
+            f"{dist} {tested[0]}.{tested[1]}.x only; its merge semantics may differ. Install "
+            f"{dist}=={tested[0]}.{tested[1]}.* or call patch(allow_untested=True) to try anyway."
+        )
+    return mod
+
+
+_warned = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def needs_autograd(tensors) -> bool:
+    """True when the library's result would carry a graph: fastmerge's kernels do not record
+    one, so such calls stay with the library (differentiating through a merge is rare, but it
+    must not silently lose its gradient)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def with_fallback(fast: Callable, original: Callable, covered: Callable, library: str) -> Callable:
+    """A function with ``original``'s name, docstring and signature that runs ``fast`` when
+    ``covered(*args, **kwargs)`` is true and ``original`` otherwise.
+
+    Non-finite inputs are handed to ``original`` too (after one warning): fastmerge refuses them,
+    but the library being accelerated propagates them, and a drop-in must not turn a run that
+    used to finish into an error."""
+
+    @functools.wraps(original)  # sets __wrapped__ = original
+    def wrapper(*args, **kwargs):
+        if covered(*args, **kwargs):
+            try:
+                return fast(*args, **kwargs)
+            except NonFiniteError as exc:
+                _warn_once(f"fastmerge: {exc}; running {library}'s own "
+                           f"{getattr(original, '__qualname__', original)} instead")
+        return original(*args, **kwargs)
+
+    wrapper.__fastmerge_patch__ = True
+    return wrapper
+
+
+class Patch:
+    """The replacements one integration makes, applied and reverted as a unit."""
+
+    def __init__(self, library: str):
+        self.library = library
+        self._saved: List[tuple] = []  # (owner, name, original), in application order
+
+    @property
+    def active(self) -> bool:
+        return bool(self._saved)
+
+    def apply(self, targets) -> None:
+        """``targets``: ``(owner, name, make)`` where ``make(original)`` returns the replacement.
+        Owners are modules, classes or instances; the original is read from the owner's own
+        ``__dict__`` where it has one so that restoring never leaves an inherited copy behind."""
+        if self.active:
+            return
+        try:
+            for owner, name, make in targets:
+                original = getattr(owner, name)
+                if getattr(original, "__fastmerge_patch__", False):
+                    raise RuntimeError(f"{owner!r}.{name} is already patched by another fastmerge "
+                                       "Patch object")
+                self._saved.append((owner, name, original))
+                setattr(owner, name, make(original))
+        except BaseException:
+            self.revert()
+            raise
+
+    def revert(self) -> None:
+        while self._saved:
+            owner, name, original = self._saved.pop()
+            setattr(owner, name, original)
+
+    def originals(self) -> dict:
+        return {f"{getattr(o, '__name__', type(o).__name__)}.{n}": f for o, n, f in self._saved}
+
+
+@contextlib.contextmanager
+def scoped(patch_fn: Callable, unpatch_fn: Callable, is_active: Callable, **kwargs):
+    """``with patched(): ...``: patched inside the block; on exit restored only if this block
+    was the one that patched (so nesting inside an explicit ``patch()`` leaves it in place)."""
+    was_active = is_active()
+    patch_fn(**kwargs)
+    try:
+        yield
+    finally:
+        if not was_active:
+            unpatch_fn()
