@@ -29,8 +29,14 @@ def _lib():
     return B.native()
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+# Below this many elements per thread, waking another OpenMP thread costs more than it saves
+# (and on a loaded machine the wake-up can wait a whole scheduler tick): LoRA factors and
+# norm vectors run on one thread.
+MIN_PER_THREAD = 1 << 17
+
+
+def _threads(n: int) -> int:
+    return max(1, min(torch.get_num_threads(), n // MIN_PER_THREAD))
 
 
 def _ptrs(tensors):
@@ -57,7 +63,7 @@ def _thresholds(base, inputs, masks, n):
     ranges = [NONE_T, -1, NONE_T, -1] * len(masks)
     if q_model:
         res = _lib().select_ranges(base.data_ptr() if base is not None else 0, _ptrs(inputs),
-                                   _DT[inputs[0].dtype], n, q_model, q_k, _threads())
+                                   _DT[inputs[0].dtype], n, q_model, q_k, _threads(n))
         for q, m in enumerate(q_model):
             off = 4 * m + (0 if q % 2 == 0 else 2)
             ranges[off], ranges[off + 1] = res[2 * q], res[2 * q + 1]
@@ -95,7 +101,7 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     if norm is not None and flat:
         flat_kinds = [_KIND[s.kind] if s.kind in ("range", "random") else 0 for s in masks]
         res = lib.mask_norms(bptr, _ptrs(inputs), dt, n, flat_kinds, ranges, probs, plan.seed,
-                             bit_ptrs, _NORM[norm], _threads())
+                             bit_ptrs, _NORM[norm], _threads(n))
         for m in flat:
             norms[2 * m], norms[2 * m + 1] = res[2 * m], res[2 * m + 1]
     della = [m for m, s in enumerate(masks) if s.kind == "della"]
@@ -104,7 +110,7 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
         res = lib.della_bits(bptr, _ptrs(inputs), dt, outer, length, inner, della,
                              [masks[m].c1 if m in della else 0.0 for m in range(K)],
                              [masks[m].c2 if m in della else 0.0 for m in range(K)],
-                             plan.seed, bit_ptrs, _NORM[norm], _threads())
+                             plan.seed, bit_ptrs, _NORM[norm], _threads(n))
         for m in della:
             norms[2 * m], norms[2 * m + 1] = res[2 * m], res[2 * m + 1]
 
@@ -128,7 +134,7 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     flags = lib.fused_merge(
         bptr, _ptrs(inputs), dt, out.data_ptr(), _DT[out_dtype], n, kinds, ranges, probs, bit_ptrs,
         plan.seed, plan.weights, scale, scale_mode, _CONS[plan.consensus], plan.elect_weighted,
-        _DIV[plan.divisor], const_div, plan.normalize, plan.lam, False, 0, _threads())
+        _DIV[plan.divisor], const_div, plan.normalize, plan.lam, False, 0, _threads(n))
     _raise_nonfinite(flags, input_names(plan, K) + ["base"])
     return out
 
@@ -141,7 +147,7 @@ def _elect(tensors, weights, consensus, sign, sign_only, divisor="none", out=Non
         0, _ptrs(tensors), _DT[tensors[0].dtype], out.data_ptr() if out is not None else 0,
         _DT[out.dtype] if out is not None else 0, n, [0] * K, [NONE_T, -1, NONE_T, -1] * K,
         [1.0] * K, [0] * K, 0, weights, [1.0] * K, 0, _CONS[consensus], consensus != "given",
-        _DIV[divisor], 1.0, True, 1.0, sign_only, sign.data_ptr(), _threads())
+        _DIV[divisor], 1.0, True, 1.0, sign_only, sign.data_ptr(), _threads(n))
     _raise_nonfinite(flags, [f"tensors[{m}]" for m in range(K)])
 
 
@@ -166,6 +172,6 @@ def magnitude_threshold(x, k):
             raise V.NonFiniteError("x")
         return torch.tensor(float("inf"), dtype=x.dtype) if k == 0 else x.detach().abs().min()
     x = _contig(x)
-    T, _, nonfinite = _lib().select_ranges(0, [x.data_ptr()], _DT[x.dtype], x.numel(), [0], [k], _threads())
+    T, _, nonfinite = _lib().select_ranges(0, [x.data_ptr()], _DT[x.dtype], x.numel(), [0], [k], _threads(x.numel()))
     _raise_nonfinite([nonfinite], ["x"])
     return torch.tensor([T], dtype=torch.int64).to(torch.int32).view(torch.float32)[0].to(x.dtype)

@@ -162,8 +162,12 @@ def topk_keep_mask(x, k):
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
 @pytest.mark.parametrize(
     "n,levels",
-    [(1000, 7), (5003, 3), (1, 1), (2048, 1), (1 << 20, 5), ((1 << 20) + 3, 100000)],
-    ids=["small-ties", "heavy-ties", "one", "all-equal", "2^20-ties", "2^20-distinct"],
+    # paths in csrc/kernels.cpp select_ranges: n <= 2^16 nth_element, up to 2^20 two-pass
+    # radix select, beyond that the sampled bracket (with the radix select as its fallback)
+    [(1000, 7), (5003, 3), (1, 1), (2048, 1), (1 << 16, 9), ((1 << 16) + 1, 4), ((1 << 17) + 7, 5),
+     (300007, 100000), (1 << 20, 5), ((1 << 20) + 3, 100000)],
+    ids=["small-ties", "heavy-ties", "one", "all-equal", "2^16-ties", "2^16+1-ties", "2^17-ties",
+         "radix-distinct", "2^20-ties", "2^20-distinct"],
 )
 @pytest.mark.parametrize("frac", [0.0, 0.01, 0.2, 0.5, 0.999, 1.0])
 def test_topk_exact_with_ties(backend, n, levels, frac):
@@ -199,8 +203,9 @@ def test_topk_bracket_fallback(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
-def test_large_merge_bracket_path(backend, dtype):
-    base, ms = models_for((1024, 1100), 3, dtype)
+@pytest.mark.parametrize("shape", [(1024, 1100), (300, 301), (41, 43)], ids=["bracket", "radix", "small"])
+def test_merge_selection_paths(backend, dtype, shape):
+    base, ms = models_for(shape, 3, dtype)
     for method in ["ties", "breadcrumbs_ties"]:
         ref, out = both(lambda b: fastmerge.merge(method, base, ms, density=[0.2, 0.05, 0.7], gamma=0.02, backend=b), backend)
         assert_match(out, ref, method)
@@ -250,6 +255,10 @@ def test_nonfinite_detected_in_kernel(backend):
     ms[2][3, 4] = float("nan")
     with pytest.raises(ValueError, match=r"models\[2\].*non-finite"):
         fastmerge.ties(base, ms, density=0.5, backend=backend)
+    base_mid, ms_mid = models_for((300, 301), 3, torch.float32)  # the radix-select path
+    ms_mid[1][299, 300] = float("-inf")
+    with pytest.raises(ValueError, match=r"models\[1\].*non-finite"):
+        fastmerge.ties(base_mid, ms_mid, density=0.5, backend=backend)
     base2 = base.clone()
     base2[0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):

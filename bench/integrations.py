@@ -1,0 +1,277 @@
+"""Benchmarks of the drop-in integrations: the same user code, unpatched vs patched, same run.
+
+    python -m bench.integrations peft     [--size 2048] [--k 3] [--json PATH]
+    python -m bench.integrations adapter  [--size 1024] [--layers 4] [--rank 16] [--json PATH]
+    python -m bench.integrations mergekit [--scale 1b|tiny] [--methods ties,dare_ties]
+                                          [--workdir DIR] [--json PATH]
+
+``peft``: ``peft.utils.merge_utils``' functions on K fp32 task tensors, PEFT's own code vs
+``fastmerge.integrations.peft.patched()``. ``adapter``: ``LoraModel.add_weighted_adapter`` on a
+synthetic model of ``--layers`` square Linear layers with three LoRA adapters. ``mergekit``: end to
+end ``mergekit-yaml CONFIG OUT`` vs ``fastmerge mergekit CONFIG OUT`` on a synthetic Llama
+(``1b``: TinyLlama-1.1B's shapes, bf16, written once under ``--workdir``), K=3, each run a fresh
+process timed from start to exit (I/O included) with its peak RSS from ``wait4``; the inputs are
+read once beforehand so both runs find them in the page cache; the outputs are compared.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+
+import torch
+
+if __package__ in (None, ""):  # ``python bench/integrations.py``
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import suite
+else:
+    from . import suite
+
+
+def _meta(mode: str, **extra) -> dict:
+    commit, dirty = suite.git_commit()
+    return {"mode": mode, "device": suite.device_name("cpu"), "cpu": suite.cpu_name(),
+            "cores": suite.cpu_cores(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "loadavg_at_start": suite._loadavg(),
+            "commit": commit, "dirty": dirty, "versions": suite.versions(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000"),
+            **extra}
+
+
+def _median_ms(fn, max_time=60.0) -> float:
+    return 1e3 * statistics.median(suite.time_fn(fn, warmup=1, min_reps=3, min_time=1.0, max_time=max_time))
+
+
+def _print_row(r: dict) -> None:
+    print(f"{r['op']:<34} {r['shape']!s:<14} k={r['k']}  {r['library']:<9} {r['median_ms']:>10.1f} ms  "
+          f"patched {r['patched_ms']:>8.1f} ms  x{r['speedup']:.1f}", flush=True)
+
+
+# ----------------------------------------------------------------------------- PEFT functions
+
+def bench_peft(size: int, k: int) -> list:
+    import peft.utils.merge_utils as mu
+
+    import fastmerge.integrations.peft as fm_peft
+
+    g = torch.Generator().manual_seed(0)
+    tasks = [0.01 * torch.randn(size, size, generator=g) for _ in range(k)]
+    w = torch.linspace(1.0, 0.5, k)
+    cases = {
+        "ties": lambda: mu.ties(tasks, w, 0.2),
+        "dare_ties": lambda: mu.dare_ties(tasks, w, 0.2),
+        "dare_linear": lambda: mu.dare_linear(tasks, w, 0.2),
+        "magnitude_prune": lambda: mu.magnitude_prune(tasks, w, 0.2),
+        "task_arithmetic": lambda: mu.task_arithmetic(tasks, w),
+    }
+    rows = []
+    for op, fn in cases.items():
+        theirs = _median_ms(fn)
+        with fm_peft.patched():
+            ours = _median_ms(fn)
+        rows.append({"op": f"peft.merge_utils.{op}", "library": "peft", "shape": [size, size],
+                     "dtype": "float32", "k": k, "median_ms": theirs, "patched_ms": ours,
+                     "speedup": theirs / ours})
+        _print_row(rows[-1])
+    return rows
+
+
+# ----------------------------------------------------------------------------- add_weighted_adapter
+
+def bench_adapter(size: int, layers: int, rank: int) -> list:
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    import fastmerge.integrations.peft as fm_peft
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(size, size, bias=False) for _ in range(layers)])
+    targets = [str(i) for i in range(layers)]
+    model = get_peft_model(net, LoraConfig(r=rank, target_modules=targets, init_lora_weights=False),
+                           adapter_name="x")
+    for name in ("y", "z"):
+        model.add_adapter(name, LoraConfig(r=rank, target_modules=targets, init_lora_weights=False))
+    rows = []
+    for combination in ("ties", "dare_ties", "svd", "ties_svd", "dare_ties_svd"):
+        kw = dict(combination_type=combination, density=0.2)
+
+        def run(patched: bool):
+            m = copy.deepcopy(model)  # a fresh model each time: the new adapter name must be new
+            t0 = time.perf_counter()
+            if patched:
+                with fm_peft.patched():
+                    m.add_weighted_adapter(["x", "y", "z"], [1.0, 0.7, 0.5], "m", **kw)
+            else:
+                m.add_weighted_adapter(["x", "y", "z"], [1.0, 0.7, 0.5], "m", **kw)
+            return time.perf_counter() - t0
+
+        theirs = 1e3 * statistics.median(run(False) for _ in range(3))
+        ours = 1e3 * statistics.median(run(True) for _ in range(3))
+        rows.append({"op": f"add_weighted_adapter[{combination}]", "library": "peft",
+                     "shape": [layers, size, size], "dtype": "float32", "k": 3, "rank": rank,
+                     "median_ms": theirs, "patched_ms": ours, "speedup": theirs / ours})
+        _print_row(rows[-1])
+    return rows
+
+
+# ----------------------------------------------------------------------------- mergekit end to end
+
+SCALES = {
+    # TinyLlama-1.1B's shapes: 1.10e9 parameters
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4),
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+}
+E2E_PARAMS = {
+    "ties": ["{weight: 1.0, density: 0.3}", "{weight: 0.5, density: 0.5}", "{weight: 0.7, density: 0.2}"],
+    "dare_ties": ["{weight: 1.0, density: 0.3}", "{weight: 0.5, density: 0.5}", "{weight: 0.7, density: 0.2}"],
+    "task_arithmetic": ["{weight: 0.5}", "{weight: 0.3}", "{weight: 0.2}"],
+}
+
+
+def build_llamas(root: str, scale: str, k: int = 3) -> list:
+    """``root/base`` and ``root/m0..m{k-1}``: safetensors checkpoints of a synthetic Llama
+    (base ~ N(0, 0.02), fine-tunes = base + N(0, 0.002*(i+1))), bf16, written tensor by tensor
+    from the shapes of a meta-device model (no 4 GB fp32 model is ever materialised)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    names = ["base"] + [f"m{i}" for i in range(k)]
+    marker = os.path.join(root, f".built-{scale}-{k}")
+    if os.path.exists(marker):
+        return [os.path.join(root, n) for n in names]
+    cfg = LlamaConfig(max_position_embeddings=2048, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"],
+                      **SCALES[scale])
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    for n in names:
+        os.makedirs(os.path.join(root, n), exist_ok=True)
+        cfg.save_pretrained(os.path.join(root, n))
+    for i, n in enumerate(names):
+        g.manual_seed(0)  # the same base in every checkpoint
+        tensors = {}
+        for name, shape in shapes.items():
+            base = 0.02 * torch.randn(shape, generator=g) + (1.0 if name.endswith("norm.weight") else 0.0)
+            if i:
+                base += 0.002 * i * torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(f'{name}/{i}'.encode())))
+            tensors[name] = base.to(torch.bfloat16)
+        save_file(tensors, os.path.join(root, n, "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        print(f"wrote {n}", flush=True)
+    open(marker, "w").close()
+    return [os.path.join(root, n) for n in names]
+
+
+def _run_timed(cmd: list, env=None) -> tuple:
+    """(wall seconds, peak RSS bytes, returncode) of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    rc = os.waitstatus_to_exitcode(status)
+    if rc:
+        print(err[-3000:], file=sys.stderr)
+    return wall, usage.ru_maxrss * 1024, rc
+
+
+def _compare(out_a: str, out_b: str) -> dict:
+    from safetensors import safe_open
+
+    worst, n, files = 0.0, 0, sorted(f for f in os.listdir(out_a) if f.endswith(".safetensors"))
+    for f in files:
+        with safe_open(os.path.join(out_a, f), "pt") as a, safe_open(os.path.join(out_b, f), "pt") as b:
+            for key in a.keys():
+                x, y = a.get_tensor(key).float(), b.get_tensor(key).float()
+                worst = max(worst, float((x - y).abs().max()))
+                n += 1
+    return {"tensors_compared": n, "max_abs_diff": worst}
+
+
+def bench_mergekit(scale: str, methods: list, workdir: str) -> list:
+    paths = build_llamas(os.path.join(workdir, f"llama-{scale}"), scale)
+    for p in paths:  # page cache: both runs read warm files
+        for f in os.listdir(p):
+            with open(os.path.join(p, f), "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    rows = []
+    for method in methods:
+        cfg = os.path.join(workdir, f"{scale}-{method}.yml")
+        lines = [f"merge_method: {method}", f"base_model: {paths[0]}", "dtype: bfloat16", "models:"]
+        for p, params in zip(paths[1:], E2E_PARAMS[method]):
+            lines += [f"  - model: {p}", f"    parameters: {params}"]
+        with open(cfg, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        common = [cfg, None, "--random-seed", "0", "--no-copy-tokenizer"]
+        outs = {}
+        results = {}
+        for who, prefix in (("mergekit-yaml", [sys.executable, "-c",
+                                               "from mergekit.scripts.run_yaml import main; main()"]),
+                            ("fastmerge mergekit", [sys.executable, "-m", "fastmerge", "mergekit"])):
+            out = os.path.join(workdir, f"out-{scale}-{method}-{who.split()[0]}")
+            subprocess.run(["rm", "-rf", out], check=True)
+            args = list(common)
+            args[1] = out
+            wall, rss, rc = _run_timed(prefix + args, env)
+            if rc:
+                raise SystemExit(f"{who} failed on {cfg} (exit {rc})")
+            outs[who], results[who] = out, (wall, rss)
+            print(f"{method:<10} {who:<19} {wall:8.1f} s   peak RSS {rss / 2**30:6.2f} GiB", flush=True)
+        (t_mk, rss_mk), (t_fm, rss_fm) = results["mergekit-yaml"], results["fastmerge mergekit"]
+        rows.append({"op": f"e2e {method}", "library": "mergekit", "scale": scale,
+                     "params": SCALES[scale], "dtype": "bfloat16", "k": 3,
+                     "median_ms": t_mk * 1e3, "patched_ms": t_fm * 1e3, "speedup": t_mk / t_fm,
+                     "peak_rss_bytes": {"mergekit-yaml": rss_mk, "fastmerge mergekit": rss_fm},
+                     "rss_ratio": rss_fm / rss_mk,
+                     "output_vs_mergekit": _compare(outs["mergekit-yaml"], outs["fastmerge mergekit"])})
+        print(f"{method:<10} speedup x{t_mk / t_fm:.1f}, peak RSS ratio {rss_fm / rss_mk:.2f}, "
+              f"outputs: {rows[-1]['output_vs_mergekit']}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.integrations", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    a = sub.add_parser("peft")
+    a.add_argument("--size", type=int, default=2048)
+    a.add_argument("--k", type=int, default=3)
+    b = sub.add_parser("adapter")
+    b.add_argument("--size", type=int, default=1024)
+    b.add_argument("--layers", type=int, default=4)
+    b.add_argument("--rank", type=int, default=16)
+    c = sub.add_parser("mergekit")
+    c.add_argument("--scale", choices=sorted(SCALES), default="tiny")
+    c.add_argument("--methods", default="ties,dare_ties")
+    c.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastmerge-e2e"))
+    for s in (a, b, c):
+        s.add_argument("--json", default=None, help="write {meta, rows} here")
+    args = p.parse_args(argv)
+    print(f"{suite.device_name('cpu')}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    if args.mode == "peft":
+        rows = bench_peft(args.size, args.k)
+    elif args.mode == "adapter":
+        rows = bench_adapter(args.size, args.layers, args.rank)
+    else:
+        rows = bench_mergekit(args.scale, args.methods.split(","), args.workdir)
+    if args.json:
+        meta = _meta(f"integrations-{args.mode}", argv=list(argv if argv is not None else sys.argv[1:]))
+        path = suite.save_json(rows, meta, args.json)
+        print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
