@@ -318,3 +318,15 @@ def test_fastmerge_mergekit_errors_are_clear(tmp_path, capsys):
 
     assert fastmerge_cli(["mergekit", str(tmp_path / "missing.yml"), str(tmp_path / "out")]) != 0
     assert "missing.yml" in capsys.readouterr().err
+
+
+def test_without_a_fused_backend_the_call_stays_mergekits(monkeypatch):
+    base, models = make_models((24, 24), K=2, seed=3)
+    p = dict(weight=[1.0, 0.5], density=0.4)
+    torch.manual_seed(8)
+    theirs = merge_tensors([base, *models], "dare_ties", parameters=p, base_index=0)
+    monkeypatch.setenv("FASTMERGE_BACKEND", "torch")
+    with fm_mk.patched():
+        torch.manual_seed(8)
+        patched = merge_tensors([base, *models], "dare_ties", parameters=p, base_index=0)
+    assert torch.equal(patched, theirs)

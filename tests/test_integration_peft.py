@@ -344,3 +344,17 @@ def test_add_weighted_adapter_matches_peft(monkeypatch, combination, sign):
     model.set_adapter("m")
     twin.set_adapter("m")
     torch.testing.assert_close(twin(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_without_a_fused_backend_the_call_stays_peft(monkeypatch):
+    """FASTMERGE_BACKEND=torch (as on a device no fused backend serves): PEFT's own code runs,
+    so its own bernoulli mask is used, not fastmerge's."""
+    tasks = make_tasks((32, 32), K=2, seed=8)
+    w = torch.tensor([1.0, 0.5])
+    torch.manual_seed(3)
+    theirs = mu.dare_ties(tasks, w, 0.4)
+    monkeypatch.setenv("FASTMERGE_BACKEND", "torch")
+    with fm_peft.patched():
+        torch.manual_seed(3)
+        patched = mu.dare_ties(tasks, w, 0.4)
+    assert torch.equal(patched, theirs)

@@ -15,6 +15,7 @@ from typing import Callable, List, Tuple
 
 import torch
 
+from .. import dispatch
 from .._validate import NonFiniteError
 
 
@@ -54,6 +55,14 @@ def needs_autograd(tensors) -> bool:
     one, so such calls stay with the library (differentiating through a merge is rare, but it
     must not silently lose its gradient)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def fused_backend_for(tensor) -> bool:
+    """True when a fused backend serves tensors on ``tensor``'s device (``auto`` or the
+    ``FASTMERGE_BACKEND`` choice resolves to something other than the torch reference). Where
+    none does (a GPU before the GPU kernels are built, or FASTMERGE_BACKEND=torch), the library's
+    own code is at least as fast as fastmerge's readable reference, so it keeps the call."""
+    return dispatch.resolve(None, tensor.device) != "torch"
 
 
 def with_fallback(fast: Callable, original: Callable, covered: Callable, library: str) -> Callable:

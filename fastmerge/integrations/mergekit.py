@@ -21,7 +21,8 @@ fastmerge's Philox stream seeded by torch's default generator instead of ``torch
 (``torch.manual_seed`` still makes runs reproducible). Parameters outside fastmerge's domain
 (densities outside [0, 1], float64 tensors, ...), inputs holding inf/nan, and calls whose
 result would need an autograd graph (``merge_state_dicts`` on module parameters with grad mode
-on) run mergekit's own code.
+on) run mergekit's own code; so do tensors on a device no fused fastmerge backend serves (see
+``fastmerge.backends()``: until the GPU kernels are built, a ``--cuda`` merge stays mergekit's).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 
 from .. import api
 from .._validate import SUPPORTED_DTYPES
-from ._patch import Patch, needs_autograd, require, scoped, with_fallback
+from ._patch import Patch, fused_backend_for, needs_autograd, require, scoped, with_fallback
 
 TESTED = (0, 1)
 METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
@@ -48,6 +49,8 @@ def _gta_covered(self, group, /, **parameters) -> bool:
         return False
     tensors = [e.tensor for e in group.entries]
     if any(t.dtype not in SUPPORTED_DTYPES for t in tensors) or needs_autograd(tensors):
+        return False
+    if not fused_backend_for(tensors[0]):
         return False
     return all(_in_unit(parameters[p].values()) for p in ("density", "gamma", "epsilon")
                if p in parameters)
@@ -68,6 +71,8 @@ def _gta_merge_group(self, group, /, **parameters) -> torch.Tensor:
 def _linear_covered(batch, weight, normalize=True) -> bool:
     tensors = batch.tensors
     if any(t.dtype not in SUPPORTED_DTYPES for t in tensors) or needs_autograd(tensors):
+        return False
+    if not fused_backend_for(tensors[0]):
         return False
     # mergekit divides by a zero weight sum (inf/nan out); fastmerge refuses: let mergekit do it
     return not (normalize and bool((weight.sum(dim=1) == 0).any()))

@@ -18,7 +18,8 @@ fastmerge's Philox stream, seeded from torch's default generator, so ``torch.man
 still makes runs reproducible but the mask differs from ``torch.bernoulli``'s; top-k ties go to
 the lowest index; arithmetic is fp32 with one rounding. Inputs fastmerge does not handle
 (float64 or integer task tensors, non-tensors), inputs holding inf/nan, and calls whose result
-would need an autograd graph (inputs that require grad, grad mode on) run PEFT's own code.
+would need an autograd graph (inputs that require grad, grad mode on) run PEFT's own code; so
+do tensors on a device no fused fastmerge backend serves (see ``fastmerge.backends()``).
 ``add_weighted_adapter``'s SVD path is run under ``torch.no_grad()`` (it keeps only ``.data``).
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 from .. import peft as _fast
 from .._validate import SUPPORTED_DTYPES
-from ._patch import Patch, needs_autograd, require, scoped, with_fallback
+from ._patch import Patch, fused_backend_for, needs_autograd, require, scoped, with_fallback
 
 TESTED = (0, 21)
 FUNCTIONS = (
@@ -48,7 +49,7 @@ def _covered(*args, **kwargs) -> bool:
     tensors = [x] if isinstance(x, torch.Tensor) else list(x) if isinstance(x, (list, tuple)) else []
     return (bool(tensors)
             and all(isinstance(t, torch.Tensor) and t.dtype in SUPPORTED_DTYPES for t in tensors)
-            and not needs_autograd(tensors))
+            and not needs_autograd(tensors) and fused_backend_for(tensors[0]))
 
 
 def _without_graph(original):
