@@ -125,14 +125,29 @@ class Patch:
         return {f"{getattr(o, '__name__', type(o).__name__)}.{n}": f for o, n, f in self._saved}
 
 
-@contextlib.contextmanager
-def scoped(patch_fn: Callable, unpatch_fn: Callable, is_active: Callable, **kwargs):
-    """``with patched(): ...``: patched inside the block; on exit restored only if this block
-    was the one that patched (so nesting inside an explicit ``patch()`` leaves it in place)."""
-    was_active = is_active()
-    patch_fn(**kwargs)
-    try:
-        yield
-    finally:
-        if not was_active:
-            unpatch_fn()
+def controls(patch_obj: Patch, patch_fn: Callable):
+    """The ``unpatch, is_patched, patched`` functions of an integration module whose
+    ``patch(*, allow_untested=False)`` is ``patch_fn`` and whose replacements ``patch_obj`` holds."""
+    library = patch_obj.library
+
+    def unpatch() -> None:
+        patch_obj.revert()
+
+    def is_patched() -> bool:
+        return patch_obj.active
+
+    @contextlib.contextmanager
+    def patched(*, allow_untested: bool = False):
+        was_active = patch_obj.active
+        patch_fn(allow_untested=allow_untested)
+        try:
+            yield
+        finally:
+            if not was_active:  # a block inside an explicit patch() leaves it in place
+                patch_obj.revert()
+
+    unpatch.__doc__ = f"Restore {library}'s own code (the identical objects). A no-op when not patched."
+    is_patched.__doc__ = f"Whether {library} is patched now."
+    patched.__doc__ = (f"Context manager: {library} patched inside the ``with`` block and restored "
+                       "after it (unless it was patched before the block).")
+    return unpatch, is_patched, patched

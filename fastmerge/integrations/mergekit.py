@@ -30,7 +30,7 @@ import torch
 
 from .. import api
 from .._validate import SUPPORTED_DTYPES
-from ._patch import Patch, fused_backend_for, needs_autograd, require, scoped, with_fallback
+from ._patch import Patch, controls, fused_backend_for, needs_autograd, require, with_fallback
 
 TESTED = (0, 1)
 METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
@@ -109,15 +109,4 @@ def patch(*, allow_untested: bool = False) -> None:
     ])
 
 
-def unpatch() -> None:
-    """Restore mergekit's own code (the identical objects). A no-op when not patched."""
-    _patch.revert()
-
-
-def is_patched() -> bool:
-    return _patch.active
-
-
-def patched(*, allow_untested: bool = False):
-    """Context manager: mergekit patched inside the ``with`` block, restored after it."""
-    return scoped(patch, unpatch, is_patched, allow_untested=allow_untested)
+unpatch, is_patched, patched = controls(_patch, patch)

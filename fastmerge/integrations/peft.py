@@ -30,7 +30,7 @@ import torch
 
 from .. import peft as _fast
 from .._validate import SUPPORTED_DTYPES
-from ._patch import Patch, fused_backend_for, needs_autograd, require, scoped, with_fallback
+from ._patch import Patch, controls, fused_backend_for, needs_autograd, require, with_fallback
 
 TESTED = (0, 21)
 FUNCTIONS = (
@@ -91,15 +91,4 @@ def patch(*, allow_untested: bool = False) -> None:
     _patch.apply(targets)
 
 
-def unpatch() -> None:
-    """Restore PEFT's own functions (the identical objects). A no-op when not patched."""
-    _patch.revert()
-
-
-def is_patched() -> bool:
-    return _patch.active
-
-
-def patched(*, allow_untested: bool = False):
-    """Context manager: PEFT patched inside the ``with`` block, restored after it."""
-    return scoped(patch, unpatch, is_patched, allow_untested=allow_untested)
+unpatch, is_patched, patched = controls(_patch, patch)
