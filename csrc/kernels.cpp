@@ -91,7 +91,12 @@ static std::vector<int> select_bracket(const void* base, const std::vector<uint6
                                        int64_t n, const std::vector<int>& q_model,
                                        const std::vector<int64_t>& q_k, const std::vector<int>& todo,
                                        std::vector<int64_t>& out, int nt) {
-    constexpr int RUNS = 8192, RUN = 16, S = RUNS * RUN;
+    // RUNS runs of RUN consecutive keys, evenly spaced: 1/64 of the input, at most 2^17 keys
+    // (the bracket's relative width shrinks as 1/sqrt(S); past 2^17 keys the sample's two
+    // nth_elements cost more than the extra candidates they save)
+    constexpr int RUN = 16;
+    const int RUNS = (int)std::min<int64_t>(8192, std::max<int64_t>(1024, n >> 10));
+    const int S = RUNS * RUN;
     const int TQ = (int)todo.size();
     std::vector<uint32_t> lo(TQ), hi(TQ);
     std::vector<int64_t> expect(TQ);
@@ -438,9 +443,20 @@ static inline void eval_mask(const MaskArgs& a, const PhiloxKey& key, int m, int
         case M_RANGE: {
             const TopSet stop{a.ranges[4 * m], a.ranges[4 * m + 1]};
             const TopSet start{a.ranges[4 * m + 2], a.ranges[4 * m + 3]};
-            if (start.T >= SENTINEL_NONE) {  // plain top-k (TIES): one test per element
-                for (int j = 0; j < len; ++j)
-                    keep[j] = 0u - in_top_bits(mag_key(d[j]), i0 + j, stop);
+            if (start.T >= SENTINEL_NONE) {  // plain top-k (TIES)
+                const int64_t last = i0 + len - 1;
+                if (stop.J >= last || stop.J < i0) {
+                    // The tie cut J is outside this block (every block but one): the ties at T
+                    // are all kept (key >= T) or all dropped (key > T), so one 32-bit compare
+                    // per element decides, which vectorises; keys are < 2^31.
+                    const int64_t tb = stop.J >= last ? stop.T - 1 : stop.T;
+                    const int32_t t32 = (int32_t)std::min<int64_t>(tb, INT32_MAX);
+                    for (int j = 0; j < len; ++j)
+                        keep[j] = 0u - (uint32_t)((int32_t)mag_key(d[j]) > t32);
+                } else {
+                    for (int j = 0; j < len; ++j)
+                        keep[j] = 0u - in_top_bits(mag_key(d[j]), i0 + j, stop);
+                }
                 break;
             }
             for (int j = 0; j < len; ++j) {

@@ -189,7 +189,9 @@ def test_topk_bracket_fallback(backend):
     and the histogram radix select must still give the exact answer."""
     n = 1 << 21
     x = torch.full((n,), 1e-3)
-    runs, run = 8192, 16  # the sample layout of select_bracket in csrc/kernels.cpp
+    # the sample layout of select_bracket in csrc/kernels.cpp: clamp(n >> 10, 1024, 8192) runs
+    # of 16 keys, evenly spaced
+    runs, run = min(8192, max(1024, n >> 10)), 16
     stride = n // runs
     pos = torch.arange(n)
     hidden = (pos % stride) >= run
