@@ -34,11 +34,10 @@ def tensor_list(models, name: str = "models") -> list:
     return models
 
 
-def check_dtype(t: torch.Tensor, name: str) -> None:
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16"
-        )
+def check_dtype(t: torch.Tensor, name: str, allowed=SUPPORTED_DTYPES) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {names}")
 
 
 def same_as(ref: torch.Tensor, ref_name: str, tensors: Sequence[torch.Tensor], name: str,
@@ -66,6 +65,24 @@ def number(x, name: str) -> float:
     x = float(x)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+def integer(x, name: str, lo=None, hi=None) -> int:
+    """A Python int (or 0-d integer tensor) within ``[lo, hi]``; bools are rejected."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if lo is not None and x < lo or hi is not None and x > hi:
+        bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {'in ' if hi is not None else ''}{bounds}, got {x}")
+    return x
+
+
+def flag(x, name: str) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
     return x
 
 

@@ -13,7 +13,10 @@ import torch
 from . import _semantics as sem
 from . import _validate as V
 from . import dispatch as B
+from . import lowrank
 from .philox import resolve_seed
+
+ALL_METHODS = sem.METHODS + lowrank.METHODS
 
 
 def run(plan: sem.Plan, base, inputs, out_dtype, backend):
@@ -56,8 +59,11 @@ def merge(
     seed: Optional[int] = None,
     out_dtype: Optional[torch.dtype] = None,
     backend: Optional[str] = None,
+    alpha: Optional[float] = None,
+    exact: bool = False,
+    common_space_fraction: float = 0.8,
 ) -> torch.Tensor:
-    """Merge ``models`` onto ``base`` with one of mergekit's methods.
+    """Merge ``models`` onto ``base`` with one of mergekit's methods or an SVD method.
 
     ``out = base + lam * M(w_k * sparsify(models[k] - base))`` where ``M`` is a plain sum
     (task arithmetic, DARE linear, breadcrumbs, DELLA linear) or TIES's sign-elected disjoint
@@ -79,9 +85,21 @@ def merge(
         out_dtype: output dtype (default: base's dtype).
         backend: ``auto | torch | cpu | triton | cuda`` (default: env ``FASTMERGE_BACKEND``
             or auto).
+
+    SVD methods (FusionBench's math, :mod:`fastmerge.lowrank`): ``tsv`` (TSV-Merge),
+    ``iso_c``, ``iso_cts``. ``out = base + alpha * tau`` where ``tau`` merges the task
+    vectors ``weights[t] * (models[t] - base)``: 2-D tensors by SVD, other tensors by their
+    mean. ``alpha`` is FusionBench's ``scaling_factor`` (default: ``lam``, i.e. 1.0; giving
+    both is an error); ``weights`` scale the task vectors before the SVDs (FusionBench's
+    list-valued TSV ``alpha``). ``exact=True`` runs every SVD with ``torch.linalg.svd`` as
+    FusionBench does; the default sketches the top components (randomized SVD, ``seed``
+    seeds the sketch). ``common_space_fraction`` is Iso-CTS's (FusionBench default 0.8).
+    ``density``, ``gamma``, ``epsilon``, ``normalize`` and ``rescale`` do not apply to them.
+    They run torch's GEMM/LAPACK kernels on the tensors' device whatever the backend
+    (``backend`` is still checked).
     """
-    if not isinstance(method, str) or method not in sem.METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(sem.METHODS)}")
+    if not isinstance(method, str) or method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     models = V.tensor_list(models)
     if base is None and method != "linear":
         raise TypeError(f"base must be a torch.Tensor for method {method!r}, got None")
@@ -95,6 +113,18 @@ def merge(
     dens = V.per_model(density, K, "density", 0.0, 1.0)
     lam = V.number(lam, "lam")
     dtype = V.out_dtype(out_dtype, ref.dtype)
+
+    if method in lowrank.METHODS:
+        if alpha is not None and lam != 1.0:
+            raise ValueError("give either alpha or lam for an SVD merge, not both (they are the same scale)")
+        B.resolve(backend, ref.device)  # same backend errors as every other method
+        return lowrank.merge(method, base, models, weights=w,
+                             alpha=lam if alpha is None else V.number(alpha, "alpha"),
+                             exact=V.flag(exact, "exact"), seed=seed,
+                             common_space_fraction=common_space_fraction, out_dtype=dtype)
+    if alpha is not None:
+        raise ValueError(f"alpha scales the SVD merges ({', '.join(lowrank.METHODS)}); "
+                         f"method {method!r} takes lam")
 
     if method == "linear":
         norm = _flag(normalize, "normalize", True)
@@ -152,3 +182,6 @@ breadcrumbs_ties = _alias("breadcrumbs_ties")
 della = _alias("della")
 della_linear = _alias("della_linear")
 linear = _alias("linear")
+tsv = _alias("tsv")
+iso_c = _alias("iso_c")
+iso_cts = _alias("iso_cts")
