@@ -271,29 +271,36 @@ class _Tiny(nn.Module):
         self.emb = nn.Embedding(40, 24)
         self.lin1 = nn.Linear(24, 36)
         self.lin2 = nn.Linear(36, 20, bias=False)
+        # conv layers (PEFT flattens a kxk kernel's delta and squeezes a 1x1 one); not in forward
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.conv1 = nn.Conv2d(8, 7, 1)
 
     def forward(self, x):
         return self.lin2(torch.relu(self.lin1(self.emb(x))))
 
 
+TARGETS = ["emb", "lin1", "lin2", "conv", "conv1"]
+
+
 def _tiny_lora_model():
     torch.manual_seed(0)
-    model = get_peft_model(_Tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "lin1", "lin2"],
+    model = get_peft_model(_Tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                init_lora_weights=False), adapter_name="x")
     # equal ranks: PEFT's non-SVD combinations require them
-    model.add_adapter("y", LoraConfig(r=4, lora_alpha=6, target_modules=["emb", "lin1", "lin2"],
+    model.add_adapter("y", LoraConfig(r=4, lora_alpha=6, target_modules=TARGETS,
                                       init_lora_weights=False))
-    model.add_adapter("z", LoraConfig(r=4, lora_alpha=4, target_modules=["emb", "lin1", "lin2"],
+    model.add_adapter("z", LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS,
                                       init_lora_weights=False))
     return model
 
 
 def _merged_factors(model, name):
-    """{layer: (B, A)} of adapter ``name`` (Linear and Embedding layers alike)."""
+    """{layer: (B, A)} of adapter ``name`` (Linear, Embedding and Conv2d layers alike)."""
     out = {}
     for key, mod in model.named_modules():
-        if hasattr(mod, "lora_A") and name in mod.lora_A:
-            out[key] = (mod.lora_B[name].weight.detach().clone(), mod.lora_A[name].weight.detach().clone())
+        if hasattr(mod, "lora_A") and name in mod.lora_A:  # conv factors as (out, r) @ (r, in*k*k)
+            out[key] = (mod.lora_B[name].weight.detach().flatten(1).clone(),
+                        mod.lora_A[name].weight.detach().flatten(1).clone())
         elif hasattr(mod, "lora_embedding_A") and name in mod.lora_embedding_A:
             out[key] = (mod.lora_embedding_B[name].detach().clone(), mod.lora_embedding_A[name].detach().clone())
     return out
@@ -308,10 +315,14 @@ CASES = [(c, "total") for c in COMBINATIONS] + [(c, "frequency") for c in COMBIN
 
 
 @pytest.mark.parametrize("combination,sign", CASES)
-def test_add_weighted_adapter_matches_peft(monkeypatch, combination, sign):
+@pytest.mark.parametrize("svd_mode", ["auto", "exact"])
+def test_add_weighted_adapter_matches_peft(monkeypatch, combination, sign, svd_mode):
+    if svd_mode == "exact" and not combination.endswith("svd"):
+        return  # the SVD mode only concerns the *_svd combinations (covered by "auto" above)
     kwargs = dict(combination_type=combination, density=0.4, majority_sign_method=sign)
     if combination.endswith("svd"):
         kwargs["svd_rank"] = 5
+        kwargs["svd_clamp"] = 0.95 if sign == "frequency" else None
     model = _tiny_lora_model()
     twin = copy.deepcopy(model)
     random = combination.startswith("dare")
@@ -325,12 +336,12 @@ def test_add_weighted_adapter_matches_peft(monkeypatch, combination, sign):
         model.add_weighted_adapter(["x", "y", "z"], [1.0, 0.7, -0.4], "m", **kwargs)
     expected = _merged_factors(model, "m")
 
-    with fm_peft.patched():
+    with fm_peft.patched(svd=svd_mode):
         torch.manual_seed(21)
         twin.add_weighted_adapter(["x", "y", "z"], [1.0, 0.7, -0.4], "m", **kwargs)
     actual = _merged_factors(twin, "m")
 
-    assert expected.keys() == actual.keys() and len(actual) == 3
+    assert expected.keys() == actual.keys() and len(actual) == len(TARGETS)
     for layer in expected:
         (eb, ea), (ab, aa) = expected[layer], actual[layer]
         if combination.endswith("svd"):
@@ -358,3 +369,46 @@ def test_without_a_fused_backend_the_call_stays_peft(monkeypatch):
         torch.manual_seed(3)
         patched = mu.dare_ties(tasks, w, 0.4)
     assert torch.equal(patched, theirs)
+
+
+class _Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(80, 96)
+        self.down = nn.Linear(96, 80)
+
+
+@pytest.mark.parametrize("svd_mode", ["auto", "randomized"])
+def test_svd_combination_skips_the_full_svd_and_matches_peft(monkeypatch, svd_mode):
+    """The ``svd`` combination's delta sum_k w_k B_k A_k has rank <= sum_k r_k (12 here), so the
+    randomized re-rank with a sketch of 20 columns is exact: no 80x96 SVD runs, and B @ A is
+    PEFT's."""
+    torch.manual_seed(1)
+    model = get_peft_model(_Wide(), LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False),
+                           adapter_name="x")
+    for name in ("y", "z"):
+        model.add_adapter(name, LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False))
+    twin = copy.deepcopy(model)
+    kwargs = dict(combination_type="svd", svd_rank=6)
+    model.add_weighted_adapter(["x", "y", "z"], [1.0, -0.5, 0.8], "m", **kwargs)
+    shapes = []
+    real_svd = torch.linalg.svd
+
+    def spy(a, *args, **kw):
+        shapes.append(tuple(a.shape))
+        return real_svd(a, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    with fm_peft.patched(svd=svd_mode):
+        twin.add_weighted_adapter(["x", "y", "z"], [1.0, -0.5, 0.8], "m", **kwargs)
+    assert shapes and all(max(s) <= 40 for s in shapes), shapes
+    expected, actual = _merged_factors(model, "m"), _merged_factors(twin, "m")
+    for layer in expected:
+        (eb, ea), (ab, aa) = expected[layer], actual[layer]
+        torch.testing.assert_close(ab @ aa, eb @ ea, atol=1e-5, rtol=1e-4, msg=layer)
+
+
+def test_svd_mode_is_checked():
+    with pytest.raises(ValueError, match="svd must be one of"):
+        fm_peft.patch(svd="fast")
+    assert not fm_peft.is_patched()

@@ -126,8 +126,9 @@ class Patch:
 
 
 def controls(patch_obj: Patch, patch_fn: Callable):
-    """The ``unpatch, is_patched, patched`` functions of an integration module whose
-    ``patch(*, allow_untested=False)`` is ``patch_fn`` and whose replacements ``patch_obj`` holds."""
+    """The ``unpatch, is_patched, patched`` functions of an integration module whose ``patch``
+    is ``patch_fn`` (``patched(**options)`` passes the options to it) and whose replacements
+    ``patch_obj`` holds."""
     library = patch_obj.library
 
     def unpatch() -> None:
@@ -137,9 +138,9 @@ def controls(patch_obj: Patch, patch_fn: Callable):
         return patch_obj.active
 
     @contextlib.contextmanager
-    def patched(*, allow_untested: bool = False):
+    def patched(**options):
         was_active = patch_obj.active
-        patch_fn(allow_untested=allow_untested)
+        patch_fn(**options)
         try:
             yield
         finally:
@@ -148,6 +149,6 @@ def controls(patch_obj: Patch, patch_fn: Callable):
 
     unpatch.__doc__ = f"Restore {library}'s own code (the identical objects). A no-op when not patched."
     is_patched.__doc__ = f"Whether {library} is patched now."
-    patched.__doc__ = (f"Context manager: {library} patched inside the ``with`` block and restored "
-                       "after it (unless it was patched before the block).")
+    patched.__doc__ = (f"Context manager: {library} patched (``patch(**options)``) inside the ``with`` "
+                       "block and restored after it (unless it was patched before the block).")
     return unpatch, is_patched, patched

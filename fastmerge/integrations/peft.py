@@ -20,7 +20,9 @@ the lowest index; arithmetic is fp32 with one rounding. Inputs fastmerge does no
 (float64 or integer task tensors, non-tensors), inputs holding inf/nan, and calls whose result
 would need an autograd graph (inputs that require grad, grad mode on) run PEFT's own code; so
 do tensors on a device no fused fastmerge backend serves (see ``fastmerge.backends()``).
-``add_weighted_adapter``'s SVD path is run under ``torch.no_grad()`` (it keeps only ``.data``).
+``add_weighted_adapter``'s SVD path runs under ``torch.no_grad()`` (PEFT keeps only ``.data``)
+with :func:`fastmerge.lowrank.lora_rerank` in place of the full ``torch.linalg.svd``: see
+``patch(svd=...)``.
 """
 from __future__ import annotations
 
@@ -52,25 +54,85 @@ def _covered(*args, **kwargs) -> bool:
             and not needs_autograd(tensors) and fused_backend_for(tensors[0]))
 
 
-def _without_graph(original):
-    """``LoraModel._svd_generalized_task_arithmetic_weighted_adapter`` under ``torch.no_grad``:
-    it merges ``get_delta_weight`` outputs (which require grad) and PEFT only keeps the
-    ``.data`` of its result, so no graph is lost, and the merges inside take the fused path."""
+SVD_MODES = ("auto", "exact", "randomized")
+# Sketch columns beyond the merged delta's rank bound: the range finder then spans the delta's
+# whole column space, so the truncation is the exact one up to rounding.
+_SKETCH_SLACK = 8
 
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
+
+def _marked(fn):
+    fn.__fastmerge_patch__ = True
+    return fn
+
+
+def _svd_adapter(mode: str):
+    """A replacement for ``LoraModel._svd_generalized_task_arithmetic_weighted_adapter``
+    (PEFT 0.21): the same steps -- each adapter's dense ``get_delta_weight``, merged by the
+    combination's merge_utils function (fastmerge's, once patched), flattened / transposed for
+    conv, ``fan_in_fan_out`` and embedding layers, then the rank-``new_rank`` factors
+    ``B = U_r diag(S_r)``, ``A = Vh_r`` with PEFT's optional quantile clamp -- with the SVD done
+    by :func:`fastmerge.lowrank.lora_rerank`, under ``torch.no_grad`` (PEFT keeps only ``.data``).
+
+    ``mode``: ``"exact"`` -- LAPACK's thin SVD (``full_matrices`` and ``driver`` change nothing
+    in the kept factors); ``"randomized"`` -- the randomized SVD for every combination type
+    (approximate for the pruned ``ties_svd``/``dare_*_svd``/``magnitude_prune_svd`` deltas,
+    which are full rank); ``"auto"`` -- randomized only where it is exact: the ``svd``
+    combination's delta ``sum_k w_k B_k A_k`` has rank <= ``sum_k r_k``, so a sketch of
+    ``sum_k r_k + 8`` columns captures all of it; exact otherwise."""
+    from ..lowrank import lora_rerank
+
+    def method(self, combination_type, adapters, weights, new_rank, target, target_lora_A,
+               target_lora_B, density, majority_sign_method, clamp=None, full_matrices=True,
+               driver=None):
+        import peft.tuners.lora.model as lm  # the merge functions as bound now (ours once patched)
+
+        merges = {"svd": lambda d, w: lm.task_arithmetic(d, w),
+                  "ties_svd": lambda d, w: lm.ties(d, w, density, majority_sign_method),
+                  "dare_linear_svd": lambda d, w: lm.dare_linear(d, w, density),
+                  "dare_ties_svd": lambda d, w: lm.dare_ties(d, w, density, majority_sign_method),
+                  "magnitude_prune_svd": lambda d, w: lm.magnitude_prune(d, w, density)}
+        present = [(a, w) for a, w in zip(adapters, weights)
+                   if a in target.lora_A or a in target.lora_embedding_A]
+        if not present:
+            raise ValueError("No matching LoRAs found. Please raise an issue on GitHub.")
+        if combination_type not in merges:
+            raise ValueError(f"Invalid value passed to combination type: {combination_type}")
+        embedding = any(a in target.lora_embedding_A for a in adapters)
         with torch.no_grad():
-            return original(*args, **kwargs)
+            deltas = [target.get_delta_weight(a) for a, _ in present]
+            w = torch.tensor([w for _, w in present]).to(deltas[0].device)
+            delta = merges[combination_type](deltas, w)
+            conv = isinstance(target, lm.Conv2d)
+            if conv:
+                one_by_one = target.weight.size()[2:4] == (1, 1)
+                delta = delta.squeeze() if one_by_one else delta.flatten(start_dim=1)
+            if getattr(target, "fan_in_fan_out", False) or embedding:
+                delta = delta.T
+            rank_bound = sum(target.r[a] for a, _ in present)
+            sketch_exact = combination_type == "svd" and rank_bound + _SKETCH_SLACK < min(delta.shape) // 2
+            if mode == "exact" or (mode == "auto" and not sketch_exact):
+                b, a = lora_rerank(delta, new_rank, clamp=clamp, exact=True)
+            else:
+                extra = max(rank_bound - new_rank, 0) + _SKETCH_SLACK if sketch_exact else None
+                b, a = lora_rerank(delta, new_rank, clamp=clamp, oversample=extra, seed=0)
+            if conv:
+                b, a = b.reshape(target_lora_B.data.shape), a.reshape(target_lora_A.data.shape)
+        return a, b
 
-    wrapper.__fastmerge_patch__ = True
-    return wrapper
+    return method
 
 
-def patch(*, allow_untested: bool = False) -> None:
-    """Route PEFT's merge utilities through fastmerge. Idempotent; undo with :func:`unpatch`.
+def patch(*, allow_untested: bool = False, svd: str = "auto") -> None:
+    """Route PEFT's merge utilities, and the SVD of ``add_weighted_adapter``'s ``*_svd``
+    combination types, through fastmerge. Idempotent; undo with :func:`unpatch`.
 
-    Raises ImportError if peft is missing, RuntimeError for a peft release other than 0.21.x
-    (unless ``allow_untested=True``)."""
+    ``svd``: ``"auto"`` (randomized where that is exact -- the ``svd`` combination, whose delta
+    has rank at most the sum of the adapters' ranks -- LAPACK's thin SVD otherwise),
+    ``"exact"`` (always LAPACK) or ``"randomized"`` (always randomized: fast, approximate for
+    the pruned full-rank deltas). Raises ImportError if peft is missing, RuntimeError for a peft
+    release other than 0.21.x (unless ``allow_untested=True``)."""
+    if svd not in SVD_MODES:
+        raise ValueError(f"svd must be one of {', '.join(SVD_MODES)}, got {svd!r}")
     if _patch.active:
         return
     merge_utils = require("peft.utils.merge_utils", "peft", TESTED, allow_untested)
@@ -87,7 +149,8 @@ def patch(*, allow_untested: bool = False) -> None:
                     if getattr(module, name, None) is originals[name]]
     lora_model = getattr(importers[0], "LoraModel", None)
     if lora_model is not None and "_svd_generalized_task_arithmetic_weighted_adapter" in vars(lora_model):
-        targets.append((lora_model, "_svd_generalized_task_arithmetic_weighted_adapter", _without_graph))
+        targets.append((lora_model, "_svd_generalized_task_arithmetic_weighted_adapter",
+                        lambda original: _marked(functools.wraps(original)(_svd_adapter(svd)))))
     _patch.apply(targets)
 
 
