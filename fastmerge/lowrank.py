@@ -51,8 +51,9 @@ DEFAULT_N_ITER = 2
 # Newton-Schulz defaults: stop when the RMS of XᵀX - I is below tol (then take one more step,
 # which squares the error); give up (SVD fallback) after n_iter steps or on stagnation.
 NS_TOL = 1e-3
-NS_N_ITER = 30
-NS_LOWER = 1e-3  # assumed lower end of the normalised spectrum for the step scaling
+NS_N_ITER = 40
+NS_LOWER = 1e-3  # lower end of the normalised spectrum assumed by the step scaling
+NS_RESTARTS = 2  # schedule restarts for singular values that were below NS_LOWER
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -211,13 +212,14 @@ def polar(x: torch.Tensor, *, n_iter: Optional[int] = None, tol: Optional[float]
         a_k = √(3 / (1 + ℓ_k + ℓ_k²)),   X ← a_k X (3I − a_k² XᵀX) / 2,
         ℓ_{k+1} = a_k ℓ_k (3 − a_k² ℓ_k²) / 2
 
-    which map ``[ℓ_k, 1]`` into ``[ℓ_{k+1}, 1]`` (small singular values grow ~2.6× per step
-    instead of 1.5×; ``ℓ₀ = 1e-3``). Convergence is checked on the Gram matrix every step
-    computes anyway: once ``‖XᵀX − I‖_F / √n ≤ tol`` one more plain step is taken (the error
-    squares) and ``X`` is returned. If that does not happen within ``n_iter`` steps, or the
-    residual stalls (singular values at or near zero: rank-deficient ``x``, whose polar factor
-    is not unique), the exact SVD result is returned instead -- the same one LAPACK gives
-    FusionBench.
+    which map ``[ℓ_k, 1]`` into ``[ℓ_{k+1}, 1]``: small singular values grow ~2.6x a step
+    instead of 1.5x (``ℓ₀ = 1e-3``). Singular values that were below ``ℓ₀`` get the schedule
+    restarted once the others have converged (at most twice). Convergence is checked on the Gram
+    matrix every step computes anyway: once ``‖XᵀX − I‖_F / √n ≤ tol`` one more plain step is
+    taken (the error squares) and ``X`` is returned. A numerically rank-deficient ``x``
+    (``σ_min ≤ min(m,n)·eps·σ_max``, numpy's matrix_rank rule) has no unique polar factor: it
+    goes straight to the SVD, whose choice is LAPACK's (FusionBench's); so does an ``x`` that
+    has not converged after ``n_iter`` steps.
 
     ``method="svd"``: ``U Vh`` from ``torch.linalg.svd`` directly. On this 2-core CPU a
     4096² SVD costs ~15 GEMM-equivalents, less than the ~20-25 GEMMs Newton-Schulz needs at
@@ -226,7 +228,7 @@ def polar(x: torch.Tensor, *, n_iter: Optional[int] = None, tol: Optional[float]
 
     Args:
         x: ``(..., m, n)`` float tensor.
-        n_iter: maximum Newton-Schulz steps (default 30). tol: convergence threshold
+        n_iter: maximum Newton-Schulz steps (default 40). tol: convergence threshold
             (default 1e-3; about ``tol/2`` RMS error in the singular values before the last
             step, ``~tol²`` after).
         return_info: also return ``{"method", "iterations", "residual", "converged"}``.
@@ -260,7 +262,8 @@ def _polar_svd(a: torch.Tensor) -> torch.Tensor:
 
 
 def _polar_ns(a: torch.Tensor, n_iter: int, tol: float):
-    """Scaled Newton-Schulz (see :func:`polar`); ``(None, info)`` when it does not converge."""
+    """Scaled Newton-Schulz (see :func:`polar`); ``(None, info)`` when it does not converge or
+    ``a`` is numerically rank-deficient."""
     flip = a.shape[-2] < a.shape[-1]
     x = a.mT if flip else a
     n = x.shape[-1]
@@ -270,15 +273,23 @@ def _polar_ns(a: torch.Tensor, n_iter: int, tol: float):
     x = x / x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     g = x.mT @ x
     _finite(g, "x")  # a nan/inf anywhere in x reaches its row/column of the Gram matrix
-    h2 = _spectral_upper(g)  # per-matrix bound on σ_max², shape (..., 1, 1)
+    v = _power(g)
+    h2 = torch.minimum(1.44 * (v.mT @ (g @ v)),  # 1.2x a power estimate of σ_max ...
+                       torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)[..., None, None])  # ... or ‖x‖_F
     h2 = torch.where(h2 > 0, h2, torch.ones_like(h2))  # an all-zero matrix: no scaling
     x = x / h2.sqrt()
     g = g / h2
-    ell, hist = NS_LOWER, []
     info = {"method": "newton_schulz", "iterations": 0, "residual": None, "converged": False}
+    # An upper estimate of σ_min: if even that is below numpy's matrix_rank tolerance, x is
+    # numerically rank-deficient and its polar factor is not unique.
+    if _sigma_min_estimate(x, g, eye) <= min(x.shape[-2:]) * torch.finfo(x.dtype).eps:
+        return None, info
+    # Power estimates of σ_min are too coarse to set ℓ (they overshoot by orders of magnitude
+    # when many singular values are small), so ℓ starts at a fixed 1e-3, as in Polar Express
+    # (Amsel et al. 2025, arXiv:2505.16932).
+    ell, restarts = NS_LOWER, 0
     for k in range(n_iter + 1):
         res = float(torch.linalg.matrix_norm(g - eye).amax()) / math.sqrt(n)
-        hist.append(res)
         info.update(iterations=k, residual=res)
         if res <= tol:  # converged: one more plain step squares the error
             x = x @ (1.5 * eye - 0.5 * g)
@@ -286,10 +297,13 @@ def _polar_ns(a: torch.Tensor, n_iter: int, tol: float):
             return (x.mT if flip else x), info
         if k == n_iter or not math.isfinite(res):
             break
-        # Stalled: every scaled step is done (ℓ ~ 1) and the residual no longer shrinks, so
-        # some singular values sit at (or too near) zero for the iteration to lift them.
-        if ell > 0.99 and len(hist) >= 4 and res > 0.9 * hist[-3]:
-            break
+        if k > 0 and ell > 0.99:
+            # The scaled steps are done but some singular values lag (they were below ℓ):
+            # restart the schedule from where they are now instead of growing them 1.5x a step.
+            if _sigma_min_estimate(x, g, eye) < 0.5:
+                if restarts == NS_RESTARTS:
+                    break
+                ell, restarts = NS_LOWER, restarts + 1
         a_k = 1.0 if k == 0 else math.sqrt(3.0 / (1.0 + ell + ell * ell))
         x = x @ ((1.5 * a_k) * eye - (0.5 * a_k ** 3) * g)
         ell = min(1.0, a_k * ell * (3.0 - a_k * a_k * ell * ell) / 2.0)
@@ -297,20 +311,23 @@ def _polar_ns(a: torch.Tensor, n_iter: int, tol: float):
     return None, info
 
 
-def _spectral_upper(g: torch.Tensor, steps: int = 16) -> torch.Tensor:
-    """An upper estimate of ``λ_max(g)`` for PSD ``g``: 1.44× a 16-step power-iteration
-    Rayleigh quotient (i.e. 1.2× on ``σ_max``), capped by ``trace(g) = ‖x‖_F²``, which is a
-    guaranteed bound. The start vector comes from a fixed-seed generator, so polar() is
-    deterministic."""
-    n = g.shape[-1]
-    gen = torch.Generator(device=g.device).manual_seed(0x5EED)
-    v = torch.randn(*g.shape[:-2], n, 1, generator=gen, device=g.device, dtype=g.dtype)
+def _power(m: torch.Tensor, steps: int = 16) -> torch.Tensor:
+    """Unit vector(s) ``(..., n, 1)`` after ``steps`` power iterations with the PSD ``m``, from a
+    fixed-seed start (so polar() is deterministic)."""
+    gen = torch.Generator(device=m.device).manual_seed(0x5EED)
+    v = torch.randn(*m.shape[:-1], 1, generator=gen, device=m.device, dtype=m.dtype)
     for _ in range(steps):
-        v = g @ v
-        v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-    rq = (v.mT @ (g @ v))
-    trace = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    return torch.minimum(1.44 * rq, trace)
+        v = m @ v
+        v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+    return v
+
+
+def _sigma_min_estimate(x: torch.Tensor, g: torch.Tensor, eye: torch.Tensor) -> float:
+    """``‖x v‖`` for ``v`` from power steps with ``I − xᵀx`` (singular values <= 1): an upper
+    estimate of σ_min, the smallest over the batch. ``‖x v‖`` rather than ``vᵀ g v`` keeps
+    resolution down to ~eps·σ_max (the Gram matrix only resolves σ² above ~eps)."""
+    v = _power(eye - g)
+    return float(torch.linalg.vector_norm(x @ v, dim=(-2, -1)).amin())
 
 
 def _polar_default(device: torch.device) -> str:
