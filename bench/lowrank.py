@@ -1,4 +1,4 @@
-"""Benchmark of :mod:`fastmerge.lowrank` against the full-SVD paths it replaces, in one run.
+"""Benchmark of fastmerge.lowrank against the full-SVD paths it replaces, in one run.
 
     python -m bench.lowrank                      # full plan, ~8 min on 2 cores; --quick: ~1 min
     python -m bench.lowrank --json bench/results/cpu_lowrank_4096.json

@@ -435,6 +435,13 @@ def iso_cts_split(shape, num_tasks: int, fraction: float):
     return c, (r - c) // num_tasks
 
 
+def _task_sum(task: TaskFn, T: int) -> torch.Tensor:
+    acc = task(0)  # a fresh tensor: task() never hands out the caller's storage
+    for t in range(1, T):
+        acc += task(t)
+    return acc
+
+
 def _tsv(task: TaskFn, T: int, shape, exact: bool, gen, device) -> torch.Tensor:
     """TSV-Merge (Gargiulo et al. 2025, "Task Singular Vectors: Reducing Task Interference in
     Model Merging", arXiv:2412.00081), FusionBench's ``compute_and_sum_svd_mem_reduction``::
@@ -516,9 +523,7 @@ def _iso_c(task: TaskFn, T: int, shape, exact: bool, device) -> torch.Tensor:
     still weights by mean(S); Newton-Schulz then does not converge and the SVD result
     (FusionBench's) is used.
     """
-    a = task(0)
-    for t in range(1, T):
-        a += task(t)
+    a = _task_sum(task, T)
     if exact:
         _finite(a, "models")
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
@@ -544,9 +549,7 @@ def _iso_cts(task: TaskFn, T: int, shape, exact: bool, gen, device, fraction: fl
     """
     m, n = shape
     c, p = iso_cts_split(shape, T, fraction)
-    a = task(0)
-    for t in range(1, T):
-        a += task(t)
+    a = _task_sum(task, T)
     _finite(a, "models")
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     del a
@@ -576,10 +579,7 @@ def _merged_delta(method: str, task: TaskFn, T: int, shape, device, *, exact: bo
     """The merged task vector of ``method``; tensors that are not 2-D (or are empty) are
     averaged, ``mean_t τ_t``, as all three FusionBench methods do."""
     if len(shape) != 2 or min(shape) == 0:
-        acc = task(0)
-        for t in range(1, T):
-            acc += task(t)
-        return acc / T
+        return _task_sum(task, T) / T
     if method == "tsv":
         return _tsv(task, T, shape, exact, gen, device)
     if method == "iso_c":
