@@ -2,6 +2,7 @@
 
 Subcommands:
     fastmerge bench [options]   benchmark against PEFT and mergekit (``fastmerge bench --help``)
+    fastmerge bench-lowrank     fastmerge.lowrank vs the full-SVD paths (``--help``)
     fastmerge backends          which backends this machine can run, and why not
     fastmerge mergekit CONFIG OUT [mergekit-yaml options]
                                 mergekit-yaml with its task-arithmetic family and linear merges
@@ -17,29 +18,31 @@ import sys
 from typing import Optional, Sequence
 
 
-def _bench_suite():
-    """``fastmerge.bench.suite`` when installed (setup.py maps bench/ to fastmerge.bench);
-    from a source tree without install, ``bench/suite.py`` next to the package."""
-    try:
-        from fastmerge.bench import suite
+def _bench_module(name: str = "suite"):
+    """``fastmerge.bench.<name>`` when installed (setup.py maps bench/ to fastmerge.bench);
+    from a source tree without install, ``bench/<name>.py`` next to the package."""
+    import importlib
 
-        return suite
+    try:
+        return importlib.import_module(f"fastmerge.bench.{name}")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("fastmerge.bench", "fastmerge.bench.suite"):
+        if exc.name not in ("fastmerge.bench", f"fastmerge.bench.{name}"):
             raise  # a real missing dependency inside the suite: show it
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "bench", "suite.py")):
+    if not os.path.isfile(os.path.join(root, "bench", f"{name}.py")):
         raise SystemExit("fastmerge bench: the benchmark suite is not installed "
                          "(fastmerge.bench is missing); reinstall fastmerge with `pip install .`")
     if root not in sys.path:
         sys.path.insert(0, root)
-    from bench import suite
-
-    return suite
+    return importlib.import_module(f"bench.{name}")
 
 
 def _cmd_bench(args, rest) -> int:
-    return _bench_suite().main(rest, prog="fastmerge bench")
+    return _bench_module().main(rest, prog="fastmerge bench")
+
+
+def _cmd_bench_lowrank(args, rest) -> int:
+    return _bench_module("lowrank").main(rest, prog="fastmerge bench-lowrank")
 
 
 def _cmd_backends(args, rest) -> int:
@@ -89,14 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     # bench parses its own options (shared with bench/run.py), so its parser here only names it.
     sub.add_parser("bench", add_help=False,
                    help="benchmark against PEFT and mergekit on this machine (bench --help)")
+    sub.add_parser("bench-lowrank", add_help=False,
+                   help="benchmark fastmerge.lowrank (randomized SVD, polar, TSV/Iso-C/Iso-CTS, "
+                        "LoRA re-rank) against the full-SVD paths (bench-lowrank --help)")
     sub.add_parser("backends", help="list the backends available here, and why not")
     sub.add_parser("mergekit", add_help=False,
                    help="mergekit-yaml CONFIG OUT [options] with merges on fastmerge (mergekit --help)")
     return parser
 
 
-COMMANDS = {"bench": _cmd_bench, "backends": _cmd_backends, "mergekit": _cmd_mergekit}
-PASSTHROUGH = ("bench", "mergekit")  # subcommands that take the rest of the command line as is
+COMMANDS = {"bench": _cmd_bench, "bench-lowrank": _cmd_bench_lowrank, "backends": _cmd_backends,
+            "mergekit": _cmd_mergekit}
+PASSTHROUGH = ("bench", "bench-lowrank", "mergekit")  # subcommands that take the rest of the command line as is
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

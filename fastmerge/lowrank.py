@@ -20,9 +20,9 @@ factor. This module computes exactly those pieces:
   ``A = Vh_r``, optional quantile clamp).
 
 Why GEMMs and no custom kernel: every step above is a matrix product with a thin block, a QR of
-a thin block, or a small dense SVD. On the CPU those run in MKL/OpenBLAS at 80-90% of the
-FPU peak (bench/lowrank.py measures ~150 GFLOP/s fp32 on the 2-core EPYC here), so a
-hand-written C++ kernel has nothing left to win; on a GPU they map to cuBLAS (tensor cores in
+a thin block, or a small dense SVD. On the CPU those run in MKL/OpenBLAS near the FPU peak (a
+4096³ fp32 GEMM takes 0.9 s on the 2-core EPYC here, ~150 GFLOP/s), so a hand-written C++
+kernel has nothing left to win; on a GPU they map to cuBLAS (tensor cores in
 TF32/bf16 when the user enables them) and cuSOLVER. The one thing a library call does not do
 -- choose *how much* work is needed -- is what this module decides.
 
@@ -44,15 +44,17 @@ from .philox import resolve_seed
 METHODS = ("tsv", "iso_c", "iso_cts")
 LINALG_DTYPES = V.SUPPORTED_DTYPES + (torch.float64,)
 
-# Randomized SVD defaults (bench/lowrank.py, 4096x4096 fp32, decaying spectra): 2 power
-# iterations and max(10, rank/10) extra columns give <= 1.01x the Eckart-Young error at ranks
-# 64-512 for ~1/9 of the work of a full SVD.
+# Randomized SVD defaults (bench/results/cpu_lowrank_4096.json, 4096x4096 fp32, σ_i = 1/i):
+# 2 power iterations and max(10, rank/10) extra columns give 1.005-1.008x the Eckart-Young
+# error at ranks 64-512, 88x / 20x / 8.4x faster than torch.linalg.svd; one power iteration
+# gives 1.02-1.05x.
 DEFAULT_N_ITER = 2
 # Newton-Schulz defaults: stop when the RMS of XᵀX - I is below tol (then take one more step,
 # which squares the error); give up (SVD fallback) after n_iter steps or on stagnation.
 NS_TOL = 1e-3
-NS_N_ITER = 30
-NS_LOWER = 1e-3  # assumed lower end of the normalised spectrum for the step scaling
+NS_N_ITER = 40
+NS_LOWER = 1e-3  # lower end of the normalised spectrum assumed by the step scaling
+NS_RESTARTS = 2  # schedule restarts for singular values that were below NS_LOWER
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -114,8 +116,8 @@ def svd_lowrank(x: torch.Tensor, rank: int, *, oversample: Optional[int] = None,
     and each power step raises the spectrum's decay to the power ``2·n_iter + 1``. So on
     decaying spectra the error is within a percent of the Eckart-Young optimum
     ``‖x − x_r‖_F = (Σ_{i>r} σ_i²)^½``; on a flat spectrum any rank-r subspace is nearly
-    optimal and the ratio is at most ``√(2 + rank/(oversample − 1))`` (tests/test_lowrank.py
-    checks both).
+    optimal and the ratio is at most ``√(2 + rank/(oversample − 1))`` in expectation
+    (tests/test_lowrank.py checks both).
 
     Args:
         x: ``(..., m, n)`` float tensor (fp32/fp64; fp16/bf16 are computed in fp32).
@@ -158,14 +160,20 @@ def _rsvd(a: torch.Tensor, rank: int, l: int, n_iter: int, gen):
     q = torch.linalg.qr(y).Q
     for _ in range(n_iter):
         q = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ q).Q).Q
-    q2, r = torch.linalg.qr(a.mT @ q)  # Aᵀ Q = Q₂ R, so Qᵀ A = Rᵀ Q₂ᵀ
-    ur, s, wh = torch.linalg.svd(r.mT)
-    u = q @ ur[..., :rank]
-    vh = (q2 @ wh[..., :rank, :].mT).mT
-    s = s[..., :rank]
+    u, s, vh = _rayleigh_ritz(a, q, rank)
     if flip:
         u, vh = vh.mT, u.mT
     return u, s, vh
+
+
+def _rayleigh_ritz(a: torch.Tensor, q: torch.Tensor, rank: int):
+    """Top-``rank`` SVD of ``Q Qᵀ a`` for orthonormal ``q`` (``m × l``): with ``aᵀ Q = Q₂ R``
+    (thin QR) ``Qᵀ a = Rᵀ Q₂ᵀ``, so the SVD of the ``l × l`` matrix ``Rᵀ = Ũ S W̃ᵀ`` gives
+    ``U = Q Ũ``, ``Vh = (Q₂ W̃)ᵀ``. Exact for ``a`` itself when ``range(a) ⊆ range(Q)``. (A
+    direct ``torch.linalg.svd`` of the wide ``Qᵀ a`` is up to 15x slower in MKL at l ~ 1000.)"""
+    q2, r = torch.linalg.qr(a.mT @ q)
+    ur, s, wh = torch.linalg.svd(r.mT)
+    return q @ ur[..., :rank], s[..., :rank], (q2 @ wh[..., :rank, :].mT).mT
 
 
 def project(x: torch.Tensor, rank: int, *, factors: bool = False, **svd_kwargs):
@@ -205,13 +213,14 @@ def polar(x: torch.Tensor, *, n_iter: Optional[int] = None, tol: Optional[float]
         a_k = √(3 / (1 + ℓ_k + ℓ_k²)),   X ← a_k X (3I − a_k² XᵀX) / 2,
         ℓ_{k+1} = a_k ℓ_k (3 − a_k² ℓ_k²) / 2
 
-    which map ``[ℓ_k, 1]`` into ``[ℓ_{k+1}, 1]`` (small singular values grow ~2.6× per step
-    instead of 1.5×; ``ℓ₀ = 1e-3``). Convergence is checked on the Gram matrix every step
-    computes anyway: once ``‖XᵀX − I‖_F / √n ≤ tol`` one more plain step is taken (the error
-    squares) and ``X`` is returned. If that does not happen within ``n_iter`` steps, or the
-    residual stalls (singular values at or near zero: rank-deficient ``x``, whose polar factor
-    is not unique), the exact SVD result is returned instead -- the same one LAPACK gives
-    FusionBench.
+    which map ``[ℓ_k, 1]`` into ``[ℓ_{k+1}, 1]``: small singular values grow ~2.6x a step
+    instead of 1.5x (``ℓ₀ = 1e-3``). Singular values that were below ``ℓ₀`` get the schedule
+    restarted once the others have converged (at most twice). Convergence is checked on the Gram
+    matrix every step computes anyway: once ``‖XᵀX − I‖_F / √n ≤ tol`` one more plain step is
+    taken (the error squares) and ``X`` is returned. A numerically rank-deficient ``x``
+    (``σ_min ≤ min(m,n)·eps·σ_max``, numpy's matrix_rank rule) has no unique polar factor: it
+    goes straight to the SVD, whose choice is LAPACK's (FusionBench's); so does an ``x`` that
+    has not converged after ``n_iter`` steps.
 
     ``method="svd"``: ``U Vh`` from ``torch.linalg.svd`` directly. On this 2-core CPU a
     4096² SVD costs ~15 GEMM-equivalents, less than the ~20-25 GEMMs Newton-Schulz needs at
@@ -220,7 +229,7 @@ def polar(x: torch.Tensor, *, n_iter: Optional[int] = None, tol: Optional[float]
 
     Args:
         x: ``(..., m, n)`` float tensor.
-        n_iter: maximum Newton-Schulz steps (default 30). tol: convergence threshold
+        n_iter: maximum Newton-Schulz steps (default 40). tol: convergence threshold
             (default 1e-3; about ``tol/2`` RMS error in the singular values before the last
             step, ``~tol²`` after).
         return_info: also return ``{"method", "iterations", "residual", "converged"}``.
@@ -254,22 +263,34 @@ def _polar_svd(a: torch.Tensor) -> torch.Tensor:
 
 
 def _polar_ns(a: torch.Tensor, n_iter: int, tol: float):
-    """Scaled Newton-Schulz (see :func:`polar`); ``(None, info)`` when it does not converge."""
+    """Scaled Newton-Schulz (see :func:`polar`); ``(None, info)`` when it does not converge or
+    ``a`` is numerically rank-deficient."""
     flip = a.shape[-2] < a.shape[-1]
     x = a.mT if flip else a
     n = x.shape[-1]
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    # Scale by the largest |entry| first: the polar factor does not change, and the Gram
+    # matrix of a finite x cannot overflow (|g_ij| <= m).
+    x = x / x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     g = x.mT @ x
     _finite(g, "x")  # a nan/inf anywhere in x reaches its row/column of the Gram matrix
-    h2 = _spectral_upper(g)  # per-matrix bound on σ_max², shape (..., 1, 1)
+    v = _power(g)
+    h2 = torch.minimum(1.44 * (v.mT @ (g @ v)),  # 1.2x a power estimate of σ_max ...
+                       torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)[..., None, None])  # ... or ‖x‖_F
     h2 = torch.where(h2 > 0, h2, torch.ones_like(h2))  # an all-zero matrix: no scaling
     x = x / h2.sqrt()
     g = g / h2
-    ell, hist = NS_LOWER, []
     info = {"method": "newton_schulz", "iterations": 0, "residual": None, "converged": False}
+    # An upper estimate of σ_min: if even that is below numpy's matrix_rank tolerance, x is
+    # numerically rank-deficient and its polar factor is not unique.
+    if _sigma_min_estimate(x, g, eye) <= min(x.shape[-2:]) * torch.finfo(x.dtype).eps:
+        return None, info
+    # Power estimates of σ_min are too coarse to set ℓ (they overshoot by orders of magnitude
+    # when many singular values are small), so ℓ starts at a fixed 1e-3, as in Polar Express
+    # (Amsel et al. 2025, arXiv:2505.16932).
+    ell, restarts = NS_LOWER, 0
     for k in range(n_iter + 1):
         res = float(torch.linalg.matrix_norm(g - eye).amax()) / math.sqrt(n)
-        hist.append(res)
         info.update(iterations=k, residual=res)
         if res <= tol:  # converged: one more plain step squares the error
             x = x @ (1.5 * eye - 0.5 * g)
@@ -277,10 +298,13 @@ def _polar_ns(a: torch.Tensor, n_iter: int, tol: float):
             return (x.mT if flip else x), info
         if k == n_iter or not math.isfinite(res):
             break
-        # Stalled: every scaled step is done (ℓ ~ 1) and the residual no longer shrinks, so
-        # some singular values sit at (or too near) zero for the iteration to lift them.
-        if ell > 0.99 and len(hist) >= 4 and res > 0.9 * hist[-3]:
-            break
+        if k > 0 and ell > 0.99:
+            # The scaled steps are done but some singular values lag (they were below ℓ):
+            # restart the schedule from where they are now instead of growing them 1.5x a step.
+            if _sigma_min_estimate(x, g, eye) < 0.5:
+                if restarts == NS_RESTARTS:
+                    break
+                ell, restarts = NS_LOWER, restarts + 1
         a_k = 1.0 if k == 0 else math.sqrt(3.0 / (1.0 + ell + ell * ell))
         x = x @ ((1.5 * a_k) * eye - (0.5 * a_k ** 3) * g)
         ell = min(1.0, a_k * ell * (3.0 - a_k * a_k * ell * ell) / 2.0)
@@ -288,20 +312,23 @@ def _polar_ns(a: torch.Tensor, n_iter: int, tol: float):
     return None, info
 
 
-def _spectral_upper(g: torch.Tensor, steps: int = 16) -> torch.Tensor:
-    """An upper estimate of ``λ_max(g)`` for PSD ``g``: 1.44× a 16-step power-iteration
-    Rayleigh quotient (i.e. 1.2× on ``σ_max``), capped by ``trace(g) = ‖x‖_F²``, which is a
-    guaranteed bound. The start vector comes from a fixed-seed generator, so polar() is
-    deterministic."""
-    n = g.shape[-1]
-    gen = torch.Generator(device=g.device).manual_seed(0x5EED)
-    v = torch.randn(*g.shape[:-2], n, 1, generator=gen, device=g.device, dtype=g.dtype)
+def _power(m: torch.Tensor, steps: int = 16) -> torch.Tensor:
+    """Unit vector(s) ``(..., n, 1)`` after ``steps`` power iterations with the PSD ``m``, from a
+    fixed-seed start (so polar() is deterministic)."""
+    gen = torch.Generator(device=m.device).manual_seed(0x5EED)
+    v = torch.randn(*m.shape[:-1], 1, generator=gen, device=m.device, dtype=m.dtype)
     for _ in range(steps):
-        v = g @ v
-        v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-    rq = (v.mT @ (g @ v))
-    trace = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    return torch.minimum(1.44 * rq, trace)
+        v = m @ v
+        v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+    return v
+
+
+def _sigma_min_estimate(x: torch.Tensor, g: torch.Tensor, eye: torch.Tensor) -> float:
+    """``‖x v‖`` for ``v`` from power steps with ``I − xᵀx`` (singular values <= 1): an upper
+    estimate of σ_min, the smallest over the batch. ``‖x v‖`` rather than ``vᵀ g v`` keeps
+    resolution down to ~eps·σ_max (the Gram matrix only resolves σ² above ~eps)."""
+    v = _power(eye - g)
+    return float(torch.linalg.vector_norm(x @ v, dim=(-2, -1)).amin())
 
 
 def _polar_default(device: torch.device) -> str:
@@ -389,8 +416,8 @@ TaskFn = Callable[[int], torch.Tensor]
 
 
 def tsv_k(shape, num_tasks: int) -> int:
-    """FusionBench's per-task rank ``int(min(m, n) * (1 / T))`` -- computed with the float
-    ``1/T`` exactly as FusionBench does, so e.g. ``768 * (1/3)`` gives 255, not 256."""
+    """FusionBench's per-task rank ``int(min(m, n) * (1 / T))``, with the float ``1/T`` as
+    FusionBench computes it (equal to ``min(m, n) // T`` for every size checked up to 5000)."""
     return int(min(shape) * (1.0 / num_tasks))
 
 
@@ -407,6 +434,13 @@ def iso_cts_split(shape, num_tasks: int, fraction: float):
             f"shape {tuple(shape)} (FusionBench would index with a negative size)"
         )
     return c, (r - c) // num_tasks
+
+
+def _task_sum(task: TaskFn, T: int) -> torch.Tensor:
+    acc = task(0)  # a fresh tensor: task() never hands out the caller's storage
+    for t in range(1, T):
+        acc += task(t)
+    return acc
 
 
 def _tsv(task: TaskFn, T: int, shape, exact: bool, gen, device) -> torch.Tensor:
@@ -433,7 +467,7 @@ def _tsv(task: TaskFn, T: int, shape, exact: bool, gen, device) -> torch.Tensor:
         if exact:
             u, s, vh = _exact_svd(tau, k, "models")
         else:
-            u, s, vh = _task_topk(tau, k, gen)
+            u, s, vh = _task_topk(tau, k, gen, *_tsv_sketch(k))
         us.append(u)
         ss.append(s)
         vs.append(vh)
@@ -450,26 +484,31 @@ def _tsv(task: TaskFn, T: int, shape, exact: bool, gen, device) -> torch.Tensor:
     return (pu * s_cat) @ pv
 
 
-def _task_topk(tau: torch.Tensor, k: int, gen, n_iter: Optional[int] = None):
-    """Randomized top-k for one task of an SVD merge, or the exact SVD when the top k is
-    numerically rank-deficient (σ_k ≤ min(m,n)·eps·σ_1, numpy's matrix_rank rule)."""
+def _task_topk(tau: torch.Tensor, k: int, gen, oversample: int, n_iter: int):
+    """Randomized top-k for one task of an SVD merge, or the exact SVD when the sketch would
+    not be smaller than the matrix or the top k is numerically rank-deficient
+    (``σ_k <= min(m,n)·eps·σ_1``, numpy's matrix_rank rule): then the polar step mixes in
+    singular vectors that only LAPACK's own choice reproduces."""
     m, n = tau.shape
-    if k + max(10, k // 10) >= min(m, n):
+    if k + oversample >= min(m, n):
         return _exact_svd(tau, k, "models")
-    u, s, vh = _rsvd(tau, k, k + _tsv_oversample(k), TSV_N_ITER if n_iter is None else n_iter, gen)
+    u, s, vh = _rsvd(tau, k, k + oversample, n_iter, gen)
     if float(s[-1]) <= min(m, n) * torch.finfo(s.dtype).eps * float(s[0]):
         return _exact_svd(tau, k, "models")
     return u, s, vh
 
 
-# TSV's polar step amplifies errors in the per-task factors near the cut-off k (its condition
-# number is 10^2-10^3 on decaying spectra, see tests/test_lowrank.py), so its sketches are
-# wider and iterate more than svd_lowrank's defaults.
-TSV_N_ITER = 4
+# The polar steps of TSV and Iso-CTS magnify errors in the per-task singular vectors near the
+# cut-off k, where decaying spectra have no gap: with svd_lowrank's default sketch
+# (k + k/10 columns, 2 power steps) TSV's merged delta is 0.4 off the exact one at 1024², T = 8,
+# 1/i spectra, although every per-task rank-k error is within 1.02x of optimal; with k extra
+# columns and 3 steps it is 6e-3. So their sketches are wider and iterate more.
+def _tsv_sketch(k: int):
+    return max(10, k), 3
 
 
-def _tsv_oversample(k: int) -> int:
-    return max(10, k // 2)
+def _iso_cts_sketch(p: int):
+    return max(20, 4 * p), 6
 
 
 def _iso_c(task: TaskFn, T: int, shape, exact: bool, device) -> torch.Tensor:
@@ -485,9 +524,7 @@ def _iso_c(task: TaskFn, T: int, shape, exact: bool, device) -> torch.Tensor:
     still weights by mean(S); Newton-Schulz then does not converge and the SVD result
     (FusionBench's) is used.
     """
-    a = task(0)
-    for t in range(1, T):
-        a += task(t)
+    a = _task_sum(task, T)
     if exact:
         _finite(a, "models")
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
@@ -504,26 +541,29 @@ def _iso_cts(task: TaskFn, T: int, shape, exact: bool, gen, device, fraction: fl
         Ũ = [U_1' … U_T', U_c],  S̃ = [S_1' … S_T', S_c],  Ṽh = [Vh_1'; …; Vh_T'; Vh_c]
         τ = mean(S̃) · polar(Ũ) polar(Ṽh)
 
-    The common space is 80% of the spectrum by default, so its SVD stays exact on both paths;
-    the fast path sketches the per-task residual top-p (p ≈ 2.5% of min(m,n) for T = 8).
+    The common space is 80% of the spectrum by default, so its SVD stays exact on both paths.
+    Fast path for the per-task SVDs: when ``m <= n`` the SVD's ``U`` is a full basis of R^m, so
+    ``τ_t' = U_r U_rᵀ τ_t`` with ``U_r = U[:, c:]`` (``m − c`` columns) and the exact SVD of
+    ``τ_t'`` is a Rayleigh-Ritz step on ``U_r``: a ``(m−c) × n`` problem instead of ``m × n``
+    (no randomness, same result up to rounding). When ``m > n`` the residual can have rank
+    ``n`` and its top ``p`` (≈ 2.5% of ``n`` for T = 8) are sketched (randomized SVD).
     """
     m, n = shape
     c, p = iso_cts_split(shape, T, fraction)
-    a = task(0)
-    for t in range(1, T):
-        a += task(t)
+    a = _task_sum(task, T)
     _finite(a, "models")
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     del a
     uc, sc, vhc = u[:, :c], s[:c], vh[:c]
+    complement = u[:, c:] if m <= n and not exact else None
     us, ss, vs = [], [], []
     for t in range(T if p > 0 else 0):  # p = 0: the common space is the whole spectrum
         w = task(t)
-        w = w - uc @ (uc.mT @ w)
-        if exact:
-            ut, st, vht = _exact_svd(w, p, "models")
+        if complement is not None:
+            ut, st, vht = _rayleigh_ritz(w, complement, p)
         else:
-            ut, st, vht = _task_topk(w, p, gen)
+            w = w - uc @ (uc.mT @ w)
+            ut, st, vht = _exact_svd(w, p, "models") if exact else _task_topk(w, p, gen, *_iso_cts_sketch(p))
         us.append(ut)
         ss.append(st)
         vs.append(vht)
@@ -540,10 +580,7 @@ def _merged_delta(method: str, task: TaskFn, T: int, shape, device, *, exact: bo
     """The merged task vector of ``method``; tensors that are not 2-D (or are empty) are
     averaged, ``mean_t τ_t``, as all three FusionBench methods do."""
     if len(shape) != 2 or min(shape) == 0:
-        acc = task(0)
-        for t in range(1, T):
-            acc += task(t)
-        return acc / T
+        return _task_sum(task, T) / T
     if method == "tsv":
         return _tsv(task, T, shape, exact, gen, device)
     if method == "iso_c":
