@@ -100,7 +100,7 @@ def bench_adapter(size: int, layers: int, rank: int) -> list:
     for name in ("y", "z"):
         model.add_adapter(name, LoraConfig(r=rank, target_modules=targets, init_lora_weights=False))
     rows = []
-    for combination in ("ties", "dare_ties", "svd", "ties_svd", "dare_ties_svd"):
+    for combination in ("ties", "dare_ties", "svd", "ties_svd"):
         kw = dict(combination_type=combination, density=0.2)
 
         def run(patched: bool):

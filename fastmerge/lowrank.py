@@ -84,7 +84,7 @@ def _generator(seed, device) -> Optional[torch.Generator]:
 
 def _finite(t: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains non-finite values (inf or nan)")
+        raise V.NonFiniteError(name)
 
 
 def _exact_svd(a: torch.Tensor, rank: int, name: str):

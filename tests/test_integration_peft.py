@@ -412,3 +412,21 @@ def test_svd_mode_is_checked():
     with pytest.raises(ValueError, match="svd must be one of"):
         fm_peft.patch(svd="fast")
     assert not fm_peft.is_patched()
+
+
+def test_svd_combination_with_clamp_matches_peft():
+    """With ``svd_clamp`` the clamp's quantile depends on the singular vectors' signs, so "auto"
+    keeps LAPACK's SVD there and the result is PEFT's."""
+    torch.manual_seed(2)
+    model = get_peft_model(_Wide(), LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False),
+                           adapter_name="x")
+    model.add_adapter("y", LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False))
+    twin = copy.deepcopy(model)
+    kwargs = dict(combination_type="svd", svd_rank=6, svd_clamp=0.9)
+    model.add_weighted_adapter(["x", "y"], [1.0, 0.6], "m", **kwargs)
+    with fm_peft.patched():
+        twin.add_weighted_adapter(["x", "y"], [1.0, 0.6], "m", **kwargs)
+    expected, actual = _merged_factors(model, "m"), _merged_factors(twin, "m")
+    for layer in expected:
+        (eb, ea), (ab, aa) = expected[layer], actual[layer]
+        torch.testing.assert_close(ab @ aa, eb @ ea, atol=1e-5, rtol=1e-4, msg=layer)

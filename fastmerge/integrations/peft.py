@@ -78,7 +78,8 @@ def _svd_adapter(mode: str):
     (approximate for the pruned ``ties_svd``/``dare_*_svd``/``magnitude_prune_svd`` deltas,
     which are full rank); ``"auto"`` -- randomized only where it is exact: the ``svd``
     combination's delta ``sum_k w_k B_k A_k`` has rank <= ``sum_k r_k``, so a sketch of
-    ``sum_k r_k + 8`` columns captures all of it; exact otherwise."""
+    ``sum_k r_k + 8`` columns captures all of it (without ``svd_clamp``, whose quantile of signed
+    entries depends on the singular vectors' signs); exact otherwise."""
     from ..lowrank import lora_rerank
 
     def method(self, combination_type, adapters, weights, new_rank, target, target_lora_A,
@@ -109,7 +110,10 @@ def _svd_adapter(mode: str):
             if getattr(target, "fan_in_fan_out", False) or embedding:
                 delta = delta.T
             rank_bound = sum(target.r[a] for a, _ in present)
-            sketch_exact = combination_type == "svd" and rank_bound + _SKETCH_SLACK < min(delta.shape) // 2
+            # PEFT's clamp is a quantile of the signed factor entries, so it depends on the
+            # singular vectors' signs, which only LAPACK's own SVD reproduces
+            sketch_exact = (combination_type == "svd" and clamp is None
+                            and rank_bound + _SKETCH_SLACK < min(delta.shape) // 2)
             if mode == "exact" or (mode == "auto" and not sketch_exact):
                 b, a = lora_rerank(delta, new_rank, clamp=clamp, exact=True)
             else:
