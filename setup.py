@@ -34,7 +34,7 @@ if os.environ.get("FASTMERGE_NO_NATIVE") != "1":
         ext_modules.append(ext("_C_avx2", "avx2+f16c", ["-mavx2", "-mf16c", "-mfma"]))
 
 setup(
-    packages=["fastmerge", "fastmerge.triton_kernels", "fastmerge.bench"],
+    packages=["fastmerge", "fastmerge.integrations", "fastmerge.triton_kernels", "fastmerge.bench"],
     package_dir={"fastmerge": "fastmerge", "fastmerge.triton_kernels": "triton_kernels",
                  "fastmerge.bench": "bench"},
     ext_modules=ext_modules,
