@@ -430,3 +430,13 @@ def test_svd_combination_with_clamp_matches_peft():
     for layer in expected:
         (eb, ea), (ab, aa) = expected[layer], actual[layer]
         torch.testing.assert_close(ab @ aa, eb @ ea, atol=1e-5, rtol=1e-4, msg=layer)
+
+
+def test_repatching_with_another_svd_mode_is_refused():
+    fm_peft.patch(svd="exact")
+    fm_peft.patch(svd="exact")  # same options: idempotent
+    with pytest.raises(ValueError, match="already patched with svd='exact'"):
+        fm_peft.patch()
+    fm_peft.unpatch()
+    fm_peft.patch(svd="randomized")
+    assert fm_peft.is_patched()

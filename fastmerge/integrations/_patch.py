@@ -93,6 +93,7 @@ class Patch:
     def __init__(self, library: str):
         self.library = library
         self._saved: List[tuple] = []  # (owner, name, original), in application order
+        self.options: dict = {}  # the options of the patch() that applied them
 
     @property
     def active(self) -> bool:

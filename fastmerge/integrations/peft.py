@@ -138,6 +138,9 @@ def patch(*, allow_untested: bool = False, svd: str = "auto") -> None:
     if svd not in SVD_MODES:
         raise ValueError(f"svd must be one of {', '.join(SVD_MODES)}, got {svd!r}")
     if _patch.active:
+        if svd != _patch.options.get("svd"):
+            raise ValueError(f"PEFT is already patched with svd={_patch.options.get('svd')!r}; "
+                             "call unpatch() before patching with another svd mode")
         return
     merge_utils = require("peft.utils.merge_utils", "peft", TESTED, allow_untested)
     importers = [require(name, "peft", TESTED, allow_untested) for name in IMPORTERS]
@@ -156,6 +159,7 @@ def patch(*, allow_untested: bool = False, svd: str = "auto") -> None:
         targets.append((lora_model, "_svd_generalized_task_arithmetic_weighted_adapter",
                         lambda original: _marked(functools.wraps(original)(_svd_adapter(svd)))))
     _patch.apply(targets)
+    _patch.options = {"svd": svd}
 
 
 unpatch, is_patched, patched = controls(_patch, patch)
