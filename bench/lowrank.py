@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import os
 import platform
 import statistics
 import sys

@@ -223,7 +223,6 @@ def test_patched_random_pruning_really_runs_fastmerge():
 
 def test_peft_errors_and_warnings_are_kept():
     tasks = make_tasks((8, 8), K=2)
-    w = torch.tensor([1.0, 1.0])
     with fm_peft.patched():
         with pytest.raises(ValueError, match="Density"):
             mu.prune(tasks[0], -0.1, "magnitude")

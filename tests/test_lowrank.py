@@ -359,7 +359,7 @@ def test_fast_path_matches_exact(method, shape, T, spectrum):
 def test_fast_tsv_rank_deficient_tasks_use_lapack():
     """Task vectors of rank < k: the top k holds null vectors that only LAPACK's choice
     reproduces, and the polar step mixes them into everything; the fast path detects it."""
-    shape, T = (80, 64), 4  # k = 16
+    T = 4  # 80x64 tasks: k = 16
     g = torch.Generator().manual_seed(0)
     tvs = [torch.randn(80, 6, generator=g) @ torch.randn(6, 64, generator=g) for _ in range(T)]
     assert rel(L.merged_delta("tsv", tvs, seed=0), L.merged_delta("tsv", tvs, exact=True)) <= 1e-5

@@ -15,7 +15,6 @@ Differences by design (everything else must agree):
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
