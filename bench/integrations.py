@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,13 +34,7 @@ else:
 
 
 def _meta(mode: str, **extra) -> dict:
-    commit, dirty = suite.git_commit()
-    return {"mode": mode, "device": suite.device_name("cpu"), "cpu": suite.cpu_name(),
-            "cores": suite.cpu_cores(), "threads": torch.get_num_threads(),
-            "platform": platform.platform(), "loadavg_at_start": suite._loadavg(),
-            "commit": commit, "dirty": dirty, "versions": suite.versions(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000"),
-            **extra}
+    return {"mode": mode, "device": suite.device_name("cpu"), **suite.environment(), **extra}
 
 
 def _median_ms(fn, max_time=60.0) -> float:

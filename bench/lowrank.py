@@ -26,9 +26,7 @@ bound, so ``gbps`` is low by nature and is given for completeness.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import platform
 import statistics
 import sys
 import time
@@ -53,9 +51,7 @@ class Bench:
         self.sync = suite._sync_for(device)
         self.log = log
         self.quick = quick
-        self.commit, self.dirty = suite.git_commit()
-        self.vers = suite.versions()
-        self.date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.env = suite.environment()
         self.copy = suite.copy_bandwidth(device=device)
         self.rows = []
 
@@ -72,8 +68,8 @@ class Bench:
              "torch_device": self.dev, "shape": list(shape), "dtype": "float32", "k": k,
              "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "reps": len(times),
              "bytes": nbytes, "gbps": gbps, "pct_of_copy_bw": 100.0 * gbps / self.copy,
-             "speedup_vs": speedup or {}, "commit": self.commit, "versions": self.vers,
-             "date": self.date, "threads": torch.get_num_threads()}
+             "speedup_vs": speedup or {}, "commit": self.env["commit"], "versions": self.env["versions"],
+             "date": self.env["date"], "threads": self.env["threads"]}
         r.update(extra)
         self.rows.append(r)
         figs = " ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}"
@@ -237,7 +233,7 @@ def run(size: int = 4096, ranks=(64, 256, 512), tasks: int = 8, quick: bool = Fa
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     b = Bench(dev, quick, log=log)
-    load = suite._loadavg()
+    load = b.env["loadavg_at_start"]
     log(f"fastmerge lowrank bench on {b.dname}, {torch.get_num_threads()} torch threads, "
         f"copy {b.copy:.1f} GB/s, load average {load}")
     if load is not None and load > 0.5:
@@ -257,10 +253,7 @@ def run(size: int = 4096, ranks=(64, 256, 512), tasks: int = 8, quick: bool = Fa
     bench_lora(b, size, seed)
     wall = time.perf_counter() - t0
     log(f"{len(b.rows)} rows in {wall:.0f} s")
-    meta = {"mode": "quick" if quick else "full", "device": b.dname, "cpu": suite.cpu_name(),
-            "cores": suite.cpu_cores(), "platform": platform.platform(),
-            "threads": torch.get_num_threads(), "loadavg_at_start": load, "copy_gbps": b.copy,
-            "commit": b.commit, "dirty": b.dirty, "versions": b.vers, "date": b.date,
+    meta = {"mode": "quick" if quick else "full", "device": b.dname, **b.env, "copy_gbps": b.copy,
             "config": {"size": size, "ranks": list(ranks), "tasks": tasks, "seed": seed,
                        "spectrum": "sigma_i = 1/i, random orthogonal singular vectors",
                        "command": " ".join(["python -m bench.lowrank"] + sys.argv[1:])},

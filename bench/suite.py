@@ -233,6 +233,17 @@ def git_commit() -> tuple:
     return None, None
 
 
+def environment() -> dict:
+    """Where and when a benchmark runs: the fields every results file's ``meta`` carries
+    (machine, threads, load average at the start, commit, library versions, UTC date)."""
+    commit, dirty = git_commit()
+    return {"cpu": cpu_name(), "cores": cpu_cores(), "platform": platform.platform(),
+            "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "loadavg_at_start": _loadavg(), "commit": commit, "dirty": dirty,
+            "versions": versions(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
 def _references() -> dict:
     """The reference libraries that can be imported: ``{"peft": module, "mergekit": fn}``."""
     refs = {}
@@ -476,10 +487,8 @@ def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, ba
     ref_libs = _references() if refs else {}
     plan = _plan(quick, shapes)
 
-    commit, dirty = git_commit()
-    vers = versions()
-    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    threads = torch.get_num_threads()
+    env = environment()
+    commit, dirty, vers, date, threads = (env[k] for k in ("commit", "dirty", "versions", "date", "threads"))
     devices = sorted({BACKEND_DEVICE[b] for b in bks}) or ["cpu"]
 
     log(f"fastmerge bench ({mode}{' — pass --quick for a ~1 min run' if not quick else ''})")
@@ -503,7 +512,7 @@ def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, ba
                 log(f"backend {b} is skipped by this plan (it is the spec, not a contender); "
                     f"name it in --backends to time it")
 
-    load = _loadavg()
+    load = env["loadavg_at_start"]
     if load is not None and load > 0.5:
         log(f"load average {load:.2f} at start: other work is running, timings will be noisy")
     copy_gbps = {}
@@ -563,11 +572,9 @@ def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, ba
         "mode": mode,
         "device": device_name(devices[0]),
         "devices": {d: device_name(d) for d in devices},
-        "cpu": cpu_name(), "cores": cpu_cores(), "platform": platform.platform(),
-        "machine": platform.machine(), "threads": threads, "loadavg_at_start": load,
+        **env,
         "copy_gbps": copy_gbps.get("cpu", next(iter(copy_gbps.values()))),
         "copy_gbps_by_device": copy_gbps,
-        "commit": commit, "dirty": dirty, "versions": vers, "date": date,
         "backends": available,
         "fastmerge_path": os.path.dirname(os.path.abspath(fastmerge.__file__)),
         "config": {"shapes": [list(t.shape) for t in plan], "dtypes": [_dtype_name(d) for d in dtypes],
@@ -672,6 +679,13 @@ def plot(rows: list, meta: dict, plot_dir: str, log=print) -> list:
               "peft": "tab:orange", "mergekit": "tab:red"}
     paths = []
 
+    def save(fig, name):
+        fig.tight_layout()
+        path = os.path.join(plot_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
     def panels(n, width):
         fig, axes = plt.subplots(n, 1, figsize=(width, 3.6 * n), squeeze=False)
         return fig, [a[0] for a in axes]
@@ -714,11 +728,7 @@ def plot(rows: list, meta: dict, plot_dir: str, log=print) -> list:
         ax.set_title(title(key), fontsize=9)
         ax.legend(fontsize=7, ncol=len(series) + 1)
         ax.grid(axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    p = os.path.join(plot_dir, "gbps.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "gbps.png")
 
     # Speedup over the paired reference
     sgroups = {k: [r for r in g if r["speedup_vs"].get(r["api"])] for k, g in groups.items()}
@@ -739,11 +749,7 @@ def plot(rows: list, meta: dict, plot_dir: str, log=print) -> list:
         ax.set_title(title(key), fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    p = os.path.join(plot_dir, "speedup.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "speedup.png")
     return paths
 
 
