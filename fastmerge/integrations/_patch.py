@@ -11,7 +11,7 @@ import functools
 import importlib
 import importlib.metadata
 import warnings
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -65,6 +65,18 @@ def fused_backend_for(tensor) -> bool:
     return dispatch.resolve(None, tensor.device) != "torch"
 
 
+def replacing(original: Callable):
+    """Decorator: give a replacement ``original``'s name, docstring, signature and
+    ``__wrapped__``, and the mark :meth:`Patch.apply` uses to refuse patching twice."""
+
+    def decorate(fn: Callable) -> Callable:
+        fn = functools.wraps(original)(fn)
+        fn.__fastmerge_patch__ = True
+        return fn
+
+    return decorate
+
+
 def with_fallback(fast: Callable, original: Callable, covered: Callable, library: str) -> Callable:
     """A function with ``original``'s name, docstring and signature that runs ``fast`` when
     ``covered(*args, **kwargs)`` is true and ``original`` otherwise.
@@ -73,7 +85,7 @@ def with_fallback(fast: Callable, original: Callable, covered: Callable, library
     but the library being accelerated propagates them, and a drop-in must not turn a run that
     used to finish into an error."""
 
-    @functools.wraps(original)  # sets __wrapped__ = original
+    @replacing(original)
     def wrapper(*args, **kwargs):
         if covered(*args, **kwargs):
             try:
@@ -83,7 +95,6 @@ def with_fallback(fast: Callable, original: Callable, covered: Callable, library
                            f"{getattr(original, '__qualname__', original)} instead")
         return original(*args, **kwargs)
 
-    wrapper.__fastmerge_patch__ = True
     return wrapper
 
 
@@ -99,10 +110,11 @@ class Patch:
     def active(self) -> bool:
         return bool(self._saved)
 
-    def apply(self, targets) -> None:
+    def apply(self, targets, options: Optional[dict] = None) -> None:
         """``targets``: ``(owner, name, make)`` where ``make(original)`` returns the replacement.
-        Owners are modules, classes or instances; the original is read from the owner's own
-        ``__dict__`` where it has one so that restoring never leaves an inherited copy behind."""
+        Owners are modules, classes or instances, and each names an attribute the owner defines
+        itself (so setting the original back restores it exactly). ``options``: those of the
+        ``patch()`` call, kept in :attr:`options` while the replacements are in place."""
         if self.active:
             return
         try:
@@ -116,14 +128,14 @@ class Patch:
         except BaseException:
             self.revert()
             raise
+        self.options = dict(options or {})
 
     def revert(self) -> None:
+        self.options = {}
         while self._saved:
             owner, name, original = self._saved.pop()
             setattr(owner, name, original)
 
-    def originals(self) -> dict:
-        return {f"{getattr(o, '__name__', type(o).__name__)}.{n}": f for o, n, f in self._saved}
 
 
 def controls(patch_obj: Patch, patch_fn: Callable):

@@ -26,13 +26,12 @@ with :func:`fastmerge.lowrank.lora_rerank` in place of the full ``torch.linalg.s
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from .. import peft as _fast
 from .._validate import SUPPORTED_DTYPES
-from ._patch import Patch, controls, fused_backend_for, needs_autograd, require, with_fallback
+from ._patch import Patch, controls, fused_backend_for, needs_autograd, replacing, require, with_fallback
 
 TESTED = (0, 21)
 FUNCTIONS = (
@@ -58,11 +57,6 @@ SVD_MODES = ("auto", "exact", "randomized")
 # Sketch columns beyond the merged delta's rank bound: the range finder then spans the delta's
 # whole column space, so the truncation is the exact one up to rounding.
 _SKETCH_SLACK = 8
-
-
-def _marked(fn):
-    fn.__fastmerge_patch__ = True
-    return fn
 
 
 def _svd_adapter(mode: str):
@@ -157,9 +151,8 @@ def patch(*, allow_untested: bool = False, svd: str = "auto") -> None:
     lora_model = getattr(importers[0], "LoraModel", None)
     if lora_model is not None and "_svd_generalized_task_arithmetic_weighted_adapter" in vars(lora_model):
         targets.append((lora_model, "_svd_generalized_task_arithmetic_weighted_adapter",
-                        lambda original: _marked(functools.wraps(original)(_svd_adapter(svd)))))
-    _patch.apply(targets)
-    _patch.options = {"svd": svd}
+                        lambda original: replacing(original)(_svd_adapter(svd))))
+    _patch.apply(targets, {"svd": svd})
 
 
 unpatch, is_patched, patched = controls(_patch, patch)
