@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .. import dispatch
-from .._validate import NonFiniteError
+from .._validate import SUPPORTED_DTYPES, NonFiniteError
 
 
 def require(module: str, dist: str, tested: Tuple[int, int], allow_untested: bool):
@@ -50,19 +50,20 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def needs_autograd(tensors) -> bool:
-    """True when the library's result would carry a graph: fastmerge's kernels do not record
-    one, so such calls stay with the library (differentiating through a merge is rare, but it
-    must not silently lose its gradient)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def fused_backend_for(tensor) -> bool:
-    """True when a fused backend serves tensors on ``tensor``'s device (``auto`` or the
-    ``FASTMERGE_BACKEND`` choice resolves to something other than the torch reference). Where
-    none does (a GPU before the GPU kernels are built, or FASTMERGE_BACKEND=torch), the library's
-    own code is at least as fast as fastmerge's readable reference, so it keeps the call."""
-    return dispatch.resolve(None, tensor.device) != "torch"
+def fused_can_take(tensors) -> bool:
+    """Whether fastmerge's fused path can stand in for the library on these tensors: all are
+    fp32/fp16/bf16 tensors; none needs an autograd graph (fastmerge's kernels record none, and
+    differentiating through a merge is rare but must not silently lose its gradient); and a
+    fused backend serves their device (``auto`` or the ``FASTMERGE_BACKEND`` choice resolves to
+    something other than the torch reference -- where none does, as on a GPU before the GPU
+    kernels are built, the library's own code is at least as fast as fastmerge's reference)."""
+    tensors = list(tensors)
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.dtype in SUPPORTED_DTYPES
+                              for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return dispatch.resolve(None, tensors[0].device) != "torch"
 
 
 def replacing(original: Callable):

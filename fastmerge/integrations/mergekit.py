@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 
 from .. import api
-from .._validate import SUPPORTED_DTYPES
-from ._patch import Patch, controls, fused_backend_for, needs_autograd, require, with_fallback
+from ._patch import Patch, controls, fused_can_take, require, with_fallback
 
 TESTED = (0, 1)
 METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
@@ -47,10 +46,7 @@ def _in_unit(values) -> bool:
 def _gta_covered(self, group, /, **parameters) -> bool:
     if self.method_name not in METHODS or group.base is None or not group.non_base:
         return False
-    tensors = [e.tensor for e in group.entries]
-    if any(t.dtype not in SUPPORTED_DTYPES for t in tensors) or needs_autograd(tensors):
-        return False
-    if not fused_backend_for(tensors[0]):
+    if not fused_can_take(e.tensor for e in group.entries):
         return False
     return all(_in_unit(parameters[p].values()) for p in ("density", "gamma", "epsilon")
                if p in parameters)
@@ -69,10 +65,7 @@ def _gta_merge_group(self, group, /, **parameters) -> torch.Tensor:
 
 
 def _linear_covered(batch, weight, normalize=True) -> bool:
-    tensors = batch.tensors
-    if any(t.dtype not in SUPPORTED_DTYPES for t in tensors) or needs_autograd(tensors):
-        return False
-    if not fused_backend_for(tensors[0]):
+    if not fused_can_take(batch.tensors):
         return False
     # mergekit divides by a zero weight sum (inf/nan out); fastmerge refuses: let mergekit do it
     return not (normalize and bool((weight.sum(dim=1) == 0).any()))

@@ -30,8 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import peft as _fast
-from .._validate import SUPPORTED_DTYPES
-from ._patch import Patch, controls, fused_backend_for, needs_autograd, replacing, require, with_fallback
+from ._patch import Patch, controls, fused_can_take, replacing, require, with_fallback
 
 TESTED = (0, 21)
 FUNCTIONS = (
@@ -45,12 +44,10 @@ _patch = Patch("peft")
 
 
 def _covered(*args, **kwargs) -> bool:
-    """fastmerge runs the call when its tensor argument(s) are fp32/fp16/bf16 tensors."""
+    """fastmerge runs the call when :func:`fused_can_take` its tensor argument(s)."""
     x = args[0] if args else kwargs.get("task_tensors", kwargs.get("tensor"))
     tensors = [x] if isinstance(x, torch.Tensor) else list(x) if isinstance(x, (list, tuple)) else []
-    return (bool(tensors)
-            and all(isinstance(t, torch.Tensor) and t.dtype in SUPPORTED_DTYPES for t in tensors)
-            and not needs_autograd(tensors) and fused_backend_for(tensors[0]))
+    return fused_can_take(tensors)
 
 
 SVD_MODES = ("auto", "exact", "randomized")
