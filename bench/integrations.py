@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 
@@ -165,15 +166,17 @@ def build_llamas(root: str, scale: str, k: int = 3) -> list:
 
 def _run_timed(cmd: list, env=None) -> tuple:
     """(wall seconds, peak RSS bytes, returncode) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    rc = os.waitstatus_to_exitcode(status)
-    if rc:
-        print(err[-3000:], file=sys.stderr)
+    # stderr to a file, not a pipe: nothing reads a pipe while wait4 blocks, so a child writing
+    # more than the pipe buffer (progress bars) would stall
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        if rc:
+            err.seek(0)
+            print(err.read().decode(errors="replace")[-3000:], file=sys.stderr)
     return wall, usage.ru_maxrss * 1024, rc
 
 
