@@ -31,6 +31,7 @@
 
 namespace fm {
 
+constexpr int64_t NORM_CHUNK = 64;  // blocks per partial norm (thread-count independent sums)
 constexpr int BLK = 512;  // elements per block: a multiple of 64 (bit words) and 4 (Philox)
 constexpr int64_t SENTINEL_NONE = (int64_t)1 << 32;  // threshold no key exceeds
 
@@ -497,13 +498,19 @@ std::vector<double> mask_norms(uint64_t base_ptr, const std::vector<uint64_t>& m
     const int nt = threads_for(nthreads, n);
     const int64_t nblocks = (n + BLK - 1) / BLK;
     const PhiloxKey key = philox_key(a.seed);
+    // Partial norms per fixed chunk of blocks, added in chunk order afterwards: the result does
+    // not depend on the thread count (a merge split over processes with fewer threads each must
+    // give the same bytes as one process).
+    const int64_t nchunks = (nblocks + NORM_CHUNK - 1) / NORM_CHUNK;
+    std::vector<double> part((size_t)nchunks * 2 * K, 0.0);
 #pragma omp parallel num_threads(nt)
     {
-        std::vector<double> acc(2 * (size_t)K, 0.0);
         alignas(64) float bb[BLK], d[BLK], tmp[BLK + 4];
         alignas(64) uint32_t keep[BLK];
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < nblocks; ++b) {
+        for (int64_t c = 0; c < nchunks; ++c) {
+          double* acc = part.data() + (size_t)c * 2 * K;
+          for (int64_t b = c * NORM_CHUNK; b < std::min(nblocks, (c + 1) * NORM_CHUNK); ++b) {
             const int64_t i0 = b * BLK;
             const int len = (int)std::min<int64_t>(BLK, n - i0);
             if (base) load_block(base, dt, i0, len, bb);
@@ -531,12 +538,12 @@ std::vector<double> mask_norms(uint64_t base_ptr, const std::vector<uint64_t>& m
                     }
                 }
             }
+          }
         }
-#pragma omp critical
-        for (int m = 0; m < K; ++m) {
-            if (norm == N_LINF) { out[2 * m] = std::max(out[2 * m], acc[2 * m]); out[2 * m + 1] = std::max(out[2 * m + 1], acc[2 * m + 1]); }
-            else { out[2 * m] += acc[2 * m]; out[2 * m + 1] += acc[2 * m + 1]; }
-        }
+    }
+    for (int64_t c = 0; c < nchunks; ++c) {
+        const double* acc = part.data() + (size_t)c * 2 * K;
+        for (int m = 0; m < 2 * K; ++m) out[m] = norm == N_LINF ? std::max(out[m], acc[m]) : out[m] + acc[m];
     }
     if (norm == N_L2)
         for (auto& v : out) v = std::sqrt(v);
@@ -564,14 +571,13 @@ std::vector<double> della_bits(uint64_t base_ptr, const std::vector<uint64_t>& m
     for (int m : which) {
         const void* x = (const void*)models[m];
         uint64_t* bits = (uint64_t*)bits_out[m];
-        double before_all = 0, after_all = 0;
+        std::vector<double> part(2 * (size_t)rows, 0.0);  // per row, summed in row order below
 #pragma omp parallel num_threads(nt)
         {
             std::vector<float> d(len), u(len + 12);
             std::vector<uint32_t> keys(len), ia(len), ib(len);
             std::vector<uint64_t> rowbits(len / 64 + 2);
             std::vector<uint32_t> cnt(2048);
-            double bsum = 0, asum = 0;
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; ++r) {
                 const int64_t o = r / inner, jj = r % inner;
@@ -617,8 +623,7 @@ std::vector<double> della_bits(uint64_t base_ptr, const std::vector<uint64_t>& m
                 std::fill(rowbits.begin(), rowbits.end(), 0ull);
                 const float den = (float)(len - 1);
                 const int shift0 = inner == 1 ? (int)(first & 63) : 0;
-                double& before = bsum;
-                double& after = asum;
+                double before = 0, after = 0;
                 for (int64_t pos = 0; pos < len; ++pos) {
                     const uint32_t t = src[pos];
                     const float rn = len > 1 ? (float)(len - 1 - pos) / den : 0.0f;
@@ -642,12 +647,14 @@ std::vector<double> della_bits(uint64_t base_ptr, const std::vector<uint64_t>& m
                     for (int64_t w = 0; w < nw; ++w)
                         if (rowbits[w]) __atomic_fetch_or(bits + w0 + w, rowbits[w], __ATOMIC_RELAXED);
                 }
+                part[2 * r] = before;
+                part[2 * r + 1] = after;
             }
-#pragma omp critical
-            {
-                if (norm == N_LINF) { before_all = std::max(before_all, bsum); after_all = std::max(after_all, asum); }
-                else { before_all += bsum; after_all += asum; }
-            }
+        }
+        double before_all = 0, after_all = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+            if (norm == N_LINF) { before_all = std::max(before_all, part[2 * r]); after_all = std::max(after_all, part[2 * r + 1]); }
+            else { before_all += part[2 * r]; after_all += part[2 * r + 1]; }
         }
         if (norm == N_L2) { before_all = std::sqrt(before_all); after_all = std::sqrt(after_all); }
         out[2 * m] = before_all;

@@ -363,3 +363,53 @@ def test_backends_match_reference_deterministic(method, rescale, dtype):
         assert out.dtype == ref.dtype
         diff = (out.double() - ref.double()).abs()
         assert torch.all(diff <= _ulp(ref)), f"{be}: max diff {float(diff.max())}"
+
+
+
+def test_norm_sums_do_not_depend_on_thread_count():
+    """Rescaling sums |delta| over the whole tensor (in double). Those sums are added per fixed
+    chunk, in chunk order, so a merge split over processes with fewer threads each (``torchrun
+    ... fastmerge merge``) writes the same bytes as one process with more threads. Checked on
+    the native sums themselves (doubles), where a thread-dependent order would show."""
+    from fastmerge import _semantics as sem
+    from fastmerge import cpu
+
+    if not fastmerge.backends()["cpu"]["available"]:
+        pytest.skip("cpu backend not built")
+    torch.manual_seed(0)
+    n = 3_000_001
+    base = torch.randn(n)
+    models = [base + torch.randn(n) * 10.0 ** -i for i in range(3)]
+    masks = [sem.random_mask(0.3), sem.magnitude_mask(0.2, n), sem.random_mask(0.6)]
+    lib = cpu._lib()
+    ranges = cpu._thresholds(base, models, masks, n)
+    kinds = [cpu._KIND[m.kind] for m in masks]
+    for norm in ("l1", "l2"):
+        sums = [lib.mask_norms(base.data_ptr(), cpu._ptrs(models), cpu._DT[torch.float32], n, kinds,
+                               ranges, [m.p for m in masks], 5, [0, 0, 0], cpu._NORM[norm], nt)
+                for nt in (1, 2, 3, 7)]
+        assert all(s == sums[0] for s in sums[1:]), (norm, sums)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "breadcrumbs"])
+def test_rescaled_norms_do_not_depend_on_thread_count(method):
+    """Rescaling sums |delta| over the whole tensor: those sums are added per fixed chunk, in
+    chunk order, so a merge split over processes with fewer threads each (``torchrun ...
+    fastmerge merge``) writes the same bytes as one process with more threads."""
+    if not fastmerge.backends()["cpu"]["available"]:
+        pytest.skip("cpu backend not built")
+    torch.manual_seed(0)
+    base = torch.randn(600, 1111)
+    models = [base + 0.01 * torch.randn_like(base) for _ in range(3)]
+    kw = dict(weights=[0.5, 1.0, 0.7], density=[0.3, 0.5, 0.4], seed=7, backend="cpu",
+              rescale="l2" if method == "breadcrumbs" else True)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            outs.append(fastmerge.merge(method, base, models, **kw))
+    finally:
+        torch.set_num_threads(before)
+    for o in outs[1:]:
+        assert torch.equal(o.view(torch.int32), outs[0].view(torch.int32))
