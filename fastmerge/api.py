@@ -62,6 +62,7 @@ def merge(
     alpha: Optional[float] = None,
     exact: bool = False,
     common_space_fraction: float = 0.8,
+    threshold=None,
 ) -> torch.Tensor:
     """Merge ``models`` onto ``base`` with one of mergekit's methods or an SVD method.
 
@@ -95,6 +96,11 @@ def merge(
     FusionBench does; the default sketches the top components (randomized SVD, ``seed``
     seeds the sketch). ``common_space_fraction`` is Iso-CTS's (FusionBench default 0.8).
     ``density``, ``gamma``, ``epsilon``, ``normalize`` and ``rescale`` do not apply to them.
+
+    ``threshold`` (magnitude-trimming methods: ``ties``): scalar or K magnitudes; model k keeps
+    every element with ``|models[k] - base| >= threshold[k]`` instead of a ``density`` share of
+    this tensor. This is how a threshold computed over a whole model (FusionBench's TIES, see
+    ``fastmerge merge``'s ``topk_scope: model``) is applied tensor by tensor.
     They run torch's GEMM/LAPACK kernels on the tensors' device whatever the backend
     (``backend`` is still checked).
     """
@@ -136,7 +142,13 @@ def merge(
 
     consensus, sparsify, d_norm, d_rescale = sem.MERGEKIT_METHODS[method]
     n = ref.numel()
-    if sparsify == "magnitude":
+    if threshold is not None:
+        if sparsify != "magnitude":
+            raise ValueError(f"threshold applies to magnitude trimming (ties), not to method {method!r}")
+        if any(d != 1.0 for d in dens):
+            raise ValueError("give either density or threshold, not both")
+        masks = _threshold_masks(base, models, V.per_model(threshold, K, "threshold", 0.0))
+    elif sparsify == "magnitude":
         masks = [sem.magnitude_mask(d, n) for d in dens]
     elif sparsify == "outliers":
         g = V.per_model(gamma, K, "gamma", 0.0, 1.0)
@@ -161,6 +173,15 @@ def merge(
         seed=resolve_seed(seed) if random or seed is not None else 0,  # validate a given seed
     )
     return run(plan, base, models, dtype, backend)
+
+
+def _threshold_masks(base, models, thresholds) -> list:
+    """Keep ``|m - base| >= thr`` as a top-count mask: every element at or above the threshold
+    precedes every element below it in the priority order, so the first ``count`` positions
+    are exactly those elements (the deltas are formed in fp32, as the kernels form them)."""
+    b = base.float()
+    counts = [int(((m.float() - b).abs_() >= thr).sum()) for m, thr in zip(models, thresholds)]
+    return [sem.MaskSpec("range", 0, c) if c < b.numel() else sem.MaskSpec("none") for c in counts]
 
 
 def _alias(method: str):

@@ -4,6 +4,9 @@ Subcommands:
     fastmerge bench [options]   benchmark against PEFT and mergekit (``fastmerge bench --help``)
     fastmerge bench-lowrank     fastmerge.lowrank vs the full-SVD paths (``--help``)
     fastmerge backends          which backends this machine can run, and why not
+    fastmerge merge CONFIG OUT  merge whole safetensors checkpoints from a mergekit YAML config,
+                                streaming (``fastmerge merge --help``; ``torchrun ... -m
+                                fastmerge merge`` splits the work across processes)
     fastmerge mergekit CONFIG OUT [mergekit-yaml options]
                                 mergekit-yaml with its task-arithmetic family and linear merges
                                 running on fastmerge (same YAML, same output layout)
@@ -81,6 +84,76 @@ def _cmd_mergekit(args, rest) -> int:
     return 0
 
 
+_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+               "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``2GiB``, a plain integer, or mergekit's ``5B`` (billion)."""
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 5GB, 500MB or 2GiB") from None
+    if unit not in _SIZE_UNITS or value <= 0:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 5GB, 500MB or 2GiB")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def _merge_parser(sub) -> None:
+    p = sub.add_parser(
+        "merge", help="merge safetensors checkpoints from a mergekit YAML config (merge --help)",
+        description="Merge whole checkpoints (local folders of safetensors) as a mergekit YAML "
+                    "config says, streaming tensor by tensor on fastmerge's kernels. Runs under "
+                    "torchrun too: `torchrun --nproc-per-node=N -m fastmerge merge CONFIG OUT` "
+                    "splits the tensors across the processes (gloo on CPU, NCCL on GPUs) and "
+                    "writes the same files as one process. OUT appears only when complete.")
+    p.add_argument("config", help="mergekit-style YAML: merge_method, base_model, models with "
+                                  "parameters, dtype, out_dtype (+ fastmerge's topk_scope)")
+    p.add_argument("out", help="output folder (created; replaced only with --overwrite)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if present), cpu, cuda, cuda:N")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "cpu", "triton", "cuda"],
+                   help="kernel backend (default: env FASTMERGE_BACKEND or auto)")
+    p.add_argument("--max-shard-size", type=parse_size, default=5 * 10**9, metavar="SIZE",
+                   help="largest output shard, e.g. 5GB (default), 2GiB, 500MB")
+    p.add_argument("--random-seed", type=int, default=0, metavar="N",
+                   help="seed of DARE/DELLA's random masks (each tensor's Philox seed hashes it "
+                        "with the tensor name; default 0)")
+    p.add_argument("--topk-scope", choices=["tensor", "model"], default=None,
+                   help="TIES trimming per tensor (mergekit, default) or over the whole model "
+                        "(FusionBench); overrides the config's topk_scope")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--read-ahead", type=int, default=2, metavar="N",
+                   help="tensors read ahead of the one being merged (default 2)")
+
+
+def _cmd_merge(args, rest) -> int:
+    from .streaming import MergeError, merge_checkpoints
+
+    try:
+        summary = merge_checkpoints(
+            args.config, args.out, device=args.device, backend=args.backend,
+            max_shard_bytes=args.max_shard_size, seed=args.random_seed, topk_scope=args.topk_scope,
+            overwrite=args.overwrite, copy_tokenizer=not args.no_copy_tokenizer,
+            progress=not args.no_progress, read_ahead=max(0, args.read_ahead))
+    except MergeError as exc:
+        if int(os.environ.get("RANK", "0")) == 0 or "another process" not in str(exc):
+            print(f"fastmerge merge: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fastmerge merge: interrupted; the output folder was not written", file=sys.stderr)
+        return 130
+    if summary["rank"] == 0:
+        print(f"fastmerge merge: {summary['tensors']} tensors -> {summary['out']} "
+              f"({summary['bytes_written'] / 1e9:.2f} GB) in {summary['seconds']:.1f} s"
+              + (f" on {summary['world']} processes" if summary["world"] > 1 else ""), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmerge",
@@ -96,13 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark fastmerge.lowrank (randomized SVD, polar, TSV/Iso-C/Iso-CTS, "
                         "LoRA re-rank) against the full-SVD paths (bench-lowrank --help)")
     sub.add_parser("backends", help="list the backends available here, and why not")
+    _merge_parser(sub)
     sub.add_parser("mergekit", add_help=False,
                    help="mergekit-yaml CONFIG OUT [options] with merges on fastmerge (mergekit --help)")
     return parser
 
 
 COMMANDS = {"bench": _cmd_bench, "bench-lowrank": _cmd_bench_lowrank, "backends": _cmd_backends,
-            "mergekit": _cmd_mergekit}
+            "mergekit": _cmd_mergekit, "merge": _cmd_merge}
 PASSTHROUGH = ("bench", "bench-lowrank", "mergekit")  # subcommands that take the rest of the command line as is
 
 

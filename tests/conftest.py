@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 
 import pytest
@@ -201,3 +202,59 @@ def bernoulli_as_fastmerge(monkeypatch, k):
         mp.setattr(torch, "bernoulli", fake)
         yield calls
     assert calls[0] % k == 0, f"{calls[0]} bernoulli calls is not a multiple of {k}"
+
+
+# ---------------------------------------------------------------- tiny Llama checkpoints
+
+def tiny_llamas(root):
+    """``root/base`` and ``root/m0..m2``: tiny random Llama checkpoints (fp32 safetensors), the
+    fine-tunes ``base + 0.01 (k+1) N(0, 1)``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(root / "base")
+    sd = base.state_dict()
+    for k in range(3):
+        m = LlamaForCausalLM(cfg)
+        m.load_state_dict({n: t + 0.01 * (k + 1) * torch.randn_like(t) for n, t in sd.items()})
+        m.save_pretrained(root / f"m{k}")
+    return root
+
+
+def llama_config(root, method, dtype, out_dtype=None):
+    """A mergekit YAML for ``method`` over :func:`tiny_llamas`' checkpoints; returns its path."""
+    params = {
+        "ties": "{weight: 1.0, density: 0.3}|{weight: 0.5, density: 0.5}|{weight: 0.7, density: 0.2}",
+        "task_arithmetic": "{weight: 0.5}|{weight: 0.3}|{weight: 0.2}",
+        "breadcrumbs_ties": "{weight: 1.0, density: 0.4, gamma: 0.02}|{weight: 0.6, density: 0.5, gamma: 0.01}|"
+                            "{weight: 0.3, density: 0.7, gamma: 0.05}",
+        "dare_ties": "{weight: 1.0, density: 0.4}|{weight: 0.5, density: 0.6}|{weight: 0.5, density: 0.3}",
+        "della": "{weight: 1.0, density: 0.5, epsilon: 0.1}|{weight: 0.5, density: 0.4, epsilon: 0.2}|"
+                 "{weight: 0.8, density: 0.6, epsilon: 0.1}",
+        "linear": "{weight: 0.5}|{weight: 0.3}|{weight: 0.2}",
+    }[method].split("|")
+    lines = [f"merge_method: {method}", f"dtype: {dtype}"]
+    if method != "linear":
+        lines.append(f"base_model: {root / 'base'}")
+    if out_dtype:
+        lines.append(f"out_dtype: {out_dtype}")
+    lines.append("models:")
+    for k, p in enumerate(params):
+        lines += [f"  - model: {root / f'm{k}'}", f"    parameters: {p}"]
+    path = root / f"{method}-{dtype}-{out_dtype}.yml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def load_folder(folder):
+    """Every tensor of every ``*.safetensors`` file in ``folder``, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out

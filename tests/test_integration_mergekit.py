@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fastmerge
-from conftest import DTYPE_IDS, DTYPES, bernoulli_as_fastmerge, make_models
+from conftest import DTYPE_IDS, DTYPES, bernoulli_as_fastmerge, llama_config, load_folder, make_models, tiny_llamas
 
 mergekit = pytest.importorskip("mergekit")
 from mergekit.merge_methods import merge_state_dicts, merge_tensors  # noqa: E402
@@ -216,60 +216,10 @@ def test_autograd_through_module_parameters_is_kept():
 
 # ---------------------------------------------------------------- end to end: mergekit-yaml
 
-def _tiny_llamas(root):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
-    base.save_pretrained(root / "base")
-    sd = base.state_dict()
-    for k in range(3):
-        m = LlamaForCausalLM(cfg)
-        m.load_state_dict({n: t + 0.01 * (k + 1) * torch.randn_like(t) for n, t in sd.items()})
-        m.save_pretrained(root / f"m{k}")
-    return root
-
-
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
     pytest.importorskip("transformers")
-    return _tiny_llamas(tmp_path_factory.mktemp("llamas"))
-
-
-def _config(root, method, dtype, out_dtype=None):
-    params = {
-        "ties": "{weight: 1.0, density: 0.3}|{weight: 0.5, density: 0.5}|{weight: 0.7, density: 0.2}",
-        "task_arithmetic": "{weight: 0.5}|{weight: 0.3}|{weight: 0.2}",
-        "breadcrumbs_ties": "{weight: 1.0, density: 0.4, gamma: 0.02}|{weight: 0.6, density: 0.5, gamma: 0.01}|"
-                            "{weight: 0.3, density: 0.7, gamma: 0.05}",
-        "dare_ties": "{weight: 1.0, density: 0.4}|{weight: 0.5, density: 0.6}|{weight: 0.5, density: 0.3}",
-        "della": "{weight: 1.0, density: 0.5, epsilon: 0.1}|{weight: 0.5, density: 0.4, epsilon: 0.2}|"
-                 "{weight: 0.8, density: 0.6, epsilon: 0.1}",
-        "linear": "{weight: 0.5}|{weight: 0.3}|{weight: 0.2}",
-    }[method].split("|")
-    lines = [f"merge_method: {method}", f"dtype: {dtype}"]
-    if method != "linear":
-        lines.append(f"base_model: {root / 'base'}")
-    if out_dtype:
-        lines.append(f"out_dtype: {out_dtype}")
-    lines.append("models:")
-    for k, p in enumerate(params):
-        lines += [f"  - model: {root / f'm{k}'}", f"    parameters: {p}"]
-    path = root / f"{method}-{dtype}-{out_dtype}.yml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _load(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
+    return tiny_llamas(tmp_path_factory.mktemp("llamas"))
 
 
 @pytest.mark.parametrize("method,dtype,out_dtype", [
@@ -282,7 +232,7 @@ def test_fastmerge_mergekit_matches_mergekit_yaml(llamas, tmp_path, monkeypatch,
 
     from fastmerge.cli import main as fastmerge_cli
 
-    cfg = _config(llamas, method, dtype, out_dtype)
+    cfg = llama_config(llamas, method, dtype, out_dtype)
     args = ["--random-seed", "7", "--no-copy-tokenizer"]
     if method in RANDOM:
         # the same masks in both runs: mergekit's bernoulli replaced by fastmerge's stream
@@ -294,7 +244,7 @@ def test_fastmerge_mergekit_matches_mergekit_yaml(llamas, tmp_path, monkeypatch,
     assert fastmerge_cli(["mergekit", str(cfg), str(tmp_path / "fm"), *args]) == 0
     fm_mk.unpatch()
 
-    expected, actual = _load(tmp_path / "mk"), _load(tmp_path / "fm")
+    expected, actual = load_folder(tmp_path / "mk"), load_folder(tmp_path / "fm")
     assert expected.keys() == actual.keys() and len(actual) > 10
     tol = {"float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-3}[out_dtype or dtype]
     off = total = 0

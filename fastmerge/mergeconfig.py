@@ -1,0 +1,287 @@
+"""mergekit's YAML merge configuration, read the way mergekit 0.1.5 reads it.
+
+Supported: ``merge_method``, ``base_model``, ``models`` (each ``model`` with ``parameters``),
+top-level ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base`` or a model
+folder), plus fastmerge's own keys ``quantize`` and ``topk_scope``. A parameter value is a scalar,
+a gradient (a list of numbers, interpolated over the layers), or filters (a list of
+``{filter: substring, value: ...}``, the first that matches the tensor name wins) -- exactly
+mergekit's ``evaluate_setting``:
+
+- per-model parameters (``weight, density, gamma, epsilon``) look in the model's own
+  ``parameters`` first, then the top-level ones; shared ones (``normalize, rescale, lambda,
+  int8_mask``) only in the top-level ``parameters``; a value that resolves to nothing (no filter
+  matched) falls through to the next place, then to the method's default;
+- ``t`` (the gradient position) is ``i / (L - 1)`` for a tensor of layer ``i`` of ``L`` (1 when
+  ``L == 1``), and 0 for tensors outside the layer stack (embeddings, final norm, head).
+
+``slices``/``modules`` (layer surgery) and mergekit's other methods are not fastmerge's: the
+error says to use ``fastmerge mergekit`` for those.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from . import _semantics as sem
+from . import lowrank
+
+
+class ConfigError(ValueError):
+    """A merge configuration fastmerge cannot run (the message says what and where)."""
+
+
+METHODS = sem.METHODS + lowrank.METHODS
+_FLOAT = ("weight", "density", "gamma", "epsilon", "lambda", "alpha")
+_BOOL = ("normalize", "rescale", "int8_mask")
+SHARED = ("normalize", "rescale", "lambda", "int8_mask", "alpha")
+PER_MODEL = ("weight", "density", "gamma", "epsilon")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float": torch.float32, "half": torch.float16}
+TOPK_SCOPES = ("tensor", "model")
+_KNOWN = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+          "tokenizer_source", "quantize", "topk_scope", "name", "chat_template"}
+
+
+@dataclass
+class ModelRef:
+    path: str
+    parameters: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    method: str
+    base: Optional[str]
+    models: List[ModelRef]
+    parameters: Dict[str, Any]
+    dtype: Optional[torch.dtype] = None
+    out_dtype: Optional[torch.dtype] = None
+    tokenizer_source: Optional[str] = None
+    quantize: Optional[dict] = None
+    topk_scope: str = "tensor"
+    source: str = ""  # the YAML text, copied next to the output
+
+    @property
+    def inputs(self) -> List[ModelRef]:
+        """The models merged onto the base: every listed model except the base itself (mergekit
+        drops the base from the task vectors); ``linear`` merges every listed model."""
+        if self.method == "linear" or self.base is None:
+            return list(self.models)
+        return [m for m in self.models if os.path.abspath(m.path) != os.path.abspath(self.base)]
+
+
+def _validate(name: str, value: Any, where: str) -> Any:
+    """mergekit's per-parameter type adapter (pydantic lax mode): floats from numbers or
+    numeric strings, bools from bools (and yes/no-like strings)."""
+    if name in _FLOAT:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
+    if name in _BOOL:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
+    return value
+
+
+def evaluate(name: str, setting: Any, tensor: str, t: float, where: str = "parameters") -> Any:
+    """Resolve one parameter ``setting`` for ``tensor`` at gradient position ``t`` (mergekit's
+    ``evaluate_setting``); None when a list of filters has no match."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if setting is None or isinstance(setting, (bool, int, float, str)):
+        return None if setting is None else _validate(name, setting, where)
+    if not isinstance(setting, list):
+        raise ConfigError(f"{where}: {name} has an unexpected value {setting!r}")
+    if not setting:
+        return None
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        values = [_validate(name, e, where) for e in setting]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return _validate(name, (1 - frac) * values[i0] + frac * values[i1], where)
+    for cond in setting:
+        if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
+            raise ConfigError(f"{where}: {name}: a list of conditions must hold only "
+                              f"{{filter: ..., value: ...}} entries, got {cond!r}")
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or (tensor and str(flt) in tensor):
+            return evaluate(name, cond["value"], tensor, t, where)
+    return None
+
+
+def _model_ref(entry: Any, i: int) -> ModelRef:
+    where = f"models[{i}]"
+    if isinstance(entry, str):
+        return ModelRef(entry)
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise ConfigError(f"{where}: each entry needs a `model:` (a local folder)")
+    extra = set(entry) - {"model", "parameters"}
+    if extra:
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)}")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}.parameters must be a mapping")
+    return ModelRef(str(entry["model"]), dict(params))
+
+
+def _dtype(value: Any, key: str) -> Optional[torch.dtype]:
+    if value is None:
+        return None
+    if str(value) not in DTYPES:
+        raise ConfigError(f"{key}: unknown dtype {value!r}; use float32, float16 or bfloat16")
+    return DTYPES[str(value)]
+
+
+def parse(text: str, source_name: str = "config") -> MergeConfig:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source_name} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source_name}: expected a mapping with merge_method, base_model, models")
+    if "slices" in raw or "modules" in raw:
+        raise ConfigError(f"{source_name}: `slices`/`modules` (layer surgery) are not supported by "
+                          "`fastmerge merge`; run it with `fastmerge mergekit CONFIG OUT` (mergekit "
+                          "with fastmerge's kernels) instead")
+    unknown = set(raw) - _KNOWN
+    if unknown:
+        raise ConfigError(f"{source_name}: unknown keys {sorted(unknown)} (known: {sorted(_KNOWN)})")
+    method = raw.get("merge_method")
+    if method not in METHODS:
+        raise ConfigError(f"{source_name}: merge_method {method!r} is not supported by `fastmerge merge` "
+                          f"(supported: {', '.join(METHODS)}); for mergekit's other methods run "
+                          "`fastmerge mergekit CONFIG OUT`")
+    models = raw.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{source_name}: `models` must be a non-empty list")
+    params = raw.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source_name}: `parameters` must be a mapping")
+    scope = raw.get("topk_scope", "tensor")
+    if scope not in TOPK_SCOPES:
+        raise ConfigError(f"{source_name}: topk_scope must be one of {TOPK_SCOPES}, got {scope!r}")
+    base = raw.get("base_model")
+    if base is None and method != "linear":
+        raise ConfigError(f"{source_name}: merge_method {method} needs a base_model")
+    tok = raw.get("tokenizer_source")
+    if tok is not None and not isinstance(tok, str):
+        raise ConfigError(f"{source_name}: tokenizer_source must be `base` or a model folder")
+    if tok == "union":
+        raise ConfigError(f"{source_name}: tokenizer_source: union (vocabulary merging) is not supported "
+                          "by `fastmerge merge`; use `fastmerge mergekit`")
+    quant = raw.get("quantize")
+    if quant is not None and not isinstance(quant, dict):
+        raise ConfigError(f"{source_name}: quantize must be a mapping, e.g. {{format: int4, group_size: 128}}")
+    return MergeConfig(
+        method=method, base=None if base is None else str(base),
+        models=[_model_ref(m, i) for i, m in enumerate(models)], parameters=dict(params),
+        dtype=_dtype(raw.get("dtype"), "dtype"), out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
+        tokenizer_source=tok, quantize=quant, topk_scope=scope, source=text,
+    )
+
+
+def load(path: str) -> MergeConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        return parse(f.read(), path)
+
+
+# ------------------------------------------------------------------ layers and parameters
+
+_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block))\.(\d+)\.")
+
+
+def layer_positions(names: List[str]) -> Dict[str, float]:
+    """``t`` per tensor: ``i / (L-1)`` for layer ``i`` of a stack of ``L`` layers (``L`` counted
+    per stack prefix, e.g. ``model.layers``), 1 for a one-layer stack, 0 outside any stack."""
+    found: Dict[str, Tuple[str, int]] = {}
+    count: Dict[str, int] = {}
+    for n in names:
+        m = _LAYER.match(n)
+        if m:
+            found[n] = (m.group(1), int(m.group(2)))
+            count[m.group(1)] = max(count.get(m.group(1), 0), int(m.group(2)) + 1)
+    out = {}
+    for n in names:
+        if n not in found:
+            out[n] = 0.0
+            continue
+        prefix, i = found[n]
+        L = count[prefix]
+        out[n] = i / (L - 1) if L > 1 else 1.0
+    return out
+
+
+def _defaults(method: str) -> Dict[str, Any]:
+    if method == "linear":
+        return {"normalize": True, "lambda": 1.0, "int8_mask": False}
+    if method in lowrank.METHODS:
+        return {"lambda": 1.0, "alpha": None, "int8_mask": False, "normalize": None, "rescale": None}
+    _, sparsify, d_norm, d_rescale = sem.MERGEKIT_METHODS[method]
+    return {"normalize": d_norm, "rescale": d_rescale, "lambda": 1.0, "int8_mask": False,
+            "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+
+
+def resolve(cfg: MergeConfig, tensor: str, t: float) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """(shared parameters, one dict of per-model parameters per input) for ``tensor``."""
+    defaults = _defaults(cfg.method)
+    shared = {}
+    for name in SHARED:
+        v = evaluate(name, cfg.parameters.get(name), tensor, t)
+        shared[name] = defaults.get(name) if v is None else v
+    per_model = []
+    for ref in cfg.inputs:
+        values = {}
+        for name in PER_MODEL:
+            v = None
+            for scope, where in ((ref.parameters, f"model {ref.path}"), (cfg.parameters, "parameters")):
+                if name in scope:
+                    v = evaluate(name, scope[name], tensor, t, where)
+                    if v is not None:
+                        break
+            if v is None:
+                if name == "weight" and cfg.method not in lowrank.METHODS:
+                    raise ConfigError(f"missing required parameter weight for {ref.path} "
+                                      f"(tensor {tensor}); mergekit requires it too")
+                v = defaults.get(name, 1.0)
+            values[name] = v
+        per_model.append(values)
+    return shared, per_model
+
+
+def merge_kwargs(cfg: MergeConfig, shared: dict, per_model: List[dict]) -> Dict[str, Any]:
+    """Keyword arguments of :func:`fastmerge.merge` for one tensor."""
+    kw: Dict[str, Any] = {"weights": [p["weight"] for p in per_model]}
+    if cfg.method in lowrank.METHODS:
+        kw["alpha"] = shared["alpha"] if shared["alpha"] is not None else shared["lambda"]
+        return kw
+    kw["lam"] = shared["lambda"]
+    kw["normalize"] = shared["normalize"]
+    if cfg.method == "linear":
+        return kw
+    kw["rescale"] = shared["rescale"]
+    kw["density"] = [p["density"] for p in per_model]
+    kw["gamma"] = [p["gamma"] for p in per_model]
+    kw["epsilon"] = [p["epsilon"] for p in per_model]
+    return kw
+

@@ -1,0 +1,570 @@
+"""``fastmerge merge CONFIG OUT``: merge whole checkpoints tensor by tensor, streaming.
+
+One pass over the inputs. Per tensor: the inputs are the mapped pages of the K+1 safetensors
+files (no copy into Python buffers), the next tensors' pages are being read ahead by the kernel
+while this one merges, the fused kernel merges, a writer thread ``pwrite``s the result at its
+place in the output shard while the next tensor merges, and the merged inputs' pages are dropped
+from the process. On a GPU the inputs go through pinned buffers and a side stream instead.
+
+Several processes (``torchrun --nproc-per-node=N -m fastmerge merge CONFIG OUT``, on one machine
+or several sharing OUT's filesystem) split the tensors by size; every process computes the same
+output layout, so each writes its tensors straight into the shared shard files and rank 0
+writes the index, config and tokenizer: the bytes are those of a one-process run.
+
+The output is atomic: everything is written to a hidden folder next to OUT and renamed onto OUT
+only when every tensor is on disk; an interrupted or failed run leaves OUT untouched.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import heapq
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import api
+from . import mergeconfig as mc
+from .safetensors_io import Checkpoint, FormatError, Spec, Writer, plan_layout
+
+COPY_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "chat_template.jinja", "chat_template.json")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class MergeError(RuntimeError):
+    """A merge that cannot run or finish; the message is meant for the user as is."""
+
+
+@dataclass
+class Options:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    backend: Optional[str] = None
+    max_shard_bytes: int = 5 * 10**9
+    seed: int = 0
+    topk_scope: Optional[str] = None  # overrides the config's
+    overwrite: bool = False
+    copy_tokenizer: bool = True
+    progress: bool = True
+    read_ahead: int = 2
+
+
+@dataclass
+class Job:
+    name: str
+    shape: tuple
+    dtype: torch.dtype  # working dtype the inputs are read as
+    out_dtype: torch.dtype
+    kind: str  # merge | copy
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    in_bytes: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The Philox seed of one tensor: a hash of the run's seed and the tensor's name, so that
+    the result never depends on the order or the process a tensor is merged in."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest(), "little")
+
+
+# ------------------------------------------------------------------------- processes
+
+class Group:
+    """This process's place in a ``torchrun`` launch (rank 0 of 1 without one)."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.dist = None
+        self.coll_device = torch.device("cpu")
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.dist = dist
+            if device.type == "cuda":
+                self.coll_device = device
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dist is None:
+            return t
+        x = t.to(self.coll_device)
+        self.dist.all_reduce(x)
+        return x.to(t.device)
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every process reports ok (a barrier too)."""
+        if self.dist is None:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        return int(self.sum_(flag)) == 0
+
+    def close(self) -> None:
+        if self.dist is not None and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+def assign(jobs: List[Job], world: int) -> List[int]:
+    """Rank of each job: largest first onto the least-loaded rank (ties: lowest rank)."""
+    owner = [0] * len(jobs)
+    heap = [(0, r) for r in range(world)]
+    for i in sorted(range(len(jobs)), key=lambda i: (-jobs[i].in_bytes, i)):
+        load, r = heapq.heappop(heap)
+        owner[i] = r
+        heapq.heappush(heap, (load + jobs[i].in_bytes + 1, r))
+    return owner
+
+
+# ------------------------------------------------------------------------------ plan
+
+def _open(path: str, role: str) -> Checkpoint:
+    if "://" in path or (not os.path.exists(path) and path.count("/") == 1 and not path.startswith(".")):
+        raise MergeError(f"{role} {path!r} is not a local folder: `fastmerge merge` reads local "
+                         f"checkpoints (download it first, e.g. `huggingface-cli download {path} "
+                         f"--local-dir ./{path.split('/')[-1]}`)")
+    try:
+        return Checkpoint(path)
+    except FileNotFoundError:
+        raise MergeError(f"{role} not found: {path}") from None
+    except FormatError as exc:
+        raise MergeError(f"{role}: {exc}") from None
+
+
+def plan(cfg: mc.MergeConfig, base: Optional[Checkpoint], inputs: List[Checkpoint],
+         labels: List[str], seed: int) -> List[Job]:
+    ref = base if base is not None else inputs[0]
+    names = ref.names()
+    everyone = ([base] if base is not None else []) + inputs
+    who = (["base_model"] if base is not None else []) + labels
+    for ck, label in zip(everyone, who):
+        missing = [n for n in names if n not in ck.entries]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise MergeError(f"{label} ({ck.folder}) lacks tensor(s) {', '.join(missing[:3])}{more}")
+    positions = mc.layer_positions(names)
+    random = cfg.method in ("dare_ties", "dare_linear", "della", "della_linear") or cfg.method in mc.lowrank.METHODS
+    jobs = []
+    for name in names:
+        e0 = ref.entries[name]
+        for ck, label in zip(everyone, who):
+            e = ck.entries[name]
+            if e.shape != e0.shape:
+                raise MergeError(f"shape mismatch for tensor {name}: {who[0]} has {list(e0.shape)}, "
+                                 f"{label} has {list(e.shape)}")
+        dtypes = {ck.entries[name].dtype for ck in everyone}
+        in_bytes = sum(ck.entries[name].nbytes for ck in everyone)
+        if not all(d.is_floating_point for d in dtypes):
+            if len(dtypes) != 1:
+                raise MergeError(f"dtype mismatch for tensor {name}: {sorted(map(str, dtypes))}")
+            jobs.append(Job(name, e0.shape, e0.dtype, e0.dtype, "copy", in_bytes=in_bytes))
+            continue
+        if cfg.dtype is not None:
+            dtype = cfg.dtype
+        elif len(dtypes) == 1:
+            dtype = dtypes.pop()
+        else:
+            raise MergeError(f"dtype mismatch for tensor {name}: the models hold "
+                             f"{', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))}; "
+                             "set `dtype:` in the config to merge them in one dtype")
+        if dtype not in _DTYPE_NAMES:
+            raise MergeError(f"tensor {name} is {dtype}; fastmerge merges float32, float16 and "
+                             "bfloat16: set `dtype: float32` (or bfloat16) in the config")
+        try:
+            shared, per_model = mc.resolve(cfg, name, positions[name])
+        except mc.ConfigError as exc:
+            raise MergeError(str(exc)) from None
+        kwargs = mc.merge_kwargs(cfg, shared, per_model)
+        if random:
+            kwargs["seed"] = tensor_seed(seed, name)
+        jobs.append(Job(name, e0.shape, dtype, cfg.out_dtype or dtype, "merge", kwargs, in_bytes))
+    return jobs
+
+
+# --------------------------------------------------------------- whole-model thresholds
+
+_CHUNK = 1 << 24
+
+
+def _abs_bits(model: torch.Tensor, base: torch.Tensor, dtype: torch.dtype):
+    """|model - base| in fp32 (as the kernels form it) as int32 bit patterns, in chunks."""
+    m, b = model.reshape(-1), base.reshape(-1)
+    for s in range(0, m.numel(), _CHUNK):
+        d = m[s:s + _CHUNK].to(dtype).float() - b[s:s + _CHUNK].to(dtype).float()
+        yield d.abs_().view(torch.int32)
+
+
+def model_thresholds(jobs: List[Job], mine: List[int], base: Checkpoint, inputs: List[Checkpoint],
+                     densities: List[float], group: Group) -> List[float]:
+    """FusionBench's TIES trimming over the whole model, exactly: per model, with ``N`` the
+    number of elements of all merged tensors and ``k = int(N * density)``, the threshold is the
+    ``(N - k)``-th smallest ``|delta|`` (``kthvalue``) and every element ``>=`` it is kept.
+    Found by a two-level radix select on the fp32 bit patterns (16 high bits, then the 16 low
+    bits inside the chosen bucket) with the histograms summed over all processes."""
+    K = len(inputs)
+    merged = [i for i, j in enumerate(jobs) if j.kind == "merge"]
+    N = sum(jobs[i].numel for i in merged)
+    rank = [N - int(N * d) for d in densities]  # 1-based ascending rank of the threshold
+    active = [k for k in range(K) if densities[k] < 1.0 and N > 0]
+    thr = [0.0] * K
+    if not active:
+        return thr
+    todo = [i for i in mine if jobs[i].kind == "merge"]
+    hi = torch.zeros(K, 1 << 15, dtype=torch.int64)
+    for i in todo:
+        b = base.tensor(jobs[i].name)
+        for k in active:
+            for bits in _abs_bits(inputs[k].tensor(jobs[i].name), b, jobs[i].dtype):
+                hi[k] += torch.bincount((bits >> 16).clamp_(max=(1 << 15) - 1), minlength=1 << 15)
+    hi = group.sum_(hi)
+    cum = hi.cumsum(1)
+    bucket, within = {}, {}
+    for k in active:
+        bk = int(torch.searchsorted(cum[k], torch.tensor(rank[k])))
+        bucket[k] = bk
+        within[k] = rank[k] - (int(cum[k, bk - 1]) if bk else 0)
+    lo = torch.zeros(K, 1 << 16, dtype=torch.int64)
+    for i in todo:
+        b = base.tensor(jobs[i].name)
+        for k in active:
+            for bits in _abs_bits(inputs[k].tensor(jobs[i].name), b, jobs[i].dtype):
+                sel = bits[(bits >> 16) == bucket[k]]
+                if sel.numel():
+                    lo[k] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+    lo = group.sum_(lo)
+    for k in active:
+        low = int(torch.searchsorted(lo[k].cumsum(0), torch.tensor(within[k])))
+        thr[k] = float(torch.tensor([(bucket[k] << 16) | low], dtype=torch.int32).view(torch.float32))
+    return thr
+
+
+# ------------------------------------------------------------------------------- run
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"--device {name}: this torch has no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise MergeError(f"--device {name}: use auto, cpu or cuda[:N]")
+    return dev
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self.t0 = time.perf_counter()
+        self.bytes = 0
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # tqdm is a dependency; a broken install still merges
+                return
+            self.bar = tqdm(total=total, unit="tensor", desc="merging", dynamic_ncols=True,
+                            file=sys.stderr, smoothing=0.1)
+
+    def step(self, nbytes: int) -> None:
+        self.bytes += nbytes
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{self.bytes / dt / 1e9:.2f} GB/s", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _stage(t: torch.Tensor, dtype: torch.dtype, device: torch.device, stream) -> torch.Tensor:
+    """One input on the merge device in the working dtype. CPU: the mapped tensor itself (a
+    cast copies). GPU: through a pinned buffer, copied on ``stream`` without blocking."""
+    if device.type == "cpu":
+        return t if t.dtype == dtype else t.to(dtype)
+    pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    pinned.copy_(t)
+    with torch.cuda.stream(stream):
+        x = pinned.to(device, non_blocking=True)
+        x.record_stream(torch.cuda.current_stream(device))
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+class Merger:
+    def __init__(self, config: str, out: str, options: Options):
+        self.options = options
+        self.out = os.path.abspath(out)
+        try:
+            self.cfg = mc.load(config)
+        except mc.ConfigError as exc:
+            raise MergeError(str(exc)) from None
+        if options.topk_scope is not None:
+            self.cfg.topk_scope = options.topk_scope
+        if self.cfg.quantize is not None:
+            raise MergeError("quantize: is not available in this build of fastmerge yet")
+        self.device = _device(options.device)
+        self.group = Group(self.device)
+
+    # ---- setup (every process, identically)
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.base = _open(cfg.base, "base_model") if cfg.base is not None and cfg.method != "linear" else None
+        refs = cfg.inputs
+        self.labels = [f"models[{cfg.models.index(r)}]" for r in refs]
+        self.inputs = [_open(r.path, label) for r, label in zip(refs, self.labels)]
+        if not self.inputs:
+            raise MergeError("nothing to merge: `models` lists only the base model")
+        self.jobs = plan(cfg, self.base, self.inputs, self.labels, self.options.seed)
+        self.thresholds = None
+        if cfg.topk_scope == "model":
+            self._check_model_topk()
+        specs = [Spec(j.name, j.out_dtype, j.shape) for j in self.jobs]
+        self.layout = plan_layout(specs, self.options.max_shard_bytes)
+        owner = assign(self.jobs, self.group.world)
+        self.mine = [i for i, r in enumerate(owner) if r == self.group.rank]
+        parent = os.path.dirname(self.out)
+        self.tmp = os.path.join(parent, f".{os.path.basename(self.out)}.fastmerge-tmp")
+        if os.path.exists(self.out) and not self.options.overwrite and (
+                not os.path.isdir(self.out) or os.listdir(self.out)):
+            raise MergeError(f"{self.out} exists and is not empty; pass --overwrite to replace it "
+                             "(it is replaced only once the new merge is complete)")
+
+    def _check_model_topk(self) -> None:
+        if self.cfg.method != "ties":
+            raise MergeError(f"topk_scope: model (FusionBench's whole-model TIES trimming) applies "
+                             f"to merge_method ties, not {self.cfg.method}")
+        dens = None
+        for j in self.jobs:
+            if j.kind != "merge":
+                continue
+            d = j.kwargs["density"]
+            if dens is None:
+                dens = d
+            elif d != dens:
+                raise MergeError(f"topk_scope: model needs one density per model for the whole "
+                                 f"model, but tensor {j.name} resolves to {d} where others have "
+                                 f"{dens} (no gradients or filters on density)")
+        self.densities = dens or [1.0] * len(self.inputs)
+
+    def _prepare_output(self) -> None:
+        """Rank 0: the temporary folder with every shard's header, after a disk-space check."""
+        parent = os.path.dirname(self.out)
+        os.makedirs(parent, exist_ok=True)
+        if os.path.exists(self.tmp):
+            shutil.rmtree(self.tmp)
+        need = self.layout.total_bytes
+        free = shutil.disk_usage(parent).free
+        if free < need + (64 << 20):
+            raise MergeError(f"not enough disk space in {parent}: the merged model needs "
+                             f"{_human(need)}, {_human(free)} free")
+        os.makedirs(self.tmp)
+        Writer(self.tmp, self.layout).create()
+
+    # ---- the streaming pass
+    def _merge_all(self) -> None:
+        jobs, mine, base, inputs = self.jobs, self.mine, self.base, self.inputs
+        everyone = ([base] if base is not None else []) + inputs
+        writer = Writer(self.tmp, self.layout)
+        q: "queue.Queue" = queue.Queue(maxsize=2)
+        failure: List[BaseException] = []
+
+        def write_loop():
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                name, t, event = item
+                if failure:
+                    continue
+                try:
+                    if event is not None:
+                        event.synchronize()
+                    writer.write(name, t)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    failure.append(exc)
+
+        wt = threading.Thread(target=write_loop, name="fastmerge-writer", daemon=True)
+        wt.start()
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        loader = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-reader")
+
+        def load(i):
+            job = jobs[i]
+            if job.kind == "copy":
+                return None, [(base or inputs[0]).tensor(job.name)]
+            b = _stage(base.tensor(job.name), job.dtype, self.device, stream) if base is not None else None
+            return b, [_stage(c.tensor(job.name), job.dtype, self.device, stream) for c in inputs]
+
+        def prefetch(pos):
+            for i in mine[pos:pos + self.options.read_ahead]:
+                for c in everyone:
+                    c.prefetch(jobs[i].name)
+
+        bar = _Progress(len(mine), self.options.progress and self.group.rank == 0)
+        try:
+            prefetch(0)
+            nxt = loader.submit(load, mine[0]) if mine else None
+            for pos, i in enumerate(mine):
+                job = jobs[i]
+                b, xs = nxt.result()
+                prefetch(pos + 1)
+                if pos + 1 < len(mine):
+                    nxt = loader.submit(load, mine[pos + 1])
+                if cuda:
+                    torch.cuda.current_stream(self.device).wait_stream(stream)
+                if job.kind == "copy":
+                    out = xs[0]
+                else:
+                    kw = dict(job.kwargs)
+                    if self.thresholds is not None:
+                        kw.pop("density", None)
+                        kw["threshold"] = self.thresholds
+                    try:
+                        out = api.merge(self.cfg.method, b, xs, out_dtype=job.out_dtype,
+                                        backend=self.options.backend, **kw)
+                    except (ValueError, TypeError) as exc:
+                        raise MergeError(f"tensor {job.name}: {exc}") from None
+                event = None
+                if cuda:
+                    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    host.copy_(out, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    out = host
+                while not failure:
+                    try:
+                        q.put((job.name, out, event), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if failure:
+                    break
+                del b, xs, out
+                for c in everyone:
+                    c.release(job.name)
+                bar.step(job.in_bytes)
+        finally:
+            q.put(None)
+            wt.join()
+            loader.shutdown(wait=True)
+            writer.close(sync=not failure)
+            bar.close()
+        if failure:
+            exc = failure[0]
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise MergeError(f"no space left on device while writing {self.tmp}") from None
+            if isinstance(exc, OSError):
+                raise MergeError(f"writing {self.tmp}: {exc}") from None
+            raise exc
+
+    def _finish(self) -> None:
+        """Rank 0: config, tokenizer and the merge config next to the weights; then the rename."""
+        cfg = self.cfg
+        src = cfg.base if self.base is not None else cfg.models[0].path
+        for f in COPY_FILES:
+            p = os.path.join(src, f)
+            if os.path.isfile(p):
+                shutil.copyfile(p, os.path.join(self.tmp, f))
+        conf = os.path.join(self.tmp, "config.json")
+        if os.path.isfile(conf):
+            with open(conf) as fh:
+                data = json.load(fh)
+            dts = {j.out_dtype for j in self.jobs if j.kind == "merge"}
+            if len(dts) == 1:
+                name = _DTYPE_NAMES[dts.pop()]
+                for key in ("torch_dtype", "dtype"):
+                    if key in data:
+                        data[key] = name
+            with open(conf, "w") as fh:
+                json.dump(data, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+        if self.options.copy_tokenizer:
+            tok = src if cfg.tokenizer_source in (None, "base") else cfg.tokenizer_source
+            if not os.path.isdir(tok):
+                raise MergeError(f"tokenizer_source {tok!r} is not a local folder")
+            for f in TOKENIZER_FILES:
+                p = os.path.join(tok, f)
+                if os.path.isfile(p):
+                    shutil.copyfile(p, os.path.join(self.tmp, f))
+        with open(os.path.join(self.tmp, "fastmerge_config.yml"), "w") as fh:
+            fh.write(cfg.source if cfg.source.endswith("\n") else cfg.source + "\n")
+        if os.path.exists(self.out):
+            old = self.tmp + "-old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(self.out, old)
+            os.rename(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.out)
+
+    def _step(self, fn, only_rank0: bool = False):
+        """Run ``fn`` (on every process, or rank 0 only); then every process learns whether all
+        succeeded, so that one failing process never leaves the others waiting."""
+        err = None
+        if not only_rank0 or self.group.rank == 0:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below after the vote
+                err = exc
+        if not self.group.all_ok(err is None):
+            if err is not None:
+                raise err
+            raise MergeError(f"another process failed (see rank 0's message); rank {self.group.rank} stops")
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            self._step(self._setup)
+            self._step(self._prepare_output, only_rank0=True)
+            if self.cfg.topk_scope == "model":
+                def thresholds():
+                    self.thresholds = model_thresholds(self.jobs, self.mine, self.base, self.inputs,
+                                                       self.densities, self.group)
+                self._step(thresholds)
+            self._step(self._merge_all)
+            self._step(self._finish, only_rank0=True)
+            ok = True
+        finally:
+            if not ok and self.group.rank == 0 and getattr(self, "tmp", None) and os.path.isdir(self.tmp):
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            for c in ([getattr(self, "base", None)] + list(getattr(self, "inputs", []))):
+                if c is not None:
+                    c.close()
+            self.group.close()
+        nbytes = sum(self.jobs[i].in_bytes for i in self.mine)
+        return {"tensors": len(self.jobs), "tensors_here": len(self.mine), "seconds": time.perf_counter() - t0,
+                "bytes_read_here": nbytes, "bytes_written": self.layout.total_bytes, "rank": self.group.rank,
+                "world": self.group.world, "out": self.out}
+
+
+def merge_checkpoints(config: str, out: str, **options) -> dict:
+    """Python entry of ``fastmerge merge``: merge the checkpoints ``config`` (mergekit YAML)
+    names into the folder ``out``. Options as :class:`Options`. Returns a summary dict."""
+    return Merger(config, out, Options(**options)).run()
