@@ -1,10 +1,10 @@
 """``fastmerge merge CONFIG OUT``: merge whole checkpoints tensor by tensor, streaming.
 
-One pass over the inputs. Per tensor: the inputs are the mapped pages of the K+1 safetensors
-files (no copy into Python buffers), the next tensors' pages are being read ahead by the kernel
-while this one merges, the fused kernel merges, a writer thread ``pwrite``s the result at its
-place in the output shard while the next tensor merges, and the merged inputs' pages are dropped
-from the process. On a GPU the inputs go through pinned buffers and a side stream instead.
+One pass over the inputs. Per tensor: a reader thread ``pread``s the next tensor's K+1 inputs
+into reused buffers (the kernel was asked to fetch the ones after it already) while this one
+merges on the fused kernel, and a writer thread ``pwrite``s each result at its place in the
+output shard while the next one merges. On a GPU the buffers are pinned and the copies to the
+device run on a side stream.
 
 Several processes (``torchrun --nproc-per-node=N -m fastmerge merge CONFIG OUT``, on one machine
 or several sharing OUT's filesystem) split the tensors by size; every process computes the same
@@ -233,6 +233,8 @@ def model_thresholds(jobs: List[Job], mine: List[int], base: Checkpoint, inputs:
         for k in active:
             for bits in _abs_bits(inputs[k].tensor(jobs[i].name), b, jobs[i].dtype):
                 hi[k] += torch.bincount((bits >> 16).clamp_(max=(1 << 15) - 1), minlength=1 << 15)
+            inputs[k].release(jobs[i].name)
+        base.release(jobs[i].name)
     hi = group.sum_(hi)
     cum = hi.cumsum(1)
     bucket, within = {}, {}
@@ -248,6 +250,8 @@ def model_thresholds(jobs: List[Job], mine: List[int], base: Checkpoint, inputs:
                 sel = bits[(bits >> 16) == bucket[k]]
                 if sel.numel():
                     lo[k] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+            inputs[k].release(jobs[i].name)
+        base.release(jobs[i].name)
     lo = group.sum_(lo)
     for k in active:
         low = int(torch.searchsorted(lo[k].cumsum(0), torch.tensor(within[k])))
@@ -302,16 +306,14 @@ class _Progress:
 
 
 def _stage(t: torch.Tensor, dtype: torch.dtype, device: torch.device, stream) -> torch.Tensor:
-    """One input on the merge device in the working dtype. CPU: the mapped tensor itself (a
-    cast copies). GPU: through a pinned buffer, copied on ``stream`` without blocking."""
-    if device.type == "cpu":
-        return t if t.dtype == dtype else t.to(dtype)
-    pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    pinned.copy_(t)
-    with torch.cuda.stream(stream):
-        x = pinned.to(device, non_blocking=True)
-        x.record_stream(torch.cuda.current_stream(device))
-    return x if x.dtype == dtype else x.to(dtype)
+    """One input (read into a reused, on GPUs pinned, host buffer) on the merge device in the
+    working dtype; on a GPU copied on ``stream`` without blocking the host."""
+    if device.type == "cuda":
+        with torch.cuda.stream(stream):
+            x = t.to(device, non_blocking=True)
+            x.record_stream(torch.cuda.current_stream(device))
+        t = x
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class Merger:
@@ -413,12 +415,21 @@ class Merger:
         stream = torch.cuda.Stream(self.device) if cuda else None
         loader = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-reader")
 
-        def load(i):
-            job = jobs[i]
+        # two sets of K+1 read buffers: the reader fills one while the merge reads the other
+        cap = max((c.entries[jobs[i].name].nbytes for c in everyone for i in mine), default=0)
+        sets: List[List[torch.Tensor]] = [[], []]
+
+        def load(pos):
+            job = jobs[mine[pos]]
+            bufs = sets[pos % 2]
+            if not bufs:
+                bufs.extend(torch.empty(cap, dtype=torch.uint8, pin_memory=cuda) for _ in everyone)
+            if cuda:
+                stream.synchronize()  # the copies out of this set, two tensors ago, are done
             if job.kind == "copy":
-                return None, [(base or inputs[0]).tensor(job.name)]
-            b = _stage(base.tensor(job.name), job.dtype, self.device, stream) if base is not None else None
-            return b, [_stage(c.tensor(job.name), job.dtype, self.device, stream) for c in inputs]
+                return None, [(base or inputs[0]).read(job.name, bufs[0]).clone()]
+            xs = [_stage(c.read(job.name, buf), job.dtype, self.device, stream) for c, buf in zip(everyone, bufs)]
+            return (xs[0], xs[1:]) if base is not None else (None, xs)
 
         def prefetch(pos):
             for i in mine[pos:pos + self.options.read_ahead]:
@@ -428,13 +439,13 @@ class Merger:
         bar = _Progress(len(mine), self.options.progress and self.group.rank == 0)
         try:
             prefetch(0)
-            nxt = loader.submit(load, mine[0]) if mine else None
+            nxt = loader.submit(load, 0) if mine else None
             for pos, i in enumerate(mine):
                 job = jobs[i]
                 b, xs = nxt.result()
-                prefetch(pos + 1)
+                prefetch(pos + 2)
                 if pos + 1 < len(mine):
-                    nxt = loader.submit(load, mine[pos + 1])
+                    nxt = loader.submit(load, pos + 1)
                 if cuda:
                     torch.cuda.current_stream(self.device).wait_stream(stream)
                 if job.kind == "copy":
@@ -465,8 +476,6 @@ class Merger:
                 if failure:
                     break
                 del b, xs, out
-                for c in everyone:
-                    c.release(job.name)
                 bar.step(job.in_bytes)
         finally:
             q.put(None)
