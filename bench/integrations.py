@@ -4,6 +4,7 @@
     python -m bench.integrations adapter  [--size 1024] [--layers 4] [--rank 16] [--json PATH]
     python -m bench.integrations mergekit [--scale 1b|tiny] [--methods ties,dare_ties]
                                           [--workdir DIR] [--json PATH]
+    python -m bench.integrations merge    (same options)
 
 ``peft``: ``peft.utils.merge_utils``' functions on K fp32 task tensors, PEFT's own code vs
 ``fastmerge.integrations.peft.patched()``. ``adapter``: ``LoraModel.add_weighted_adapter`` on a
@@ -12,6 +13,8 @@ end ``mergekit-yaml CONFIG OUT`` vs ``fastmerge mergekit CONFIG OUT`` on a synth
 (``1b``: TinyLlama-1.1B's shapes, bf16, written once under ``--workdir``), K=3, each run a fresh
 process timed from start to exit (I/O included) with its peak RSS from ``wait4``; the inputs are
 read once beforehand so both runs find them in the page cache; the outputs are compared.
+``merge``: the same, ``mergekit-yaml`` vs ``fastmerge merge CONFIG OUT`` (fastmerge's own
+streaming merge of the same YAML).
 """
 from __future__ import annotations
 
@@ -193,7 +196,15 @@ def _compare(out_a: str, out_b: str) -> dict:
     return {"tensors_compared": n, "max_abs_diff": worst}
 
 
-def bench_mergekit(scale: str, methods: list, workdir: str) -> list:
+CONTENDERS = {  # what each e2e mode runs against mergekit-yaml, as a command prefix
+    "mergekit": ("fastmerge mergekit", [sys.executable, "-m", "fastmerge", "mergekit"]),
+    "merge": ("fastmerge merge", [sys.executable, "-m", "fastmerge", "merge"]),
+}
+
+
+def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergekit") -> list:
+    """``mergekit-yaml CONFIG OUT`` vs the contender of ``mode`` on the same config, each a fresh
+    process timed from start to exit, peak RSS from ``wait4``."""
     paths = build_llamas(os.path.join(workdir, f"llama-{scale}"), scale)
     for p in paths:  # page cache: both runs read warm files
         for f in os.listdir(p):
@@ -201,6 +212,7 @@ def bench_mergekit(scale: str, methods: list, workdir: str) -> list:
                 while fh.read(1 << 24):
                     pass
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    name, command = CONTENDERS[mode]
     rows = []
     for method in methods:
         cfg = os.path.join(workdir, f"{scale}-{method}.yml")
@@ -209,30 +221,31 @@ def bench_mergekit(scale: str, methods: list, workdir: str) -> list:
             lines += [f"  - model: {p}", f"    parameters: {params}"]
         with open(cfg, "w") as f:
             f.write("\n".join(lines) + "\n")
-        common = [cfg, None, "--random-seed", "0", "--no-copy-tokenizer"]
+        extra = {"mergekit-yaml": ["--random-seed", "0", "--no-copy-tokenizer"],
+                 name: ["--random-seed", "0", "--no-copy-tokenizer"] + (["--no-progress"] if mode == "merge" else [])}
         outs = {}
         results = {}
         for who, prefix in (("mergekit-yaml", [sys.executable, "-c",
                                                "from mergekit.scripts.run_yaml import main; main()"]),
-                            ("fastmerge mergekit", [sys.executable, "-m", "fastmerge", "mergekit"])):
-            out = os.path.join(workdir, f"out-{scale}-{method}-{who.split()[0]}")
+                            (name, command)):
+            out = os.path.join(workdir, f"out-{scale}-{method}-{who.replace(' ', '-')}")
             subprocess.run(["rm", "-rf", out], check=True)
-            args = list(common)
-            args[1] = out
-            wall, rss, rc = _run_timed(prefix + args, env)
+            wall, rss, rc = _run_timed(prefix + [cfg, out] + extra[who], env)
             if rc:
                 raise SystemExit(f"{who} failed on {cfg} (exit {rc})")
             outs[who], results[who] = out, (wall, rss)
             print(f"{method:<10} {who:<19} {wall:8.1f} s   peak RSS {rss / 2**30:6.2f} GiB", flush=True)
-        (t_mk, rss_mk), (t_fm, rss_fm) = results["mergekit-yaml"], results["fastmerge mergekit"]
-        rows.append({"op": f"e2e {method}", "library": "mergekit", "scale": scale,
+        (t_mk, rss_mk), (t_fm, rss_fm) = results["mergekit-yaml"], results[name]
+        rows.append({"op": f"e2e {method}", "library": "mergekit", "contender": name, "scale": scale,
                      "params": SCALES[scale], "dtype": "bfloat16", "k": 3,
                      "median_ms": t_mk * 1e3, "patched_ms": t_fm * 1e3, "speedup": t_mk / t_fm,
-                     "peak_rss_bytes": {"mergekit-yaml": rss_mk, "fastmerge mergekit": rss_fm},
+                     "peak_rss_bytes": {"mergekit-yaml": rss_mk, name: rss_fm},
                      "rss_ratio": rss_fm / rss_mk,
-                     "output_vs_mergekit": _compare(outs["mergekit-yaml"], outs["fastmerge mergekit"])})
+                     "output_vs_mergekit": _compare(outs["mergekit-yaml"], outs[name])})
         print(f"{method:<10} speedup x{t_mk / t_fm:.1f}, peak RSS ratio {rss_fm / rss_mk:.2f}, "
               f"outputs: {rows[-1]['output_vs_mergekit']}", flush=True)
+        for out in outs.values():
+            subprocess.run(["rm", "-rf", out], check=True)
     return rows
 
 
@@ -246,11 +259,14 @@ def main(argv=None) -> int:
     b.add_argument("--size", type=int, default=1024)
     b.add_argument("--layers", type=int, default=4)
     b.add_argument("--rank", type=int, default=16)
-    c = sub.add_parser("mergekit")
-    c.add_argument("--scale", choices=sorted(SCALES), default="tiny")
-    c.add_argument("--methods", default="ties,dare_ties")
-    c.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastmerge-e2e"))
-    for s in (a, b, c):
+    e2e = []
+    for mode in CONTENDERS:
+        c = sub.add_parser(mode)
+        c.add_argument("--scale", choices=sorted(SCALES), default="tiny")
+        c.add_argument("--methods", default="ties,dare_ties")
+        c.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastmerge-e2e"))
+        e2e.append(c)
+    for s in (a, b, *e2e):
         s.add_argument("--json", default=None, help="write {meta, rows} here")
     args = p.parse_args(argv)
     print(f"{suite.device_name('cpu')}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
@@ -259,7 +275,7 @@ def main(argv=None) -> int:
     elif args.mode == "adapter":
         rows = bench_adapter(args.size, args.layers, args.rank)
     else:
-        rows = bench_mergekit(args.scale, args.methods.split(","), args.workdir)
+        rows = bench_mergekit(args.scale, args.methods.split(","), args.workdir, args.mode)
     if args.json:
         meta = _meta(f"integrations-{args.mode}", argv=list(argv if argv is not None else sys.argv[1:]))
         path = suite.save_json(rows, meta, args.json)
