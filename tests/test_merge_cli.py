@@ -503,3 +503,23 @@ def test_python_dash_m_and_two_processes_write_the_same_bytes(llamas, tmp_path):
         one, two = tmp_path / f"{label}1", tmp_path / f"{label}2"
         assert len([f for f in os.listdir(one) if f.endswith(".safetensors")]) >= 2
         _files_equal(one, two)
+
+
+def test_svd_methods_run_per_tensor(llamas, tmp_path):
+    """An SVD merge (fastmerge's own methods) through the CLI equals fastmerge.merge per tensor
+    with the tensor's sketch seed; ``lambda`` is its alpha."""
+    cfg = _write(tmp_path / "iso.yml", f"""\
+merge_method: iso_c
+base_model: {llamas / 'base'}
+parameters: {{lambda: 0.7}}
+models:
+  - {llamas / 'm0'}
+  - {llamas / 'm1'}
+""")
+    assert _merge(cfg, tmp_path / "out", "--random-seed", "2") == 0
+    out = load_folder(tmp_path / "out")
+    base, m0, m1 = (load_folder(llamas / n) for n in ("base", "m0", "m1"))
+    for name in ("model.layers.0.self_attn.o_proj.weight", "model.norm.weight"):
+        want = fastmerge.merge("iso_c", base[name], [m0[name], m1[name]], alpha=0.7,
+                               seed=streaming.tensor_seed(2, name))
+        assert torch.equal(out[name], want), name
