@@ -15,6 +15,7 @@ The files are plain safetensors (checked against the ``safetensors`` package in 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -54,10 +55,7 @@ class Entry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def read_header(path: str) -> Tuple[dict, int]:
@@ -200,10 +198,7 @@ class Spec:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
 @dataclass

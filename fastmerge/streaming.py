@@ -20,6 +20,7 @@ import errno
 import hashlib
 import heapq
 import json
+import math
 import os
 import queue
 import shutil
@@ -72,10 +73,7 @@ class Job:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def tensor_seed(seed: int, name: str) -> int:
