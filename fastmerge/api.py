@@ -19,9 +19,8 @@ from .philox import resolve_seed
 ALL_METHODS = sem.METHODS + lowrank.METHODS
 
 
-def run(plan: sem.Plan, base, inputs, out_dtype, backend):
-    device = inputs[0].device
-    return B.module(B.resolve(backend, device)).run_plan(plan, base, inputs, out_dtype)
+def run(plan: sem.Plan, base, inputs, out_dtype, backend, op: str = "merge"):
+    return B.for_op(backend, inputs[0].device, op).run_plan(plan, base, inputs, out_dtype)
 
 
 def _rescale_mode(rescale, default: bool):
@@ -117,7 +116,7 @@ def merge(
     if method in lowrank.METHODS:
         if alpha is not None and lam != 1.0:
             raise ValueError("give either alpha or lam for an SVD merge, not both (they are the same scale)")
-        B.resolve(backend, ref.device)  # same backend errors as every other method
+        B.resolve(backend, ref.device, method)  # same backend errors as every other method
         return lowrank.merge(method, base, models, weights=w,
                              alpha=lam if alpha is None else V.number(alpha, "alpha"),
                              exact=V.flag(exact, "exact"), seed=seed,
@@ -132,7 +131,7 @@ def merge(
             raise ValueError("weights sum to zero: linear merge cannot normalize (pass normalize=False)")
         plan = sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
                         normalize=norm, lam=lam)
-        return run(plan, None, models, dtype, backend)
+        return run(plan, None, models, dtype, backend, method)
 
     consensus, sparsify, d_norm, d_rescale = sem.MERGEKIT_METHODS[method]
     n = ref.numel()
@@ -160,7 +159,7 @@ def merge(
         lam=lam,
         seed=resolve_seed(seed) if random or seed is not None else 0,  # validate a given seed
     )
-    return run(plan, base, models, dtype, backend)
+    return run(plan, base, models, dtype, backend, method)
 
 
 def _alias(method: str):

@@ -44,7 +44,7 @@ def magnitude_threshold(x: torch.Tensor, density: Optional[float] = None, *, k: 
     dtype; ``inf`` when ``k == 0``. Found by radix select on the ``cpu`` backend (no sort)."""
     x = _one(x)
     k = _k(x, density, k)
-    return B.module(B.resolve(backend, x.device)).magnitude_threshold(x, k)
+    return B.for_op(backend, x.device, "magnitude_threshold").magnitude_threshold(x, k)
 
 
 def magnitude_prune(x: torch.Tensor, density: Optional[float] = None, *, k: Optional[int] = None,
@@ -57,7 +57,7 @@ def magnitude_prune(x: torch.Tensor, density: Optional[float] = None, *, k: Opti
                     rescale=_rescale_mode(rescale, False), names=["x"])
     if plan.rescale == "density":
         raise ValueError("rescale='density' applies to random_drop; use 'l1', 'l2' or 'linf'")
-    return run(plan, None, [x], x.dtype, backend)
+    return run(plan, None, [x], x.dtype, backend, "magnitude_prune")
 
 
 def random_drop(x: torch.Tensor, density: float, *, seed: Optional[int] = None, rescale=True,
@@ -73,7 +73,7 @@ def random_drop(x: torch.Tensor, density: float, *, seed: Optional[int] = None, 
     mode = "density" if rescale is True else _rescale_mode(rescale, False)
     plan = sem.Plan(masks=[sem.random_mask(d)], weights=[1.0], rescale=mode, seed=resolve_seed(seed),
                     names=["x"])
-    return run(plan, None, [x], x.dtype, backend)
+    return run(plan, None, [x], x.dtype, backend, "random_drop")
 
 
 def _same_inputs(tensors, name="tensors"):
@@ -91,7 +91,7 @@ def elect_sign(tensors: Sequence[torch.Tensor], weights=None, *, method: str = "
     if method not in ("sum", "count"):
         raise ValueError(f"method must be 'sum' or 'count', got {method!r}")
     w = V.per_model(1.0 if weights is None else weights, len(tensors), "weights")
-    return B.module(B.resolve(backend, tensors[0].device)).elect_sign(tensors, w, method)
+    return B.for_op(backend, tensors[0].device, "elect_sign").elect_sign(tensors, w, method)
 
 
 def disjoint_merge(tensors: Sequence[torch.Tensor], sign: torch.Tensor, weights=None, *,
@@ -110,5 +110,5 @@ def disjoint_merge(tensors: Sequence[torch.Tensor], sign: torch.Tensor, weights=
         raise ValueError(f"divisor must be 'count' or 'weight', got {divisor!r}")
     w = V.per_model(1.0 if weights is None else weights, len(tensors), "weights")
     dtype = V.out_dtype(out_dtype, tensors[0].dtype)
-    mod = B.module(B.resolve(backend, tensors[0].device))
+    mod = B.for_op(backend, tensors[0].device, "disjoint_merge")
     return mod.disjoint_merge(tensors, sign, w, divisor, dtype)

@@ -76,7 +76,7 @@ def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_meth
         seed=resolve_seed(seed) if method == "random" and d is not None else 0,
         names=[f"task_tensors[{i}]" for i in range(len(tasks))],
     )
-    return run(plan, None, tasks, work_dtype, backend).to(out_dtype)
+    return run(plan, None, tasks, work_dtype, backend, "peft").to(out_dtype)
 
 
 def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor, *, backend=None) -> torch.Tensor:
