@@ -81,7 +81,10 @@ def triton_version():
     """The installed Triton's version string, or None when ``triton`` cannot be imported.
     Looks at the distribution metadata only: importing triton takes a while and
     ``import fastmerge`` must not pay for it."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return None
+    except (ImportError, ValueError):  # a broken install, or sys.modules["triton"] = None
         return None
     from importlib import metadata
 

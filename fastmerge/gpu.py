@@ -128,7 +128,8 @@ def della_keeps(ks, base, bst, xs, sts, C, strided, masks, seed, norm, shape):
         del d
         rows = keys.reshape(outer, L, inner).transpose(1, 2).reshape(-1, L)
         # stable: equal magnitudes keep ascending index order (the reference's priority order)
-        order = torch.sort(rows, dim=1, descending=True, stable=True).indices
+        # (contiguous: sort may return indices in the strides of a non-contiguous input)
+        order = torch.sort(rows, dim=1, descending=True, stable=True).indices.contiguous()
         del keys, rows
         keeps[m], norms[m] = ks.della_keep(
             base, xs[m], order, stream=m, c1=spec.c1, c2=spec.c2, seed=seed, n=n, L=L,

@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_f32, seed_key, uniform_at
-from .fused_merge import split_seed
+from ._common import load_f32, seed_key, split_seed, uniform_at
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "n", "C", "c1", "c2", "L", "inner"])

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import (BYTES, RANDOM, RANGE, ZERO, in_top, load_f32, mag_key, nonfinite,
-                      seed_key, store_as, uniform_groups)
+                      seed_key, split_seed, store_as, uniform_groups)
 
 # plan codes (fastmerge/gpu.py)
 C_NONE, C_SUM, C_COUNT, C_GIVEN = 0, 1, 2, 3
@@ -159,8 +159,3 @@ def fused_merge(base, xs, out, *, kinds, thr, scale, weights, probs, keeps, seed
     )
     return flags
 
-
-def split_seed(seed: int):
-    """The seed's two 32-bit halves as signed int32 values (one kernel signature for every seed)."""
-    lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    return (lo - (1 << 32) if lo >= 1 << 31 else lo), (hi - (1 << 32) if hi >= 1 << 31 else hi)

@@ -128,7 +128,7 @@ def _tie_find_kernel(base, x, out, T, tile, need, bs0, bs1, s0, s1, n, C,
 
 
 def _args(base, strided):
-    return dict(HAS_BASE=base is not None, STRIDED=strided)
+    return dict(HAS_BASE=base is not None, STRIDED=strided, enable_fp_fusion=False)
 
 
 def _bracket(base, xs, strides, base_strides, n, C, strided, qm, qk, out, flag):
@@ -214,7 +214,7 @@ def _radix(base, x, s, base_strides, n, C, strided, k, out_row, flag):
         _radix_hist_kernel[(P,)](b, x, hist, flag, prefix, base_strides[0], base_strides[1], s[0], s[1],
                                  n, C, SHIFT=shift, PSHIFT=shift + bits, NB=nb, **common)
         suffix = hist.flip(0).cumsum(0).flip(0).tolist()
-        digit = max(d for d in range(nb) if suffix[d] >= need)
+        digit = next((d for d in range(nb - 1, 0, -1) if suffix[d] >= need), 0)
         need -= suffix[digit + 1] if digit + 1 < nb else 0
         prefix = (prefix << bits) | digit
         eq = hist[digit].item()

@@ -10,8 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RANDOM, RANGE, in_top, load_f32, mag_key, seed_key, uniform_groups
-from .fused_merge import split_seed
+from ._common import RANDOM, RANGE, in_top, load_f32, mag_key, seed_key, split_seed, uniform_groups
 
 L1, L2, LINF = 1, 2, 3
 
