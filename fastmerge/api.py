@@ -13,7 +13,7 @@ import torch
 from . import _semantics as sem
 from . import _validate as V
 from . import dispatch as B
-from . import lowrank
+from . import library, lowrank
 from .philox import resolve_seed
 
 ALL_METHODS = sem.METHODS + lowrank.METHODS
@@ -97,6 +97,12 @@ def merge(
     They run torch's GEMM/LAPACK kernels on the tensors' device whatever the backend
     (``backend`` is still checked).
     """
+    if library.compiling():  # torch.compile: the opaque custom op (fastmerge/library.py)
+        return torch.ops.fastmerge.merge(
+            method, base, list(models), library.floats(weights), library.floats(density), float(lam),
+            normalize, library.rescale_in(rescale), library.floats(gamma), library.floats(epsilon),
+            library.seed_in(seed), out_dtype, backend, None if alpha is None else float(alpha), exact,
+            float(common_space_fraction))
     if not isinstance(method, str) or method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     models = V.tensor_list(models)
