@@ -264,3 +264,24 @@ def test_philox_counters_past_32_bits():
     expect = (w >> 8).to(torch.float32) * philox.UNIFORM_SCALE
     assert torch.equal(out, expect)
     assert math.isclose(float(out.mean()), 0.5, abs_tol=0.25)
+
+
+def test_gpu_benchmark_kernel_rows():
+    """bench/gpu.py's kernel-level rows (merge pass with thresholds given, selection alone)
+    compute what the full merge computes, and its acceptance summary reads the rows."""
+    from fastmerge.cli import _bench_module
+
+    bench_gpu = _bench_module("gpu")
+
+    base, ms = models_for((48, 40), 4, torch.bfloat16, seed=6)
+    cases = bench_gpu.kernel_cases((48, 40), "cpu", torch.bfloat16, (base, ms, None), 4, ["triton", "cpu"])
+    assert [c.op for c, _ in cases] == ["ties_merge_pass", "ties_select"]
+    merged = cases[0][0].fn()
+    assert torch.equal(merged, fastmerge.ties(base, ms, weights=[0.25] * 4, density=0.2, backend=REF))
+    assert cases[0][1] is None and cases[1][1] == 5 * base.numel() * 2
+    row = dict(op="ties_merge_pass", api="mergekit", backend="triton", shape=[4096, 14336], dtype="bfloat16",
+               k=4, pct_of_copy_bw=85.0, speedup_vs={"peft": None, "mergekit": None})
+    lines = []
+    res = bench_gpu.acceptance([row], log=lines.append)
+    assert res["triton"]["merge_pass_pct_of_copy_bw"] == 85.0 and res["cuda"]["ties_pct_of_copy_bw"] is None
+    assert any("unmeasured" in line for line in lines) and any("ok" in line for line in lines)
