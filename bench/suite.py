@@ -154,8 +154,8 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, device="cpu", reps: int = 10, time
     n = max(1, int(nbytes) // 4)
     src = torch.ones(n, dtype=torch.float32, device=device)  # ones/zeros: pages are touched
     dst = torch.zeros_like(src)
-    times = (timer or time_fn)(lambda: dst.copy_(src), warmup=2, min_reps=reps, min_time=0.0,
-                               max_reps=reps, sync=_sync_for(device))
+    times = (timer or time_fn)(functools.partial(dst.copy_, src), warmup=2, min_reps=reps,
+                               min_time=0.0, max_reps=reps, sync=_sync_for(device))
     del src, dst
     return 2 * n * 4 / statistics.median(times) / 1e9
 

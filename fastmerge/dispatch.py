@@ -8,6 +8,7 @@ an error.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -77,6 +78,7 @@ def _version_tuple(text: str) -> tuple:
 TRITON_MIN = (3, 6)  # oldest Triton the kernels are tested with (tuple args, histogram masks)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_version():
     """The installed Triton's version string, or None when ``triton`` cannot be imported.
     Looks at the distribution metadata only: importing triton takes a while and
@@ -115,7 +117,26 @@ def _triton_status(torch) -> dict:
     if not torch.cuda.is_available():
         return {"available": False, "reason": f"no CUDA device visible to torch (triton {ver} is installed)"}
     return {"available": True, "reason": f"Triton {ver} kernels (fastmerge.triton_kernels) on "
-                                         f"{torch.cuda.get_device_name()}"}
+                                         f"{_device_name(torch.cuda.current_device())}"}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(index)
+
+
+def _status(name: str) -> dict:
+    """``backends()[name]`` for a GPU backend, without computing the others (the dispatch of
+    every GPU call asks)."""
+    import torch
+
+    if name == "triton":
+        return _triton_status(torch)
+    from . import cuda
+
+    return cuda.status()
 
 
 def backends() -> dict:
@@ -124,18 +145,14 @@ def backends() -> dict:
     Returns ``{name: {"available": bool, "reason": str}}``; the ``triton`` entry also carries
     ``"interpreter": True`` when it runs in Triton's interpreter (CPU tensors, tests only).
     """
-    import torch
-
-    from . import cuda
-
     out = {"torch": {"available": True, "reason": "pure PyTorch reference; every op, every device"}}
     if _native is not None:
         out["cpu"] = {"available": True, "reason": f"C++/OpenMP kernels ({_native.__name__}, "
                       f"{_native.isa()}, {_native.max_threads()} OpenMP threads)"}
     else:
         out["cpu"] = {"available": False, "reason": f"native module not loaded: {_native_error}"}
-    out["triton"] = _triton_status(torch)
-    out["cuda"] = cuda.status()
+    out["triton"] = _status("triton")
+    out["cuda"] = _status("cuda")
     return out
 
 
@@ -163,9 +180,9 @@ def _auto(device, op) -> str:
         # every op and shape on CPU, so auto picks them whenever they are built.
         return "cpu" if _native is not None else "torch"
     if device.type == "cuda":
-        info = backends()
         for name in AUTO_CUDA.get(op, ("triton", "cuda")):
-            if info[name]["available"] and not info[name].get("interpreter"):
+            info = _status(name)
+            if info["available"] and not info.get("interpreter"):
                 return name
     return "torch"
 
@@ -188,7 +205,7 @@ def resolve(backend, device, op: str = "merge") -> str:
         if _native is None:
             raise RuntimeError(f"backend='cpu' is not available: {_native_error}")
     if name in ("triton", "cuda"):
-        info = backends()[name]
+        info = _status(name)
         if name == "triton" and info.get("interpreter") and device.type == "cpu":
             return name
         if not info["available"]:
