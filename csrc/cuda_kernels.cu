@@ -318,8 +318,10 @@ __global__ void __launch_bounds__(THREADS) tie_find_kernel(const __grid_constant
     }
     using Scan = cub::BlockScan<int64_t, THREADS>;
     __shared__ typename Scan::TempStorage tmp;
-    __shared__ int64_t found, carry;
-    if (threadIdx.x == 0) { found = -1; carry = 0; }
+    // carry: matches counted before the current chunk; found/prior: the hit and the matches
+    // before it. Every chunk reads carry, then a barrier, and only then may it be written.
+    __shared__ int64_t found, carry, prior;
+    if (threadIdx.x == 0) { found = -1; carry = 0; prior = 0; }
     __syncthreads();
     const int64_t* counts = a.counts + (int64_t)q * a.ntiles;
     // 1. the tile: first t with sum(counts[0..t]) >= need
@@ -329,17 +331,17 @@ __global__ void __launch_bounds__(THREADS) tie_find_kernel(const __grid_constant
         int64_t incl, chunk;
         Scan(tmp).InclusiveSum(c, incl, chunk);
         const int64_t before = carry;
-        if (t < a.ntiles && before + incl >= need && before + incl - c < need) {
-            found = t;
-            carry = before + incl - c;  // ties before this tile
-        }
         __syncthreads();
-        if (found >= 0) break;
+        if (t < a.ntiles && c > 0 && before + incl >= need && before + incl - c < need) {
+            found = t;
+            prior = before + incl - c;  // ties before this tile
+        }
         if (threadIdx.x == 0) carry = before + chunk;
         __syncthreads();
+        if (found >= 0) break;
     }
     const int64_t tile = found;
-    need -= carry;
+    need -= prior;
     __syncthreads();
     if (threadIdx.x == 0) { found = -1; carry = 0; }
     __syncthreads();
@@ -352,11 +354,11 @@ __global__ void __launch_bounds__(THREADS) tie_find_kernel(const __grid_constant
         int64_t incl, chunk;
         Scan(tmp).InclusiveSum(e, incl, chunk);
         const int64_t before = carry;
-        if (e && before + incl == need) found = i;
         __syncthreads();
-        if (found >= 0) break;
+        if (e && before + incl == need) found = i;
         if (threadIdx.x == 0) carry = before + chunk;
         __syncthreads();
+        if (found >= 0) break;
     }
     if (threadIdx.x == 0) a.out[2 * q + 1] = found;
 }
@@ -429,7 +431,9 @@ __global__ void __launch_bounds__(THREADS) della_keep_kernel(const __grid_consta
         const float prob = __fadd_rn(a.c1, __fmul_rn(rn, a.c2));
         uint32_t w[4];
         philox((uint64_t)i >> 2, a.stream_id, a.seed, w);
-        const bool keep = uniform(w[i & 3]) < prob;
+        const int64_t q4 = i & 3;  // a select chain, not w[i & 3]: keeps w in registers
+        const uint32_t word = q4 == 0 ? w[0] : q4 == 1 ? w[1] : q4 == 2 ? w[2] : w[3];
+        const bool keep = uniform(word) < prob;
         a.keep[i] = keep ? 1 : 0;
         const double v = a.norm == N_L2 ? (double)d * (double)d : fabs((double)d);
         const double k = keep ? v : 0.0;

@@ -80,10 +80,10 @@ def extension():
                 name="fastmerge_cuda",
                 sources=[os.path.join(src, f) for f in SOURCES],
                 extra_include_paths=[src],
-                extra_cflags=["-O3", "-std=c++17"],
+                extra_cflags=["-O3"],
                 # every fp32 multiply/add is rounded separately (the kernels also use the _rn
                 # intrinsics): results must match the reference bit for bit
-                extra_cuda_cflags=["-O3", "-std=c++17", "--fmad=false"],
+                extra_cuda_cflags=["-O3", "--fmad=false"],
                 verbose=os.environ.get("FASTMERGE_CUDA_VERBOSE") == "1",
             )
         except Exception as exc:  # no nvcc, compiler error, unsupported arch ...
