@@ -99,6 +99,85 @@ def load_f32(ptr, i, mask, C, s0, s1, STRIDED: tl.constexpr):
 
 
 @triton.jit
+def group_tile(n, G: tl.constexpr):
+    """This program's ``[G, 4]`` tile: ``(pid, g, col, i, inb)`` with ``g`` the groups of four
+    (int64, ``[G]``), ``col`` the column, ``i`` the flat indices and ``inb = i < n``."""
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid * G + tl.arange(0, G).to(tl.int64)
+    col = tl.arange(0, 4)[None, :]
+    i = g[:, None] * 4 + col
+    return pid, g, col, i, i < n
+
+
+@triton.jit
+def block_tile(block, n, BLK: tl.constexpr):
+    """Flat indices of block ``block`` (``BLK`` consecutive elements, int64) and ``i < n``."""
+    i = block.to(tl.int64) * BLK + tl.arange(0, BLK).to(tl.int64)
+    return i, i < n
+
+
+@triton.jit
+def load_base(base, i, mask, C, bs0, bs1, HAS_BASE: tl.constexpr, STRIDED: tl.constexpr):
+    """The base at logical indices ``i`` in fp32 (zeros, never read, without a base)."""
+    if HAS_BASE:
+        b = load_f32(base, i, mask, C, bs0, bs1, STRIDED)
+    else:
+        b = tl.zeros(i.shape, tl.float32)
+    return b
+
+
+@triton.jit
+def minus_base(x, b, i, mask, C, s0, s1, HAS_BASE: tl.constexpr, STRIDED: tl.constexpr):
+    """fp32 ``x - b`` for a base ``b`` already loaded (``x`` alone without a base)."""
+    d = load_f32(x, i, mask, C, s0, s1, STRIDED)
+    if HAS_BASE:
+        d = d - b
+    return d
+
+
+@triton.jit
+def delta(x, base, i, mask, C, s0, s1, bs0, bs1, HAS_BASE: tl.constexpr, STRIDED: tl.constexpr):
+    """fp32 ``x - base`` (``x`` alone without a base) at logical indices ``i``."""
+    b = load_base(base, i, mask, C, bs0, bs1, HAS_BASE, STRIDED)
+    return minus_base(x, b, i, mask, C, s0, s1, HAS_BASE, STRIDED)
+
+
+@triton.jit
+def flat_keep(d, i, g, col, m, KIND: tl.constexpr, thr, prob, key0, key1):
+    """Keep decisions of model ``m``'s flat mask on its ``[G, 4]`` tile of deltas: a top-k range
+    (thresholds ``thr[4m .. 4m+3]``) or DARE's Philox drop with keep probability ``prob``."""
+    if KIND == RANGE:
+        key = mag_key(d)
+        keep = in_top(key, i, tl.load(thr + 4 * m), tl.load(thr + 4 * m + 1))
+        keep = keep & ~in_top(key, i, tl.load(thr + 4 * m + 2), tl.load(thr + 4 * m + 3))
+    else:
+        keep = uniform_groups(g, m, key0, key1, col) < prob
+    return keep
+
+
+@triton.jit
+def norm_terms(d, keep, NORM: tl.constexpr):
+    """Per-element fp64 terms of a norm before and after masking (L1 and Linf: ``|d|``; L2: ``d**2``)."""
+    v = d.to(tl.float64)
+    if NORM == 2:
+        v = v * v
+    else:
+        v = tl.abs(v)
+    return v, tl.where(keep, v, 0.0)
+
+
+@triton.jit
+def norm_reduce(v, NORM: tl.constexpr):
+    """A tile's partial norm: the max for Linf, the sum otherwise."""
+    flat = tl.ravel(v)
+    if NORM == 3:
+        r = tl.max(flat, axis=0)
+    else:
+        r = tl.sum(flat, axis=0)
+    return r
+
+
+@triton.jit
 def nonfinite(x):
     """Whether any element of fp32 ``x`` is inf or nan (masked-off lanes load as 0)."""
     bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF

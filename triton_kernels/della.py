@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_f32, seed_key, split_seed, uniform_at
+from ._common import block_tile, delta, norm_reduce, norm_terms, seed_key, split_seed, uniform_at
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "n", "C", "c1", "c2", "L", "inner"])
@@ -20,16 +20,13 @@ def _della_keep_kernel(base, x, order, keep, partial, c1, c2, k0, k1, n, L, inne
                        bs0, bs1, s0, s1, STREAM: tl.constexpr, NORM: tl.constexpr,
                        HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    q = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)   # position in the [rows, L] order
-    valid = q < n
+    q, valid = block_tile(pid, n, BLOCK)  # positions in the [rows, L] order
     r = q // L
     p = q - r * L
     t = tl.load(order + q, mask=valid, other=0)
     o = r // inner
     i = (o * L + t) * inner + (r - o * inner)             # logical flat index of the element
-    d = load_f32(x, i, valid, C, s0, s1, STRIDED)
-    if HAS_BASE:
-        d = d - load_f32(base, i, valid, C, bs0, bs1, STRIDED)
+    d = delta(x, base, i, valid, C, s0, s1, bs0, bs1, HAS_BASE, STRIDED)
     a = (L - 1 - p).to(tl.float32)
     den = (tl.zeros([BLOCK], tl.int64) + (L - 1)).to(tl.float32)
     rn = tl.where(L > 1, tl.math.div_rn(a, tl.maximum(den, 1.0)), 0.0)
@@ -37,18 +34,9 @@ def _della_keep_kernel(base, x, order, keep, partial, c1, c2, k0, k1, n, L, inne
     key0, key1 = seed_key(k0, k1)
     kp = (uniform_at(i, STREAM, key0, key1) < prob) & valid
     tl.store(keep + i, kp.to(tl.uint8), mask=valid)
-    v = d.to(tl.float64)
-    if NORM == 2:
-        v = v * v
-    else:
-        v = tl.abs(v)
-    kv = tl.where(kp, v, 0.0)
-    if NORM == 3:
-        tl.store(partial + pid * 2, tl.max(v, axis=0))
-        tl.store(partial + pid * 2 + 1, tl.max(kv, axis=0))
-    else:
-        tl.store(partial + pid * 2, tl.sum(v, axis=0))
-        tl.store(partial + pid * 2 + 1, tl.sum(kv, axis=0))
+    v, kv = norm_terms(d, kp, NORM)
+    tl.store(partial + pid * 2, norm_reduce(v, NORM))
+    tl.store(partial + pid * 2 + 1, norm_reduce(kv, NORM))
 
 
 def della_keep(base, x, order, *, stream, c1, c2, seed, n, L, inner, C, strides, base_strides,

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BYTES, RANDOM, RANGE, ZERO, in_top, load_f32, mag_key, nonfinite,
-                      seed_key, split_seed, store_as, uniform_groups)
+from ._common import (BYTES, RANDOM, RANGE, ZERO, flat_keep, group_tile, load_f32, nonfinite,
+                      seed_key, split_seed, store_as)
 
 # plan codes (fastmerge/gpu.py)
 C_NONE, C_SUM, C_COUNT, C_GIVEN = 0, 1, 2, 3
@@ -42,11 +42,7 @@ def _fused_merge_kernel(
     DIVISOR: tl.constexpr, NORMALIZE: tl.constexpr, SIGN_ONLY: tl.constexpr,
     APPLY_LAM: tl.constexpr, G: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    g = pid * G + tl.arange(0, G).to(tl.int64)
-    col = tl.arange(0, 4)[None, :]
-    i = g[:, None] * 4 + col
-    inb = i < n
+    pid, g, col, i, inb = group_tile(n, G)
     key0, key1 = seed_key(k0, k1)
     zero = tl.zeros([G, 4], tl.float32)
     if HAS_BASE:
@@ -63,14 +59,8 @@ def _fused_merge_kernel(
             d = d - b
         if KINDS[m] == ZERO:
             d = zero
-        elif KINDS[m] == RANGE:
-            key = mag_key(d)
-            keep = in_top(key, i, tl.load(thr + 4 * m), tl.load(thr + 4 * m + 1))
-            keep = keep & ~in_top(key, i, tl.load(thr + 4 * m + 2), tl.load(thr + 4 * m + 3))
-            d = tl.where(keep, d, 0.0)
-        elif KINDS[m] == RANDOM:
-            u = uniform_groups(g, m, key0, key1, col)
-            d = tl.where(u < probs[m], d, 0.0)
+        elif KINDS[m] == RANGE or KINDS[m] == RANDOM:
+            d = tl.where(flat_keep(d, i, g, col, m, KINDS[m], thr, probs[m], key0, key1), d, 0.0)
         elif KINDS[m] == BYTES:
             kb = tl.load(keeps[m] + i, mask=inb, other=0)
             d = tl.where(kb != 0, d, 0.0)

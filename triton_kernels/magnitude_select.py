@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_f32, mag_key
+from ._common import block_tile, delta, load_base, mag_key, minus_base
 
 SAMPLE = 1 << 16          # keys sampled per input for the bracket
 ALL_CANDIDATES = 1 << 16  # inputs this small skip the sample: every key is a candidate
@@ -37,16 +37,11 @@ BLOCK = 4096
 @triton.jit(do_not_specialize=["n", "C", "S"])
 def _sample_keys_kernel(base, xs, out, bs0, bs1, S0, S1, n, C, S, M: tl.constexpr,
                         HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    s = pid * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
-    valid = s < S
+    s, valid = block_tile(tl.program_id(0), S, BLOCK_S)
     i = (s * n) // S
-    if HAS_BASE:
-        b = load_f32(base, i, valid, C, bs0, bs1, STRIDED)
+    b = load_base(base, i, valid, C, bs0, bs1, HAS_BASE, STRIDED)
     for m in tl.static_range(M):
-        d = load_f32(xs[m], i, valid, C, S0[m], S1[m], STRIDED)
-        if HAS_BASE:
-            d = d - b
+        d = minus_base(xs[m], b, i, valid, C, S0[m], S1[m], HAS_BASE, STRIDED)
         tl.store(out + m * S + s, mag_key(d), mask=valid)
 
 
@@ -54,22 +49,17 @@ def _sample_keys_kernel(base, xs, out, bs0, bs1, S0, S1, n, C, S, M: tl.constexp
 def _bracket_kernel(base, xs, lo, hi, above_part, count, ckeys, cidx, flag, cap, bs0, bs1, S0,
                     S1, n, C, M: tl.constexpr, Q: tl.constexpr, QM: tl.constexpr,
                     HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, BLK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    i = pid * BLK + tl.arange(0, BLK).to(tl.int64)
-    inb = i < n
-    if HAS_BASE:
-        b = load_f32(base, i, inb, C, bs0, bs1, STRIDED)
+    pid = tl.program_id(0)
+    i, inb = block_tile(pid, n, BLK)
+    b = load_base(base, i, inb, C, bs0, bs1, HAS_BASE, STRIDED)
     for m in tl.static_range(M):
-        d = load_f32(xs[m], i, inb, C, S0[m], S1[m], STRIDED)
-        if HAS_BASE:
-            d = d - b
-        key = mag_key(d)
+        key = mag_key(minus_base(xs[m], b, i, inb, C, S0[m], S1[m], HAS_BASE, STRIDED))
         tl.store(flag, 1, mask=tl.max((key >= 0x7F800000).to(tl.int32), axis=0) > 0)
         for q in tl.static_range(Q):
             if QM[q] == m:
                 h = tl.load(hi + q)
                 above = tl.sum(((key > h) & inb).to(tl.int64), axis=0)
-                tl.store(above_part + pid * Q + q, above)
+                tl.store(above_part + pid.to(tl.int64) * Q + q, above)
                 cand = (key >= tl.load(lo + q)) & (key <= h) & inb
                 c32 = cand.to(tl.int32)
                 cnt = tl.sum(c32, axis=0)
@@ -84,13 +74,8 @@ def _bracket_kernel(base, xs, lo, hi, above_part, count, ckeys, cidx, flag, cap,
 def _radix_hist_kernel(base, x, hist, flag, prefix, bs0, bs1, s0, s1, n, C, SHIFT: tl.constexpr,
                        PSHIFT: tl.constexpr, NB: tl.constexpr, HAS_BASE: tl.constexpr,
                        STRIDED: tl.constexpr, BLK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    i = pid * BLK + tl.arange(0, BLK).to(tl.int64)
-    inb = i < n
-    d = load_f32(x, i, inb, C, s0, s1, STRIDED)
-    if HAS_BASE:
-        d = d - load_f32(base, i, inb, C, bs0, bs1, STRIDED)
-    key = mag_key(d)
+    i, inb = block_tile(tl.program_id(0), n, BLK)
+    key = mag_key(delta(x, base, i, inb, C, s0, s1, bs0, bs1, HAS_BASE, STRIDED))
     tl.store(flag, 1, mask=tl.max((key >= 0x7F800000).to(tl.int32), axis=0) > 0)
     match = ((key >> PSHIFT) == prefix) & inb
     h = tl.histogram((key >> SHIFT) & (NB - 1), NB, mask=match)
@@ -100,25 +85,16 @@ def _radix_hist_kernel(base, x, hist, flag, prefix, bs0, bs1, s0, s1, n, C, SHIF
 @triton.jit(do_not_specialize=["n", "C", "T"])
 def _tie_count_kernel(base, x, counts, T, bs0, bs1, s0, s1, n, C, HAS_BASE: tl.constexpr,
                       STRIDED: tl.constexpr, BLK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    i = pid * BLK + tl.arange(0, BLK).to(tl.int64)
-    inb = i < n
-    d = load_f32(x, i, inb, C, s0, s1, STRIDED)
-    if HAS_BASE:
-        d = d - load_f32(base, i, inb, C, bs0, bs1, STRIDED)
-    eq = (mag_key(d) == T) & inb
-    tl.store(counts + pid, tl.sum(eq.to(tl.int64), axis=0))
+    i, inb = block_tile(tl.program_id(0), n, BLK)
+    eq = (mag_key(delta(x, base, i, inb, C, s0, s1, bs0, bs1, HAS_BASE, STRIDED)) == T) & inb
+    tl.store(counts + tl.program_id(0), tl.sum(eq.to(tl.int64), axis=0))
 
 
 @triton.jit(do_not_specialize=["n", "C", "T", "tile", "need"])
 def _tie_find_kernel(base, x, out, T, tile, need, bs0, bs1, s0, s1, n, C,
                      HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, BLK: tl.constexpr):
-    i = tile.to(tl.int64) * BLK + tl.arange(0, BLK).to(tl.int64)
-    inb = i < n
-    d = load_f32(x, i, inb, C, s0, s1, STRIDED)
-    if HAS_BASE:
-        d = d - load_f32(base, i, inb, C, bs0, bs1, STRIDED)
-    eq = (mag_key(d) == T) & inb
+    i, inb = block_tile(tile, n, BLK)
+    eq = (mag_key(delta(x, base, i, inb, C, s0, s1, bs0, bs1, HAS_BASE, STRIDED)) == T) & inb
     cs = tl.cumsum(eq.to(tl.int64), axis=0)
     hit = eq & (cs == need)
     tl.store(out, tl.sum(tl.where(hit, i, 0), axis=0))

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RANDOM, RANGE, in_top, load_f32, mag_key, seed_key, split_seed, uniform_groups
+from ._common import (RANDOM, RANGE, flat_keep, group_tile, load_base, minus_base, norm_reduce,
+                      norm_terms, seed_key, split_seed)
 
 L1, L2, LINF = 1, 2, 3
 
@@ -19,39 +20,16 @@ L1, L2, LINF = 1, 2, 3
 def _mask_norms_kernel(base, xs, thr, probs, partial, bs0, bs1, S0, S1, k0, k1, n, C,
                        K: tl.constexpr, KINDS: tl.constexpr, NORM: tl.constexpr,
                        HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, G: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    g = pid * G + tl.arange(0, G).to(tl.int64)
-    col = tl.arange(0, 4)[None, :]
-    i = g[:, None] * 4 + col
-    inb = i < n
+    pid, g, col, i, inb = group_tile(n, G)
     key0, key1 = seed_key(k0, k1)
-    if HAS_BASE:
-        b = load_f32(base, i, inb, C, bs0, bs1, STRIDED)
+    b = load_base(base, i, inb, C, bs0, bs1, HAS_BASE, STRIDED)
     for m in tl.static_range(K):
         if KINDS[m] == RANGE or KINDS[m] == RANDOM:
-            d = load_f32(xs[m], i, inb, C, S0[m], S1[m], STRIDED)
-            if HAS_BASE:
-                d = d - b
-            if KINDS[m] == RANGE:
-                key = mag_key(d)
-                keep = in_top(key, i, tl.load(thr + 4 * m), tl.load(thr + 4 * m + 1))
-                keep = keep & ~in_top(key, i, tl.load(thr + 4 * m + 2), tl.load(thr + 4 * m + 3))
-            else:
-                keep = uniform_groups(g, m, key0, key1, col) < probs[m]
-            a = d.to(tl.float64)
-            if NORM == 2:
-                a = a * a
-            else:
-                a = tl.abs(a)
-            kept = tl.where(keep, a, 0.0)
-            if NORM == 3:
-                before = tl.max(tl.max(a, axis=1), axis=0)
-                after = tl.max(tl.max(kept, axis=1), axis=0)
-            else:
-                before = tl.sum(tl.sum(a, axis=1), axis=0)
-                after = tl.sum(tl.sum(kept, axis=1), axis=0)
-            tl.store(partial + (pid * K + m) * 2, before)
-            tl.store(partial + (pid * K + m) * 2 + 1, after)
+            d = minus_base(xs[m], b, i, inb, C, S0[m], S1[m], HAS_BASE, STRIDED)
+            keep = flat_keep(d, i, g, col, m, KINDS[m], thr, probs[m], key0, key1)
+            v, kept = norm_terms(d, keep, NORM)
+            tl.store(partial + (pid * K + m) * 2, norm_reduce(v, NORM))
+            tl.store(partial + (pid * K + m) * 2 + 1, norm_reduce(kept, NORM))
 
 
 def mask_norms(base, xs, *, kinds, thr, probs, seed, n, C, strides, base_strides, strided, norm):
