@@ -43,7 +43,9 @@ def sources_dir():
 def status() -> dict:
     """Whether the cuda backend can serve this machine, without building anything."""
     if _error is not None:
-        return {"available": False, "reason": f"the CUDA kernels failed to build: {_error}"}
+        # build_failed: backend="cuda" still resolves, and dispatch hands the ops to Triton
+        return {"available": False, "build_failed": _tried,
+                "reason": f"the CUDA kernels are not available: {_error}"}
     if not torch.cuda.is_available():
         return {"available": False, "reason": "no CUDA device visible to torch"}
     if torch.version.cuda is None:
@@ -170,9 +172,6 @@ def fused_merge(base, xs, out, *, kinds, thr, scale, weights, probs, keeps, seed
                 normalize, lam, sign=None, sign_only=False):
     dev = xs[0].device
     K = len(xs)
-    if K > MAX_K:
-        raise ValueError(f"backend='cuda' merges at most {MAX_K} inputs at once, got {K}; "
-                         "use backend='triton'")
     flags = torch.zeros(K + 1, dtype=torch.int32, device=dev)
     esize = xs[0].element_size()
     tensors = list(xs) + ([base] if base is not None else [])
@@ -194,15 +193,24 @@ class _Kernels:
     fused_merge = staticmethod(fused_merge)
 
 
+def _check_k(K: int):
+    if K > MAX_K:
+        raise ValueError(f"backend='cuda' merges at most {MAX_K} inputs at once, got {K}; "
+                         "use backend='triton'")
+
+
 def run_plan(plan, base, inputs, out_dtype):
+    _check_k(len(inputs))
     return gpu.run_plan(_Kernels, plan, base, inputs, out_dtype)
 
 
 def elect_sign(tensors, weights, method):
+    _check_k(len(tensors))
     return gpu.elect_sign(_Kernels, tensors, weights, method)
 
 
 def disjoint_merge(tensors, sign, weights, divisor, out_dtype):
+    _check_k(len(tensors))
     return gpu.disjoint_merge(_Kernels, tensors, sign, weights, divisor, out_dtype)
 
 

@@ -208,7 +208,7 @@ def resolve(backend, device, op: str = "merge") -> str:
         info = _status(name)
         if name == "triton" and info.get("interpreter") and device.type == "cpu":
             return name
-        if not info["available"]:
+        if not info["available"] and not (info.get("build_failed") and device.type == "cuda"):
             raise RuntimeError(f"backend={name!r} is not available: {info['reason']}")
         if device.type != "cuda":
             raise ValueError(

@@ -82,6 +82,7 @@ def test_failed_cuda_build_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(cuda, "_ext", None)
     monkeypatch.setattr(cuda, "_error", None)
     monkeypatch.setattr(cuda, "_tried", False)
+    real_status = cuda.status
     monkeypatch.setattr(cuda, "status", lambda: {"available": True, "reason": "pretend"})
 
     def broken_load(*args, **kwargs):
@@ -99,6 +100,12 @@ def test_failed_cuda_build_falls_back_with_one_warning(monkeypatch):
     assert len(msgs) == 1 and "simulated failure" in msgs[0] and "Triton" in msgs[0], msgs
     assert mod.__name__ in ("fastmerge.triton", "fastmerge.reference")
     assert "simulated failure" in cuda._error
+    # later calls with backend="cuda" keep resolving (to the fallback), they do not start failing
+    monkeypatch.setattr(cuda, "status", real_status)
+    assert cuda.status()["build_failed"] and not cuda.status()["available"]
+    assert dispatch.resolve("cuda", torch.device("cuda")) == "cuda"
+    with pytest.raises(RuntimeError, match="cuda"):  # but CPU tensors are still refused
+        dispatch.resolve("cuda", torch.device("cpu"))
 
 
 def test_import_without_triton():
