@@ -108,6 +108,15 @@ def workload():
     counts = torch.zeros(1, dtype=torch.int64)
     ms._tie_count_kernel[(1,)](b16, xs[0], counts, 5, *bst, *sts[0], 1961, C, **common)
     ms._tie_find_kernel[(1,)](b16, xs[0], counts, 5, 0, 3, *bst, *sts[0], 1961, C, **common)
+    # the narrowing of the bracket's candidates
+    ckeys, cidx = torch.zeros(64, dtype=torch.int32), torch.zeros(64, dtype=torch.int64)
+    one = dict(qidx=torch.zeros(1, dtype=torch.int32), counts=torch.full((1,), 64),
+               lo=torch.zeros(1, dtype=torch.int32), shift=torch.zeros(1, dtype=torch.int32))
+    ms._cand_hist_kernel[(1, 1)](ckeys, *one.values(), torch.zeros(1, 2048, dtype=torch.int64), 64,
+                                 NB=2048, BLK=ms.BLOCK, num_warps=8, enable_fp_fusion=False)
+    ms._cand_pick_kernel[(1, 1)](ckeys, cidx, *one.values(), torch.zeros(1, dtype=torch.int32),
+                                 torch.zeros(1, dtype=torch.int64), ckeys, cidx, 64, 64, BLK=ms.BLOCK,
+                                 num_warps=8, enable_fp_fusion=False)
 
 
 def main() -> int:

@@ -9,8 +9,10 @@ Fast path (one streaming pass over base + the queried inputs):
    in ``[lo, hi]`` (4 standard deviations of the sample quantile either side);
 2. one pass counts the keys above ``hi`` and compacts the few keys in ``[lo, hi]`` with their
    indices (atomic slot reservation per program, in-program prefix sum);
-3. the ``need = k - above``-th candidate in (key desc, index asc) order is the answer:
-   ``kthvalue`` on a composite ``(~key, index)`` 64-bit value, exact and tie-aware.
+3. the ``need = k - above``-th candidate in (key desc, index asc) order is the answer: a
+   2048-bin histogram over the candidates' key range picks the bin that holds it, and only
+   that bin's candidates are sorted (as unique ``(~key, index)`` 64-bit composites), so ties
+   are split by lowest index exactly. Two small host syncs in all.
 
 Inputs of at most ``2**16`` elements skip the sample: every element is a candidate.
 
@@ -100,6 +102,34 @@ def _tie_find_kernel(base, x, out, T, tile, need, bs0, bs1, s0, s1, n, C,
     tl.store(out, tl.sum(tl.where(hit, i, 0), axis=0))
 
 
+@triton.jit(do_not_specialize=["cap"])
+def _cand_hist_kernel(ckeys, qidx, counts, lo, shift, hist, cap, NB: tl.constexpr, BLK: tl.constexpr):
+    """Histogram of candidate keys ``(key - lo) >> shift`` of query row ``program_id(1)``."""
+    v = tl.program_id(1)
+    q = tl.load(qidx + v).to(tl.int64)
+    j, m = block_tile(tl.program_id(0), tl.load(counts + v), BLK)
+    key = tl.load(ckeys + q * cap + j, mask=m, other=0)
+    h = tl.histogram((key - tl.load(lo + v)) >> tl.load(shift + v), NB, mask=m)
+    tl.atomic_add(hist + v * NB + tl.arange(0, NB), h.to(tl.int64), mask=h > 0)
+
+
+@triton.jit(do_not_specialize=["cap", "cap2"])
+def _cand_pick_kernel(ckeys, cidx, qidx, counts, lo, shift, bins, fill, okeys, oidx, cap, cap2,
+                      BLK: tl.constexpr):
+    """The candidates of query row ``program_id(1)`` that fall in its chosen histogram bin."""
+    v = tl.program_id(1)
+    q = tl.load(qidx + v).to(tl.int64)
+    j, m = block_tile(tl.program_id(0), tl.load(counts + v), BLK)
+    key = tl.load(ckeys + q * cap + j, mask=m, other=0)
+    sel = m & (((key - tl.load(lo + v)) >> tl.load(shift + v)) == tl.load(bins + v))
+    s32 = sel.to(tl.int32)
+    cnt = tl.sum(s32, axis=0)
+    start = tl.atomic_add(fill + v, cnt.to(tl.int64), mask=cnt > 0)
+    pos = v.to(tl.int64) * cap2 + start + (tl.cumsum(s32, axis=0) - 1).to(tl.int64)
+    tl.store(okeys + pos, key, mask=sel)
+    tl.store(oidx + pos, tl.load(cidx + q * cap + j, mask=sel, other=0), mask=sel)
+
+
 # ----------------------------------------------------------------------------- host side
 
 
@@ -155,26 +185,64 @@ def _bracket(base, xs, strides, base_strides, n, C, strided, qm, qk, out, flag):
         S0, S1, n, C, M=len(models), Q=Q, QM=tuple(slot[m] for m in qm), BLK=BLOCK, num_warps=8,
         **_args(base, strided))
     above = above_part.sum(dim=0)
-    stats = torch.stack([above, count]).tolist()  # the one host sync of the fast path
-    failed = []
+    stats = torch.stack([above, count, lo.long(), hi.long()]).tolist()  # host sync 1 of 2
+    failed, ok = [], []
     for q in range(Q):
-        need, cnt = qk[q] - stats[0][q], stats[1][q]
-        if not 1 <= need <= cnt <= cap:
+        if 1 <= qk[q] - stats[0][q] <= stats[1][q] <= cap:
+            ok.append(q)
+        else:
             failed.append(q)
-            continue
-        key = ckeys[q * cap:q * cap + cnt].to(torch.int64)
-        idx = cidx[q * cap:q * cap + cnt]
-        if n < (1 << 32):
-            comp = ((KEY_MAX - key) << 32) | idx  # ascending = key desc, index asc; unique
-            c = torch.kthvalue(comp, need).values
+    if ok:
+        _finish(ckeys, cidx, cap, ok, [qk[q] - stats[0][q] for q in ok], [stats[1][q] for q in ok],
+                [stats[2][q] for q in ok], [stats[3][q] for q in ok], n, out)
+    return failed
+
+
+def _choose_bins(hist, need):
+    """Per row of ``hist`` (``[R, NB]``): the highest bin whose suffix count reaches ``need``,
+    the rank still needed inside it and its count (device tensors)."""
+    suffix = hist.flip(1).cumsum(1).flip(1)
+    b = ((suffix >= need[:, None]).sum(1) - 1).clamp(min=0)
+    above = torch.cat([suffix, torch.zeros_like(suffix[:, :1])], 1).gather(1, (b + 1)[:, None])[:, 0]
+    return b, need - above, hist.gather(1, b[:, None])[:, 0]
+
+
+def _finish(ckeys, cidx, cap, ok, need, cnt, lo, hi, n, out):
+    """The need-th candidate in (key desc, index asc) order for each query in ``ok``, without
+    sorting all candidates: a 2048-bin histogram over the candidates' key range picks the bin
+    that holds it, and only that bin's few candidates are sorted."""
+    dev = ckeys.device
+    V = len(ok)
+    NB = 2048
+    shift = [max(0, (h - lo_).bit_length() - 11) for lo_, h in zip(lo, hi)]
+    qidx = torch.tensor(ok, dtype=torch.int32, device=dev)
+    counts = torch.tensor(cnt, dtype=torch.int64, device=dev)
+    lo_t = torch.tensor(lo, dtype=torch.int32, device=dev)
+    shift_t = torch.tensor(shift, dtype=torch.int32, device=dev)
+    hist = torch.zeros(V, NB, dtype=torch.int64, device=dev)
+    grid = (triton.cdiv(max(cnt), BLOCK), V)
+    _cand_hist_kernel[grid](ckeys, qidx, counts, lo_t, shift_t, hist, cap, NB=NB, BLK=BLOCK,
+                            num_warps=8, enable_fp_fusion=False)
+    bins, need2, size = _choose_bins(hist, torch.tensor(need, dtype=torch.int64, device=dev))
+    need2_h, size_h = torch.stack([need2, size]).tolist()  # host sync 2 of 2
+    cap2 = max(size_h)
+    okeys = torch.empty(V * cap2, dtype=torch.int32, device=dev)
+    oidx = torch.empty(V * cap2, dtype=torch.int64, device=dev)
+    fill = torch.zeros(V, dtype=torch.int64, device=dev)
+    _cand_pick_kernel[grid](ckeys, cidx, qidx, counts, lo_t, shift_t, bins.to(torch.int32), fill, okeys,
+                            oidx, cap, cap2, BLK=BLOCK, num_warps=8, enable_fp_fusion=False)
+    for v, q in enumerate(ok):
+        key = okeys[v * cap2:v * cap2 + size_h[v]].to(torch.int64)
+        idx = oidx[v * cap2:v * cap2 + size_h[v]]
+        if n < (1 << 32):  # one sort of unique composites: ascending = key desc, index asc
+            c = torch.sort(((KEY_MAX - key) << 32) | idx).values[need2_h[v] - 1]
             out[q, 0] = KEY_MAX - (c >> 32)
             out[q, 1] = c & 0xFFFFFFFF
         else:
             o = torch.sort(idx, stable=True).indices
             o = o[torch.sort(key[o], descending=True, stable=True).indices]
-            out[q, 0] = key[o[need - 1]]
-            out[q, 1] = idx[o[need - 1]]
-    return failed
+            out[q, 0] = key[o[need2_h[v] - 1]]
+            out[q, 1] = idx[o[need2_h[v] - 1]]
 
 
 def _radix(base, x, s, base_strides, n, C, strided, k, out_row, flag):
@@ -189,11 +257,9 @@ def _radix(base, x, s, base_strides, n, C, strided, k, out_row, flag):
         hist = torch.zeros(nb, dtype=torch.int64, device=dev)
         _radix_hist_kernel[(P,)](b, x, hist, flag, prefix, base_strides[0], base_strides[1], s[0], s[1],
                                  n, C, SHIFT=shift, PSHIFT=shift + bits, NB=nb, **common)
-        suffix = hist.flip(0).cumsum(0).flip(0).tolist()
-        digit = next((d for d in range(nb - 1, 0, -1) if suffix[d] >= need), 0)
-        need -= suffix[digit + 1] if digit + 1 < nb else 0
+        digit, rest, count = _choose_bins(hist[None], torch.tensor([need], device=dev))
+        digit, need, eq = torch.stack([digit, rest, count])[:, 0].tolist()
         prefix = (prefix << bits) | digit
-        eq = hist[digit].item()
     T = prefix
     out_row[0] = T
     if need >= eq:
