@@ -1,4 +1,4 @@
-"""Build of the native CPU kernels (csrc/) as two pybind11 modules.
+"""Build of the native CPU kernels (csrc/) as two pybind11 modules, and the package layout.
 
 ``fastmerge._C`` is built for the x86-64 baseline and loads everywhere; on x86-64 a second
 build, ``fastmerge._C_avx2`` (AVX2 + F16C), is preferred at import when the CPU has those
@@ -34,9 +34,13 @@ if os.environ.get("FASTMERGE_NO_NATIVE") != "1":
         ext_modules.append(ext("_C_avx2", "avx2+f16c", ["-mavx2", "-mf16c", "-mfma"]))
 
 setup(
-    packages=["fastmerge", "fastmerge.integrations", "fastmerge.triton_kernels", "fastmerge.bench"],
+    # fastmerge._csrc: the CUDA sources, shipped as data and compiled on first use on a machine
+    # with a GPU and a CUDA toolkit (fastmerge/cuda.py), never at install time
+    packages=["fastmerge", "fastmerge.integrations", "fastmerge.triton_kernels", "fastmerge.bench",
+              "fastmerge._csrc"],
     package_dir={"fastmerge": "fastmerge", "fastmerge.triton_kernels": "triton_kernels",
-                 "fastmerge.bench": "bench"},
+                 "fastmerge.bench": "bench", "fastmerge._csrc": "csrc"},
+    package_data={"fastmerge._csrc": ["cuda_kernels.cu", "cuda_kernels.h", "cuda_bindings.cpp"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

@@ -147,14 +147,15 @@ def time_fn(fn: Callable, warmup: int = 1, min_reps: int = 3, min_time: float = 
     return times
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20, device="cpu", reps: int = 10) -> float:
+def copy_bandwidth(nbytes: int = 256 * 2**20, device="cpu", reps: int = 10, timer=None) -> float:
     """Measured copy bandwidth in GB/s (1 GB = 1e9 bytes): ``dst.copy_(src)`` on fp32 tensors
-    of ``nbytes`` each, counting read + write (``2 * nbytes``), median of ``reps`` copies."""
+    of ``nbytes`` each, counting read + write (``2 * nbytes``), median of ``reps`` copies
+    (``timer``: :func:`time_fn` or one with its signature, e.g. ``bench.gpu.cuda_time``)."""
     n = max(1, int(nbytes) // 4)
     src = torch.ones(n, dtype=torch.float32, device=device)  # ones/zeros: pages are touched
     dst = torch.zeros_like(src)
-    times = time_fn(lambda: dst.copy_(src), warmup=2, min_reps=reps, min_time=0.0,
-                    max_reps=reps, sync=_sync_for(device))
+    times = (timer or time_fn)(functools.partial(dst.copy_, src), warmup=2, min_reps=reps,
+                               min_time=0.0, max_reps=reps, sync=_sync_for(device))
     del src, dst
     return 2 * n * 4 / statistics.median(times) / 1e9
 
@@ -361,15 +362,19 @@ def _plan(quick: bool, shapes) -> list:
 
 def _select_backends(backends, available: dict, log) -> tuple:
     """``(names, explicit)``: fastmerge backends to run, fast ones first."""
+    def no_device(b):
+        # triton is usable on CPU tensors under TRITON_INTERPRET=1 (the tests' mode): no GPU, no row
+        return BACKEND_DEVICE.get(b) == "cuda" and not torch.cuda.is_available()
+
     if backends is None:
-        return [b for b in BACKENDS if available.get(b, {}).get("available")], False
+        return [b for b in BACKENDS if available.get(b, {}).get("available") and not no_device(b)], False
     names = []
     for b in backends:
         info = available.get(b)
         if info is None:
             raise ValueError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-        if not info["available"]:
-            log(f"backend {b} skipped: {info['reason']}")
+        if not info["available"] or no_device(b):
+            log(f"backend {b} skipped: {info['reason'] if not info['available'] else 'no CUDA device'}")
             continue
         if b not in names:
             names.append(b)
@@ -451,7 +456,9 @@ def make_cases(shape=(1024, 1024), dtype=torch.float32, k: int = DEFAULT_K,
 
 def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, backends=None,
         refs: bool = True, json_path: Optional[str] = None, plot_dir: Optional[str] = None,
-        density: float = DEFAULT_DENSITY, seed: int = 0, verbose: bool = True) -> list:
+        density: float = DEFAULT_DENSITY, seed: int = 0, verbose: bool = True, timer=None,
+        timing: Optional[dict] = None, extra_cases: Optional[Callable] = None,
+        label: Optional[str] = None) -> list:
     """Run the benchmark, print the table, optionally save JSON and PNG plots; return the rows.
 
     Args:
@@ -468,13 +475,17 @@ def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, ba
         json_path: write ``{"meta": ..., "rows": ...}`` here (a directory gets a dated name).
         plot_dir: write ``gbps.png`` and ``speedup.png`` here (needs matplotlib).
         density: fraction kept by the sparsifying methods. seed: data and DARE/DELLA seed.
+        timer: replaces :func:`time_fn` (same signature), e.g. CUDA-event timing on a GPU.
+        timing: replaces the plan's ``TIMING`` entry. label: the results' ``mode``.
+        extra_cases: ``f(shape, device, dtype, inputs, k, backends) -> [(Case, nbytes), ...]``,
+            more rows per shape/dtype/K (``nbytes`` None: :func:`bytes_moved`).
     """
     t_start = time.perf_counter()
     log = (lambda s="": print(s, flush=True)) if verbose else (lambda s="": None)
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    mode = "quick" if quick else "full"
-    timing = TIMING[mode]
+    mode = label or ("quick" if quick else "full")
+    timing = timing or TIMING["quick" if quick else "full"]
     dtypes = [DTYPES[d] if isinstance(d, str) else d for d in (dtypes or (QUICK_DTYPES if quick else FULL_DTYPES))]
     ks = list(ks or [DEFAULT_K])
     explicit_methods = methods is not None
@@ -491,7 +502,7 @@ def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, ba
     commit, dirty, vers, date, threads = (env[k] for k in ("commit", "dirty", "versions", "date", "threads"))
     devices = sorted({BACKEND_DEVICE[b] for b in bks}) or ["cpu"]
 
-    log(f"fastmerge bench ({mode}{' — pass --quick for a ~1 min run' if not quick else ''})")
+    log(f"fastmerge bench ({mode}{' — pass --quick for a ~1 min run' if mode == 'full' else ''})")
     log(f"fastmerge {vers['fastmerge']} from {os.path.dirname(os.path.abspath(fastmerge.__file__))}; "
         f"commit {commit[:12] + ('+dirty' if dirty else '') if commit else 'n/a'}")
     log("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
@@ -517,7 +528,7 @@ def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, ba
         log(f"load average {load:.2f} at start: other work is running, timings will be noisy")
     copy_gbps = {}
     for dev in devices:
-        copy_gbps[dev] = copy_bandwidth(device=dev)
+        copy_gbps[dev] = copy_bandwidth(device=dev, timer=timer)
         log(f"copy bandwidth [{dev}] {device_name(dev)}: {copy_gbps[dev]:.2f} GB/s "
             f"(dst.copy_(src), 256 MiB fp32, read+write, {threads} torch threads)")
     log()
@@ -546,11 +557,15 @@ def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, ba
                 sync = _sync_for(dev)
                 for k in ks:
                     ref_ms = {}
-                    for case in _cases(tier, dev, bks, explicit_backends, methods, explicit_methods,
-                                       ref_libs, inputs, k, density, seed):
+                    cases = [(c, None) for c in _cases(tier, dev, bks, explicit_backends, methods,
+                                                       explicit_methods, ref_libs, inputs, k, density, seed)]
+                    if extra_cases is not None:
+                        tb = [b for b in tier_backends(tier, bks, explicit_backends) if BACKEND_DEVICE[b] == dev]
+                        cases += extra_cases(tier.shape, dev, dtype, inputs, k, tb)
+                    for case, nbytes in cases:
                         try:
                             row = _measure(case, dev, dname, tier.shape, dtype, k, density, numel,
-                                           timing, sync, copy_gbps[dev], ref_ms)
+                                           timing, sync, copy_gbps[dev], ref_ms, timer, nbytes)
                         except Exception as exc:
                             errors.append({"op": case.op, "api": case.api, "backend": case.backend,
                                            "shape": list(tier.shape), "dtype": _dtype_name(dtype),
@@ -562,6 +577,8 @@ def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, ba
                         log(format_row(row))
                 del inputs
                 gc.collect()
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
     wall = time.perf_counter() - t_start
     log()
     log(f"{len(rows)} rows in {wall:.1f} s")
@@ -596,7 +613,8 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _measure(case: Case, dev, dname, shape, dtype, k, density, numel, timing, sync, copy, ref_ms) -> dict:
+def _measure(case: Case, dev, dname, shape, dtype, k, density, numel, timing, sync, copy, ref_ms,
+             timer=None, nbytes=None) -> dict:
     # First call: warm-up, and the output's dtype (PEFT promotes bf16 tasks to fp32 weights).
     if sync is not None:
         sync()
@@ -608,10 +626,11 @@ def _measure(case: Case, dev, dname, shape, dtype, k, density, numel, timing, sy
     out_dtype = out.dtype
     del out
     warmup = 0 if first > timing["max_time"] else max(0, timing["warmup"] - 1)
-    times = time_fn(case.fn, warmup, timing["min_reps"], timing["min_time"],
-                    max_time=timing["max_time"], sync=sync)
+    times = (timer or time_fn)(case.fn, warmup, timing["min_reps"], timing["min_time"],
+                               max_time=timing["max_time"], sync=sync)
     med = statistics.median(times)
-    nbytes = bytes_moved(case.op, case.api, numel, k, dtype, out_dtype)
+    if nbytes is None:
+        nbytes = bytes_moved(case.op, case.api, numel, k, dtype, out_dtype)
     gbps = nbytes / med / 1e9
     speedup = {"peft": None, "mergekit": None}
     if case.is_ref:

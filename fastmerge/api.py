@@ -13,15 +13,14 @@ import torch
 from . import _semantics as sem
 from . import _validate as V
 from . import dispatch as B
-from . import lowrank
+from . import library, lowrank
 from .philox import resolve_seed
 
 ALL_METHODS = sem.METHODS + lowrank.METHODS
 
 
-def run(plan: sem.Plan, base, inputs, out_dtype, backend):
-    device = inputs[0].device
-    return B.module(B.resolve(backend, device)).run_plan(plan, base, inputs, out_dtype)
+def run(plan: sem.Plan, base, inputs, out_dtype, backend, op: str = "merge"):
+    return B.for_op(backend, inputs[0].device, op).run_plan(plan, base, inputs, out_dtype)
 
 
 def _rescale_mode(rescale, default: bool):
@@ -104,6 +103,12 @@ def merge(
     They run torch's GEMM/LAPACK kernels on the tensors' device whatever the backend
     (``backend`` is still checked).
     """
+    if library.compiling() and threshold is None:  # torch.compile: the opaque custom op (library.py)
+        return torch.ops.fastmerge.merge(
+            method, base, list(models), library.floats(weights), library.floats(density), float(lam),
+            normalize, library.rescale_in(rescale), library.floats(gamma), library.floats(epsilon),
+            library.seed_in(seed), out_dtype, backend, None if alpha is None else float(alpha), exact,
+            float(common_space_fraction))
     if not isinstance(method, str) or method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     models = V.tensor_list(models)
@@ -123,7 +128,7 @@ def merge(
     if method in lowrank.METHODS:
         if alpha is not None and lam != 1.0:
             raise ValueError("give either alpha or lam for an SVD merge, not both (they are the same scale)")
-        B.resolve(backend, ref.device)  # same backend errors as every other method
+        B.resolve(backend, ref.device, method)  # same backend errors as every other method
         return lowrank.merge(method, base, models, weights=w,
                              alpha=lam if alpha is None else V.number(alpha, "alpha"),
                              exact=V.flag(exact, "exact"), seed=seed,
@@ -138,7 +143,7 @@ def merge(
             raise ValueError("weights sum to zero: linear merge cannot normalize (pass normalize=False)")
         plan = sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
                         normalize=norm, lam=lam)
-        return run(plan, None, models, dtype, backend)
+        return run(plan, None, models, dtype, backend, method)
 
     consensus, sparsify, d_norm, d_rescale = sem.MERGEKIT_METHODS[method]
     n = ref.numel()
@@ -172,7 +177,7 @@ def merge(
         lam=lam,
         seed=resolve_seed(seed) if random or seed is not None else 0,  # validate a given seed
     )
-    return run(plan, base, models, dtype, backend)
+    return run(plan, base, models, dtype, backend, method)
 
 
 def _threshold_masks(base, models, thresholds) -> list:

@@ -3,6 +3,7 @@
 Subcommands:
     fastmerge bench [options]   benchmark against PEFT and mergekit (``fastmerge bench --help``)
     fastmerge bench-lowrank     fastmerge.lowrank vs the full-SVD paths (``--help``)
+    fastmerge bench-gpu         the triton and cuda backends vs PEFT/mergekit on a GPU (``--help``)
     fastmerge backends          which backends this machine can run, and why not
     fastmerge merge CONFIG OUT  merge whole safetensors checkpoints from a mergekit YAML config,
                                 streaming (``fastmerge merge --help``; ``torchrun ... -m
@@ -46,6 +47,10 @@ def _cmd_bench(args, rest) -> int:
 
 def _cmd_bench_lowrank(args, rest) -> int:
     return _bench_module("lowrank").main(rest, prog="fastmerge bench-lowrank")
+
+
+def _cmd_bench_gpu(args, rest) -> int:
+    return _bench_module("gpu").main(rest)
 
 
 def _cmd_backends(args, rest) -> int:
@@ -168,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-lowrank", add_help=False,
                    help="benchmark fastmerge.lowrank (randomized SVD, polar, TSV/Iso-C/Iso-CTS, "
                         "LoRA re-rank) against the full-SVD paths (bench-lowrank --help)")
+    sub.add_parser("bench-gpu", add_help=False,
+                   help="benchmark the triton and cuda backends against PEFT and mergekit on this GPU "
+                        "(bench-gpu --help)")
     sub.add_parser("backends", help="list the backends available here, and why not")
     _merge_parser(sub)
     sub.add_parser("mergekit", add_help=False,
@@ -175,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"bench": _cmd_bench, "bench-lowrank": _cmd_bench_lowrank, "backends": _cmd_backends,
-            "mergekit": _cmd_mergekit, "merge": _cmd_merge}
-PASSTHROUGH = ("bench", "bench-lowrank", "mergekit")  # subcommands that take the rest of the command line as is
+COMMANDS = {"bench": _cmd_bench, "bench-lowrank": _cmd_bench_lowrank, "bench-gpu": _cmd_bench_gpu,
+            "backends": _cmd_backends, "mergekit": _cmd_mergekit, "merge": _cmd_merge}
+PASSTHROUGH = ("bench", "bench-lowrank", "bench-gpu", "mergekit")  # subcommands that take the rest of the command line as is
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -12,6 +12,7 @@ import torch
 from . import _semantics as sem
 from . import _validate as V
 from . import dispatch as B
+from . import library
 from .api import _rescale_mode, run
 from .philox import resolve_seed
 
@@ -42,22 +43,27 @@ def magnitude_threshold(x: torch.Tensor, density: Optional[float] = None, *, k: 
                         backend: Optional[str] = None) -> torch.Tensor:
     """The exact k-th largest ``|x|`` (``k = int(density * x.numel())``), a 0-d tensor of x's
     dtype; ``inf`` when ``k == 0``. Found by radix select on the ``cpu`` backend (no sort)."""
+    if library.compiling():  # torch.compile: the opaque custom op (fastmerge/library.py)
+        return torch.ops.fastmerge.magnitude_threshold(x, None if density is None else float(density), k, backend)
     x = _one(x)
     k = _k(x, density, k)
-    return B.module(B.resolve(backend, x.device)).magnitude_threshold(x, k)
+    return B.for_op(backend, x.device, "magnitude_threshold").magnitude_threshold(x, k)
 
 
 def magnitude_prune(x: torch.Tensor, density: Optional[float] = None, *, k: Optional[int] = None,
                     rescale=None, backend: Optional[str] = None) -> torch.Tensor:
     """Keep the ``k = int(density * numel)`` largest-magnitude entries of ``x``, zero the rest;
     ``rescale`` ("l1" | "l2" | "linf") matches the norm of the result to that of ``x``."""
+    if library.compiling():
+        return torch.ops.fastmerge.magnitude_prune(x, None if density is None else float(density), k,
+                                                   library.rescale_in(rescale), backend)
     x = _one(x)
     kk = _k(x, density, k)
     plan = sem.Plan(masks=[sem.MaskSpec("range", 0, kk)], weights=[1.0],
                     rescale=_rescale_mode(rescale, False), names=["x"])
     if plan.rescale == "density":
         raise ValueError("rescale='density' applies to random_drop; use 'l1', 'l2' or 'linf'")
-    return run(plan, None, [x], x.dtype, backend)
+    return run(plan, None, [x], x.dtype, backend, "magnitude_prune")
 
 
 def random_drop(x: torch.Tensor, density: float, *, seed: Optional[int] = None, rescale=True,
@@ -68,12 +74,15 @@ def random_drop(x: torch.Tensor, density: float, *, seed: Optional[int] = None, 
     seed gives the same mask on every backend. ``rescale``: True / "density" divides the kept
     entries by ``density``; "l1" | "l2" | "linf" match the norm of ``x``; False keeps them as is.
     """
+    if library.compiling():
+        return torch.ops.fastmerge.random_drop(x, float(density), library.seed_in(seed),
+                                               library.rescale_in(rescale), backend)
     x = _one(x)
     d = V.per_model(density, 1, "density", 0.0, 1.0)[0]
     mode = "density" if rescale is True else _rescale_mode(rescale, False)
     plan = sem.Plan(masks=[sem.random_mask(d)], weights=[1.0], rescale=mode, seed=resolve_seed(seed),
                     names=["x"])
-    return run(plan, None, [x], x.dtype, backend)
+    return run(plan, None, [x], x.dtype, backend, "random_drop")
 
 
 def _same_inputs(tensors, name="tensors"):
@@ -87,11 +96,13 @@ def elect_sign(tensors: Sequence[torch.Tensor], weights=None, *, method: str = "
                backend: Optional[str] = None) -> torch.Tensor:
     """TIES sign election: int8 ``+1`` where ``sum_k w_k t_k >= 0`` (``method="sum"``) or
     ``sum_k sign(w_k t_k) >= 0`` (``"count"``), else ``-1``."""
+    if library.compiling():
+        return torch.ops.fastmerge.elect_sign(list(tensors), library.floats(weights), method, backend)
     tensors = _same_inputs(tensors)
     if method not in ("sum", "count"):
         raise ValueError(f"method must be 'sum' or 'count', got {method!r}")
     w = V.per_model(1.0 if weights is None else weights, len(tensors), "weights")
-    return B.module(B.resolve(backend, tensors[0].device)).elect_sign(tensors, w, method)
+    return B.for_op(backend, tensors[0].device, "elect_sign").elect_sign(tensors, w, method)
 
 
 def disjoint_merge(tensors: Sequence[torch.Tensor], sign: torch.Tensor, weights=None, *,
@@ -99,6 +110,9 @@ def disjoint_merge(tensors: Sequence[torch.Tensor], sign: torch.Tensor, weights=
     """TIES disjoint merge: ``sum_k w_k t_k [sign(t_k) == sign] / D`` with ``D`` the number of
     agreeing inputs (``divisor="count"``, at least 1, as PEFT) or their summed weight
     (``"weight"``, 0 -> 1, as mergekit)."""
+    if library.compiling():
+        return torch.ops.fastmerge.disjoint_merge(list(tensors), sign, library.floats(weights), divisor,
+                                                  out_dtype, backend)
     tensors = _same_inputs(tensors)
     if not isinstance(sign, torch.Tensor):
         raise TypeError(f"sign must be a torch.Tensor, got {type(sign).__name__}")
@@ -110,5 +124,5 @@ def disjoint_merge(tensors: Sequence[torch.Tensor], sign: torch.Tensor, weights=
         raise ValueError(f"divisor must be 'count' or 'weight', got {divisor!r}")
     w = V.per_model(1.0 if weights is None else weights, len(tensors), "weights")
     dtype = V.out_dtype(out_dtype, tensors[0].dtype)
-    mod = B.module(B.resolve(backend, tensors[0].device))
+    mod = B.for_op(backend, tensors[0].device, "disjoint_merge")
     return mod.disjoint_merge(tensors, sign, w, divisor, dtype)

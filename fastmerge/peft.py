@@ -15,6 +15,7 @@ import torch
 
 from . import _semantics as sem
 from . import _validate as V
+from . import library
 from .api import run
 from .ops import _same_inputs
 from .philox import resolve_seed
@@ -43,18 +44,35 @@ def _weights(weights, k: int):
     return V.per_model(weights, k, "weights"), torch.get_default_dtype()
 
 
+def result_dtype(task_dtype, weights_dtype, consensus: bool) -> torch.dtype:
+    """PEFT's result dtype: tasks times weights; a consensus merge also divides by
+    ``clamp(mask.sum(0), min=1.0)``, a tensor of torch's default float dtype."""
+    out = torch.promote_types(task_dtype, weights_dtype)
+    return torch.promote_types(out, torch.get_default_dtype()) if consensus else out
+
+
+# (sparsification, consensus) -> PEFT function, for the custom op under torch.compile
+_FUNCTIONS = {("none", False): "task_arithmetic", ("magnitude", False): "magnitude_prune",
+              ("magnitude", True): "ties", ("random", False): "dare_linear", ("random", True): "dare_ties"}
+
+
 def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_method,
            seed, backend) -> torch.Tensor:
+    if library.compiling():  # torch.compile: the opaque custom op (fastmerge/library.py)
+        if not isinstance(weights, torch.Tensor):
+            w = library.floats(weights)
+            weights = torch.tensor(w if isinstance(weights, (list, tuple)) else w[0])
+        return torch.ops.fastmerge.peft_merge(
+            _FUNCTIONS[(method, sign_method is not None)], list(task_tensors), weights, float(density),
+            sign_method, library.seed_in(seed), backend)
     tasks = _same_inputs(task_tensors, "task_tensors")
     w, wdtype = _weights(weights, len(tasks))
-    out_dtype = torch.promote_types(tasks[0].dtype, wdtype)
     consensus = None
     if sign_method is not None:
         if sign_method not in _SIGN_METHODS:
             raise ValueError(f'majority_sign_method must be "total" or "frequency", got {sign_method!r}')
         consensus = _SIGN_METHODS[sign_method]
-        # PEFT divides by clamp(mask.sum(0), min=1.0), a tensor of torch's default float dtype
-        out_dtype = torch.promote_types(out_dtype, torch.get_default_dtype())
+    out_dtype = result_dtype(tasks[0].dtype, wdtype, consensus is not None)
     # kernels write fp32/fp16/bf16; a wider PEFT result type (float64 weights) is a final cast
     work_dtype = out_dtype if out_dtype in V.SUPPORTED_DTYPES else torch.float32
     d = _density(density) if method != "none" else None
@@ -76,7 +94,7 @@ def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_meth
         seed=resolve_seed(seed) if method == "random" and d is not None else 0,
         names=[f"task_tensors[{i}]" for i in range(len(tasks))],
     )
-    return run(plan, None, tasks, work_dtype, backend).to(out_dtype)
+    return run(plan, None, tasks, work_dtype, backend, "peft").to(out_dtype)
 
 
 def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor, *, backend=None) -> torch.Tensor:

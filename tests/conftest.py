@@ -1,7 +1,12 @@
 """Shared helpers for fastmerge's tests.
 
-* ``BACKENDS``: every backend that ``fastmerge.backends()`` reports as available on this
-  machine (``torch`` always; ``cpu`` once the native module is built; GPU ones on GPU hosts).
+* ``BACKENDS``: every backend that runs on CPU tensors and ``fastmerge.backends()`` reports
+  as available (``torch`` always; ``cpu`` once the native module is built). The GPU backends
+  are tested on CUDA tensors in ``test_gpu.py``, and the Triton kernels also in Triton's
+  interpreter on CPU tensors (``test_triton_interpreter.py``).
+* On a machine without CUDA this file sets ``TRITON_INTERPRET=1`` before anything imports
+  Triton, so the ``triton`` backend runs its kernels in the interpreter (slow: only the
+  interpreter tests use it).
 * ``DTYPES``: ``(dtype, atol, rtol)`` used when comparing against libraries that compute in the
   input dtype (mergekit, PEFT) while fastmerge accumulates in fp32 and rounds once.
 * ``make_models``: a base tensor and K fine-tuned-like models (base + small random deltas).
@@ -19,6 +24,11 @@ import warnings
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton reads this when a kernel is defined (fastmerge imports its kernels lazily, so
+    # setting it here, first thing, is early enough).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 with warnings.catch_warnings():
     # The "native module missing" RuntimeWarning is expected until the cpu backend is built.
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -26,7 +36,9 @@ with warnings.catch_warnings():
 
 from fastmerge import philox
 
-BACKENDS = [name for name, info in fastmerge.backends().items() if info["available"]]
+CPU_BACKENDS = ("torch", "cpu")
+BACKENDS = [name for name, info in fastmerge.backends().items()
+            if info["available"] and name in CPU_BACKENDS]
 
 # (dtype, atol, rtol) for results of O(1) magnitude computed by a library working in `dtype`
 # versus fastmerge's fp32 accumulation with a single final rounding: about two ulps.
@@ -278,3 +290,28 @@ def assert_folders_match_mergekit(expected_dir, actual_dir, method, dtype, out_d
         else:
             torch.testing.assert_close(actual[name], expected[name], atol=tol, rtol=tol, msg=name)
     assert off <= 0.002 * max(total, 1), (off, total)
+def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place between two same-dtype float tensors."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if a.numel() == 0:
+        return 0
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    ia, ib = a.contiguous().view(bits).long(), b.contiguous().view(bits).long()
+    # map sign-magnitude to a monotone integer line so -0 and +0 coincide
+    top = 1 << (8 * a.element_size() - 1)
+    ia = torch.where(ia < 0, -(ia + top), ia)
+    ib = torch.where(ib < 0, -(ib + top), ib)
+    return int((ia - ib).abs().max())
+
+
+def assert_match(fused, ref, what=""):
+    assert fused.dtype == ref.dtype and fused.shape == ref.shape, what
+    assert torch.equal(torch.isnan(fused), torch.isnan(ref)), what
+    assert ulp_diff(fused, ref) <= 1, f"{what}: {ulp_diff(fused, ref)} ulps"
+
+
+def models_for(shape, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    ms = [(base + 0.05 * (k + 1) * torch.randn(shape, generator=g)).to(dtype) for k in range(K)]
+    return base.to(dtype), ms

@@ -13,40 +13,13 @@ import pytest
 import torch
 
 import fastmerge
-from conftest import BACKENDS
+from conftest import BACKENDS, assert_match, models_for
 
 FUSED = [b for b in BACKENDS if b != "torch"]
 pytestmark = pytest.mark.skipif(not FUSED, reason="no fused backend built on this machine")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(37, 53), (101,), (1,), (0,), (3, 5, 7), (64, 64)]
-
-
-def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance in units in the last place between two same-dtype float tensors."""
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if a.numel() == 0:
-        return 0
-    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
-    ia, ib = a.contiguous().view(bits).long(), b.contiguous().view(bits).long()
-    # map sign-magnitude to a monotone integer line so -0 and +0 coincide
-    top = 1 << (8 * a.element_size() - 1)
-    ia = torch.where(ia < 0, -(ia + top), ia)
-    ib = torch.where(ib < 0, -(ib + top), ib)
-    return int((ia - ib).abs().max())
-
-
-def assert_match(fused, ref, what=""):
-    assert fused.dtype == ref.dtype and fused.shape == ref.shape, what
-    assert torch.equal(torch.isnan(fused), torch.isnan(ref)), what
-    assert ulp_diff(fused, ref) <= 1, f"{what}: {ulp_diff(fused, ref)} ulps"
-
-
-def models_for(shape, K, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    ms = [(base + 0.05 * (k + 1) * torch.randn(shape, generator=g)).to(dtype) for k in range(K)]
-    return base.to(dtype), ms
 
 
 def both(fn, backend):

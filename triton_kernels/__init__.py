@@ -1,4 +1,21 @@
 """Triton kernels, installed as ``fastmerge.triton_kernels`` (the top-level name is taken on PyPI).
 
-The GPU kernels land with the GPU issue; ``fastmerge.backends()`` reports them unavailable until then.
+One file per op, as the backend driver (``fastmerge/gpu.py``) calls them:
+
+* :mod:`.fused_merge` - the merge pass of every method (base + K inputs read once, one write);
+* :mod:`.magnitude_select` - exact top-k thresholds (sample bracket + candidate compaction,
+  histogram radix select as the fallback, tie scan by lowest index);
+* :mod:`.mask_norms` - per-model norms before/after masking (mergekit's norm-matching rescale);
+* :mod:`.della` - DELLA's rank-based keep decisions;
+* :mod:`._common` - Philox4x32-10 in fastmerge's counter layout, strided loads, keys.
+
+Importing this package imports ``triton``; ``import fastmerge`` never does (the backend loads
+it on first use). Under ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter on CPU
+tensors (how CI tests them without a GPU); the variable must be set before this import.
 """
+from .della import della_keep
+from .fused_merge import fused_merge
+from .magnitude_select import select
+from .mask_norms import mask_norms
+
+__all__ = ["fused_merge", "select", "mask_norms", "della_keep"]

@@ -55,8 +55,8 @@ def fused_can_take(tensors) -> bool:
     fp32/fp16/bf16 tensors; none needs an autograd graph (fastmerge's kernels record none, and
     differentiating through a merge is rare but must not silently lose its gradient); and a
     fused backend serves their device (``auto`` or the ``FASTMERGE_BACKEND`` choice resolves to
-    something other than the torch reference -- where none does, as on a GPU before the GPU
-    kernels are built, the library's own code is at least as fast as fastmerge's reference)."""
+    something other than the torch reference -- where none does, as on a GPU without Triton or a
+    CUDA toolkit, the library's own code is at least as fast as fastmerge's reference)."""
     tensors = list(tensors)
     if not tensors or not all(isinstance(t, torch.Tensor) and t.dtype in SUPPORTED_DTYPES
                               for t in tensors):

@@ -22,7 +22,8 @@ fastmerge's Philox stream seeded by torch's default generator instead of ``torch
 (densities outside [0, 1], float64 tensors, ...), inputs holding inf/nan, and calls whose
 result would need an autograd graph (``merge_state_dicts`` on module parameters with grad mode
 on) run mergekit's own code; so do tensors on a device no fused fastmerge backend serves (see
-``fastmerge.backends()``: until the GPU kernels are built, a ``--cuda`` merge stays mergekit's).
+``fastmerge.backends()``: a ``--cuda`` merge runs on the triton or cuda backend where one is
+available, and stays mergekit's where neither is).
 """
 from __future__ import annotations
 

@@ -1,0 +1,234 @@
+"""The GPU backends' driver: runs a merge :class:`~fastmerge._semantics.Plan` on a *kernel
+set* (``fastmerge.triton_kernels`` or the CUDA extension wrapped by ``fastmerge.cuda``), both
+exposing ``select``, ``mask_norms``, ``della_keep`` and ``fused_merge`` with the same keywords.
+
+A merge is at most three kinds of pass, none of which stacks the K inputs or copies them:
+
+1. exact top-k thresholds ``(T, J)`` per range mask (``select``), kept on the device;
+2. only for norm-matching rescale or DELLA: per-model norms before/after masking (DELLA also
+   writes a byte keep mask after one stable ``torch.sort`` of each row's magnitude keys);
+3. the fused merge: base + K inputs read once, the output written once, masks evaluated on the
+   fly (thresholds, Philox counters, DELLA bytes). The norm-matching scales are computed on the
+   device, so the only host sync is reading the kernel's non-finite flags at the end.
+
+Inputs are read in place, with their strides, when their leading dimensions collapse into one
+stride (contiguous tensors, transposed matrices, row slices, broadcasts); anything else is
+copied once (``.contiguous()``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import _validate as V
+from ._semantics import NORM_EPS, MaskSpec, Plan, rows_of, weight_sum_divisor
+from .reference import input_names
+
+KIND = {"none": 0, "zero": 1, "range": 2, "random": 3, "della": 4}
+NORM = {"l1": 1, "l2": 2, "linf": 3}
+CONSENSUS = {None: 0, "sum": 1, "count": 2, "given": 3}
+DIVISOR = {"none": 0, "weight": 1, "count": 2, "sumw": 3, "sumw_exact": 3}
+S_NONE, S_MUL, S_DIV = 0, 1, 2
+NONE_T = 1 << 32  # a threshold no 31-bit key exceeds: empty top set
+
+
+def _device(dev: torch.device):
+    """Launch on the inputs' device (Triton and the CUDA launchers use the current device)."""
+    if dev.type == "cuda":
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
+
+
+def strides_2d(t: torch.Tensor):
+    """``(s0, s1)`` such that logical element ``i`` of ``t`` sits at ``(i // C) * s0 + (i % C) * s1``
+    with ``C = t.shape[-1]``, or None when the leading dimensions do not collapse."""
+    if t.dim() == 0:
+        return (1, 1)
+    C = t.shape[-1]
+    if t.is_contiguous():
+        return (C, 1)
+    lead = [(size, stride) for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size != 1]
+    for (_, outer), (size, inner) in zip(lead, lead[1:]):
+        if outer != inner * size:
+            return None
+    return (lead[-1][1] if lead else 0, t.stride(-1))
+
+
+def layout(base, inputs):
+    """``(base, base_strides, inputs, strides, C, strided)``: inputs to read in place (copied
+    only when their strides do not collapse to two) and their row/column strides."""
+    C = inputs[0].shape[-1] if inputs[0].dim() else 1
+
+    def one(t):
+        st = strides_2d(t)
+        if st is None:
+            t = t.contiguous()
+            st = (C, 1) if t.dim() else (1, 1)
+        return t, st
+
+    pairs = [one(t) for t in inputs]
+    xs, sts = [p[0] for p in pairs], [p[1] for p in pairs]
+    bst = (C, 1)
+    if base is not None:
+        base, bst = one(base)
+    contiguous = (C, 1) if inputs[0].dim() else (1, 1)
+    strided = any(s != contiguous for s in sts + [bst])
+    return base, bst, xs, sts, C, strided
+
+
+def _raise_nonfinite(flags, names):
+    for flag, name in zip(flags, names):
+        if flag:
+            raise V.NonFiniteError(name)
+
+
+def thresholds(ks, base, bst, xs, sts, C, strided, masks, n):
+    """int64 ``[K, 4]`` device tensor ``(T_stop, J_stop, T_start, J_start)`` per model: the top
+    sets of ``stop`` and ``start`` elements (a range keeps ``top(stop) - top(start)``)."""
+    dev = xs[0].device
+    host = [NONE_T, -1, NONE_T, -1] * len(masks)
+    qm, qk, slots = [], [], []
+    for m, spec in enumerate(masks):
+        if spec.kind != "range":
+            continue
+        for j, k in ((0, spec.stop), (2, spec.start)):
+            if k <= 0:
+                continue
+            if k >= n:
+                host[4 * m + j], host[4 * m + j + 1] = 0, n
+            else:
+                qm.append(m)
+                qk.append(k)
+                slots.append(4 * m + j)
+    thr = torch.tensor(host, dtype=torch.int64, device=dev)
+    if qm:
+        tj = ks.select(base, xs, qm=qm, qk=qk, n=n, C=C, strides=sts, base_strides=bst,
+                       strided=strided)
+        at = torch.tensor(slots, dtype=torch.int64, device=dev)
+        thr[at] = tj[:, 0]
+        thr[at + 1] = tj[:, 1]
+    return thr
+
+
+def della_keeps(ks, base, bst, xs, sts, C, strided, masks, seed, norm, shape):
+    """Byte keep masks of the DELLA models and their norms (fp64 ``[K, 2]``)."""
+    K, n = len(xs), xs[0].numel()
+    dev = xs[0].device
+    keeps = [None] * K
+    norms = torch.zeros(K, 2, dtype=torch.float64, device=dev)
+    outer, L, inner = rows_of(shape)
+    for m, spec in enumerate(masks):
+        if spec.kind != "della":
+            continue
+        d = xs[m].to(torch.float32)
+        if base is not None:
+            d = d - base.to(torch.float32)
+        keys = d.view(torch.int32) & 0x7FFFFFFF
+        del d
+        rows = keys.reshape(outer, L, inner).transpose(1, 2).reshape(-1, L)
+        # stable: equal magnitudes keep ascending index order (the reference's priority order)
+        # (contiguous: sort may return indices in the strides of a non-contiguous input)
+        order = torch.sort(rows, dim=1, descending=True, stable=True).indices.contiguous()
+        del keys, rows
+        keeps[m], norms[m] = ks.della_keep(
+            base, xs[m], order, stream=m, c1=spec.c1, c2=spec.c2, seed=seed, n=n, L=L,
+            inner=inner, C=C, strides=sts[m], base_strides=bst, strided=strided, norm=norm or 1)
+    return keeps, norms
+
+
+def run_plan(ks, plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
+    """Execute ``plan`` on kernel set ``ks`` (semantics: ``fastmerge/reference.py``)."""
+    shape, dev = inputs[0].shape, inputs[0].device
+    n = inputs[0].numel()
+    out = torch.empty(shape, dtype=out_dtype, device=dev)
+    if n == 0:
+        return out
+    with _device(dev):
+        base, bst, xs, sts, C, strided = layout(base, inputs)
+        K = len(xs)
+        masks: list[MaskSpec] = plan.masks
+        kinds = [KIND[m.kind] for m in masks]
+        norm = plan.rescale if plan.rescale in NORM else None
+        thr = thresholds(ks, base, bst, xs, sts, C, strided, masks, n)
+        keeps, norms = della_keeps(ks, base, bst, xs, sts, C, strided, masks, plan.seed,
+                                   NORM.get(norm), shape)
+        probs = [m.p for m in masks]
+        scale_mode = S_NONE
+        scale = torch.ones(K, dtype=torch.float32, device=dev)
+        if plan.rescale == "density":
+            scale_mode = S_DIV
+            # kept values are divided by the density; a density of 0 drops everything (no 0/0)
+            host = [s.density if s.kind != "none" and s.density > 0 else 1.0 for s in masks]
+            scale = torch.tensor(host, dtype=torch.float32, device=dev)
+            kinds = [KIND["zero"] if s.kind != "none" and s.density <= 0 else k
+                     for s, k in zip(masks, kinds)]
+        elif norm is not None:
+            scale_mode = S_MUL
+            flat = [k if m.kind in ("range", "random") else 0 for m, k in zip(masks, kinds)]
+            if any(flat):
+                norms = norms + ks.mask_norms(base, xs, kinds=flat, thr=thr, probs=probs,
+                                              seed=plan.seed, n=n, C=C, strides=sts,
+                                              base_strides=bst, strided=strided, norm=NORM[norm])
+            before, after = norms[:, 0], norms[:, 1]
+            applies = torch.tensor([m.kind in ("range", "random", "della") for m in masks], device=dev)
+            ok = applies & (before >= NORM_EPS) & (after >= NORM_EPS)
+            # fp32(|d| / |keep * d|), the double ratio rounded once (reference: norm_scale)
+            scale = torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
+        wsum = weight_sum_divisor(plan)
+        flags = ks.fused_merge(
+            base, xs, out, kinds=kinds, thr=thr, scale=scale, weights=plan.weights, probs=probs,
+            keeps=keeps, seed=plan.seed, n=n, C=C, strides=sts, base_strides=bst, strided=strided,
+            scale_mode=scale_mode, consensus=CONSENSUS[plan.consensus],
+            elect_weighted=plan.elect_weighted, divisor=DIVISOR[plan.divisor],
+            const_div=wsum if wsum is not None else 1.0, normalize=plan.normalize, lam=plan.lam)
+        _raise_nonfinite(flags.tolist(), input_names(plan, K) + ["base"])
+    return out
+
+
+def _elect(ks, tensors, weights, consensus, sign, sign_only, divisor="none", out=None):
+    K, n = len(tensors), tensors[0].numel()
+    dev = tensors[0].device
+    with _device(dev):
+        _, bst, xs, sts, C, strided = layout(None, tensors)
+        flags = ks.fused_merge(
+            None, xs, out, kinds=[0] * K, thr=torch.zeros(4 * K, dtype=torch.int64, device=dev),
+            scale=torch.ones(K, dtype=torch.float32, device=dev), weights=weights, probs=[1.0] * K,
+            keeps=[None] * K, seed=0, n=n, C=C, strides=sts, base_strides=bst, strided=strided,
+            scale_mode=S_NONE, consensus=CONSENSUS[consensus], elect_weighted=consensus != "given",
+            divisor=DIVISOR[divisor], const_div=1.0, normalize=True, lam=1.0, sign=sign,
+            sign_only=sign_only)
+        _raise_nonfinite(flags.tolist(), [f"tensors[{m}]" for m in range(K)])
+
+
+def elect_sign(ks, tensors, weights, method):
+    sign = torch.empty(tensors[0].shape, dtype=torch.int8, device=tensors[0].device)
+    if sign.numel():
+        _elect(ks, tensors, weights, method, sign, True)
+    return sign
+
+
+def disjoint_merge(ks, tensors, sign, weights, divisor, out_dtype):
+    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
+    if out.numel():
+        sign = (sign if sign.dtype == torch.int8 else (sign > 0).to(torch.int8)).contiguous()
+        _elect(ks, tensors, weights, "given", sign, False, divisor, out)
+    return out
+
+
+def magnitude_threshold(ks, x, k):
+    """The k-th largest ``|x|`` (``inf`` for k == 0), a 0-d tensor of x's dtype on x's device."""
+    n = x.numel()
+    if k == 0 or k == n:  # no selection pass runs: check the input here
+        if not bool(torch.isfinite(x).all()):
+            raise V.NonFiniteError("x")
+        if k == 0:
+            return torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+        return x.detach().abs().min()
+    with _device(x.device):
+        _, bst, xs, sts, C, strided = layout(None, [x])
+        flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+        tj = ks.select(None, xs, qm=[0], qk=[k], n=n, C=C, strides=sts, base_strides=bst,
+                       strided=strided, flag=flag)
+        _raise_nonfinite(flag.tolist(), ["x"])
+        return tj[0, 0].to(torch.int32).view(torch.float32).to(x.dtype)

@@ -1,0 +1,217 @@
+"""Device helpers shared by the Triton kernels: Philox4x32-10 in fastmerge's counter layout,
+strided loads by logical index, magnitude keys and the top-set test.
+
+Counter layout (see ``fastmerge/philox.py``, the contract every backend reproduces bit for bit):
+element ``i`` of input slot ``stream`` uses word ``i & 3`` of Philox4x32-10 at counter
+``(lo32(i >> 2), hi32(i >> 2), stream, 0)`` with key ``(lo32(seed), hi32(seed))``; its uniform
+is ``(word >> 8) * 2**-24``. Kernels that stream over elements work on ``[G, 4]`` tiles (G
+groups of four consecutive elements), so one Philox call serves four elements.
+
+Inputs are addressed by *logical* (row-major) flat index ``i``. A tensor whose leading dims
+collapse into one stride is read in place as ``(i // C) * s0 + (i % C) * s1`` with ``C`` its
+last dimension (``STRIDED``); contiguous tensors use ``i`` directly.
+"""
+import triton
+import triton.language as tl
+
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+UNIFORM_SCALE = tl.constexpr(5.9604644775390625e-08)  # 2**-24
+
+# mask kinds (same codes as the cpu backend, plus BYTES: a precomputed uint8 keep mask)
+NONE = tl.constexpr(0)
+ZERO = tl.constexpr(1)
+RANGE = tl.constexpr(2)
+RANDOM = tl.constexpr(3)
+BYTES = tl.constexpr(4)
+
+
+@triton.jit
+def philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 tensors: ``(c0, c1, c2, c3) <- (hi(M1*c2) ^ c1 ^ k0, lo(M1*c2),
+    hi(M0*c0) ^ c3 ^ k1, lo(M0*c0))`` ten times, the key bumped between rounds."""
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, PHILOX_M1) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, PHILOX_M0) ^ c3 ^ k1
+        c1 = a2 * PHILOX_M1
+        c3 = a0 * PHILOX_M0
+        k0 = k0 + PHILOX_W0
+        k1 = k1 + PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def to_uniform(w):
+    return (w >> 8).to(tl.float32) * UNIFORM_SCALE
+
+
+@triton.jit
+def seed_key(k0, k1):
+    """The Philox key from the seed's two 32-bit halves (passed as signed int32 kernel args so
+    one compiled kernel serves every seed)."""
+    return k0.to(tl.uint32, bitcast=True), k1.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def uniform_groups(g, stream, k0, k1, col):
+    """Uniforms of the ``[G, 4]`` tile of groups ``g`` (int64, ``[G]``) for input ``stream``:
+    one Philox call per group, word ``col`` for column ``col``."""
+    zero = tl.zeros(g.shape, tl.uint32)
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    w0, w1, w2, w3 = philox4x32(c0, c1, zero + stream, zero, k0, k1)
+    u0 = to_uniform(w0)[:, None]
+    u1 = to_uniform(w1)[:, None]
+    u2 = to_uniform(w2)[:, None]
+    u3 = to_uniform(w3)[:, None]
+    return tl.where(col == 0, u0, tl.where(col == 1, u1, tl.where(col == 2, u2, u3)))
+
+
+@triton.jit
+def uniform_at(i, stream, k0, k1):
+    """Uniform of each element ``i`` (int64, any shape): one Philox call per element (for
+    scattered indices, e.g. DELLA's rank order)."""
+    g = i >> 2
+    zero = tl.zeros(i.shape, tl.uint32)
+    w0, w1, w2, w3 = philox4x32((g & 0xFFFFFFFF).to(tl.uint32), (g >> 32).to(tl.uint32),
+                                zero + stream, zero, k0, k1)
+    q = i & 3
+    return to_uniform(tl.where(q == 0, w0, tl.where(q == 1, w1, tl.where(q == 2, w2, w3))))
+
+
+@triton.jit
+def offsets(i, C, s0, s1, STRIDED: tl.constexpr):
+    """Memory offset (in elements) of logical flat index ``i``."""
+    if STRIDED:
+        r = i // C
+        return r * s0 + (i - r * C) * s1
+    else:
+        return i
+
+
+@triton.jit
+def load_f32(ptr, i, mask, C, s0, s1, STRIDED: tl.constexpr):
+    return tl.load(ptr + offsets(i, C, s0, s1, STRIDED), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def group_tile(n, G: tl.constexpr):
+    """This program's ``[G, 4]`` tile: ``(pid, g, col, i, inb)`` with ``g`` the groups of four
+    (int64, ``[G]``), ``col`` the column, ``i`` the flat indices and ``inb = i < n``."""
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid * G + tl.arange(0, G).to(tl.int64)
+    col = tl.arange(0, 4)[None, :]
+    i = g[:, None] * 4 + col
+    return pid, g, col, i, i < n
+
+
+@triton.jit
+def block_tile(block, n, BLK: tl.constexpr):
+    """Flat indices of block ``block`` (``BLK`` consecutive elements, int64) and ``i < n``."""
+    i = block.to(tl.int64) * BLK + tl.arange(0, BLK).to(tl.int64)
+    return i, i < n
+
+
+@triton.jit
+def load_base(base, i, mask, C, bs0, bs1, HAS_BASE: tl.constexpr, STRIDED: tl.constexpr):
+    """The base at logical indices ``i`` in fp32 (zeros, never read, without a base)."""
+    if HAS_BASE:
+        b = load_f32(base, i, mask, C, bs0, bs1, STRIDED)
+    else:
+        b = tl.zeros(i.shape, tl.float32)
+    return b
+
+
+@triton.jit
+def minus_base(x, b, i, mask, C, s0, s1, HAS_BASE: tl.constexpr, STRIDED: tl.constexpr):
+    """fp32 ``x - b`` for a base ``b`` already loaded (``x`` alone without a base)."""
+    d = load_f32(x, i, mask, C, s0, s1, STRIDED)
+    if HAS_BASE:
+        d = d - b
+    return d
+
+
+@triton.jit
+def delta(x, base, i, mask, C, s0, s1, bs0, bs1, HAS_BASE: tl.constexpr, STRIDED: tl.constexpr):
+    """fp32 ``x - base`` (``x`` alone without a base) at logical indices ``i``."""
+    b = load_base(base, i, mask, C, bs0, bs1, HAS_BASE, STRIDED)
+    return minus_base(x, b, i, mask, C, s0, s1, HAS_BASE, STRIDED)
+
+
+@triton.jit
+def flat_keep(d, i, g, col, m, KIND: tl.constexpr, thr, prob, key0, key1):
+    """Keep decisions of model ``m``'s flat mask on its ``[G, 4]`` tile of deltas: a top-k range
+    (thresholds ``thr[4m .. 4m+3]``) or DARE's Philox drop with keep probability ``prob``."""
+    if KIND == RANGE:
+        key = mag_key(d)
+        keep = in_top(key, i, tl.load(thr + 4 * m), tl.load(thr + 4 * m + 1))
+        keep = keep & ~in_top(key, i, tl.load(thr + 4 * m + 2), tl.load(thr + 4 * m + 3))
+    else:
+        keep = uniform_groups(g, m, key0, key1, col) < prob
+    return keep
+
+
+@triton.jit
+def norm_terms(d, keep, NORM: tl.constexpr):
+    """Per-element fp64 terms of a norm before and after masking (L1 and Linf: ``|d|``; L2: ``d**2``)."""
+    v = d.to(tl.float64)
+    if NORM == 2:
+        v = v * v
+    else:
+        v = tl.abs(v)
+    return v, tl.where(keep, v, 0.0)
+
+
+@triton.jit
+def norm_reduce(v, NORM: tl.constexpr):
+    """A tile's partial norm: the max for Linf, the sum otherwise."""
+    flat = tl.ravel(v)
+    if NORM == 3:
+        r = tl.max(flat, axis=0)
+    else:
+        r = tl.sum(flat, axis=0)
+    return r
+
+
+@triton.jit
+def nonfinite(x):
+    """Whether any element of fp32 ``x`` is inf or nan (masked-off lanes load as 0)."""
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.max((bits >= 0x7F800000).to(tl.int32)) > 0
+
+
+@triton.jit
+def mag_key(d):
+    """31-bit key of ``|d|``: the fp32 bit pattern orders non-negative floats like the floats."""
+    return d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def in_top(key, i, T, J):
+    """Membership of the top set ``key > T or (key == T and i <= J)`` (T, J int64 scalars)."""
+    k = key.to(tl.int64)
+    return (k > T) | ((k == T) & (i <= J))
+
+
+@triton.jit
+def store_as(ptr, x, mask):
+    """Store fp32 ``x`` rounded to nearest-even in ``ptr``'s element type. bf16 is rounded by
+    hand: Triton's interpreter truncates bf16 casts, and the bit arithmetic gives the same
+    result as the GPU's ``cvt.rn`` everywhere (NaN stays a quiet NaN)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where(x != x, (u >> 16) | 0x40, r)
+        tl.store(ptr, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+def split_seed(seed: int):
+    """The seed's two 32-bit halves as signed int32 values (one kernel signature for every seed)."""
+    lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    return (lo - (1 << 32) if lo >= 1 << 31 else lo), (hi - (1 << 32) if hi >= 1 << 31 else hi)
