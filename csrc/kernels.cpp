@@ -31,7 +31,6 @@
 
 namespace fm {
 
-constexpr int BLK = 512;  // elements per block: a multiple of 64 (bit words) and 4 (Philox)
 constexpr int64_t SENTINEL_NONE = (int64_t)1 << 32;  // threshold no key exceeds
 
 enum MaskKind : int { M_NONE = 0, M_ZERO = 1, M_RANGE = 2, M_RANDOM = 3, M_BITS = 4 };
@@ -467,13 +466,23 @@ static inline void eval_mask(const MaskArgs& a, const PhiloxKey& key, int m, int
             break;
         }
         case M_RANDOM: {
-            philox_uniform_block(key, i0, len, (uint32_t)m, tmp);
+            // Philox draws 4 uniforms per counter: start at the counter holding i0 (blocks of the
+            // merge start at multiples of 4; rows of the fused quantizers may start anywhere)
+            const int off = (int)(i0 & 3);
+            philox_uniform_block(key, i0 - off, len + off, (uint32_t)m, tmp);
             const float p = a.p[m];
-            for (int j = 0; j < len; ++j) keep[j] = 0u - (uint32_t)(tmp[j] < p);
+            const float* u = tmp + off;
+            for (int j = 0; j < len; ++j) keep[j] = 0u - (uint32_t)(u[j] < p);
             break;
         }
         case M_BITS: {
             const uint64_t* w = (const uint64_t*)a.bits[m] + (i0 >> 6);
+            if (i0 & 63) {  // a row that starts inside a word (fused quantizers only)
+                const int s = (int)(i0 & 63);
+                for (int j = 0; j < len; ++j)
+                    keep[j] = 0u - (uint32_t)((w[(s + j) >> 6] >> ((s + j) & 63)) & 1u);
+                break;
+            }
             for (int wj = 0; wj * 64 < len; ++wj) {
                 const uint64_t word = w[wj];
                 const int jmax = std::min(64, len - wj * 64);
@@ -658,117 +667,129 @@ std::vector<double> della_bits(uint64_t base_ptr, const std::vector<uint64_t>& m
 
 // ================================= the fused merge =======================================
 
+MergeBlock::MergeBlock(uint64_t base_ptr, const std::vector<uint64_t>& models, int dt, const MaskArgs& ma,
+                       const MergeArgs& a, uint64_t sign_ptr)
+    : bad(models.size() + 1, 0), base_((const void*)base_ptr), models_(models), dt_(dt), K_((int)models.size()),
+      ma_(ma), a_(a), sign_((int8_t*)sign_ptr), key_(philox_key(ma.seed)),
+      need_s_(a.consensus != C_NONE && !a.elect_weighted),
+      V_((size_t)K_ * BLK), S_(need_s_ ? (size_t)K_ * BLK : 0) {}
+
+bool MergeBlock::run(int64_t i0, int len, float* __restrict mixed) {
+    const int K = K_;
+    const MaskArgs& ma = ma_;
+    const MergeArgs& a = a_;
+    float* __restrict bb = bb_;
+    float* __restrict d = d_;
+    float* __restrict total = total_;
+    float* __restrict div = div_;
+    if (base_) {
+        load_block(base_, dt_, i0, len, bb);
+        int f = 0;
+        for (int j = 0; j < len; ++j) f |= nonfinite_bits(bb[j]);
+        bad[K] |= f;
+    }
+    for (int m = 0; m < K; ++m) {
+        load_block((const void*)models_[m], dt_, i0, len, d);
+        int f = 0;
+        for (int j = 0; j < len; ++j) f |= nonfinite_bits(d[j]);
+        bad[m] |= f;
+        if (base_)
+            for (int j = 0; j < len; ++j) d[j] = d[j] - bb[j];
+        float* v = V_.data() + (size_t)m * BLK;
+        if (ma.kind[m] != M_NONE) {
+            eval_mask(ma, key_, m, i0, len, d, keep_, tmp_);
+            for (int j = 0; j < len; ++j) d[j] = u2f(f2u(d[j]) & keep_[j]);  // dropped -> +0
+        }
+        if (a.scale_mode == S_MUL) {
+            const float s = a.scale[m];
+            for (int j = 0; j < len; ++j) d[j] = d[j] * s;
+        } else if (a.scale_mode == S_DIV) {
+            const float s = a.scale[m];
+            for (int j = 0; j < len; ++j) d[j] = d[j] / s;
+        }
+        if (need_s_) std::memcpy(S_.data() + (size_t)m * BLK, d, sizeof(float) * len);
+        const float w = a.weights[m];
+        for (int j = 0; j < len; ++j) v[j] = d[j] * w;
+    }
+    for (int j = 0; j < len; ++j) mixed[j] = 0.0f;
+    bool have_div = false;
+    if (a.consensus == C_NONE) {
+        for (int m = 0; m < K; ++m) {
+            const float* v = V_.data() + (size_t)m * BLK;
+            for (int j = 0; j < len; ++j) mixed[j] = mixed[j] + v[j];
+        }
+    } else {
+        const float* E = a.elect_weighted ? V_.data() : S_.data();
+        if (a.consensus == C_GIVEN) {
+            for (int j = 0; j < len; ++j) total[j] = sign_[i0 + j] > 0 ? 1.0f : -1.0f;
+        } else {
+            for (int j = 0; j < len; ++j) total[j] = 0.0f;
+            for (int m = 0; m < K; ++m) {
+                const float* e = E + (size_t)m * BLK;
+                if (a.consensus == C_SUM)
+                    for (int j = 0; j < len; ++j) total[j] = total[j] + e[j];
+                else
+                    for (int j = 0; j < len; ++j) total[j] = total[j] + (float)((e[j] > 0.0f) - (e[j] < 0.0f));
+            }
+        }
+        if (a.sign_only) {
+            for (int j = 0; j < len; ++j) sign_[i0 + j] = total[j] >= 0.0f ? 1 : -1;
+            return false;
+        }
+        for (int j = 0; j < len; ++j) div[j] = 0.0f;
+        for (int m = 0; m < K; ++m) {
+            const float* e = E + (size_t)m * BLK;
+            const float* v = V_.data() + (size_t)m * BLK;
+            const float w = a.divisor == D_COUNT ? 1.0f : a.weights[m];
+            const uint32_t wb = f2u(w);
+            for (int j = 0; j < len; ++j) {
+                // branch-free so it vectorises: agree iff sign(e) == elected sign;
+                // a disagreeing input adds +0 exactly like the reference's where(.., 0)
+                const uint32_t pos = (uint32_t)(total[j] >= 0.0f);
+                const uint32_t agree = (pos & (uint32_t)(e[j] > 0.0f)) | ((pos ^ 1u) & (uint32_t)(e[j] < 0.0f));
+                const uint32_t mk = 0u - agree;
+                mixed[j] = mixed[j] + u2f(f2u(v[j]) & mk);
+                div[j] = div[j] + u2f(wb & mk);
+            }
+        }
+        if (a.divisor == D_COUNT)
+            for (int j = 0; j < len; ++j) div[j] = div[j] < 1.0f ? 1.0f : div[j];
+        else
+            for (int j = 0; j < len; ++j) div[j] = div[j] == 0.0f ? 1.0f : div[j];
+        have_div = true;
+    }
+    if (a.normalize) {
+        if (have_div) for (int j = 0; j < len; ++j) mixed[j] = mixed[j] / div[j];
+        else if (a.divisor == D_CONST) for (int j = 0; j < len; ++j) mixed[j] = mixed[j] / a.const_div;
+    }
+    if (a.lam != 1.0f)
+        for (int j = 0; j < len; ++j) mixed[j] = mixed[j] * a.lam;
+    if (base_)
+        for (int j = 0; j < len; ++j) mixed[j] = bb[j] + mixed[j];
+    return true;
+}
+
 // Returns K+1 flags: non-finite values seen in input m (last: base).
 std::vector<int> fused_merge(uint64_t base_ptr, const std::vector<uint64_t>& models, int dt,
                              uint64_t out_ptr, int out_dt, int64_t n, const MaskArgs& ma,
                              const MergeArgs& a, uint64_t sign_ptr, int nthreads) {
-    const void* base = (const void*)base_ptr;
     const int K = (int)models.size();
-    int8_t* sign = (int8_t*)sign_ptr;
     const int nt = threads_for(nthreads, n);
     const int64_t nblocks = (n + BLK - 1) / BLK;
-    const PhiloxKey key = philox_key(ma.seed);
     std::vector<int> flags(K + 1, 0);
-    const bool need_s = a.consensus != C_NONE && !a.elect_weighted;
     advise_huge((void*)out_ptr, n * (out_dt == F32 ? 4 : 2));
 #pragma omp parallel num_threads(nt)
     {
-        std::vector<float> V((size_t)K * BLK), S(need_s ? (size_t)K * BLK : 0);
-        alignas(64) float bb[BLK], d[BLK], tmp[BLK + 4], total[BLK], mixed[BLK], div[BLK];
-        alignas(64) uint32_t keep[BLK];
-        std::vector<int> bad(K + 1, 0);
+        MergeBlock mb(base_ptr, models, dt, ma, a, sign_ptr);
+        alignas(64) float mixed[BLK];
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; ++b) {
             const int64_t i0 = b * BLK;
             const int len = (int)std::min<int64_t>(BLK, n - i0);
-            if (base) {
-                load_block(base, dt, i0, len, bb);
-                int f = 0;
-                for (int j = 0; j < len; ++j) f |= nonfinite_bits(bb[j]);
-                bad[K] |= f;
-            }
-            for (int m = 0; m < K; ++m) {
-                load_block((const void*)models[m], dt, i0, len, d);
-                int f = 0;
-                for (int j = 0; j < len; ++j) f |= nonfinite_bits(d[j]);
-                bad[m] |= f;
-                if (base)
-                    for (int j = 0; j < len; ++j) d[j] = d[j] - bb[j];
-                float* v = V.data() + (size_t)m * BLK;
-                if (ma.kind[m] != M_NONE) {
-                    eval_mask(ma, key, m, i0, len, d, keep, tmp);
-                    for (int j = 0; j < len; ++j) d[j] = u2f(f2u(d[j]) & keep[j]);  // dropped -> +0
-                }
-                if (a.scale_mode == S_MUL) {
-                    const float s = a.scale[m];
-                    for (int j = 0; j < len; ++j) d[j] = d[j] * s;
-                } else if (a.scale_mode == S_DIV) {
-                    const float s = a.scale[m];
-                    for (int j = 0; j < len; ++j) d[j] = d[j] / s;
-                }
-                if (need_s) std::memcpy(S.data() + (size_t)m * BLK, d, sizeof(float) * len);
-                const float w = a.weights[m];
-                for (int j = 0; j < len; ++j) v[j] = d[j] * w;
-            }
-            for (int j = 0; j < len; ++j) mixed[j] = 0.0f;
-            bool have_div = false;
-            if (a.consensus == C_NONE) {
-                for (int m = 0; m < K; ++m) {
-                    const float* v = V.data() + (size_t)m * BLK;
-                    for (int j = 0; j < len; ++j) mixed[j] = mixed[j] + v[j];
-                }
-            } else {
-                const float* E = a.elect_weighted ? V.data() : S.data();
-                if (a.consensus == C_GIVEN) {
-                    for (int j = 0; j < len; ++j) total[j] = sign[i0 + j] > 0 ? 1.0f : -1.0f;
-                } else {
-                    for (int j = 0; j < len; ++j) total[j] = 0.0f;
-                    for (int m = 0; m < K; ++m) {
-                        const float* e = E + (size_t)m * BLK;
-                        if (a.consensus == C_SUM)
-                            for (int j = 0; j < len; ++j) total[j] = total[j] + e[j];
-                        else
-                            for (int j = 0; j < len; ++j) total[j] = total[j] + (float)((e[j] > 0.0f) - (e[j] < 0.0f));
-                    }
-                }
-                if (a.sign_only) {
-                    for (int j = 0; j < len; ++j) sign[i0 + j] = total[j] >= 0.0f ? 1 : -1;
-                    continue;
-                }
-                for (int j = 0; j < len; ++j) div[j] = 0.0f;
-                for (int m = 0; m < K; ++m) {
-                    const float* e = E + (size_t)m * BLK;
-                    const float* v = V.data() + (size_t)m * BLK;
-                    const float w = a.divisor == D_COUNT ? 1.0f : a.weights[m];
-                    const uint32_t wb = f2u(w);
-                    for (int j = 0; j < len; ++j) {
-                        // branch-free so it vectorises: agree iff sign(e) == elected sign;
-                        // a disagreeing input adds +0 exactly like the reference's where(.., 0)
-                        const uint32_t pos = (uint32_t)(total[j] >= 0.0f);
-                        const uint32_t agree = (pos & (uint32_t)(e[j] > 0.0f)) | ((pos ^ 1u) & (uint32_t)(e[j] < 0.0f));
-                        const uint32_t mk = 0u - agree;
-                        mixed[j] = mixed[j] + u2f(f2u(v[j]) & mk);
-                        div[j] = div[j] + u2f(wb & mk);
-                    }
-                }
-                if (a.divisor == D_COUNT)
-                    for (int j = 0; j < len; ++j) div[j] = div[j] < 1.0f ? 1.0f : div[j];
-                else
-                    for (int j = 0; j < len; ++j) div[j] = div[j] == 0.0f ? 1.0f : div[j];
-                have_div = true;
-            }
-            if (a.normalize) {
-                if (have_div) for (int j = 0; j < len; ++j) mixed[j] = mixed[j] / div[j];
-                else if (a.divisor == D_CONST) for (int j = 0; j < len; ++j) mixed[j] = mixed[j] / a.const_div;
-            }
-            if (a.lam != 1.0f)
-                for (int j = 0; j < len; ++j) mixed[j] = mixed[j] * a.lam;
-            if (base)
-                for (int j = 0; j < len; ++j) mixed[j] = bb[j] + mixed[j];
-            store_block((void*)out_ptr, out_dt, i0, len, mixed);
+            if (mb.run(i0, len, mixed)) store_block((void*)out_ptr, out_dt, i0, len, mixed);
         }
 #pragma omp critical
-        for (int m = 0; m <= K; ++m) flags[m] |= bad[m];
+        for (int m = 0; m <= K; ++m) flags[m] |= mb.bad[m];
     }
     return flags;
 }

@@ -14,14 +14,18 @@ from . import _semantics as sem
 from . import _validate as V
 from . import dispatch as B
 from . import lowrank
+from . import quant as Q
 from .philox import resolve_seed
 
 ALL_METHODS = sem.METHODS + lowrank.METHODS
 
 
-def run(plan: sem.Plan, base, inputs, out_dtype, backend):
-    device = inputs[0].device
-    return B.module(B.resolve(backend, device)).run_plan(plan, base, inputs, out_dtype)
+def run(plan: sem.Plan, base, inputs, out_dtype, backend, quantize: Optional[Q.QuantConfig] = None):
+    mod = B.module(B.resolve(backend, inputs[0].device))
+    if quantize is None:
+        return mod.run_plan(plan, base, inputs, out_dtype)
+    raw = mod.run_plan_quantized(plan, base, inputs, out_dtype, quantize)
+    return Q._wrap(raw, quantize, tuple(inputs[0].shape), out_dtype)
 
 
 def _rescale_mode(rescale, default: bool):
@@ -62,7 +66,8 @@ def merge(
     alpha: Optional[float] = None,
     exact: bool = False,
     common_space_fraction: float = 0.8,
-) -> torch.Tensor:
+    quantize=None,
+):
     """Merge ``models`` onto ``base`` with one of mergekit's methods or an SVD method.
 
     ``out = base + lam * M(w_k * sparsify(models[k] - base))`` where ``M`` is a plain sum
@@ -85,6 +90,12 @@ def merge(
         out_dtype: output dtype (default: base's dtype).
         backend: ``auto | torch | cpu | triton | cuda`` (default: env ``FASTMERGE_BACKEND``
             or auto).
+        quantize: None (return the merged tensor), or ``"int4"`` / ``"fp8"`` /
+            :class:`fastmerge.quant.Int4Config` / :class:`fastmerge.quant.FP8Config`: return the
+            merged tensor quantized (an Int4 dataclass, or ``(q, scale)`` for FP8), exactly
+            ``fastmerge.quant.quantize(merge(...), cfg)`` with the merge rounded to
+            ``out_dtype`` first. On the ``cpu`` backend the merge and the quantizer run as one
+            pass and the merged tensor is never written (the SVD methods merge, then quantize).
 
     SVD methods (FusionBench's math, :mod:`fastmerge.lowrank`): ``tsv`` (TSV-Merge),
     ``iso_c``, ``iso_cts``. ``out = base + alpha * tau`` where ``tau`` merges the task
@@ -113,15 +124,19 @@ def merge(
     dens = V.per_model(density, K, "density", 0.0, 1.0)
     lam = V.number(lam, "lam")
     dtype = V.out_dtype(out_dtype, ref.dtype)
+    qcfg = Q.config(quantize)
+    if qcfg is not None:
+        Q.check_shape(tuple(ref.shape), qcfg, ref_name)
 
     if method in lowrank.METHODS:
         if alpha is not None and lam != 1.0:
             raise ValueError("give either alpha or lam for an SVD merge, not both (they are the same scale)")
         B.resolve(backend, ref.device)  # same backend errors as every other method
-        return lowrank.merge(method, base, models, weights=w,
-                             alpha=lam if alpha is None else V.number(alpha, "alpha"),
-                             exact=V.flag(exact, "exact"), seed=seed,
-                             common_space_fraction=common_space_fraction, out_dtype=dtype)
+        merged = lowrank.merge(method, base, models, weights=w,
+                               alpha=lam if alpha is None else V.number(alpha, "alpha"),
+                               exact=V.flag(exact, "exact"), seed=seed,
+                               common_space_fraction=common_space_fraction, out_dtype=dtype)
+        return merged if qcfg is None else Q.quantize(merged, qcfg, backend=backend)
     if alpha is not None:
         raise ValueError(f"alpha scales the SVD merges ({', '.join(lowrank.METHODS)}); "
                          f"method {method!r} takes lam")
@@ -132,7 +147,7 @@ def merge(
             raise ValueError("weights sum to zero: linear merge cannot normalize (pass normalize=False)")
         plan = sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
                         normalize=norm, lam=lam)
-        return run(plan, None, models, dtype, backend)
+        return run(plan, None, models, dtype, backend, qcfg)
 
     consensus, sparsify, d_norm, d_rescale = sem.MERGEKIT_METHODS[method]
     n = ref.numel()
@@ -160,7 +175,7 @@ def merge(
         lam=lam,
         seed=resolve_seed(seed) if random or seed is not None else 0,  # validate a given seed
     )
-    return run(plan, base, models, dtype, backend)
+    return run(plan, base, models, dtype, backend, qcfg)
 
 
 def _alias(method: str):
