@@ -46,9 +46,18 @@ public:
                const MergeArgs& a, uint64_t sign);
     // false when the plan only elects signs (nothing to store)
     bool run(int64_t i0, int len, float* mixed);
-    std::vector<int> bad;  // non-finite values seen, per input (last: base)
+    // Software prefetch of elements i0 .. i0+len-1 of every input. A fused quantizer computes
+    // for a while between merged rows; the hardware prefetcher, driven by demand loads, idles
+    // then, so the quantizer asks for the next row a piece at a time while it works.
+    void prefetch(int64_t i0, int len) const;
+    std::vector<int> bad;  // non-finite values seen: per input, in base, in some input (see run)
+    // Round the merged values to this dtype (and back to fp32) before handing them out: what a
+    // fused quantizer must see to equal quantize(merge(..., out_dtype)). F32: no rounding.
+    int round_dt_ = F32;
 
 private:
+    void finish(int len, float* mixed, bool have_div);
+    void run_plain(int64_t i0, int len, float* mixed);
     const void* base_;
     const std::vector<uint64_t>& models_;
     int dt_, K_;
@@ -56,7 +65,7 @@ private:
     const MergeArgs& a_;
     int8_t* sign_;
     PhiloxKey key_;
-    bool need_s_;
+    bool need_s_, plain_;  // plain: no masks, rescale or consensus (task arithmetic, linear)
     std::vector<float> V_, S_;
     alignas(64) float bb_[BLK], d_[BLK], tmp_[BLK + 4], total_[BLK], div_[BLK];
     alignas(64) uint32_t keep_[BLK];
@@ -80,9 +89,11 @@ struct QuantArgs {
 };
 // Returns {non-finite values, fp16 scale overflow}.
 std::vector<int> quantize(uint64_t src, int dt, const QuantArgs& q, int nthreads);
-// Returns K+1 input flags (as fused_merge), then the two flags of quantize().
+// Returns the K+2 input flags of fused_merge, then the two flags of quantize().
 std::vector<int> fused_merge_quantize(uint64_t base, const std::vector<uint64_t>& models, int dt,
                                       const MaskArgs& ma, const MergeArgs& a, const QuantArgs& q,
                                       int nthreads);
 int max_threads();
+// madvise(MADV_HUGEPAGE) on an untouched output of at least 8 MiB (kernels.cpp)
+void advise_huge(void* p, int64_t bytes);
 }  // namespace fm

@@ -31,19 +31,36 @@ inline float rne(float v) { return (v + RNE_MAGIC) - RNE_MAGIC; }
 
 inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// Round fp32 values to dtype dt and back (the merge's output rounding, kept in registers).
-inline void round_to(int dt, float* __restrict v, int n) {
-    if (dt == BF16) {
-        for (int j = 0; j < n; ++j) v[j] = bf16_to_float(float_to_bf16(v[j]));
-    } else if (dt == F16) {
-        int j = 0;
-#ifdef __F16C__
-        for (; j + 8 <= n; j += 8)
-            _mm256_storeu_ps(v + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(v + j), _MM_FROUND_TO_NEAREST_INT)));
-#endif
-        for (; j < n; ++j) v[j] = half_to_float(float_to_half(v[j]));
-    }
+#ifdef __AVX2__
+inline __m256 rne8(__m256 v) {
+    const __m256 m = _mm256_set1_ps(RNE_MAGIC);
+    return _mm256_sub_ps(_mm256_add_ps(v, m), m);
 }
+
+// rne(num / s) for 8 lanes, equal to rounding the fp32 division, without dividing (a division
+// costs more than the rest of the INT4 quantizer): num * (1/s) is within 2 ulp of num / s, so
+// both round to the same integer unless a lane lies within 2^-15 of a tie k + 0.5 (|quotient|
+// < 32; larger ones are clamped either way), and then the vector divides. Rare: ~1e-4 of lanes.
+inline __m256 rne_quot8(__m256 num, __m256 s, __m256 r) {
+    const __m256 y = _mm256_mul_ps(num, r);
+    const __m256 q = rne8(y);
+    const __m256 d = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(y, q));
+    if (_mm256_movemask_ps(_mm256_cmp_ps(d, _mm256_set1_ps(0.5f - 0x1p-15f), _CMP_GT_OQ)))
+        return rne8(_mm256_div_ps(num, s));
+    return q;
+}
+
+// 16 codes (integer-valued floats in 0..15) -> 8 bytes, code 2k in the low nibble of byte k,
+// XOR flip; in registers (storing codes and re-reading them as pairs stalls store forwarding)
+inline void store_packed16(__m256 a, __m256 b, uint8_t flip, uint8_t* out) {
+    const __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xDD);
+    const __m256 p = _mm256_add_ps(ev, _mm256_mul_ps(od, _mm256_set1_ps(16.0f)));  // exact: < 256
+    // lanes hold bytes 0 1 4 5 | 2 3 6 7: put the 64-bit pairs in order
+    const __m256i i = _mm256_cvttps_epi32(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(p), 0xD8)));
+    const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64((__m128i*)out, _mm_xor_si128(_mm_packus_epi16(w16, w16), _mm_set1_epi8((char)flip)));
+}
+#endif
 
 inline void store_one(uint64_t p, int dt, int64_t i, float v) {
     if (dt == F32) ((float*)p)[i] = v;
@@ -51,20 +68,59 @@ inline void store_one(uint64_t p, int dt, int64_t i, float v) {
     else ((uint16_t*)p)[i] = float_to_half(v);
 }
 
-inline uint32_t nonfinite_any(const float* v, int n) {
-    uint32_t f = 0;
-    for (int j = 0; j < n; ++j) f |= nonfinite_bits(v[j]);
-    return f;
-}
-
-inline void min_max(const float* __restrict x, int n, float& mn, float& mx) {
+// min and max of x[0..n), and whether any value is inf or nan (min/max alone can miss a nan).
+// The quantizers' only reduction pass, so non-finite values cost no pass of their own.
+inline void min_max(const float* __restrict x, int n, float& mn, float& mx, uint32_t& nonfinite) {
     float a = x[0], b = x[0];
-    for (int j = 1; j < n; ++j) {
+    uint32_t nf = 0;
+    int j = 0;
+#ifdef __AVX2__
+    if (n >= 8) {
+        // two independent accumulator chains, so min/max latency does not serialise the loop
+        const __m256i em = _mm256_set1_epi32(0x7f800000);
+        __m256 va = _mm256_loadu_ps(x), vb = va, va2 = va, vb2 = va;
+        __m256i vn = _mm256_setzero_si256(), vn2 = vn;
+        for (; j + 16 <= n; j += 16) {
+            const __m256 v = _mm256_loadu_ps(x + j), v2 = _mm256_loadu_ps(x + j + 8);
+            va = _mm256_min_ps(va, v);
+            vb = _mm256_max_ps(vb, v);
+            va2 = _mm256_min_ps(va2, v2);
+            vb2 = _mm256_max_ps(vb2, v2);
+            vn = _mm256_or_si256(vn, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), em), em));
+            vn2 = _mm256_or_si256(vn2, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v2), em), em));
+        }
+        for (; j + 8 <= n; j += 8) {
+            const __m256 v = _mm256_loadu_ps(x + j);
+            va = _mm256_min_ps(va, v);
+            vb = _mm256_max_ps(vb, v);
+            vn = _mm256_or_si256(vn, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), em), em));
+        }
+        va = _mm256_min_ps(va, va2);
+        vb = _mm256_max_ps(vb, vb2);
+        vn = _mm256_or_si256(vn, vn2);
+        __m128 ha = _mm_min_ps(_mm256_castps256_ps128(va), _mm256_extractf128_ps(va, 1));
+        __m128 hb = _mm_max_ps(_mm256_castps256_ps128(vb), _mm256_extractf128_ps(vb, 1));
+        ha = _mm_min_ps(ha, _mm_movehl_ps(ha, ha));
+        hb = _mm_max_ps(hb, _mm_movehl_ps(hb, hb));
+        a = _mm_cvtss_f32(_mm_min_ss(ha, _mm_shuffle_ps(ha, ha, 1)));
+        b = _mm_cvtss_f32(_mm_max_ss(hb, _mm_shuffle_ps(hb, hb, 1)));
+        nf = (uint32_t)!_mm256_testz_si256(vn, vn);
+    }
+#endif
+    for (; j < n; ++j) {
         a = x[j] < a ? x[j] : a;
         b = x[j] > b ? x[j] : b;
+        nf |= (uint32_t)nonfinite_bits(x[j]);
     }
     mn = a;
     mx = b;
+    nonfinite |= nf;
+}
+
+inline float amax_of(const float* __restrict x, int n, uint32_t& nonfinite) {
+    float mn, mx;
+    min_max(x, n, mn, mx, nonfinite);
+    return std::max(std::fabs(mn), std::fabs(mx));
 }
 
 // ---- producers: fill dst[0..len) with the weight's values at row r, columns c0.. ----------
@@ -72,31 +128,31 @@ struct Loader {
     const void* src;
     int dt;
     int64_t cols;
-    uint32_t nonfinite = 0;
-    void operator()(int64_t r, int64_t c0, int len, float* dst) {
-        load_block(src, dt, r * cols + c0, len, dst);
-        nonfinite |= nonfinite_any(dst, len);
+    void operator()(int64_t r, int64_t c0, int len, float* dst) { load_block(src, dt, r * cols + c0, len, dst); }
+    void prefetch(int64_t r, int64_t c0, int len) const {
+        const int esz = dt == F32 ? 4 : 2;
+        const char* p = (const char*)src + (r * cols + c0) * esz;
+        for (int off = 0; off < len * esz; off += 64) __builtin_prefetch(p + off);
     }
-    void flags_into(std::vector<int>& f) const { f[0] |= (int)nonfinite; }
+    void flags_into(std::vector<int>&) const {}
 };
 
 struct Merger {
-    MergeBlock mb;
-    int out_dt;  // the merge's output dtype: merge(...) then quantize gives the same codes
+    MergeBlock mb;  // rounds to the merge's output dtype: merge(...) then quantize gives the same codes
     int64_t cols;
-    uint32_t nonfinite = 0;
-    void operator()(int64_t r, int64_t c0, int len, float* dst) {
-        mb.run(r * cols + c0, len, dst);
-        round_to(out_dt, dst, len);
-        nonfinite |= nonfinite_any(dst, len);
-    }
+    void operator()(int64_t r, int64_t c0, int len, float* dst) { mb.run(r * cols + c0, len, dst); }
+    void prefetch(int64_t r, int64_t c0, int len) const { mb.prefetch(r * cols + c0, len); }
     void flags_into(std::vector<int>& f) const {
         for (size_t m = 0; m < mb.bad.size(); ++m) f[m] |= mb.bad[m];
-        f[mb.bad.size()] |= (int)nonfinite;
     }
 };
 
 // ---- INT4 groups -------------------------------------------------------------------------
+// Codes c[0..n) (0..15) two per byte, the even element in the low nibble, XOR flip. Eight codes
+// so packed are, read as a little-endian uint32, exactly a GPTQ qweight word.
+inline void pack_pairs(const uint8_t* __restrict c, int n, uint8_t flip, uint8_t* __restrict out) {
+    for (int k = 0; k < n / 2; ++k) out[k] = (uint8_t)((c[2 * k] | (c[2 * k + 1] << 4)) ^ flip);
+}
 // fp16 scale bits: 0 becomes the smallest subnormal (a group of tiny values must not divide
 // by zero); inf is reported (values beyond 15 * 65504 do not fit GPTQ's fp16 scales).
 inline uint16_t half_scale(float s, uint32_t& overflow) {
@@ -106,120 +162,259 @@ inline uint16_t half_scale(float s, uint32_t& overflow) {
     return h;
 }
 
-// GPTQ v1 (AutoGPTQ's quantizer with min <= 0 <= max): codes c in 0..15, returns zero z (1..15).
-inline int gptq_group(const float* __restrict x, int G, bool sym, uint8_t* __restrict c, uint16_t& sh,
-                      uint32_t& overflow) {
-    float mn, mx;
-    min_max(x, G, mn, mx);
-    float sf, zf;
+// Group parameters from the groups' min and max, n groups at a time (8 per vector): the scalar
+// versions define them, the AVX2 + F16C versions repeat them lane by lane.
+//
+// GPTQ v1 (AutoGPTQ's quantizer with min <= 0 <= max): fp16 scale bits sh, the scale sf they
+// hold and the zero zf (1..15; v1 stores zero - 1, so a zero of 0 takes scale max / 14, zero 1).
+inline void gptq_param(float mn, float mx, bool sym, uint16_t& sh, float& sf, float& zf, uint32_t& overflow) {
     if (sym) {
         float amax = std::max(std::fabs(mn), std::fabs(mx));
         if (amax == 0.0f) amax = 1.0f;
         sh = half_scale((amax + amax) / 15.0f, overflow);
         sf = half_to_float(sh);
         zf = 8.0f;
-    } else {
-        float lo = mn < 0.0f ? mn : 0.0f, hi = mx > 0.0f ? mx : 0.0f;
-        if (lo == hi) { lo = -1.0f; hi = 1.0f; }
-        sh = half_scale((hi - lo) / 15.0f, overflow);
+        return;
+    }
+    float lo = mn < 0.0f ? mn : 0.0f, hi = mx > 0.0f ? mx : 0.0f;
+    if (lo == hi) { lo = -1.0f; hi = 1.0f; }
+    sh = half_scale((hi - lo) / 15.0f, overflow);
+    sf = half_to_float(sh);
+    zf = std::min(rne(-lo / sf), 15.0f);
+    if (zf == 0.0f) {
+        sh = half_scale(hi / 14.0f, overflow);
         sf = half_to_float(sh);
-        zf = std::min(rne(-lo / sf), 15.0f);
-        if (zf == 0.0f) {  // v1 stores zero - 1: zero 0 is not representable
-            sh = half_scale(hi / 14.0f, overflow);
-            sf = half_to_float(sh);
-            zf = 1.0f;
+        zf = 1.0f;
+    }
+}
+
+#if defined(__AVX2__) && defined(__F16C__)
+// half_scale of 8 lanes; overflow counts only the lanes in `lanes` (16-bit mask)
+inline __m128i half_scale8(__m256 s, __m128i lanes, uint32_t& overflow) {
+    __m128i h = _mm256_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT);  // round half to even, like float_to_half
+    const __m128i zero = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7fff)), _mm_setzero_si128());
+    h = _mm_blendv_epi8(h, _mm_set1_epi16(1), zero);
+    const __m128i e = _mm_set1_epi16(0x7c00);
+    overflow |= (uint32_t)(_mm_movemask_epi8(_mm_and_si128(_mm_cmpeq_epi16(_mm_and_si128(h, e), e), lanes)) != 0);
+    return h;
+}
+
+inline __m128i mask16(__m256 m) {
+    const __m256i i = _mm256_castps_si256(m);
+    return _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+}
+#endif
+
+inline void gptq_params(const float* mn, const float* mx, int64_t n, bool sym, uint16_t* sh, float* sf,
+                        float* zf, uint32_t& overflow) {
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), f15 = _mm256_set1_ps(15.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m128i all = _mm_set1_epi16(-1);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 vmn = _mm256_loadu_ps(mn + i), vmx = _mm256_loadu_ps(mx + i);
+        __m128i h;
+        __m256 vsf, vzf;
+        if (sym) {
+            __m256 amax = _mm256_max_ps(_mm256_andnot_ps(sign, vmn), _mm256_andnot_ps(sign, vmx));
+            amax = _mm256_blendv_ps(amax, one, _mm256_cmp_ps(amax, zero, _CMP_EQ_OQ));
+            h = half_scale8(_mm256_div_ps(_mm256_add_ps(amax, amax), f15), all, overflow);
+            vsf = _mm256_cvtph_ps(h);
+            vzf = _mm256_set1_ps(8.0f);
+        } else {
+            __m256 lo = _mm256_blendv_ps(zero, vmn, _mm256_cmp_ps(vmn, zero, _CMP_LT_OQ));
+            __m256 hi = _mm256_blendv_ps(zero, vmx, _mm256_cmp_ps(vmx, zero, _CMP_GT_OQ));
+            const __m256 both = _mm256_cmp_ps(lo, hi, _CMP_EQ_OQ);
+            lo = _mm256_blendv_ps(lo, _mm256_set1_ps(-1.0f), both);
+            hi = _mm256_blendv_ps(hi, one, both);
+            h = half_scale8(_mm256_div_ps(_mm256_sub_ps(hi, lo), f15), all, overflow);
+            vsf = _mm256_cvtph_ps(h);
+            vzf = rne8(_mm256_div_ps(_mm256_xor_ps(lo, sign), vsf));
+            vzf = _mm256_blendv_ps(vzf, f15, _mm256_cmp_ps(f15, vzf, _CMP_LT_OQ));
+            const __m256 z0 = _mm256_cmp_ps(vzf, zero, _CMP_EQ_OQ);
+            if (_mm256_movemask_ps(z0)) {
+                const __m128i m16 = mask16(z0);
+                const __m128i h2 = half_scale8(_mm256_div_ps(hi, _mm256_set1_ps(14.0f)), m16, overflow);
+                h = _mm_blendv_epi8(h, h2, m16);
+                vsf = _mm256_blendv_ps(vsf, _mm256_cvtph_ps(h2), z0);
+                vzf = _mm256_blendv_ps(vzf, one, z0);
+            }
+        }
+        _mm_storeu_si128((__m128i*)(sh + i), h);
+        _mm256_storeu_ps(sf + i, vsf);
+        _mm256_storeu_ps(zf + i, vzf);
+    }
+#endif
+    for (; i < n; ++i) gptq_param(mn[i], mx[i], sym, sh[i], sf[i], zf[i], overflow);
+}
+
+// torchao plain int4 (mslk's int4_row_quantize_zp / int4_row_quantize): scale s, float zero zp
+inline void torchao_params(const float* mn, const float* mx, int64_t n, bool sym, float* s, float* zp) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    const __m256 e6 = _mm256_set1_ps(1e-6f), sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 vmn = _mm256_loadu_ps(mn + i), vmx = _mm256_loadu_ps(mx + i);
+        if (sym) {
+            const __m256 amax = _mm256_max_ps(_mm256_andnot_ps(sign, vmn), _mm256_andnot_ps(sign, vmx));
+            _mm256_storeu_ps(s + i, _mm256_div_ps(_mm256_blendv_ps(amax, e6, _mm256_cmp_ps(amax, e6, _CMP_LT_OQ)),
+                                                  _mm256_set1_ps(8.0f)));
+            _mm256_storeu_ps(zp + i, _mm256_setzero_ps());
+        } else {
+            const __m256 range = _mm256_sub_ps(vmx, vmn);
+            const __m256 vs = _mm256_div_ps(_mm256_blendv_ps(range, e6, _mm256_cmp_ps(range, e6, _CMP_LT_OQ)),
+                                            _mm256_set1_ps(15.0f));
+            _mm256_storeu_ps(s + i, vs);
+            _mm256_storeu_ps(zp + i, _mm256_add_ps(vmn, _mm256_mul_ps(vs, _mm256_set1_ps(8.0f))));
         }
     }
-    for (int j = 0; j < G; ++j) c[j] = (uint8_t)(int)clampf(rne(x[j] / sf) + zf, 0.0f, 15.0f);
-    return (int)zf;
-}
-
-// torchao plain int4: codes c = q + 8 in 0..15 (stored as the nibble of q, i.e. c ^ 8).
-inline void torchao_group(const float* __restrict x, int G, bool sym, uint8_t* __restrict c, float& s,
-                          float& zp) {
-    float mn, mx;
-    min_max(x, G, mn, mx);
-    if (sym) {
-        const float amax = std::max(std::fabs(mn), std::fabs(mx));
-        s = (amax < 1e-6f ? 1e-6f : amax) / 8.0f;
-        zp = 0.0f;
-        for (int j = 0; j < G; ++j) c[j] = (uint8_t)((int)clampf(rne(x[j] / s), -8.0f, 7.0f) + 8);
-    } else {
-        const float range = mx - mn;
-        s = (range < 1e-6f ? 1e-6f : range) / 15.0f;
-        zp = mn + s * 8.0f;
-        for (int j = 0; j < G; ++j) c[j] = (uint8_t)(int)clampf(rne((x[j] - mn) / s), 0.0f, 15.0f);
+#endif
+    for (; i < n; ++i) {
+        if (sym) {
+            const float amax = std::max(std::fabs(mn[i]), std::fabs(mx[i]));
+            s[i] = (amax < 1e-6f ? 1e-6f : amax) / 8.0f;
+            zp[i] = 0.0f;
+        } else {
+            const float range = mx[i] - mn[i];
+            s[i] = (range < 1e-6f ? 1e-6f : range) / 15.0f;
+            zp[i] = mn[i] + s[i] * 8.0f;
+        }
     }
 }
 
-// Tiles of 8 rows x BLK columns: the transposed outputs (GPTQ's qweight, every scale) are
-// written 8 consecutive entries at a time.
-constexpr int TR = 8;
+// Codes of one group, packed two per byte into pk. code = clamp(round((x - off) / s) + add, 0, 15):
+// GPTQ: off 0, add = zero; torchao asym: off = min, add 0; torchao sym: off 0, add 8 (that is
+// clamp(round(x / s), -8, 7) + 8). torchao stores the nibbles of q = code - 8 (flip 0x88).
+inline void group_codes(const float* __restrict x, int G, float s, float off, float add, uint8_t flip,
+                        uint8_t* __restrict pk) {
+#ifdef __AVX2__
+    const __m256 vs = _mm256_set1_ps(s), vr = _mm256_set1_ps(1.0f / s), voff = _mm256_set1_ps(off);
+    const __m256 vadd = _mm256_set1_ps(add), lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(15.0f);
+    for (int j = 0; j < G; j += 16) {  // G is a multiple of 32
+        const __m256 a = _mm256_add_ps(rne_quot8(_mm256_sub_ps(_mm256_loadu_ps(x + j), voff), vs, vr), vadd);
+        const __m256 b = _mm256_add_ps(rne_quot8(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), voff), vs, vr), vadd);
+        store_packed16(_mm256_min_ps(_mm256_max_ps(a, lo), hi), _mm256_min_ps(_mm256_max_ps(b, lo), hi), flip, pk + j / 2);
+    }
+#else
+    alignas(64) uint8_t c[BLK];
+    for (int j = 0; j < G; ++j) c[j] = (uint8_t)(int)clampf(rne((x[j] - off) / s) + add, 0.0f, 15.0f);
+    pack_pairs(c, G, flip, pk);
+#endif
+}
+
+// qweight words of one tile: words[r * stride + k8] (row r's packed bytes read as uint32) go
+// to qw[k8 * R + r], r < tr, k8 < n8. 8 x 8 blocks are transposed in registers and stored as
+// 32 contiguous bytes.
+inline void store_transposed(const uint8_t* words, int64_t stride, int tr, int64_t n8, uint32_t* qw, int64_t R) {
+    int64_t k8 = 0;
+#ifdef __AVX2__
+    if (tr % 8 == 0) {
+        for (; k8 + 8 <= n8; k8 += 8) {
+            for (int r = 0; r < tr; r += 8) {
+                __m256i m[8];
+                for (int i = 0; i < 8; ++i)
+                    m[i] = _mm256_loadu_si256((const __m256i*)(words + (r + i) * stride + 4 * k8));
+                // 8 x 8 transpose of 32-bit lanes
+                const __m256i t0 = _mm256_unpacklo_epi32(m[0], m[1]), t1 = _mm256_unpackhi_epi32(m[0], m[1]);
+                const __m256i t2 = _mm256_unpacklo_epi32(m[2], m[3]), t3 = _mm256_unpackhi_epi32(m[2], m[3]);
+                const __m256i t4 = _mm256_unpacklo_epi32(m[4], m[5]), t5 = _mm256_unpackhi_epi32(m[4], m[5]);
+                const __m256i t6 = _mm256_unpacklo_epi32(m[6], m[7]), t7 = _mm256_unpackhi_epi32(m[6], m[7]);
+                const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+                const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+                const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+                const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+                const __m256i o[8] = {
+                    _mm256_permute2x128_si256(u0, u4, 0x20), _mm256_permute2x128_si256(u1, u5, 0x20),
+                    _mm256_permute2x128_si256(u2, u6, 0x20), _mm256_permute2x128_si256(u3, u7, 0x20),
+                    _mm256_permute2x128_si256(u0, u4, 0x31), _mm256_permute2x128_si256(u1, u5, 0x31),
+                    _mm256_permute2x128_si256(u2, u6, 0x31), _mm256_permute2x128_si256(u3, u7, 0x31)};
+                for (int i = 0; i < 8; ++i) _mm256_storeu_si256((__m256i*)(qw + (k8 + i) * R + r), o[i]);
+            }
+        }
+    }
+#endif
+    for (; k8 < n8; ++k8)
+        for (int r = 0; r < tr; ++r) std::memcpy(qw + k8 * R + r, words + r * stride + 4 * k8, 4);
+}
+
+// Tiles of 64 rows, each row streamed whole (its inputs read front to back) and quantized group
+// by group into a per-thread buffer; the transposed outputs (GPTQ's qweight and qzeros, every
+// scale) are written once per tile, 64 consecutive entries at a time. (GPTQ's qweight column
+// of a row spans the whole 8 MB of a 4096^2 qweight; short tiles would touch every page of it
+// per few rows and thrash the TLB the input streams need.)
+constexpr int TR = 64;
 
 template <class Make>
 void int4_run(const QuantArgs& q, int nt, Make make, std::vector<int>& flags) {
     const int64_t R = q.rows, C = q.cols;
     const int G = q.group;
+    const int64_t ng = C / G;
     const int64_t tiles = (R + TR - 1) / TR;
     nt = (int)std::max<int64_t>(1, std::min<int64_t>(nt, tiles));
     const bool gptq = q.kind == Q_INT4_GPTQ;
+    advise_huge((void*)q.out0, R * C / 2);
 #pragma omp parallel num_threads(nt)
     {
         auto prod = make();
-        alignas(64) float buf[TR][BLK];
-        alignas(64) uint8_t code[TR][BLK];
-        uint32_t overflow = 0;
+        std::vector<float> row((size_t)C);                          // one row's values
+        std::vector<float> mn((size_t)ng), mx((size_t)ng), gs((size_t)ng), gz((size_t)ng);
+        std::vector<uint16_t> gh((size_t)ng);
+        std::vector<uint8_t> pk(gptq ? (size_t)(TR * C / 2) : 0);  // packed codes of the tile's rows
+        std::vector<float> sc((size_t)(TR * ng)), zp((size_t)(TR * ng));  // [group][row of tile]
+        std::vector<uint16_t> sh(gptq ? (size_t)(TR * ng) : 0);
+        uint32_t overflow = 0, nonfinite = 0;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; ++t) {
             const int64_t r0 = t * TR;
             const int tr = (int)std::min<int64_t>(TR, R - r0);
-            for (int64_t c0 = 0; c0 < C; c0 += BLK) {
-                const int len = (int)std::min<int64_t>(BLK, C - c0);  // a multiple of G
-                for (int r = 0; r < tr; ++r) prod(r0 + r, c0, len, buf[r]);
-                for (int gi = 0; gi < len / G; ++gi) {
-                    const int64_t g = c0 / G + gi;
-                    uint32_t zword = 0;
-                    for (int r = 0; r < tr; ++r) {
-                        const float* x = buf[r] + gi * G;
-                        uint8_t* c = code[r] + gi * G;
-                        if (gptq) {
-                            uint16_t sh;
-                            const int z = gptq_group(x, G, q.sym, c, sh, overflow);
-                            ((uint16_t*)q.out2)[g * R + r0 + r] = sh;
-                            zword |= (uint32_t)((z - 1) & 0xF) << (4 * r);
-                        } else {
-                            float s, zp;
-                            torchao_group(x, G, q.sym, c, s, zp);
-                            store_one(q.out1, q.value_dt, g * R + r0 + r, s);
-                            store_one(q.out2, q.value_dt, g * R + r0 + r, zp);
-                        }
-                    }
-                    if (gptq) ((uint32_t*)q.out1)[g * (R / 8) + r0 / 8] = zword;
-                }
+            for (int r = 0; r < tr; ++r) {
+                for (int64_t c0 = 0; c0 < C; c0 += BLK) prod(r0 + r, c0, (int)std::min<int64_t>(BLK, C - c0), row.data() + c0);
+                for (int64_t g = 0; g < ng; ++g) min_max(row.data() + g * G, G, mn[g], mx[g], nonfinite);
+                uint8_t* dst = gptq ? pk.data() + (size_t)r * (C / 2) : (uint8_t*)q.out0 + (r0 + r) * (C / 2);
+                const int64_t next = r0 + r + 1;  // the row this thread merges next (static schedule)
                 if (gptq) {
-                    uint32_t* qw = (uint32_t*)q.out0;
-                    for (int k8 = 0; k8 < len / 8; ++k8) {
-                        uint32_t* dst = qw + (c0 / 8 + k8) * R + r0;
-                        for (int r = 0; r < tr; ++r) {
-                            const uint8_t* c = code[r] + 8 * k8;
-                            dst[r] = (uint32_t)c[0] | (uint32_t)c[1] << 4 | (uint32_t)c[2] << 8 |
-                                     (uint32_t)c[3] << 12 | (uint32_t)c[4] << 16 | (uint32_t)c[5] << 20 |
-                                     (uint32_t)c[6] << 24 | (uint32_t)c[7] << 28;
-                        }
+                    gptq_params(mn.data(), mx.data(), ng, q.sym, gh.data(), gs.data(), gz.data(), overflow);
+                    for (int64_t g = 0; g < ng; ++g) {
+                        if (next < R) prod.prefetch(next, g * G, G);
+                        group_codes(row.data() + g * G, G, gs[g], 0.0f, gz[g], 0, dst + g * G / 2);
+                        sh[g * TR + r] = gh[g];
+                        zp[g * TR + r] = gz[g];
                     }
                 } else {
-                    for (int r = 0; r < tr; ++r) {
-                        uint8_t* dst = (uint8_t*)q.out0 + (r0 + r) * (C / 2) + c0 / 2;
-                        const uint8_t* c = code[r];
-                        for (int k2 = 0; k2 < len / 2; ++k2)
-                            dst[k2] = (uint8_t)((c[2 * k2] ^ 8u) | ((c[2 * k2 + 1] ^ 8u) << 4));
+                    torchao_params(mn.data(), mx.data(), ng, q.sym, gs.data(), gz.data());
+                    for (int64_t g = 0; g < ng; ++g) {
+                        if (next < R) prod.prefetch(next, g * G, G);
+                        group_codes(row.data() + g * G, G, gs[g], q.sym ? 0.0f : mn[g], q.sym ? 8.0f : 0.0f, 0x88,
+                                    dst + g * G / 2);
+                        sc[g * TR + r] = gs[g];
+                        zp[g * TR + r] = gz[g];
                     }
                 }
             }
+            for (int64_t g = 0; g < ng; ++g) {
+                const int64_t k = g * TR;
+                if (gptq) {
+                    std::memcpy((uint16_t*)q.out2 + g * R + r0, sh.data() + k, 2 * (size_t)tr);
+                    for (int r8 = 0; r8 < tr; r8 += 8) {
+                        uint32_t zword = 0;
+                        for (int r = 0; r < 8; ++r)
+                            zword |= (uint32_t)(((int)zp[k + r8 + r] - 1) & 0xF) << (4 * r);
+                        ((uint32_t*)q.out1)[g * (R / 8) + (r0 + r8) / 8] = zword;
+                    }
+                } else {
+                    for (int r = 0; r < tr; ++r) {
+                        store_one(q.out1, q.value_dt, g * R + r0 + r, sc[k + r]);
+                        store_one(q.out2, q.value_dt, g * R + r0 + r, zp[k + r]);
+                    }
+                }
+            }
+            if (gptq) store_transposed(pk.data(), C / 2, tr, C / 8, (uint32_t*)q.out0 + r0, R);
         }
 #pragma omp critical
         {
             prod.flags_into(flags);
+            flags[flags.size() - 2] |= (int)nonfinite;
             flags.back() |= (int)overflow;
         }
     }
@@ -234,17 +429,16 @@ inline uint8_t fp8_encode(float x) {
     uint32_t u = f2u(x);
     const uint32_t sign = (u >> 24) & 0x80u;
     u &= 0x7fffffffu;
-    uint32_t code;
-    if (u < ((uint32_t)(127 + 1 - BIAS) << 23)) {
-        // zero or subnormal: a multiple of 2^(1 - BIAS - MB); scale by the inverse (exact) and
-        // let the FPU round to an integer
-        constexpr float up = (float)(1u << (BIAS - 1 + MB));
-        code = (uint32_t)rne(u2f(u) * up);
-    } else {
-        const uint32_t odd = (u >> (23 - MB)) & 1u;
-        code = ((u + ((1u << (22 - MB)) - 1u) + odd) >> (23 - MB)) - ((uint32_t)(127 - BIAS) << MB);
-    }
-    return (uint8_t)(sign | code);
+    // zero or subnormal: a multiple of 2^(1 - BIAS - MB); scale by the inverse (exact) and let
+    // the FPU round to an integer
+    // (the integer is read off the bits of v + 1.5 * 2^23, as the AVX2 encoder does)
+    constexpr float up = (float)(1u << (BIAS - 1 + MB));
+    const uint32_t sub = f2u(u2f(u) * up + RNE_MAGIC) - f2u(RNE_MAGIC);
+    // normal: round the mantissa to MB bits (carry into the exponent is right), rebias
+    const uint32_t odd = (u >> (23 - MB)) & 1u;
+    const uint32_t nrm = ((u + ((1u << (22 - MB)) - 1u) + odd) >> (23 - MB)) - ((uint32_t)(127 - BIAS) << MB);
+    const uint32_t is_sub = 0u - (uint32_t)(u < ((uint32_t)(127 + 1 - BIAS) << 23));
+    return (uint8_t)(sign | (sub & is_sub) | (nrm & ~is_sub));
 }
 
 inline float fp8_max(int fmt) { return fmt == 0 ? 448.0f : 57344.0f; }
@@ -258,21 +452,43 @@ inline float fp8_scale(float amax, float fmax, int dt) {
     return s == 0.0f ? 1.1920928955078125e-07f : s;
 }
 
-inline void fp8_encode_block(const float* __restrict x, int n, float s, int fmt, uint8_t* __restrict out) {
-    const float fmax = fp8_max(fmt);
-    if (fmt == 0)
-        for (int j = 0; j < n; ++j) out[j] = fp8_encode<3, 7>(clampf(x[j] / s, -fmax, fmax));
-    else
-        for (int j = 0; j < n; ++j) out[j] = fp8_encode<2, 15>(clampf(x[j] / s, -fmax, fmax));
+#ifdef __AVX2__
+// fp8_encode of 8 lanes of v = clamp(x / s): the same integer steps, in 32-bit lanes.
+template <int MB, int BIAS>
+inline void fp8_encode8(const float* x, __m256 vs, __m256 lo, __m256 hi, uint8_t* out) {
+    const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x), vs), lo), hi);
+    const __m256i all = _mm256_castps_si256(v);
+    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(all, 24), _mm256_set1_epi32(0x80));
+    const __m256i u = _mm256_and_si256(all, _mm256_set1_epi32(0x7fffffff));
+    const __m256 magic = _mm256_set1_ps(RNE_MAGIC);
+    const __m256i sub = _mm256_sub_epi32(
+        _mm256_castps_si256(_mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(u),
+                                                        _mm256_set1_ps((float)(1u << (BIAS - 1 + MB)))), magic)),
+        _mm256_castps_si256(magic));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 23 - MB), _mm256_set1_epi32(1));
+    const __m256i nrm = _mm256_sub_epi32(
+        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32((1 << (22 - MB)) - 1)), odd), 23 - MB),
+        _mm256_set1_epi32((127 - BIAS) << MB));
+    const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32((127 + 1 - BIAS) << 23), u);
+    const __m256i code = _mm256_or_si256(sign, _mm256_blendv_epi8(nrm, sub, is_sub));
+    const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64((__m128i*)out, _mm_packus_epi16(w16, w16));
+}
+#endif
+
+template <int MB, int BIAS>
+inline void fp8_encode_n(const float* __restrict x, int n, float s, float fmax, uint8_t* __restrict out) {
+    int j = 0;
+#ifdef __AVX2__
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-fmax), hi = _mm256_set1_ps(fmax);
+    for (; j + 8 <= n; j += 8) fp8_encode8<MB, BIAS>(x + j, vs, lo, hi, out + j);
+#endif
+    for (; j < n; ++j) out[j] = fp8_encode<MB, BIAS>(clampf(x[j] / s, -fmax, fmax));
 }
 
-inline float amax_of(const float* __restrict x, int n) {
-    float a = 0.0f;
-    for (int j = 0; j < n; ++j) {
-        const float v = std::fabs(x[j]);
-        a = v > a ? v : a;
-    }
-    return a;
+inline void fp8_encode_block(const float* __restrict x, int n, float s, int fmt, uint8_t* __restrict out) {
+    if (fmt == 0) fp8_encode_n<3, 7>(x, n, s, fp8_max(fmt), out);
+    else fp8_encode_n<2, 15>(x, n, s, fp8_max(fmt), out);
 }
 
 template <class Make>
@@ -281,6 +497,7 @@ void fp8_run(const QuantArgs& q, int nt, Make make, std::vector<int>& flags) {
     const float fmax = fp8_max(q.fmt);
     uint8_t* out = (uint8_t*)q.out0;
     float* scales = (float*)q.out1;
+    advise_huge(out, R * C);
     if (q.gran == G_TENSOR) {
         // two passes: the amax of everything, then the codes (a Merger merges twice)
         const int64_t cpr = (C + BLK - 1) / BLK;  // chunks per row
@@ -292,17 +509,19 @@ void fp8_run(const QuantArgs& q, int nt, Make make, std::vector<int>& flags) {
             auto prod = make();
             alignas(64) float buf[BLK];
             float a = 0.0f;
+            uint32_t nonfinite = 0;
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < chunks; ++t) {
                 const int64_t r = t / cpr, c0 = (t % cpr) * BLK;
                 const int len = (int)std::min<int64_t>(BLK, C - c0);
                 prod(r, c0, len, buf);
-                a = std::max(a, amax_of(buf, len));
+                a = std::max(a, amax_of(buf, len, nonfinite));
             }
 #pragma omp critical
             {
                 amax = std::max(amax, a);
                 prod.flags_into(flags);
+                flags[flags.size() - 2] |= (int)nonfinite;
             }
         }
         const float s = fp8_scale(amax, fmax, q.value_dt);
@@ -330,6 +549,7 @@ void fp8_run(const QuantArgs& q, int nt, Make make, std::vector<int>& flags) {
     {
         auto prod = make();
         std::vector<float> buf((size_t)(th * tw));
+        uint32_t nonfinite = 0;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; ++t) {
             const int64_t r0 = (t / nbc) * th, c0 = (t % nbc) * tw;
@@ -340,7 +560,7 @@ void fp8_run(const QuantArgs& q, int nt, Make make, std::vector<int>& flags) {
                 for (int64_t cc = 0; cc < w; cc += BLK) {
                     const int len = (int)std::min<int64_t>(BLK, w - cc);
                     prod(r0 + r, c0 + cc, len, row + cc);
-                    a = std::max(a, amax_of(row + cc, len));
+                    a = std::max(a, amax_of(row + cc, len, nonfinite));
                 }
             }
             const float s = fp8_scale(a, fmax, q.value_dt);
@@ -349,7 +569,10 @@ void fp8_run(const QuantArgs& q, int nt, Make make, std::vector<int>& flags) {
                 fp8_encode_block(buf.data() + r * w, (int)w, s, q.fmt, out + (r0 + r) * C + c0);
         }
 #pragma omp critical
-        prod.flags_into(flags);
+        {
+            prod.flags_into(flags);
+            flags[flags.size() - 2] |= (int)nonfinite;
+        }
     }
 }
 
@@ -363,7 +586,7 @@ void run_quant(const QuantArgs& q, int nt, Make make, std::vector<int>& flags) {
 }  // namespace
 
 std::vector<int> quantize(uint64_t src, int dt, const QuantArgs& q, int nthreads) {
-    std::vector<int> flags(2, 0);
+    std::vector<int> flags(2, 0);  // non-finite values, fp16 scale overflow
     run_quant(q, nthreads, [&]() { return Loader{(const void*)src, dt, q.cols}; }, flags);
     return flags;
 }
@@ -371,9 +594,12 @@ std::vector<int> quantize(uint64_t src, int dt, const QuantArgs& q, int nthreads
 std::vector<int> fused_merge_quantize(uint64_t base, const std::vector<uint64_t>& models, int dt,
                                       const MaskArgs& ma, const MergeArgs& a, const QuantArgs& q,
                                       int nthreads) {
-    std::vector<int> flags(models.size() + 3, 0);
-    run_quant(q, nthreads, [&]() { return Merger{MergeBlock(base, models, dt, ma, a, 0), q.value_dt, q.cols}; },
-              flags);
+    std::vector<int> flags(models.size() + 4, 0);  // as fused_merge's, then as quantize()
+    run_quant(q, nthreads, [&]() {
+        Merger m{MergeBlock(base, models, dt, ma, a, 0), q.cols};
+        m.mb.round_dt_ = q.value_dt;
+        return m;
+    }, flags);
     return flags;
 }
 

@@ -56,6 +56,18 @@ def _raise_nonfinite(flags, names):
             raise V.NonFiniteError(name)
 
 
+def _raise_merge_flags(flags, plan, inputs, base):
+    """The K+2 flags of a merge: per input, base, then "some input" (mask-free plans check
+    their result instead of every input): only then are the inputs rescanned, to name one."""
+    names = input_names(plan, len(inputs)) + ["base"]
+    K = len(inputs)
+    _raise_nonfinite(flags[:K + 1], names)
+    if flags[K + 1]:
+        for t, name in zip(list(inputs) + [base], names):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise V.NonFiniteError(name)
+
+
 def _thresholds(base, inputs, masks, n):
     """(T_stop, J_stop, T_start, J_start) per model from one multi-query radix select."""
     q_model, q_k = [], []
@@ -148,7 +160,7 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     (bptr, ptrs, dt, n), margs, _bits = _merge_args(plan, base, inputs)
     flags = _lib().fused_merge(bptr, ptrs, dt, out.data_ptr(), _DT[out_dtype], n, *margs, False, 0,
                                _threads(n))
-    _raise_nonfinite(flags, input_names(plan, len(inputs)) + ["base"])
+    _raise_merge_flags(flags, plan, inputs, base)
     return out
 
 
@@ -210,7 +222,9 @@ def run_plan_quantized(plan: Plan, base, inputs, out_dtype, cfg):
     base = _contig(base) if base is not None else None
     (bptr, ptrs, dt, n), margs, _bits = _merge_args(plan, base, inputs)
     flags = _lib().fused_merge_quantize(bptr, ptrs, dt, *margs, qa, outs, _threads(n))
-    _raise_nonfinite(flags, input_names(plan, len(inputs)) + ["base"])
+    _raise_merge_flags(flags[:-2], plan, inputs, base)
+    if flags[-2]:  # a non-finite value only the quantizer saw: an input, or the rounding overflowed
+        _raise_merge_flags([0] * (len(inputs) + 1) + [1], plan, inputs, base)
     _raise_quant(flags, "the merged tensor")
     return res
 
