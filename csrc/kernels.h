@@ -54,10 +54,17 @@ public:
     // Round the merged values to this dtype (and back to fp32) before handing them out: what a
     // fused quantizer must see to equal quantize(merge(..., out_dtype)). F32: no rounding.
     int round_dt_ = F32;
+    // Mask-free plans check their merged values for inf/nan (see run); a fused quantizer that
+    // checks them itself turns this off.
+    bool check_result_ = true;
 
 private:
     void finish(int len, float* mixed, bool have_div);
     void run_plain(int64_t i0, int len, float* mixed);
+#ifdef __AVX2__
+    template <bool UNIT, class Finish>
+    void bf16_plain(int64_t i0, int len, float* mixed, int& j, __m256i& nf, Finish& finish8);
+#endif
     const void* base_;
     const std::vector<uint64_t>& models_;
     int dt_, K_;

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace fm {
 namespace {
@@ -125,6 +126,7 @@ inline float amax_of(const float* __restrict x, int n, uint32_t& nonfinite) {
 
 // ---- producers: fill dst[0..len) with the weight's values at row r, columns c0.. ----------
 struct Loader {
+    static constexpr int SEG = 2048;  // INT4: row segment quantized at a time (measured best)
     const void* src;
     int dt;
     int64_t cols;
@@ -138,6 +140,9 @@ struct Loader {
 };
 
 struct Merger {
+    // INT4: row segment merged, then quantized, at a time: small, so that the prefetched next
+    // segment and this one share L1 (measured best at 512)
+    static constexpr int SEG = 512;
     MergeBlock mb;  // rounds to the merge's output dtype: merge(...) then quantize gives the same codes
     int64_t cols;
     void operator()(int64_t r, int64_t c0, int len, float* dst) { mb.run(r * cols + c0, len, dst); }
@@ -289,12 +294,31 @@ inline void torchao_params(const float* mn, const float* mx, int64_t n, bool sym
 inline void group_codes(const float* __restrict x, int G, float s, float off, float add, uint8_t flip,
                         uint8_t* __restrict pk) {
 #ifdef __AVX2__
+    // integers all the way: cvtps rounds half to even (MXCSR default) like rne(); packs / packus
+    // / min_epu8 clamp to 0..15; maddubs pairs the nibbles
     const __m256 vs = _mm256_set1_ps(s), vr = _mm256_set1_ps(1.0f / s), voff = _mm256_set1_ps(off);
-    const __m256 vadd = _mm256_set1_ps(add), lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(15.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f), tie = _mm256_set1_ps(0.5f - 0x1p-15f);
+    const __m256i vadd = _mm256_set1_epi32((int)add);
+    const __m128i fifteen = _mm_set1_epi8(15), pair = _mm_set1_epi16(0x1001), vflip = _mm_set1_epi8((char)flip);
     for (int j = 0; j < G; j += 16) {  // G is a multiple of 32
-        const __m256 a = _mm256_add_ps(rne_quot8(_mm256_sub_ps(_mm256_loadu_ps(x + j), voff), vs, vr), vadd);
-        const __m256 b = _mm256_add_ps(rne_quot8(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), voff), vs, vr), vadd);
-        store_packed16(_mm256_min_ps(_mm256_max_ps(a, lo), hi), _mm256_min_ps(_mm256_max_ps(b, lo), hi), flip, pk + j / 2);
+        const __m256 a = _mm256_sub_ps(_mm256_loadu_ps(x + j), voff);
+        const __m256 b = _mm256_sub_ps(_mm256_loadu_ps(x + j + 8), voff);
+        const __m256 ya = _mm256_mul_ps(a, vr), yb = _mm256_mul_ps(b, vr);
+        __m256i ia = _mm256_cvtps_epi32(ya), ib = _mm256_cvtps_epi32(yb);
+        // a * (1/s) is within 2 ulp of a / s: both round alike unless within 2^-15 of a tie
+        // (quotients here stay below 32 in magnitude; beyond, the clamp decides either way)
+        const __m256 da = _mm256_andnot_ps(sign, _mm256_sub_ps(ya, _mm256_cvtepi32_ps(ia)));
+        const __m256 db = _mm256_andnot_ps(sign, _mm256_sub_ps(yb, _mm256_cvtepi32_ps(ib)));
+        if (_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(da, tie, _CMP_GT_OQ), _mm256_cmp_ps(db, tie, _CMP_GT_OQ)))) {
+            ia = _mm256_cvtps_epi32(_mm256_div_ps(a, vs));
+            ib = _mm256_cvtps_epi32(_mm256_div_ps(b, vs));
+        }
+        const __m256i p16 = _mm256_packs_epi32(_mm256_add_epi32(ia, vadd), _mm256_add_epi32(ib, vadd));
+        // bytes a0-3 b0-3 a4-7 b4-7, clamped to 0..15
+        const __m128i c = _mm_min_epu8(_mm_packus_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1)), fifteen);
+        const __m128i nib = _mm_maddubs_epi16(c, pair);  // c[2k] + 16 c[2k+1]: a01 a23 b01 b23 a45 a67 b45 b67
+        const __m128i out = _mm_shufflelo_epi16(_mm_packus_epi16(nib, nib), _MM_SHUFFLE(3, 1, 2, 0));
+        _mm_storel_epi64((__m128i*)(pk + j / 2), _mm_xor_si128(out, vflip));
     }
 #else
     alignas(64) uint8_t c[BLK];
@@ -357,9 +381,14 @@ void int4_run(const QuantArgs& q, int nt, Make make, std::vector<int>& flags) {
 #pragma omp parallel num_threads(nt)
     {
         auto prod = make();
-        std::vector<float> row((size_t)C);                          // one row's values
-        std::vector<float> mn((size_t)ng), mx((size_t)ng), gs((size_t)ng), gz((size_t)ng);
-        std::vector<uint16_t> gh((size_t)ng);
+        constexpr int SEG = std::decay_t<decltype(prod)>::SEG;     // elements of a row at a time
+        alignas(64) float seg[SEG];
+        // per group of the segment; at least 8 entries, so the parameters always run as full
+        // vectors (the lanes past the segment's groups hold a harmless [-1, 1] group)
+        constexpr int NG = SEG / 32 > 8 ? SEG / 32 : 8;
+        float mn[NG], mx[NG], gs[NG], gz[NG];
+        uint16_t gh[NG];
+        for (int g = 0; g < NG; ++g) { mn[g] = -1.0f; mx[g] = 1.0f; }
         std::vector<uint8_t> pk(gptq ? (size_t)(TR * C / 2) : 0);  // packed codes of the tile's rows
         std::vector<float> sc((size_t)(TR * ng)), zp((size_t)(TR * ng));  // [group][row of tile]
         std::vector<uint16_t> sh(gptq ? (size_t)(TR * ng) : 0);
@@ -369,26 +398,31 @@ void int4_run(const QuantArgs& q, int nt, Make make, std::vector<int>& flags) {
             const int64_t r0 = t * TR;
             const int tr = (int)std::min<int64_t>(TR, R - r0);
             for (int r = 0; r < tr; ++r) {
-                for (int64_t c0 = 0; c0 < C; c0 += BLK) prod(r0 + r, c0, (int)std::min<int64_t>(BLK, C - c0), row.data() + c0);
-                for (int64_t g = 0; g < ng; ++g) min_max(row.data() + g * G, G, mn[g], mx[g], nonfinite);
                 uint8_t* dst = gptq ? pk.data() + (size_t)r * (C / 2) : (uint8_t*)q.out0 + (r0 + r) * (C / 2);
-                const int64_t next = r0 + r + 1;  // the row this thread merges next (static schedule)
-                if (gptq) {
-                    gptq_params(mn.data(), mx.data(), ng, q.sym, gh.data(), gs.data(), gz.data(), overflow);
-                    for (int64_t g = 0; g < ng; ++g) {
-                        if (next < R) prod.prefetch(next, g * G, G);
-                        group_codes(row.data() + g * G, G, gs[g], 0.0f, gz[g], 0, dst + g * G / 2);
-                        sh[g * TR + r] = gh[g];
-                        zp[g * TR + r] = gz[g];
-                    }
-                } else {
-                    torchao_params(mn.data(), mx.data(), ng, q.sym, gs.data(), gz.data());
-                    for (int64_t g = 0; g < ng; ++g) {
-                        if (next < R) prod.prefetch(next, g * G, G);
-                        group_codes(row.data() + g * G, G, gs[g], q.sym ? 0.0f : mn[g], q.sym ? 8.0f : 0.0f, 0x88,
-                                    dst + g * G / 2);
-                        sc[g * TR + r] = gs[g];
-                        zp[g * TR + r] = gz[g];
+                for (int64_t s0 = 0; s0 < C; s0 += SEG) {
+                    const int len = (int)std::min<int64_t>(SEG, C - s0);  // a multiple of G
+                    const int n = len / G;
+                    for (int c = 0; c < len; c += BLK) prod(r0 + r, s0 + c, std::min(BLK, len - c), seg + c);
+                    // the segment this thread merges next (static schedule: the next row of the
+                    // tile, then of the next tile), asked for one group at a time below
+                    const int64_t nr = s0 + SEG < C ? r0 + r : r0 + r + 1, nc = s0 + SEG < C ? s0 + SEG : 0;
+                    const int nlen = (int)std::min<int64_t>(SEG, C - nc), step = (nlen + n - 1) / n;
+                    for (int g = 0; g < n; ++g) min_max(seg + g * G, G, mn[g], mx[g], nonfinite);
+                    const int nv = (n + 7) & ~7;
+                    if (gptq) gptq_params(mn, mx, nv, q.sym, gh, gs, gz, overflow);
+                    else torchao_params(mn, mx, nv, q.sym, gs, gz);
+                    for (int g = 0; g < n; ++g) {
+                        if (nr < R && g * step < nlen) prod.prefetch(nr, nc + g * step, std::min(step, nlen - g * step));
+                        const int64_t k = (s0 / G + g) * TR + r;
+                        if (gptq) {
+                            group_codes(seg + g * G, G, gs[g], 0.0f, gz[g], 0, dst + (s0 + g * G) / 2);
+                            sh[k] = gh[g];
+                        } else {
+                            group_codes(seg + g * G, G, gs[g], q.sym ? 0.0f : mn[g], q.sym ? 8.0f : 0.0f, 0x88,
+                                        dst + (s0 + g * G) / 2);
+                            sc[k] = gs[g];
+                        }
+                        zp[k] = gz[g];
                     }
                 }
             }
@@ -598,6 +632,7 @@ std::vector<int> fused_merge_quantize(uint64_t base, const std::vector<uint64_t>
     run_quant(q, nthreads, [&]() {
         Merger m{MergeBlock(base, models, dt, ma, a, 0), q.cols};
         m.mb.round_dt_ = q.value_dt;
+        m.mb.check_result_ = false;  // the quantizers' min/max pass checks the same values
         return m;
     }, flags);
     return flags;
