@@ -211,10 +211,17 @@ def quantize(w, cfg, name="w"):
     return res
 
 
-def run_plan_quantized(plan: Plan, base, inputs, out_dtype, cfg):
-    """The merge of ``plan`` quantized in the same pass: each worker merges a tile of rows into
-    a small fp32 buffer, rounds it to ``out_dtype`` and quantizes it; the merged tensor is never
-    written. Equal to ``quantize(run_plan(...))``."""
+def run_plan_quantized(plan: Plan, base, inputs, out_dtype, cfg, always_fused: bool = False):
+    """The merge of ``plan`` quantized in the same pass: each worker merges a segment of a row
+    into a small fp32 buffer, rounds it to ``out_dtype`` and quantizes it; the merged tensor is
+    never written. Equal to ``quantize(run_plan(...))``.
+
+    INT4 and per-row FP8 only: a per-tensor scale needs every merged value first (the fused
+    kernel would merge twice) and 128-row blocks read the inputs in short strided runs; both
+    measured slower fused than merge-then-quantize, which they therefore run (``always_fused``:
+    the fused kernel anyway, for the tests)."""
+    if isinstance(cfg, FP8Config) and cfg.granularity != "row" and not always_fused:
+        return quantize(run_plan(plan, base, inputs, out_dtype), cfg, "the merged tensor")
     res, qa, outs = _quant_outputs(cfg, tuple(inputs[0].shape), out_dtype)
     if inputs[0].numel() == 0:
         return res

@@ -374,7 +374,12 @@ def compress_delta(base: torch.Tensor, finetuned: torch.Tensor, method: str = "b
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     V.check_dtype(base, "base")
-    V.same_as(base, "base", [finetuned], "finetuned")
+    if finetuned.shape != base.shape:
+        raise ValueError(f"finetuned has shape {tuple(finetuned.shape)} but base has {tuple(base.shape)}")
+    if finetuned.dtype != base.dtype:
+        raise TypeError(f"finetuned has dtype {finetuned.dtype} but base has {base.dtype}")
+    if finetuned.device != base.device:
+        raise ValueError(f"finetuned is on {finetuned.device} but base is on {base.device}")
     if method not in DELTA_METHODS:
         raise ValueError(f"method must be one of {DELTA_METHODS}, got {method!r}")
     shape, dtype = tuple(base.shape), finetuned.dtype
