@@ -3,6 +3,7 @@
 Subcommands:
     fastmerge bench [options]   benchmark against PEFT and mergekit (``fastmerge bench --help``)
     fastmerge bench-lowrank     fastmerge.lowrank vs the full-SVD paths (``--help``)
+    fastmerge bench-quant       fastmerge.quant: quantizers, fused merge->quantize, deltas (``--help``)
     fastmerge backends          which backends this machine can run, and why not
     fastmerge mergekit CONFIG OUT [mergekit-yaml options]
                                 mergekit-yaml with its task-arithmetic family and linear merges
@@ -43,6 +44,10 @@ def _cmd_bench(args, rest) -> int:
 
 def _cmd_bench_lowrank(args, rest) -> int:
     return _bench_module("lowrank").main(rest, prog="fastmerge bench-lowrank")
+
+
+def _cmd_bench_quant(args, rest) -> int:
+    return _bench_module("quant").main(rest, prog="fastmerge bench-quant")
 
 
 def _cmd_backends(args, rest) -> int:
@@ -95,15 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-lowrank", add_help=False,
                    help="benchmark fastmerge.lowrank (randomized SVD, polar, TSV/Iso-C/Iso-CTS, "
                         "LoRA re-rank) against the full-SVD paths (bench-lowrank --help)")
+    sub.add_parser("bench-quant", add_help=False,
+                   help="benchmark fastmerge.quant (INT4/FP8 quantizers, fused merge->quantize, "
+                        "delta compression) (bench-quant --help)")
     sub.add_parser("backends", help="list the backends available here, and why not")
     sub.add_parser("mergekit", add_help=False,
                    help="mergekit-yaml CONFIG OUT [options] with merges on fastmerge (mergekit --help)")
     return parser
 
 
-COMMANDS = {"bench": _cmd_bench, "bench-lowrank": _cmd_bench_lowrank, "backends": _cmd_backends,
+COMMANDS = {"bench": _cmd_bench, "bench-lowrank": _cmd_bench_lowrank, "bench-quant": _cmd_bench_quant,
+            "backends": _cmd_backends,
             "mergekit": _cmd_mergekit}
-PASSTHROUGH = ("bench", "bench-lowrank", "mergekit")  # subcommands that take the rest of the command line as is
+PASSTHROUGH = ("bench", "bench-lowrank", "bench-quant", "mergekit")  # subcommands that take the rest of the command line as is
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

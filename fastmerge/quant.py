@@ -43,6 +43,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Union
 
+import numpy as np
 import torch
 
 from . import _validate as V
@@ -148,8 +149,24 @@ def _check_weight(w, cfg: QuantConfig, name: str = "w") -> None:
 
 # ---------------------------------------------------------------------------------- INT4
 
+class _Int4:
+    """What every INT4 result offers; ``FIELDS`` names its tensors."""
+
+    FIELDS: ClassVar[tuple] = ()
+
+    def tensors(self) -> dict:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.tensors())
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return dequantize_int4(self, dtype)
+
+
 @dataclass
-class GPTQInt4:
+class GPTQInt4(_Int4):
     """GPTQ v1 tensors of a weight ``[out, in]`` (see the module docstring).
     ``state_dict()`` gives the names AutoGPTQ / transformers load (``qweight, qzeros, scales,
     g_idx``)."""
@@ -162,6 +179,7 @@ class GPTQInt4:
     symmetric: bool = False
     dtype: torch.dtype = torch.float16  # dtype of the weight that was quantized
     layout: ClassVar[str] = "gptq"
+    FIELDS: ClassVar[tuple] = ("qweight", "qzeros", "scales")
 
     @property
     def g_idx(self) -> torch.Tensor:
@@ -171,19 +189,9 @@ class GPTQInt4:
         return {prefix + "qweight": self.qweight, prefix + "qzeros": self.qzeros,
                 prefix + "scales": self.scales, prefix + "g_idx": self.g_idx}
 
-    def tensors(self) -> dict:
-        return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.tensors())
-
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return dequantize_int4(self, dtype)
-
 
 @dataclass
-class TorchAOInt4:
+class TorchAOInt4(_Int4):
     """torchao's plain int4 tensors of a weight ``[out, in]`` (see the module docstring);
     ``to_torchao()`` wraps them in ``torchao.quantization.Int4Tensor``."""
 
@@ -195,16 +203,7 @@ class TorchAOInt4:
     symmetric: bool = False
     dtype: torch.dtype = torch.bfloat16
     layout: ClassVar[str] = "torchao"
-
-    def tensors(self) -> dict:
-        return {"qdata": self.qdata, "scale": self.scale, "zero_point": self.zero_point}
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.tensors())
-
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return dequantize_int4(self, dtype)
+    FIELDS: ClassVar[tuple] = ("qdata", "scale", "zero_point")
 
     def to_torchao(self):
         from torchao.quantization import Int4Tensor
@@ -342,6 +341,8 @@ class CompressedDelta:
 def pack_bits(b: torch.Tensor) -> torch.Tensor:
     """Bools -> uint8, 8 per byte, element ``i`` at bit ``i % 8`` of byte ``i // 8``
     (``numpy.packbits(..., bitorder="little")``)."""
+    if b.device.type == "cpu":  # numpy's C loop: the same bytes, ~50x faster than the shifts
+        return torch.from_numpy(np.packbits(b.reshape(-1).numpy(), bitorder="little"))
     flat = b.reshape(-1).to(torch.uint8)
     flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).reshape(-1, 8)
     out = torch.zeros(flat.shape[0], dtype=torch.uint8, device=b.device)
@@ -351,6 +352,8 @@ def pack_bits(b: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little").view(np.bool_))
     bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     return bits.reshape(-1)[:n].bool()
 
@@ -395,28 +398,28 @@ def compress_delta(base: torch.Tensor, finetuned: torch.Tensor, method: str = "b
         params = {"group_size": group_size} if method == "int4" else {"granularity": granularity, "fmt": fmt}
         return CompressedDelta(method, shape, dtype, data, params)
     B.resolve(backend, base.device)  # same backend errors as every other entry point
-    from .reference import check_finite
-
-    check_finite(base, "base")
-    check_finite(finetuned, "finetuned")
     d = finetuned.to(torch.float32) - base.to(torch.float32)
+    if not bool(torch.isfinite(d).all()):  # a non-finite input always makes d non-finite
+        from .reference import check_finite
+
+        check_finite(finetuned, "finetuned")
+        check_finite(base, "base")
     if method == "bitdelta":
         scale = d.abs().mean() if d.numel() else torch.zeros((), device=d.device)
         return CompressedDelta(method, shape, dtype, {"bits": pack_bits(d >= 0), "scale": scale.float()})
     dens = V.per_model(density, 1, "density", 0.0, 1.0)[0]
     from .ops import magnitude_threshold
 
-    n = d.numel()
-    k = int(dens * n)
+    k = int(dens * d.numel())
     a = d.abs().reshape(-1)
     if k == 0:
-        keep = torch.zeros(n, dtype=torch.bool, device=d.device)
+        keep = torch.zeros(a.numel(), dtype=torch.bool, device=d.device)
     else:
         t = magnitude_threshold(d, k=k, backend=backend)
         keep = a > t
-        ties = a == t
-        # exactly k kept: the ties at the threshold go to the lowest flat indices
-        keep |= ties & (torch.cumsum(ties, 0) <= k - int(keep.sum()))
+        need = k - int(keep.sum())
+        if need > 0:  # exactly k kept: the ties at the threshold go to the lowest flat indices
+            keep[torch.nonzero(a == t).flatten()[:need]] = True
     kept = d.reshape(-1)[keep]
     scale = kept.abs().mean() if kept.numel() else torch.zeros((), device=d.device)
     data = {"mask": pack_bits(keep), "signs": pack_bits(kept >= 0), "scale": scale.float()}

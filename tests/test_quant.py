@@ -8,8 +8,6 @@ v1 packing and unpacking, mslk's ``int4_row_quantize_zp`` + ``pack_int4`` behind
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
