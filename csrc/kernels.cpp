@@ -12,7 +12,9 @@
 //   della_bits    : per-row ranks by LSD radix sort (one sort, not mergekit's double argsort),
 //                   DELLA keep decisions as bits, norms.
 //   fused_merge   : reads base + K inputs once, writes the output once. Masks are evaluated
-//                   on the fly from thresholds, Philox counters or bits.
+//                   on the fly from thresholds, Philox counters or bits. The per-block work is
+//                   MergeBlock's, which quant.cpp's fused quantizers share; mask-free plans
+//                   (task arithmetic, linear) take a register-resident path (run_plain).
 #include "common.h"
 #include "kernels.h"
 

@@ -37,30 +37,6 @@ inline __m256 rne8(__m256 v) {
     const __m256 m = _mm256_set1_ps(RNE_MAGIC);
     return _mm256_sub_ps(_mm256_add_ps(v, m), m);
 }
-
-// rne(num / s) for 8 lanes, equal to rounding the fp32 division, without dividing (a division
-// costs more than the rest of the INT4 quantizer): num * (1/s) is within 2 ulp of num / s, so
-// both round to the same integer unless a lane lies within 2^-15 of a tie k + 0.5 (|quotient|
-// < 32; larger ones are clamped either way), and then the vector divides. Rare: ~1e-4 of lanes.
-inline __m256 rne_quot8(__m256 num, __m256 s, __m256 r) {
-    const __m256 y = _mm256_mul_ps(num, r);
-    const __m256 q = rne8(y);
-    const __m256 d = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(y, q));
-    if (_mm256_movemask_ps(_mm256_cmp_ps(d, _mm256_set1_ps(0.5f - 0x1p-15f), _CMP_GT_OQ)))
-        return rne8(_mm256_div_ps(num, s));
-    return q;
-}
-
-// 16 codes (integer-valued floats in 0..15) -> 8 bytes, code 2k in the low nibble of byte k,
-// XOR flip; in registers (storing codes and re-reading them as pairs stalls store forwarding)
-inline void store_packed16(__m256 a, __m256 b, uint8_t flip, uint8_t* out) {
-    const __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xDD);
-    const __m256 p = _mm256_add_ps(ev, _mm256_mul_ps(od, _mm256_set1_ps(16.0f)));  // exact: < 256
-    // lanes hold bytes 0 1 4 5 | 2 3 6 7: put the 64-bit pairs in order
-    const __m256i i = _mm256_cvttps_epi32(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(p), 0xD8)));
-    const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-    _mm_storel_epi64((__m128i*)out, _mm_xor_si128(_mm_packus_epi16(w16, w16), _mm_set1_epi8((char)flip)));
-}
 #endif
 
 inline void store_one(uint64_t p, int dt, int64_t i, float v) {
