@@ -135,8 +135,10 @@ def run(size: int = 4096, k: int = 3, dtype=torch.bfloat16, quick: bool = False,
     models = [(base32 + torch.randn(size, size, generator=g) * 0.002).to(dtype) for _ in range(k)]
     base = base32.to(dtype)
     del base32
+    # fused first: the torch reference quantizers churn GBs of temporaries, and the page faults
+    # of merge-then-quantize's intermediate then depend on what the allocator and THP kept
+    bench_fused(b, base, models, reps=5 if quick else 21)
     bench_quantizers(b, models[0])
-    bench_fused(b, base, models, reps=5 if quick else 15)
     bench_deltas(b, base, models[0])
     return b.finish(t0, "python -m bench.quant", {
         "size": size, "k": k, "dtype": DTYPE_NAMES[dtype], "seed": seed,
