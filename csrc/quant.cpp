@@ -32,6 +32,17 @@ inline float rne(float v) { return (v + RNE_MAGIC) - RNE_MAGIC; }
 
 inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// a / b for b > 0, bit for bit the division's result (up to the sign of a zero), without the
+// division, which costs more than the rest of a quantizer: q = a * (1/b) is within an ulp of
+// a / b, the FMA residual a - q b is exact, and q + residual * (1/b) rounds to RN(a / b)
+// (Markstein's theorem; also checked against the division on 3.2e8 pairs, ties included).
+inline __m256 div_exact(__m256 a, __m256 b, __m256 inv_b) {
+    const __m256 q = _mm256_mul_ps(a, inv_b);
+    return _mm256_fmadd_ps(_mm256_fnmadd_ps(q, b, a), inv_b, q);
+}
+#endif
+
 #ifdef __AVX2__
 inline __m256 rne8(__m256 v) {
     const __m256 m = _mm256_set1_ps(RNE_MAGIC);
@@ -269,27 +280,17 @@ inline void torchao_params(const float* mn, const float* mx, int64_t n, bool sym
 // clamp(round(x / s), -8, 7) + 8). torchao stores the nibbles of q = code - 8 (flip 0x88).
 inline void group_codes(const float* __restrict x, int G, float s, float off, float add, uint8_t flip,
                         uint8_t* __restrict pk) {
-#ifdef __AVX2__
+#if defined(__AVX2__) && defined(__FMA__)
     // integers all the way: cvtps rounds half to even (MXCSR default) like rne(); packs / packus
     // / min_epu8 clamp to 0..15; maddubs pairs the nibbles
     const __m256 vs = _mm256_set1_ps(s), vr = _mm256_set1_ps(1.0f / s), voff = _mm256_set1_ps(off);
-    const __m256 sign = _mm256_set1_ps(-0.0f), tie = _mm256_set1_ps(0.5f - 0x1p-15f);
     const __m256i vadd = _mm256_set1_epi32((int)add);
     const __m128i fifteen = _mm_set1_epi8(15), pair = _mm_set1_epi16(0x1001), vflip = _mm_set1_epi8((char)flip);
     for (int j = 0; j < G; j += 16) {  // G is a multiple of 32
-        const __m256 a = _mm256_sub_ps(_mm256_loadu_ps(x + j), voff);
-        const __m256 b = _mm256_sub_ps(_mm256_loadu_ps(x + j + 8), voff);
-        const __m256 ya = _mm256_mul_ps(a, vr), yb = _mm256_mul_ps(b, vr);
-        __m256i ia = _mm256_cvtps_epi32(ya), ib = _mm256_cvtps_epi32(yb);
-        // a * (1/s) is within 2 ulp of a / s: both round alike unless within 2^-15 of a tie
-        // (quotients here stay below 32 in magnitude; beyond, the clamp decides either way)
-        const __m256 da = _mm256_andnot_ps(sign, _mm256_sub_ps(ya, _mm256_cvtepi32_ps(ia)));
-        const __m256 db = _mm256_andnot_ps(sign, _mm256_sub_ps(yb, _mm256_cvtepi32_ps(ib)));
-        if (_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(da, tie, _CMP_GT_OQ), _mm256_cmp_ps(db, tie, _CMP_GT_OQ)))) {
-            ia = _mm256_cvtps_epi32(_mm256_div_ps(a, vs));
-            ib = _mm256_cvtps_epi32(_mm256_div_ps(b, vs));
-        }
-        const __m256i p16 = _mm256_packs_epi32(_mm256_add_epi32(ia, vadd), _mm256_add_epi32(ib, vadd));
+        const __m256 a = div_exact(_mm256_sub_ps(_mm256_loadu_ps(x + j), voff), vs, vr);
+        const __m256 b = div_exact(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), voff), vs, vr);
+        const __m256i p16 = _mm256_packs_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(a), vadd),
+                                               _mm256_add_epi32(_mm256_cvtps_epi32(b), vadd));
         // bytes a0-3 b0-3 a4-7 b4-7, clamped to 0..15
         const __m128i c = _mm_min_epu8(_mm_packus_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1)), fifteen);
         const __m128i nib = _mm_maddubs_epi16(c, pair);  // c[2k] + 16 c[2k+1]: a01 a23 b01 b23 a45 a67 b45 b67
@@ -465,8 +466,16 @@ inline float fp8_scale(float amax, float fmax, int dt) {
 #ifdef __AVX2__
 // fp8_encode of 8 lanes of v = clamp(x / s): the same integer steps, in 32-bit lanes.
 template <int MB, int BIAS>
-inline void fp8_encode8(const float* x, __m256 vs, __m256 lo, __m256 hi, uint8_t* out) {
-    const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x), vs), lo), hi);
+inline void fp8_encode8(const float* x, __m256 vs, __m256 inv, __m256 lo, __m256 hi, uint8_t* out) {
+    const __m256 xv = _mm256_loadu_ps(x);
+#ifdef __FMA__
+    // x / s; the sign of x restores -0 / s = -0 (s > 0, so nonzero quotients have it already)
+    const __m256 quot = _mm256_or_ps(div_exact(xv, vs, inv), _mm256_and_ps(xv, _mm256_set1_ps(-0.0f)));
+#else
+    const __m256 quot = _mm256_div_ps(xv, vs);
+    (void)inv;
+#endif
+    const __m256 v = _mm256_min_ps(_mm256_max_ps(quot, lo), hi);
     const __m256i all = _mm256_castps_si256(v);
     const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(all, 24), _mm256_set1_epi32(0x80));
     const __m256i u = _mm256_and_si256(all, _mm256_set1_epi32(0x7fffffff));
@@ -490,8 +499,9 @@ template <int MB, int BIAS>
 inline void fp8_encode_n(const float* __restrict x, int n, float s, float fmax, uint8_t* __restrict out) {
     int j = 0;
 #ifdef __AVX2__
-    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-fmax), hi = _mm256_set1_ps(fmax);
-    for (; j + 8 <= n; j += 8) fp8_encode8<MB, BIAS>(x + j, vs, lo, hi, out + j);
+    const __m256 vs = _mm256_set1_ps(s), inv = _mm256_set1_ps(1.0f / s);
+    const __m256 lo = _mm256_set1_ps(-fmax), hi = _mm256_set1_ps(fmax);
+    for (; j + 8 <= n; j += 8) fp8_encode8<MB, BIAS>(x + j, vs, inv, lo, hi, out + j);
 #endif
     for (; j < n; ++j) out[j] = fp8_encode<MB, BIAS>(clampf(x[j] / s, -fmax, fmax));
 }
