@@ -38,46 +38,9 @@ import fastmerge
 from fastmerge import lowrank as L
 
 from . import suite
+from .suite import Bench
 
 FP32 = 4
-
-
-class Bench:
-    """Collects rows with the fields of ``fastmerge bench`` plus the error figures."""
-
-    def __init__(self, device: str, quick: bool, log=print):
-        self.dev = device
-        self.dname = suite.device_name(device)
-        self.sync = suite._sync_for(device)
-        self.log = log
-        self.quick = quick
-        self.env = suite.environment()
-        self.copy = suite.copy_bandwidth(device=device)
-        self.rows = []
-
-    def time(self, fn, slow: bool) -> list:
-        """Seconds per call: a slow call (seconds each) once, warm; otherwise a median of >= 3."""
-        if slow:
-            return suite.time_fn(fn, warmup=0, min_reps=1, min_time=0.0, max_time=0.0, sync=self.sync)
-        return suite.time_fn(fn, warmup=1, min_reps=3, min_time=0.5, max_time=20.0, sync=self.sync)
-
-    def row(self, op, backend, shape, k, times, nbytes, speedup=None, **extra) -> dict:
-        med = statistics.median(times)
-        gbps = nbytes / med / 1e9
-        r = {"op": op, "api": "lowrank", "backend": backend, "device": self.dname,
-             "torch_device": self.dev, "shape": list(shape), "dtype": "float32", "k": k,
-             "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "reps": len(times),
-             "bytes": nbytes, "gbps": gbps, "pct_of_copy_bw": 100.0 * gbps / self.copy,
-             "speedup_vs": speedup or {}, "commit": self.env["commit"], "versions": self.env["versions"],
-             "date": self.env["date"], "threads": self.env["threads"]}
-        r.update(extra)
-        self.rows.append(r)
-        figs = " ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}"
-                        for k_, v in extra.items())
-        sp = " ".join(f"x{v:.1f} vs {n}" for n, v in (speedup or {}).items())
-        self.log(f"{op:<12} {backend:<22} {'x'.join(map(str, shape)):<10} k={k:<4} "
-                 f"{med * 1e3:>10.1f} ms  {figs}  {sp}")
-        return r
 
 
 def _orthogonal(n: int, g: torch.Generator, device) -> torch.Tensor:
@@ -131,7 +94,7 @@ def bench_svd(b: Bench, size: int, ranks: Sequence[int], seed: int) -> None:
               speedup={"torch.linalg.svd": statistics.median(t_full) / statistics.median(t_ours),
                        "torch.svd_lowrank": statistics.median(t_torch) / statistics.median(t_ours)},
               error_ratio=err(*out["f"]) / opt(r), oversample=p, n_iter=L.DEFAULT_N_ITER)
-    del x
+    x = None  # free it (a rebinding: the closures above hold the name)
     gc.collect()
 
 
@@ -232,7 +195,7 @@ def run(size: int = 4096, ranks=(64, 256, 512), tasks: int = 8, quick: bool = Fa
         size, ranks, tasks = min(size, 1024), [r for r in ranks if r < 1024 // 4] or [32], min(tasks, 4)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    b = Bench(dev, quick, log=log)
+    b = Bench(dev, quick, api="lowrank", log=log)
     load = b.env["loadavg_at_start"]
     log(f"fastmerge lowrank bench on {b.dname}, {torch.get_num_threads()} torch threads, "
         f"copy {b.copy:.1f} GB/s, load average {load}")
@@ -251,16 +214,9 @@ def run(size: int = 4096, ranks=(64, 256, 512), tasks: int = 8, quick: bool = Fa
     bench_merge(b, "iso_cts", base, models, seed)
     del base, models
     bench_lora(b, size, seed)
-    wall = time.perf_counter() - t0
-    log(f"{len(b.rows)} rows in {wall:.0f} s")
-    meta = {"mode": "quick" if quick else "full", "device": b.dname, **b.env, "copy_gbps": b.copy,
-            "config": {"size": size, "ranks": list(ranks), "tasks": tasks, "seed": seed,
-                       "spectrum": "sigma_i = 1/i, random orthogonal singular vectors",
-                       "command": " ".join(["python -m bench.lowrank"] + sys.argv[1:])},
-            "wall_s": round(wall, 1)}
-    if json_path:
-        log(f"saved {suite.save_json(b.rows, meta, json_path)}")
-    return b.rows
+    return b.finish(t0, "python -m bench.lowrank", {
+        "size": size, "ranks": list(ranks), "tasks": tasks, "seed": seed,
+        "spectrum": "sigma_i = 1/i, random orthogonal singular vectors"}, json_path)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m bench.lowrank") -> int:

@@ -245,6 +245,60 @@ def environment() -> dict:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
+class Bench:
+    """Rows with the fields of ``fastmerge bench`` plus any extra figures (errors, ratios), for
+    the benchmarks of one API (``bench.lowrank``, ``bench.quant``)."""
+
+    def __init__(self, device: str, quick: bool, api: str, log=print):
+        self.dev = device
+        self.dname = device_name(device)
+        self.sync = _sync_for(device)
+        self.log = log
+        self.quick = quick
+        self.api = api
+        self.env = environment()
+        self.copy = copy_bandwidth(device=device)
+        self.rows = []
+
+    def time(self, fn, slow: bool) -> list:
+        """Seconds per call: a slow call (seconds each) once, warm; otherwise a median of >= 3."""
+        if slow:
+            return time_fn(fn, warmup=0, min_reps=1, min_time=0.0, max_time=0.0, sync=self.sync)
+        return time_fn(fn, warmup=1, min_reps=3, min_time=0.5, max_time=20.0, sync=self.sync)
+
+    def finish(self, t0: float, command: str, config: dict, json_path=None) -> list:
+        """Log the row count and wall time since ``t0``, save ``{meta, rows}`` to ``json_path``
+        (meta: environment, copy bandwidth, ``config`` plus the command line), return the rows."""
+        wall = time.perf_counter() - t0
+        self.log(f"{len(self.rows)} rows in {wall:.0f} s")
+        meta = {"mode": "quick" if self.quick else "full", "device": self.dname, **self.env,
+                "copy_gbps": self.copy,
+                "config": {**config, "command": " ".join([command] + sys.argv[1:])},
+                "wall_s": round(wall, 1)}
+        if json_path:
+            self.log(f"saved {save_json(self.rows, meta, json_path)}")
+        return self.rows
+
+    def row(self, op, backend, shape, k, times, nbytes, speedup=None, dtype="float32", **extra) -> dict:
+        med = statistics.median(times)
+        gbps = nbytes / med / 1e9
+        r = {"op": op, "api": self.api, "backend": backend, "device": self.dname,
+             "torch_device": self.dev, "shape": list(shape), "dtype": dtype, "k": k,
+             "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "reps": len(times),
+             "bytes": nbytes, "gbps": gbps, "pct_of_copy_bw": 100.0 * gbps / self.copy,
+             "speedup_vs": speedup or {}, "commit": self.env["commit"], "versions": self.env["versions"],
+             "date": self.env["date"], "threads": self.env["threads"]}
+        r.update(extra)
+        self.rows.append(r)
+        figs = " ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}"
+                        for k_, v in extra.items())
+        sp = " ".join(f"x{v:.1f} vs {n}" for n, v in (speedup or {}).items())
+        self.log(f"{op:<12} {backend:<22} {'x'.join(map(str, shape)):<10} k={k:<4} "
+                 f"{med * 1e3:>10.1f} ms  {figs}  {sp}")
+        return r
+
+
+
 def _references() -> dict:
     """The reference libraries that can be imported: ``{"peft": module, "mergekit": fn}``."""
     refs = {}

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,15 @@
 
 
 namespace py = pybind11;
+
+namespace {
+// qa = [kind, rows, cols, group, sym, fmt, gran, block rows, block cols, value dtype]; outs: 3 pointers
+fm::QuantArgs quant_args(const std::vector<int64_t>& qa, const std::vector<uint64_t>& outs) {
+    if (qa.size() != 10 || outs.size() != 3) throw std::invalid_argument("quant args: 10 ints and 3 pointers");
+    return fm::QuantArgs{(int)qa[0], qa[1], qa[2], (int)qa[3], qa[4] != 0, (int)qa[5], (int)qa[6],
+                         qa[7], qa[8], (int)qa[9], outs[0], outs[1], outs[2]};
+}
+}  // namespace
 
 #define FM_STR2(x) #x
 #define FM_STR(x) FM_STR2(x)
@@ -49,6 +59,25 @@ PYBIND11_MODULE(FM_MODULE, m) {
             fm::MergeArgs a{weights, scale, scale_mode, consensus, elect_weighted, divisor,
                             const_div, normalize, lam, sign_only};
             return fm::fused_merge(base, models, dt, out, out_dt, n, ma, a, sign, nthreads);
+        },
+        py::call_guard<py::gil_scoped_release>());
+    m.def(
+        "quantize",
+        [](uint64_t src, int dt, const std::vector<int64_t>& qa, const std::vector<uint64_t>& outs, int nthreads) {
+            return fm::quantize(src, dt, quant_args(qa, outs), nthreads);
+        },
+        py::call_guard<py::gil_scoped_release>());
+    m.def(
+        "fused_merge_quantize",
+        [](uint64_t base, const std::vector<uint64_t>& models, int dt, const std::vector<int>& kind,
+           const std::vector<int64_t>& ranges, const std::vector<float>& p, const std::vector<uint64_t>& bits,
+           uint64_t seed, const std::vector<float>& weights, const std::vector<float>& scale, int scale_mode,
+           int consensus, bool elect_weighted, int divisor, float const_div, bool normalize, float lam,
+           const std::vector<int64_t>& qa, const std::vector<uint64_t>& outs, int nthreads) {
+            fm::MaskArgs ma{kind, ranges, p, bits, seed};
+            fm::MergeArgs a{weights, scale, scale_mode, consensus, elect_weighted, divisor,
+                            const_div, normalize, lam, false};
+            return fm::fused_merge_quantize(base, models, dt, ma, a, quant_args(qa, outs), nthreads);
         },
         py::call_guard<py::gil_scoped_release>());
 }

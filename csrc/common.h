@@ -101,6 +101,49 @@ static inline void store_block(void* p, int dt, int64_t i0, int n, const float* 
     }
 }
 
+// Round fp32 values to dtype dt and back (the merge's output rounding, kept in registers).
+static inline void round_to(int dt, float* __restrict v, int n) {
+    if (dt == BF16) {
+        int j = 0;
+#ifdef __AVX2__
+        // float_to_bf16's round half to even and quiet nan, 8 lanes at a time
+        const __m256i hi = _mm256_set1_epi32((int)0xffff0000u), one = _mm256_set1_epi32(1);
+        const __m256i half = _mm256_set1_epi32(0x7fff), quiet = _mm256_set1_epi32(0x00400000);
+        for (; j + 8 <= n; j += 8) {
+            const __m256 x = _mm256_loadu_ps(v + j);
+            const __m256i u = _mm256_castps_si256(x);
+            const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+            const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(half, lsb)), hi);
+            const __m256i nan = _mm256_or_si256(_mm256_and_si256(u, hi), quiet);
+            const __m256 isnan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+            _mm256_storeu_ps(v + j, _mm256_castsi256_ps(_mm256_blendv_epi8(r, nan, _mm256_castps_si256(isnan))));
+        }
+#endif
+        for (; j < n; ++j) v[j] = bf16_to_float(float_to_bf16(v[j]));
+    } else if (dt == F16) {
+        int j = 0;
+#ifdef __F16C__
+        for (; j + 8 <= n; j += 8)
+            _mm256_storeu_ps(v + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(v + j), _MM_FROUND_TO_NEAREST_INT)));
+#endif
+        for (; j < n; ++j) v[j] = half_to_float(float_to_half(v[j]));
+    }
+}
+
+#ifdef __AVX2__
+// round_to of one vector, without the nan care (callers have flagged non-finite values already)
+static inline __m256 round8(int dt, __m256 x) {
+    if (dt == BF16) {
+        const __m256i u = _mm256_castps_si256(x);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        return _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)),
+                                                    _mm256_set1_epi32((int)0xffff0000u)));
+    }
+    if (dt == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    return x;
+}
+#endif
+
 static inline float load_one(const void* p, int dt, int64_t i) {
     if (dt == F32) return ((const float*)p)[i];
     if (dt == BF16) return bf16_to_float(((const uint16_t*)p)[i]);

@@ -6,7 +6,7 @@ low-rank SVD merges (TSV-Merge, Iso-C, Iso-CTS; ``fastmerge.lowrank``).
 
 See README.md for the API, the backends and how to read a benchmark.
 """
-from . import lowrank, ops, peft
+from . import lowrank, ops, peft, quant
 from .api import (
     breadcrumbs,
     breadcrumbs_ties,
@@ -31,6 +31,6 @@ __version__ = "0.1.0"
 __all__ = [
     "merge", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "linear", "tsv", "iso_c", "iso_cts", "ops", "peft",
-    "lowrank", "backends", "METHODS", "NonFiniteError",
+    "lowrank", "quant", "backends", "METHODS", "NonFiniteError",
     "__version__",
 ]

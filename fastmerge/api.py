@@ -14,13 +14,21 @@ from . import _semantics as sem
 from . import _validate as V
 from . import dispatch as B
 from . import library, lowrank
+from . import quant as Q
 from .philox import resolve_seed
 
 ALL_METHODS = sem.METHODS + lowrank.METHODS
 
 
-def run(plan: sem.Plan, base, inputs, out_dtype, backend, op: str = "merge"):
-    return B.for_op(backend, inputs[0].device, op).run_plan(plan, base, inputs, out_dtype)
+def run(plan: sem.Plan, base, inputs, out_dtype, backend, op: str = "merge",
+        quantize: Optional["Q.QuantConfig"] = None):
+    mod = B.for_op(backend, inputs[0].device, op)
+    if quantize is None:
+        return mod.run_plan(plan, base, inputs, out_dtype)
+    if not hasattr(mod, "run_plan_quantized"):  # no fused merge->quantize here: one after the other
+        return Q.quantize(mod.run_plan(plan, base, inputs, out_dtype), quantize)
+    raw = mod.run_plan_quantized(plan, base, inputs, out_dtype, quantize)
+    return Q._wrap(raw, quantize, tuple(inputs[0].shape), out_dtype)
 
 
 def _rescale_mode(rescale, default: bool):
@@ -62,7 +70,8 @@ def merge(
     exact: bool = False,
     common_space_fraction: float = 0.8,
     threshold=None,
-) -> torch.Tensor:
+    quantize=None,
+):
     """Merge ``models`` onto ``base`` with one of mergekit's methods or an SVD method.
 
     ``out = base + lam * M(w_k * sparsify(models[k] - base))`` where ``M`` is a plain sum
@@ -85,6 +94,12 @@ def merge(
         out_dtype: output dtype (default: base's dtype).
         backend: ``auto | torch | cpu | triton | cuda`` (default: env ``FASTMERGE_BACKEND``
             or auto).
+        quantize: None (return the merged tensor), or ``"int4"`` / ``"fp8"`` /
+            :class:`fastmerge.quant.Int4Config` / :class:`fastmerge.quant.FP8Config`: return the
+            merged tensor quantized (an Int4 dataclass, or ``(q, scale)`` for FP8), exactly
+            ``fastmerge.quant.quantize(merge(...), cfg)`` with the merge rounded to
+            ``out_dtype`` first. On the ``cpu`` backend the merge and the quantizer run as one
+            pass and the merged tensor is never written (the SVD methods merge, then quantize).
 
     SVD methods (FusionBench's math, :mod:`fastmerge.lowrank`): ``tsv`` (TSV-Merge),
     ``iso_c``, ``iso_cts``. ``out = base + alpha * tau`` where ``tau`` merges the task
@@ -103,7 +118,7 @@ def merge(
     They run torch's GEMM/LAPACK kernels on the tensors' device whatever the backend
     (``backend`` is still checked).
     """
-    if library.compiling() and threshold is None:  # torch.compile: the opaque custom op (library.py)
+    if library.compiling() and threshold is None and quantize is None:  # torch.compile: the opaque custom op (library.py)
         return torch.ops.fastmerge.merge(
             method, base, list(models), library.floats(weights), library.floats(density), float(lam),
             normalize, library.rescale_in(rescale), library.floats(gamma), library.floats(epsilon),
@@ -124,15 +139,19 @@ def merge(
     dens = V.per_model(density, K, "density", 0.0, 1.0)
     lam = V.number(lam, "lam")
     dtype = V.out_dtype(out_dtype, ref.dtype)
+    qcfg = Q.config(quantize)
+    if qcfg is not None:
+        Q.check_shape(tuple(ref.shape), qcfg, ref_name)
 
     if method in lowrank.METHODS:
         if alpha is not None and lam != 1.0:
             raise ValueError("give either alpha or lam for an SVD merge, not both (they are the same scale)")
         B.resolve(backend, ref.device, method)  # same backend errors as every other method
-        return lowrank.merge(method, base, models, weights=w,
-                             alpha=lam if alpha is None else V.number(alpha, "alpha"),
-                             exact=V.flag(exact, "exact"), seed=seed,
-                             common_space_fraction=common_space_fraction, out_dtype=dtype)
+        merged = lowrank.merge(method, base, models, weights=w,
+                               alpha=lam if alpha is None else V.number(alpha, "alpha"),
+                               exact=V.flag(exact, "exact"), seed=seed,
+                               common_space_fraction=common_space_fraction, out_dtype=dtype)
+        return merged if qcfg is None else Q.quantize(merged, qcfg)
     if alpha is not None:
         raise ValueError(f"alpha scales the SVD merges ({', '.join(lowrank.METHODS)}); "
                          f"method {method!r} takes lam")
@@ -143,7 +162,7 @@ def merge(
             raise ValueError("weights sum to zero: linear merge cannot normalize (pass normalize=False)")
         plan = sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
                         normalize=norm, lam=lam)
-        return run(plan, None, models, dtype, backend, method)
+        return run(plan, None, models, dtype, backend, method, qcfg)
 
     consensus, sparsify, d_norm, d_rescale = sem.MERGEKIT_METHODS[method]
     n = ref.numel()
@@ -177,7 +196,7 @@ def merge(
         lam=lam,
         seed=resolve_seed(seed) if random or seed is not None else 0,  # validate a given seed
     )
-    return run(plan, base, models, dtype, backend, method)
+    return run(plan, base, models, dtype, backend, method, qcfg)
 
 
 def _threshold_masks(base, models, thresholds) -> list:

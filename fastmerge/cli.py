@@ -4,6 +4,7 @@ Subcommands:
     fastmerge bench [options]   benchmark against PEFT and mergekit (``fastmerge bench --help``)
     fastmerge bench-lowrank     fastmerge.lowrank vs the full-SVD paths (``--help``)
     fastmerge bench-gpu         the triton and cuda backends vs PEFT/mergekit on a GPU (``--help``)
+    fastmerge bench-quant       fastmerge.quant: quantizers, fused merge->quantize, deltas (``--help``)
     fastmerge backends          which backends this machine can run, and why not
     fastmerge merge CONFIG OUT  merge whole safetensors checkpoints from a mergekit YAML config,
                                 streaming (``fastmerge merge --help``; ``torchrun ... -m
@@ -51,6 +52,8 @@ def _cmd_bench_lowrank(args, rest) -> int:
 
 def _cmd_bench_gpu(args, rest) -> int:
     return _bench_module("gpu").main(rest)
+def _cmd_bench_quant(args, rest) -> int:
+    return _bench_module("quant").main(rest, prog="fastmerge bench-quant")
 
 
 def _cmd_backends(args, rest) -> int:
@@ -176,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-gpu", add_help=False,
                    help="benchmark the triton and cuda backends against PEFT and mergekit on this GPU "
                         "(bench-gpu --help)")
+    sub.add_parser("bench-quant", add_help=False,
+                   help="benchmark fastmerge.quant (INT4/FP8 quantizers, fused merge->quantize, "
+                        "delta compression) (bench-quant --help)")
     sub.add_parser("backends", help="list the backends available here, and why not")
     _merge_parser(sub)
     sub.add_parser("mergekit", add_help=False,
@@ -184,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"bench": _cmd_bench, "bench-lowrank": _cmd_bench_lowrank, "bench-gpu": _cmd_bench_gpu,
-            "backends": _cmd_backends, "mergekit": _cmd_mergekit, "merge": _cmd_merge}
-PASSTHROUGH = ("bench", "bench-lowrank", "bench-gpu", "mergekit")  # subcommands that take the rest of the command line as is
+            "bench-quant": _cmd_bench_quant, "backends": _cmd_backends, "mergekit": _cmd_mergekit,
+            "merge": _cmd_merge}
+# subcommands that take the rest of the command line as is
+PASSTHROUGH = ("bench", "bench-lowrank", "bench-gpu", "bench-quant", "mergekit")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

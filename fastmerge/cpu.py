@@ -10,11 +10,14 @@ A merge runs as at most three streaming passes over the inputs, never materialis
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _validate as V
 from . import dispatch as B
 from ._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
+from .quant import FP8_DTYPES, FP8Config, fp8_scale_shape
 from .reference import input_names
 
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -53,6 +56,18 @@ def _raise_nonfinite(flags, names):
             raise V.NonFiniteError(name)
 
 
+def _raise_merge_flags(flags, plan, inputs, base):
+    """The K+2 flags of a merge: per input, base, then "some input" (mask-free plans check
+    their result instead of every input): only then are the inputs rescanned, to name one."""
+    names = input_names(plan, len(inputs)) + ["base"]
+    K = len(inputs)
+    _raise_nonfinite(flags[:K + 1], names)
+    if flags[K + 1]:
+        for t, name in zip(list(inputs) + [base], names):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise V.NonFiniteError(name)
+
+
 def _thresholds(base, inputs, masks, n):
     """(T_stop, J_stop, T_start, J_start) per model from one multi-query radix select."""
     q_model, q_k = [], []
@@ -70,15 +85,14 @@ def _thresholds(base, inputs, masks, n):
     return ranges
 
 
-def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
+def _merge_args(plan: Plan, base, inputs):
+    """The fused merge's arguments for ``plan`` on contiguous ``inputs`` (and ``base``):
+    ``(base ptr, input ptrs, dtype code, n)``, the 14 mask/merge arguments shared by
+    ``fused_merge`` and ``fused_merge_quantize``, and the bit-mask buffers that must outlive
+    the kernel call."""
     lib = _lib()
     shape = inputs[0].shape
     n = inputs[0].numel()
-    out = torch.empty(shape, dtype=out_dtype, device=inputs[0].device)
-    if n == 0:
-        return out
-    inputs = [_contig(x) for x in inputs]
-    base = _contig(base) if base is not None else None
     K = len(inputs)
     dt = _DT[inputs[0].dtype]
     bptr = base.data_ptr() if base is not None else 0
@@ -131,12 +145,95 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
 
     wsum = weight_sum_divisor(plan)
     const_div = wsum if wsum is not None else 1.0
-    flags = lib.fused_merge(
-        bptr, _ptrs(inputs), dt, out.data_ptr(), _DT[out_dtype], n, kinds, ranges, probs, bit_ptrs,
-        plan.seed, plan.weights, scale, scale_mode, _CONS[plan.consensus], plan.elect_weighted,
-        _DIV[plan.divisor], const_div, plan.normalize, plan.lam, False, 0, _threads(n))
-    _raise_nonfinite(flags, input_names(plan, K) + ["base"])
+    margs = (kinds, ranges, probs, bit_ptrs, plan.seed, plan.weights, scale, scale_mode,
+             _CONS[plan.consensus], plan.elect_weighted, _DIV[plan.divisor], const_div,
+             plan.normalize, plan.lam)
+    return (bptr, _ptrs(inputs), dt, n), margs, bits
+
+
+def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
+    out = torch.empty(inputs[0].shape, dtype=out_dtype, device=inputs[0].device)
+    if out.numel() == 0:
+        return out
+    inputs = [_contig(x) for x in inputs]
+    base = _contig(base) if base is not None else None
+    (bptr, ptrs, dt, n), margs, _bits = _merge_args(plan, base, inputs)
+    flags = _lib().fused_merge(bptr, ptrs, dt, out.data_ptr(), _DT[out_dtype], n, *margs, False, 0,
+                               _threads(n))
+    _raise_merge_flags(flags, plan, inputs, base)
     return out
+
+
+# ---- quantizers (csrc/quant.cpp) -----------------------------------------------------------
+_QKIND = {"gptq": 0, "torchao": 1, "fp8": 2}
+_GRAN = {"tensor": 0, "row": 1, "block": 2}
+_FMT = {"e4m3fn": 0, "e5m2": 1}
+
+
+def _quant_outputs(cfg, shape, value_dtype):
+    """Empty outputs of the quantizer ``cfg`` for a weight of ``shape`` (dict for INT4,
+    ``(q, scale)`` for FP8) and the kernel's integer arguments and output pointers."""
+    if isinstance(cfg, FP8Config):
+        rows, cols = (math.prod(shape[:-1]), shape[-1])
+        q = torch.empty(shape, dtype=FP8_DTYPES[cfg.fmt])
+        scale = torch.empty(fp8_scale_shape(shape, cfg.granularity, cfg.block), dtype=torch.float32)
+        qa = [_QKIND["fp8"], rows, cols, 0, 0, _FMT[cfg.fmt], _GRAN[cfg.granularity], *cfg.block,
+              _DT[value_dtype]]
+        return (q, scale), qa, [q.data_ptr(), scale.data_ptr(), 0]
+    out_f, in_f = shape
+    G = cfg.group_size
+    if cfg.layout == "gptq":
+        res = {"qweight": torch.empty(in_f // 8, out_f, dtype=torch.int32),
+               "qzeros": torch.empty(in_f // G, out_f // 8, dtype=torch.int32),
+               "scales": torch.empty(in_f // G, out_f, dtype=torch.float16)}
+    else:
+        res = {"qdata": torch.empty(out_f, in_f // 2, dtype=torch.int8),
+               "scale": torch.empty(in_f // G, out_f, dtype=value_dtype),
+               "zero_point": torch.empty(in_f // G, out_f, dtype=value_dtype)}
+    qa = [_QKIND[cfg.layout], out_f, in_f, G, int(cfg.symmetric), 0, 0, 0, 0, _DT[value_dtype]]
+    return res, qa, [t.data_ptr() for t in res.values()]
+
+
+def _raise_quant(flags, name):
+    if flags[-2]:
+        raise V.NonFiniteError(name)
+    if flags[-1]:
+        raise ValueError(f"{name} has a group whose range needs an fp16 scale above 65504 "
+                         "(|values| beyond ~1e6): GPTQ's fp16 scales cannot hold it")
+
+
+def quantize(w, cfg, name="w"):
+    """INT4 or FP8 quantization of ``w`` (validated by fastmerge.quant) with the C++ kernels."""
+    w = _contig(w)
+    res, qa, outs = _quant_outputs(cfg, tuple(w.shape), w.dtype)
+    if w.numel():
+        _raise_quant(_lib().quantize(w.data_ptr(), _DT[w.dtype], qa, outs, _threads(w.numel())), name)
+    return res
+
+
+def run_plan_quantized(plan: Plan, base, inputs, out_dtype, cfg, always_fused: bool = False):
+    """The merge of ``plan`` quantized in the same pass: each worker merges a segment of a row
+    into a small fp32 buffer, rounds it to ``out_dtype`` and quantizes it; the merged tensor is
+    never written. Equal to ``quantize(run_plan(...))``.
+
+    INT4 and per-row FP8 only: a per-tensor scale needs every merged value first (the fused
+    kernel would merge twice) and 128-row blocks read the inputs in short strided runs; both
+    measured slower fused than merge-then-quantize, which they therefore run (``always_fused``:
+    the fused kernel anyway, for the tests)."""
+    if isinstance(cfg, FP8Config) and cfg.granularity != "row" and not always_fused:
+        return quantize(run_plan(plan, base, inputs, out_dtype), cfg, "the merged tensor")
+    res, qa, outs = _quant_outputs(cfg, tuple(inputs[0].shape), out_dtype)
+    if inputs[0].numel() == 0:
+        return res
+    inputs = [_contig(x) for x in inputs]
+    base = _contig(base) if base is not None else None
+    (bptr, ptrs, dt, n), margs, _bits = _merge_args(plan, base, inputs)
+    flags = _lib().fused_merge_quantize(bptr, ptrs, dt, *margs, qa, outs, _threads(n))
+    _raise_merge_flags(flags[:-2], plan, inputs, base)
+    if flags[-2]:  # a non-finite value only the quantizer saw: an input, or the rounding overflowed
+        _raise_merge_flags([0] * (len(inputs) + 1) + [1], plan, inputs, base)
+    _raise_quant(flags, "the merged tensor")
+    return res
 
 
 def _elect(tensors, weights, consensus, sign, sign_only, divisor="none", out=None):

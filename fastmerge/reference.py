@@ -195,3 +195,145 @@ def magnitude_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
     a = x.detach().reshape(-1).to(torch.float32).abs()
     return a[priority_order(a)[k - 1]].to(x.dtype)
+
+
+# ---- quantizers (fastmerge.quant): the formats' definitions ---------------------------------
+# Every step is the float32 operation the format's own quantizer performs, in its order, with
+# torch's round-half-to-even; the C++ kernels (csrc/quant.cpp) repeat them bit for bit.
+
+FP16_TINY = 2.0 ** -24  # smallest fp16 subnormal: an fp16 scale that rounds to 0 becomes this
+
+
+def _half_scale(s: torch.Tensor, name: str) -> torch.Tensor:
+    """GPTQ's scales as stored (fp16), returned as fp32 values."""
+    h = s.to(torch.float16)
+    if bool(torch.isinf(h).any()):
+        raise ValueError(f"{name} has a group whose range needs an fp16 scale above 65504 "
+                         "(|values| beyond ~1e6): GPTQ's fp16 scales cannot hold it")
+    return torch.where(h == 0, torch.tensor(FP16_TINY, dtype=torch.float16, device=h.device), h).float()
+
+
+def _gptq_int4(x: torch.Tensor, symmetric: bool, name: str):
+    """AutoGPTQ's quantizer (``Quantizer.find_params`` with ``min <= 0 <= max``, then
+    ``clamp(round(x / s) + z, 0, 15)``) on groups ``x [..., G]`` in fp32. The scale is rounded to
+    fp16 first (what every GPTQ kernel multiplies by), and so is the scale used to find the zero
+    and the codes. v1 stores ``zero - 1``, so a zero of 0 cannot be stored: such a group (no
+    value below ``-s/2``) takes ``s = max / 14`` and zero 1 instead. Symmetric: ``s = 2 amax /
+    15``, zero 8 (GPTQ's own rule for groups without negatives differs: it halves their range)."""
+    mn, mx = x.amin(-1), x.amax(-1)
+    if symmetric:
+        amax = torch.maximum(mn.abs(), mx.abs())
+        amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+        s = _half_scale((amax + amax) / 15.0, name)
+        z = torch.full_like(s, 8.0)
+    else:
+        lo, hi = torch.clamp(mn, max=0.0), torch.clamp(mx, min=0.0)
+        both = lo == hi  # an all-zero group: GPTQ's [-1, 1]
+        lo = torch.where(both, -torch.ones_like(lo), lo)
+        hi = torch.where(both, torch.ones_like(hi), hi)
+        s = _half_scale((hi - lo) / 15.0, name)
+        z = torch.clamp(torch.round(-lo / s), max=15.0)
+        z0 = z == 0
+        s = torch.where(z0, _half_scale(hi / 14.0, name), s)
+        z = torch.where(z0, torch.ones_like(z), z)
+    q = torch.clamp(torch.round(x / s[..., None]) + z[..., None], 0.0, 15.0)
+    return q.to(torch.int32), z.to(torch.int32), s.to(torch.float16)
+
+
+def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
+    """int32 codes ``[..., 8 m]`` -> int32 ``[..., m]``: eight consecutive codes per word,
+    code j of each eight at bits ``4 j`` (GPTQ's packing)."""
+    c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 8, 8)
+    out = torch.zeros_like(c[..., 0])
+    for j in range(8):
+        out = out | ((c[..., j] & 0xF) << (4 * j))
+    return out
+
+
+def _torchao_int4(x: torch.Tensor, symmetric: bool):
+    """mslk's ``int4_row_quantize_zp`` / ``int4_row_quantize`` (torchao's plain Int4Tensor) on
+    groups ``x [..., G]`` in fp32: int8 codes in [-8, 7], fp32 scale and float zero point."""
+    if symmetric:
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-6) / 8
+        q = x.div(scale).round().clamp(-8, 7)
+        zero = torch.zeros_like(scale)
+    else:
+        mx, mn = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
+        scale = (mx - mn).clamp(min=1e-6) / 15
+        zero = mn + scale * 8
+        q = x.sub(mn).div(scale).round().clamp(0, 15) - 8
+    return q.to(torch.int8), scale[..., 0], zero[..., 0]
+
+
+def quantize_int4(w: torch.Tensor, cfg, name: str = "w") -> dict:
+    """INT4 of a 2-D weight ``[out, in]`` in groups of ``cfg.group_size`` along ``in``."""
+    out_f, in_f = w.shape
+    G = cfg.group_size
+    x = w.to(torch.float32).reshape(out_f, in_f // G, G)
+    if cfg.layout == "gptq":
+        q, z, s = _gptq_int4(x, cfg.symmetric, name)
+        return {"qweight": pack_int4_rows(q.reshape(out_f, in_f)).T.contiguous(),
+                "qzeros": pack_int4_rows((z - 1).T.contiguous()),
+                "scales": s.T.contiguous()}
+    q, scale, zero = _torchao_int4(x, cfg.symmetric)
+    q = q.reshape(out_f, in_f)
+    # mslk's pack_int4: the even element in the low nibble
+    qdata = (q[:, ::2] & 0xF) | (q[:, 1::2] << 4)
+    return {"qdata": qdata.contiguous(), "scale": scale.T.contiguous().to(w.dtype),
+            "zero_point": zero.T.contiguous().to(w.dtype)}
+
+
+def fp8_amax(x: torch.Tensor, granularity: str, block) -> torch.Tensor:
+    """``max |x|`` (in x's dtype: exact) per tensor ``[1]*ndim``, per row ``[*shape[:-1], 1]``
+    or per block."""
+    from .quant import fp8_scale_shape
+
+    shape = fp8_scale_shape(tuple(x.shape), granularity, block)
+    if x.numel() == 0:
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
+    a = x.abs()
+    if granularity == "tensor":
+        return a.amax().reshape(shape)
+    if granularity == "row":
+        return a.amax(-1, keepdim=True)
+    (br, bc), (nr, nc) = block, shape
+    # |x| >= 0, so zero padding of the edge blocks leaves every amax unchanged
+    a = torch.nn.functional.pad(a, (0, nc * bc - x.shape[1], 0, nr * br - x.shape[0]))
+    return a.reshape(nr, br, nc, bc).amax(dim=(1, 3))
+
+
+def expand_fp8_scale(scale: torch.Tensor, shape, block) -> torch.Tensor:
+    """A tensor / row / block scale broadcast (or repeated) to ``shape``."""
+    if scale.numel() == 1 or tuple(scale.shape) == tuple(shape[:-1]) + (1,):
+        return scale
+    br, bc = block
+    return scale.repeat_interleave(br, 0).repeat_interleave(bc, 1)[: shape[0], : shape[1]]
+
+
+def quantize_fp8(w: torch.Tensor, cfg, name: str = "w"):
+    """torchao's ``_choose_scale_float8`` + ``_quantize_affine_float8`` (and compressed-tensors'
+    FP8): ``s = amax / fmax`` divided in ``w``'s dtype (as both do) and stored in fp32 (0 -> fp32
+    eps, as compressed-tensors), codes ``fp8(clamp(x / s, -fmax, fmax))`` in fp32 with the cast
+    rounding to nearest even."""
+    from .quant import FP8_DTYPES
+
+    dt = FP8_DTYPES[cfg.fmt]
+    fmax = torch.finfo(dt).max
+    x = w.to(torch.float32)
+    s = (fp8_amax(w, cfg.granularity, cfg.block) / fmax).to(torch.float32)
+    s = torch.where(s == 0, torch.tensor(torch.finfo(torch.float32).eps, device=s.device), s)
+    q = (x / expand_fp8_scale(s, x.shape, cfg.block)).clamp(-fmax, fmax).to(dt)
+    return q, s
+
+
+def quantize(w: torch.Tensor, cfg, name: str = "w"):
+    check_finite(w, name)
+    if hasattr(cfg, "layout"):
+        return quantize_int4(w, cfg, name)
+    return quantize_fp8(w, cfg, name)
+
+
+def run_plan_quantized(plan: Plan, base, inputs, out_dtype, cfg):
+    """The definition of merge-and-quantize: the merge, in ``out_dtype``, then the quantizer."""
+    merged = run_plan(plan, base, inputs, out_dtype)
+    return quantize(merged, cfg, "the merged tensor")

@@ -325,7 +325,9 @@ class Merger:
         if options.topk_scope is not None:
             self.cfg.topk_scope = options.topk_scope
         if self.cfg.quantize is not None:
-            raise MergeError("quantize: is not available in this build of fastmerge yet")
+            raise MergeError("quantize: is not supported by `fastmerge merge` yet (it would need quantized "
+                             "checkpoint output: qweight/qzeros/scales and a quantization_config); merge, "
+                             "then quantize tensors with fastmerge.quant")
         self.device = _device(options.device)
         self.group = Group(self.device)
 
