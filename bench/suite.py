@@ -292,7 +292,7 @@ class Bench:
         self.rows.append(r)
         figs = " ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}"
                         for k_, v in extra.items())
-        sp = " ".join(f"x{v:.1f} vs {n}" for n, v in (speedup or {}).items())
+        sp = " ".join(f"x{v:.2f} vs {n}" for n, v in (speedup or {}).items())
         self.log(f"{op:<12} {backend:<22} {'x'.join(map(str, shape)):<10} k={k:<4} "
                  f"{med * 1e3:>10.1f} ms  {figs}  {sp}")
         return r
