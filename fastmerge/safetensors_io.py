@@ -113,6 +113,12 @@ class Checkpoint:
     def names(self) -> List[str]:
         return list(self.entries)
 
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
     def _map(self, path: str) -> mmap.mmap:
         m = self._maps.get(path)
         if m is None:
@@ -142,9 +148,7 @@ class Checkpoint:
         if raw.numel() < e.nbytes:
             raise ValueError(f"{name}: buffer of {raw.numel()} bytes for {e.nbytes}")
         raw = raw[: e.nbytes]
-        fd = self._fds.get(e.file)
-        if fd is None:
-            fd = self._fds[e.file] = os.open(e.file, os.O_RDONLY)
+        fd = self._fd(e.file)
         view, pos = memoryview(raw.numpy()) if e.nbytes else memoryview(b""), e.begin
         while view.nbytes:
             n = os.preadv(fd, [view[: 1 << 30]], pos)
@@ -156,11 +160,8 @@ class Checkpoint:
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading ``name``'s bytes into the page cache."""
         e = self.entries[name]
-        fd = self._fds.get(e.file)
-        if fd is None:
-            fd = self._fds[e.file] = os.open(e.file, os.O_RDONLY)
         if e.nbytes and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, e.begin, e.nbytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(self._fd(e.file), e.begin, e.nbytes, os.POSIX_FADV_WILLNEED)
 
     def _advise(self, name: str, advice: int) -> None:
         e = self.entries[name]
@@ -199,7 +200,7 @@ class Spec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass

@@ -33,7 +33,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import api
+from . import _semantics as sem
+from . import api, lowrank
 from . import mergeconfig as mc
 from .safetensors_io import Checkpoint, FormatError, Spec, Writer, plan_layout
 
@@ -158,7 +159,9 @@ def plan(cfg: mc.MergeConfig, base: Optional[Checkpoint], inputs: List[Checkpoin
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise MergeError(f"{label} ({ck.folder}) lacks tensor(s) {', '.join(missing[:3])}{more}")
     positions = mc.layer_positions(names)
-    random = cfg.method in ("dare_ties", "dare_linear", "della", "della_linear") or cfg.method in mc.lowrank.METHODS
+    # seeded: DARE/DELLA's masks and the SVD methods' sketches
+    random = (cfg.method in lowrank.METHODS
+              or sem.MERGEKIT_METHODS.get(cfg.method, (None, None))[1] in ("random", "della"))
     jobs = []
     for name in names:
         e0 = ref.entries[name]
@@ -224,15 +227,22 @@ def model_thresholds(jobs: List[Job], mine: List[int], base: Checkpoint, inputs:
     thr = [0.0] * K
     if not active:
         return thr
-    todo = [i for i in mine if jobs[i].kind == "merge"]
+    todo = [jobs[i] for i in mine if jobs[i].kind == "merge"]
+
+    def passes():
+        """(k, |delta| bit patterns of a chunk) over this process's tensors, mapped pages
+        dropped after each tensor."""
+        for job in todo:
+            b = base.tensor(job.name)
+            for k in active:
+                for bits in _abs_bits(inputs[k].tensor(job.name), b, job.dtype):
+                    yield k, bits
+                inputs[k].release(job.name)
+            base.release(job.name)
+
     hi = torch.zeros(K, 1 << 15, dtype=torch.int64)
-    for i in todo:
-        b = base.tensor(jobs[i].name)
-        for k in active:
-            for bits in _abs_bits(inputs[k].tensor(jobs[i].name), b, jobs[i].dtype):
-                hi[k] += torch.bincount((bits >> 16).clamp_(max=(1 << 15) - 1), minlength=1 << 15)
-            inputs[k].release(jobs[i].name)
-        base.release(jobs[i].name)
+    for k, bits in passes():
+        hi[k] += torch.bincount((bits >> 16).clamp_(max=(1 << 15) - 1), minlength=1 << 15)
     hi = group.sum_(hi)
     cum = hi.cumsum(1)
     bucket, within = {}, {}
@@ -241,15 +251,10 @@ def model_thresholds(jobs: List[Job], mine: List[int], base: Checkpoint, inputs:
         bucket[k] = bk
         within[k] = rank[k] - (int(cum[k, bk - 1]) if bk else 0)
     lo = torch.zeros(K, 1 << 16, dtype=torch.int64)
-    for i in todo:
-        b = base.tensor(jobs[i].name)
-        for k in active:
-            for bits in _abs_bits(inputs[k].tensor(jobs[i].name), b, jobs[i].dtype):
-                sel = bits[(bits >> 16) == bucket[k]]
-                if sel.numel():
-                    lo[k] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
-            inputs[k].release(jobs[i].name)
-        base.release(jobs[i].name)
+    for k, bits in passes():
+        sel = bits[(bits >> 16) == bucket[k]]
+        if sel.numel():
+            lo[k] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
     lo = group.sum_(lo)
     for k in active:
         low = int(torch.searchsorted(lo[k].cumsum(0), torch.tensor(within[k])))
