@@ -23,6 +23,7 @@
 #include <functional>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -789,40 +790,96 @@ static inline __m256 load8(const void* p, int dt, int64_t i) {
 #endif
 
 #ifdef __AVX2__
-// run_plain's bf16 loop: 16 bf16 -> two fp32 vectors by interleaving with zeros, which yields
-// elements 0-3, 8-11 and 4-7, 12-15 (per 128-bit lane); every input shares the order and the
-// store restores it (cheaper than widening 8 at a time).
-template <bool UNIT, class Finish>
-void MergeBlock::bf16_plain(int64_t i0, int len, float* __restrict mixed, int& j, __m256i& nf, Finish& finish8) {
-    (void)nf;
-    const MergeArgs& a = a_;
-    const __m256i z = _mm256_setzero_si256();
-    auto lo = [&](__m256i h) { return _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h)); };
-    auto hi = [&](__m256i h) { return _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h)); };
-    for (; j + 16 <= len; j += 16) {
-        __m256 b0 = _mm256_setzero_ps(), b1 = b0;
-        if (base_) {
-            const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)base_ + i0 + j));
-            b0 = lo(h);
-            b1 = hi(h);
+template <class F>
+static inline void with_bool(bool b, F&& f) {
+    if (b) f(std::true_type{});
+    else f(std::false_type{});
+}
+
+// The tail of one merged vector of a plain merge: normalize by the constant divisor, lambda,
+// + base, non-finite check, rounding to the output dtype. The options are template parameters,
+// so the hot loops below carry no per-vector branches (measured: the branchy tail cost more
+// than the merge arithmetic).
+template <bool DIV, bool LAM, bool BASE, bool CHECK, int RDT>
+struct PlainTail {
+    static constexpr bool base = BASE;
+    __m256 cd, lam;
+    __m256 operator()(__m256 acc, __m256 b, __m256i& nf) const {
+        if (DIV) acc = _mm256_div_ps(acc, cd);
+        if (LAM) acc = _mm256_mul_ps(acc, lam);
+        if (BASE) acc = _mm256_add_ps(b, acc);
+        if (CHECK) {
+            const __m256i em = _mm256_set1_epi32(0x7f800000);
+            nf = _mm256_or_si256(nf, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(acc), em), em));
         }
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-        for (int m = 0; m < K_; ++m) {
-            const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)models_[m] + i0 + j));
-            __m256 t0 = base_ ? _mm256_sub_ps(lo(h), b0) : lo(h), t1 = base_ ? _mm256_sub_ps(hi(h), b1) : hi(h);
-            if (!UNIT) {
-                const __m256 w = _mm256_set1_ps(a.weights[m]);
-                t0 = _mm256_mul_ps(t0, w);
-                t1 = _mm256_mul_ps(t1, w);
-            }
-            acc0 = _mm256_add_ps(acc0, t0);
-            acc1 = _mm256_add_ps(acc1, t1);
-        }
-        acc0 = finish8(acc0, b0);
-        acc1 = finish8(acc1, b1);
-        _mm256_storeu_ps(mixed + j, _mm256_permute2f128_ps(acc0, acc1, 0x20));
-        _mm256_storeu_ps(mixed + j + 8, _mm256_permute2f128_ps(acc0, acc1, 0x31));
+        return round8(RDT, acc);
     }
+};
+
+// run_plain's vector loops for one Tail; returns the index of the first element left to the
+// scalar loop. bf16: 16 bf16 -> two fp32 vectors by interleaving with zeros, which yields
+// elements 0-3, 8-11 and 4-7, 12-15 (per 128-bit lane); every input shares the order and the
+// store restores it (cheaper than widening 8 at a time). (x - base) * w skips the multiply
+// when every weight is 1: the same value, exactly. Two vectors per step: independent add
+// chains hide the add latency across the K inputs.
+template <bool UNIT, class Tail>
+static int plain_vectors(const Tail& tail, const void* base, const uint64_t* models, const float* weights, int K,
+                         int dt, int64_t i0, int len, float* __restrict mixed, __m256i& nf) {
+    constexpr bool B = Tail::base;
+    int j = 0;
+    if (dt == BF16) {
+        const __m256i z = _mm256_setzero_si256();
+        auto lo = [&](__m256i h) { return _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h)); };
+        auto hi = [&](__m256i h) { return _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h)); };
+        for (; j + 16 <= len; j += 16) {
+            __m256 b0 = _mm256_setzero_ps(), b1 = b0;
+            if (B) {
+                const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i0 + j));
+                b0 = lo(h);
+                b1 = hi(h);
+            }
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+            for (int m = 0; m < K; ++m) {
+                const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)models[m] + i0 + j));
+                __m256 t0 = B ? _mm256_sub_ps(lo(h), b0) : lo(h), t1 = B ? _mm256_sub_ps(hi(h), b1) : hi(h);
+                if (!UNIT) {
+                    const __m256 w = _mm256_set1_ps(weights[m]);
+                    t0 = _mm256_mul_ps(t0, w);
+                    t1 = _mm256_mul_ps(t1, w);
+                }
+                acc0 = _mm256_add_ps(acc0, t0);
+                acc1 = _mm256_add_ps(acc1, t1);
+            }
+            acc0 = tail(acc0, b0, nf);
+            acc1 = tail(acc1, b1, nf);
+            _mm256_storeu_ps(mixed + j, _mm256_permute2f128_ps(acc0, acc1, 0x20));
+            _mm256_storeu_ps(mixed + j + 8, _mm256_permute2f128_ps(acc0, acc1, 0x31));
+        }
+    }
+    for (; j + 16 <= len; j += 16) {
+        const __m256 b0 = B ? load8(base, dt, i0 + j) : _mm256_setzero_ps();
+        const __m256 b1 = B ? load8(base, dt, i0 + j + 8) : _mm256_setzero_ps();
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+        for (int m = 0; m < K; ++m) {
+            const __m256 w = _mm256_set1_ps(weights[m]);
+            const __m256 x0 = load8((const void*)models[m], dt, i0 + j);
+            const __m256 x1 = load8((const void*)models[m], dt, i0 + j + 8);
+            acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(B ? _mm256_sub_ps(x0, b0) : x0, w));
+            acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(B ? _mm256_sub_ps(x1, b1) : x1, w));
+        }
+        _mm256_storeu_ps(mixed + j, tail(acc0, b0, nf));
+        _mm256_storeu_ps(mixed + j + 8, tail(acc1, b1, nf));
+    }
+    for (; j + 8 <= len; j += 8) {
+        const __m256 b = B ? load8(base, dt, i0 + j) : _mm256_setzero_ps();
+        __m256 acc = _mm256_setzero_ps();
+        for (int m = 0; m < K; ++m) {
+            const __m256 x = load8((const void*)models[m], dt, i0 + j);
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(B ? _mm256_sub_ps(x, b) : x, _mm256_set1_ps(weights[m])));
+        }
+        _mm256_storeu_ps(mixed + j, tail(acc, b, nf));
+    }
+    return j;
 }
 #endif
 
@@ -840,46 +897,25 @@ void MergeBlock::run_plain(int64_t i0, int len, float* __restrict mixed) {
     int j = 0;
     uint32_t f = 0;
 #ifdef __AVX2__
-    const __m256i em = _mm256_set1_epi32(0x7f800000);
     __m256i nf = _mm256_setzero_si256();
-    const __m256 cd = _mm256_set1_ps(a.const_div), lam = _mm256_set1_ps(a.lam);
-    // the tail of one vector: normalize, lambda, + base, non-finite check, rounding
-    auto finish8 = [&](__m256 acc, __m256 b) {
-        if (div_const) acc = _mm256_div_ps(acc, cd);
-        if (scale) acc = _mm256_mul_ps(acc, lam);
-        if (base_) acc = _mm256_add_ps(b, acc);
-        if (check_result_)
-            nf = _mm256_or_si256(nf, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(acc), em), em));
-        return round8(round_dt_, acc);
-    };
-    // (x - base) * w, without the multiply when every weight is 1: the same value, exactly
     const bool unit = std::all_of(a.weights.begin(), a.weights.end(), [](float w) { return w == 1.0f; });
-    if (dt_ == BF16 && unit) bf16_plain<true>(i0, len, mixed, j, nf, finish8);
-    else if (dt_ == BF16) bf16_plain<false>(i0, len, mixed, j, nf, finish8);
-    // two vectors per step: independent add chains hide the add latency across the K inputs
-    for (; j + 16 <= len; j += 16) {
-        const __m256 b0 = base_ ? load8(base_, dt_, i0 + j) : _mm256_setzero_ps();
-        const __m256 b1 = base_ ? load8(base_, dt_, i0 + j + 8) : _mm256_setzero_ps();
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-        for (int m = 0; m < K; ++m) {
-            const __m256 w = _mm256_set1_ps(a.weights[m]);
-            const __m256 x0 = load8((const void*)models_[m], dt_, i0 + j);
-            const __m256 x1 = load8((const void*)models_[m], dt_, i0 + j + 8);
-            acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(base_ ? _mm256_sub_ps(x0, b0) : x0, w));
-            acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(base_ ? _mm256_sub_ps(x1, b1) : x1, w));
-        }
-        _mm256_storeu_ps(mixed + j, finish8(acc0, b0));
-        _mm256_storeu_ps(mixed + j + 8, finish8(acc1, b1));
-    }
-    for (; j + 8 <= len; j += 8) {
-        const __m256 b = base_ ? load8(base_, dt_, i0 + j) : _mm256_setzero_ps();
-        __m256 acc = _mm256_setzero_ps();
-        for (int m = 0; m < K; ++m) {
-            const __m256 x = load8((const void*)models_[m], dt_, i0 + j);
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(base_ ? _mm256_sub_ps(x, b) : x, _mm256_set1_ps(a.weights[m])));
-        }
-        _mm256_storeu_ps(mixed + j, finish8(acc, b));
-    }
+    const uint64_t* models = models_.data();
+    const float* weights = a.weights.data();
+    with_bool(div_const, [&](auto DIV) {
+    with_bool(scale, [&](auto LAM) {
+    with_bool(base_ != nullptr, [&](auto BASE) {
+    with_bool(check_result_, [&](auto CHECK) {
+    with_bool(unit, [&](auto UNIT) {
+        auto go = [&](auto tail) {
+            j = plain_vectors<decltype(UNIT)::value>(tail, base_, models, weights, K, dt_, i0, len, mixed, nf);
+        };
+        const __m256 cd = _mm256_set1_ps(a.const_div), lam = _mm256_set1_ps(a.lam);
+        constexpr bool D = decltype(DIV)::value, L = decltype(LAM)::value, B = decltype(BASE)::value,
+                       C = decltype(CHECK)::value;
+        if (round_dt_ == BF16) go(PlainTail<D, L, B, C, BF16>{cd, lam});
+        else if (round_dt_ == F16) go(PlainTail<D, L, B, C, F16>{cd, lam});
+        else go(PlainTail<D, L, B, C, F32>{cd, lam});
+    }); }); }); }); });
     f = (uint32_t)!_mm256_testz_si256(nf, nf);
 #endif
     for (; j < len; ++j) {
@@ -892,7 +928,7 @@ void MergeBlock::run_plain(int64_t i0, int len, float* __restrict mixed) {
         if (div_const) acc = acc / a.const_div;
         if (scale) acc = acc * a.lam;
         if (base_) acc = b + acc;
-        f |= nonfinite_bits(acc);
+        if (check_result_) f |= nonfinite_bits(acc);
         round_to(round_dt_, &acc, 1);
         mixed[j] = acc;
     }
@@ -906,7 +942,9 @@ void MergeBlock::prefetch(int64_t i0, int len) const {
     for (int m = -1; m < K_; ++m) {
         const char* p = (const char*)(m < 0 ? base_ : (const void*)models_[m]);
         if (!p) continue;
-        for (int64_t off = a; off < e; off += 64) __builtin_prefetch(p + off);
+        // prefetcht1 (into L2): measured faster than prefetcht0 here, the fills no longer
+        // compete with the demand loads for L1's miss buffers
+        for (int64_t off = a; off < e; off += 64) __builtin_prefetch(p + off, 0, 2);
     }
 }
 

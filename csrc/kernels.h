@@ -61,10 +61,6 @@ public:
 private:
     void finish(int len, float* mixed, bool have_div);
     void run_plain(int64_t i0, int len, float* mixed);
-#ifdef __AVX2__
-    template <bool UNIT, class Finish>
-    void bf16_plain(int64_t i0, int len, float* mixed, int& j, __m256i& nf, Finish& finish8);
-#endif
     const void* base_;
     const std::vector<uint64_t>& models_;
     int dt_, K_;

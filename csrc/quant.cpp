@@ -118,9 +118,9 @@ struct Loader {
     int dt;
     int64_t cols;
     void operator()(int64_t r, int64_t c0, int len, float* dst) { load_block(src, dt, r * cols + c0, len, dst); }
-    void prefetch(int64_t r, int64_t c0, int len) const {
+    void prefetch(int64_t i, int len) const {
         const int esz = dt == F32 ? 4 : 2;
-        const char* p = (const char*)src + (r * cols + c0) * esz;
+        const char* p = (const char*)src + i * esz;
         for (int off = 0; off < len * esz; off += 64) __builtin_prefetch(p + off);
     }
     void flags_into(std::vector<int>&) const {}
@@ -133,7 +133,7 @@ struct Merger {
     MergeBlock mb;  // rounds to the merge's output dtype: merge(...) then quantize gives the same codes
     int64_t cols;
     void operator()(int64_t r, int64_t c0, int len, float* dst) { mb.run(r * cols + c0, len, dst); }
-    void prefetch(int64_t r, int64_t c0, int len) const { mb.prefetch(r * cols + c0, len); }
+    void prefetch(int64_t i, int len) const { mb.prefetch(i, len); }
     void flags_into(std::vector<int>& f) const {
         for (size_t m = 0; m < mb.bad.size(); ++m) f[m] |= mb.bad[m];
     }
@@ -281,21 +281,30 @@ inline void torchao_params(const float* mn, const float* mx, int64_t n, bool sym
 inline void group_codes(const float* __restrict x, int G, float s, float off, float add, uint8_t flip,
                         uint8_t* __restrict pk) {
 #if defined(__AVX2__) && defined(__FMA__)
-    // integers all the way: cvtps rounds half to even (MXCSR default) like rne(); packs / packus
-    // / min_epu8 clamp to 0..15; maddubs pairs the nibbles
+    // integers all the way, 32 codes per step: cvtps rounds half to even (MXCSR default) like
+    // rne(); packs / packus / min_epu8 clamp to 0..15; maddubs pairs the nibbles; one unpack
+    // undoes the packs' lane order
     const __m256 vs = _mm256_set1_ps(s), vr = _mm256_set1_ps(1.0f / s), voff = _mm256_set1_ps(off);
     const __m256i vadd = _mm256_set1_epi32((int)add);
-    const __m128i fifteen = _mm_set1_epi8(15), pair = _mm_set1_epi16(0x1001), vflip = _mm_set1_epi8((char)flip);
-    for (int j = 0; j < G; j += 16) {  // G is a multiple of 32
-        const __m256 a = div_exact(_mm256_sub_ps(_mm256_loadu_ps(x + j), voff), vs, vr);
-        const __m256 b = div_exact(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), voff), vs, vr);
-        const __m256i p16 = _mm256_packs_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(a), vadd),
-                                               _mm256_add_epi32(_mm256_cvtps_epi32(b), vadd));
-        // bytes a0-3 b0-3 a4-7 b4-7, clamped to 0..15
-        const __m128i c = _mm_min_epu8(_mm_packus_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1)), fifteen);
-        const __m128i nib = _mm_maddubs_epi16(c, pair);  // c[2k] + 16 c[2k+1]: a01 a23 b01 b23 a45 a67 b45 b67
-        const __m128i out = _mm_shufflelo_epi16(_mm_packus_epi16(nib, nib), _MM_SHUFFLE(3, 1, 2, 0));
-        _mm_storel_epi64((__m128i*)(pk + j / 2), _mm_xor_si128(out, vflip));
+    const __m256i fifteen = _mm256_set1_epi8(15), pair = _mm256_set1_epi16(0x1001);
+    const __m128i vflip = _mm_set1_epi8((char)flip);
+    const bool sub = off != 0.0f;  // x - 0 is x: GPTQ and symmetric torchao skip the subtraction
+    auto codes8 = [&](const float* p) {
+        const __m256 x = _mm256_loadu_ps(p);
+        return _mm256_add_epi32(_mm256_cvtps_epi32(div_exact(sub ? _mm256_sub_ps(x, voff) : x, vs, vr)), vadd);
+    };
+    for (int j = 0; j < G; j += 32) {  // G is a multiple of 32
+        // int16 per lane: lane 0 holds elements 0-3 8-11, 16-19 24-27 of the 32; lane 1 the rest
+        const __m256i p0 = _mm256_packs_epi32(codes8(x + j), codes8(x + j + 8));
+        const __m256i p1 = _mm256_packs_epi32(codes8(x + j + 16), codes8(x + j + 24));
+        // bytes, lane 0: 0-3 8-11 16-19 24-27, lane 1: 4-7 12-15 20-23 28-31; clamped to 0..15
+        const __m256i c = _mm256_min_epu8(_mm256_packus_epi16(p0, p1), fifteen);
+        // c[2k] + 16 c[2k+1] as int16, then bytes: lane 0 (01 23)(89 ab)..., lane 1 (45 67)(cd ef)...
+        const __m256i nib = _mm256_maddubs_epi16(c, pair);
+        const __m256i b = _mm256_packus_epi16(nib, nib);
+        // interleaving the lanes' 16-bit units restores the element order
+        const __m128i out = _mm_unpacklo_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        _mm_storeu_si128((__m128i*)(pk + j / 2), _mm_xor_si128(out, vflip));
     }
 #else
     alignas(64) uint8_t c[BLK];
@@ -380,16 +389,17 @@ void int4_run(const QuantArgs& q, int nt, Make make, std::vector<int>& flags) {
                     const int len = (int)std::min<int64_t>(SEG, C - s0);  // a multiple of G
                     const int n = len / G;
                     for (int c = 0; c < len; c += BLK) prod(r0 + r, s0 + c, std::min(BLK, len - c), seg + c);
-                    // the segment this thread merges next (static schedule: the next row of the
-                    // tile, then of the next tile), asked for one group at a time below
-                    const int64_t nr = s0 + SEG < C ? r0 + r : r0 + r + 1, nc = s0 + SEG < C ? s0 + SEG : 0;
-                    const int nlen = (int)std::min<int64_t>(SEG, C - nc), step = (nlen + n - 1) / n;
+                    // the segment this thread merges next (static schedule: the rows of its tiles
+                    // follow each other), asked for a piece per group below (measured: farther
+                    // ahead is no faster)
+                    const int64_t pf0 = std::min((r0 + r) * C + s0 + SEG, R * C);
+                    const int pflen = (int)std::min<int64_t>(SEG, R * C - pf0), step = (pflen + n - 1) / n;
                     for (int g = 0; g < n; ++g) min_max(seg + g * G, G, mn[g], mx[g], nonfinite);
                     const int nv = (n + 7) & ~7;
                     if (gptq) gptq_params(mn, mx, nv, q.sym, gh, gs, gz, overflow);
                     else torchao_params(mn, mx, nv, q.sym, gs, gz);
                     for (int g = 0; g < n; ++g) {
-                        if (nr < R && g * step < nlen) prod.prefetch(nr, nc + g * step, std::min(step, nlen - g * step));
+                        if (g * step < pflen) prod.prefetch(pf0 + g * step, std::min(step, pflen - g * step));
                         const int64_t k = (s0 / G + g) * TR + r;
                         if (gptq) {
                             group_codes(seg + g * G, G, gs[g], 0.0f, gz[g], 0, dst + (s0 + g * G) / 2);
