@@ -312,12 +312,14 @@ def test_int4_errors_name_the_argument():
     Q.quantize_int4(torch.zeros(12, 128), layout="torchao")  # torchao has no such constraint
     for b in BACKENDS:
         for value in (float("inf"), float("-inf"), float("nan")):
-            for pos in [(0, 0), (15, 255), (7, 100)]:
+            # first / last element, and each of the two interleaved vectors of a group's scan
+            for pos in [(0, 0), (15, 255), (7, 100), (5, 137), (9, 250)]:
                 x = w.clone()
                 x[pos] = value
                 for layout in Q.LAYOUTS:
-                    with pytest.raises(fastmerge.NonFiniteError, match="^w contains non-finite"):
-                        Q.quantize_int4(x, 32, layout=layout, backend=b)
+                    for gs in (32, 128):
+                        with pytest.raises(fastmerge.NonFiniteError, match="^w contains non-finite"):
+                            Q.quantize_int4(x, gs, layout=layout, backend=b)
         with pytest.raises(ValueError, match="fp16 scale"):
             Q.quantize_int4(torch.full((8, 128), 2e6).index_fill_(1, torch.tensor([0]), -2e6), backend=b)
 
