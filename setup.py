@@ -40,7 +40,7 @@ setup(
               "fastmerge._csrc"],
     package_dir={"fastmerge": "fastmerge", "fastmerge.triton_kernels": "triton_kernels",
                  "fastmerge.bench": "bench", "fastmerge._csrc": "csrc"},
-    package_data={"fastmerge._csrc": ["cuda_kernels.cu", "cuda_kernels.h", "cuda_bindings.cpp"]},
+    package_data={"fastmerge._csrc": ["cuda_kernels.cu", "cuda_kernels.h", "philox_mask.h", "cuda_bindings.cpp"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "philox_mask.h"
 
 #ifndef FM_MODULE
 #define FM_MODULE _C
@@ -80,4 +81,14 @@ PYBIND11_MODULE(FM_MODULE, m) {
             return fm::fused_merge_quantize(base, models, dt, ma, a, quant_args(qa, outs), nthreads);
         },
         py::call_guard<py::gil_scoped_release>());
+    // The CUDA kernels' random keep decisions (philox_mask.h) for elements 0 .. n-1, compiled
+    // for the host: by groups of four as the fused merge draws them, and one element at a time
+    // as DELLA does. Tests only (the CUDA source is checked on machines without a GPU).
+    m.def("cuda_random_keep_host", [](uint64_t seed, uint32_t stream, int64_t n, float prob, bool single) {
+        std::string out((size_t)n, '\0');
+        for (int64_t i = 0; i < n; ++i)
+            out[(size_t)i] = single ? (char)fmphilox::random_keep1(seed, stream, i, prob)
+                                    : (char)((fmphilox::random_keep4(seed, stream, i & ~(int64_t)3, prob) >> (i & 3)) & 1u);
+        return py::bytes(out);
+    });
 }

@@ -20,13 +20,11 @@
 #include <cstdint>
 
 #include "cuda_kernels.h"
+#include "philox_mask.h"
 
 namespace fmcuda {
 namespace {
 
-constexpr uint32_t PH_M0 = 0xD2511F53u, PH_M1 = 0xCD9E8D57u;
-constexpr uint32_t PH_W0 = 0x9E3779B9u, PH_W1 = 0xBB67AE85u;
-constexpr float UNIFORM_SCALE = 5.9604644775390625e-08f;  // 2^-24
 constexpr int THREADS = 256;
 
 // ---------------------------------------------------------------- element access
@@ -84,28 +82,7 @@ __device__ __forceinline__ bool in_top(uint32_t key, int64_t i, int64_t T, int64
     return k > T || (k == T && i <= J);
 }
 
-// ---------------------------------------------------------------- Philox4x32-10
-
-__device__ __forceinline__ void philox(uint64_t g, uint32_t stream, uint64_t seed, uint32_t w[4]) {
-    uint32_t c0 = (uint32_t)g, c1 = (uint32_t)(g >> 32), c2 = stream, c3 = 0u;
-    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-#pragma unroll
-    for (int r = 0; r < 10; ++r) {
-        const uint32_t hi0 = __umulhi(PH_M0, c0), lo0 = PH_M0 * c0;
-        const uint32_t hi1 = __umulhi(PH_M1, c2), lo1 = PH_M1 * c2;
-        c0 = hi1 ^ c1 ^ k0;
-        c2 = hi0 ^ c3 ^ k1;
-        c1 = lo1;
-        c3 = lo0;
-        k0 += PH_W0;
-        k1 += PH_W1;
-    }
-    w[0] = c0; w[1] = c1; w[2] = c2; w[3] = c3;
-}
-
-__device__ __forceinline__ float uniform(uint32_t w) {
-    return __fmul_rn(__uint2float_rn(w >> 8), UNIFORM_SCALE);  // exact
-}
+// ---------------------------------------------------------------- Philox4x32-10: philox_mask.h
 
 // Keep decisions (bit j for element i0 + j) of model m's mask on deltas d.
 __device__ __forceinline__ uint32_t keep_bits(int kind, int m, const int64_t* thr, float prob,
@@ -121,10 +98,7 @@ __device__ __forceinline__ uint32_t keep_bits(int kind, int m, const int64_t* th
             bits |= (uint32_t)(in_top(k, i0 + j, T1, J1) && !in_top(k, i0 + j, T0, J0)) << j;
         }
     } else if (kind == K_RANDOM) {
-        uint32_t w[4];
-        philox((uint64_t)i0 >> 2, (uint32_t)m, seed, w);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) bits |= (uint32_t)(uniform(w[j]) < prob) << j;
+        bits = fmphilox::random_keep4(seed, (uint32_t)m, i0, prob);
     } else if (kind == K_BYTES) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) bits |= (uint32_t)(i0 + j < n && keep[i0 + j] != 0) << j;
@@ -429,11 +403,7 @@ __global__ void __launch_bounds__(THREADS) della_keep_kernel(const __grid_consta
         if (a.has_base) d = __fsub_rn(d, load<T>(a.base, i, a.C, a.strided));
         const float rn = a.L > 1 ? __fdiv_rn((float)(a.L - 1 - p), den) : 0.0f;
         const float prob = __fadd_rn(a.c1, __fmul_rn(rn, a.c2));
-        uint32_t w[4];
-        philox((uint64_t)i >> 2, a.stream_id, a.seed, w);
-        const int64_t q4 = i & 3;  // a select chain, not w[i & 3]: keeps w in registers
-        const uint32_t word = q4 == 0 ? w[0] : q4 == 1 ? w[1] : q4 == 2 ? w[2] : w[3];
-        const bool keep = uniform(word) < prob;
+        const bool keep = fmphilox::random_keep1(a.seed, a.stream_id, i, prob);
         a.keep[i] = keep ? 1 : 0;
         const double v = a.norm == N_L2 ? (double)d * (double)d : fabs((double)d);
         const double k = keep ? v : 0.0;

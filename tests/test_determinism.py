@@ -413,3 +413,27 @@ def test_rescaled_norms_do_not_depend_on_thread_count(method):
         torch.set_num_threads(before)
     for o in outs[1:]:
         assert torch.equal(o.view(torch.int32), outs[0].view(torch.int32))
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["groups_of_4", "one_element"])
+def test_cuda_source_draws_the_counter_layout(single):
+    """The CUDA kernels' Philox and keep decision (csrc/philox_mask.h, shared by the device code
+    and this host build) give ``uniform(seed, stream) < p`` bit for bit: the cuda backend's
+    seeded DARE/DELLA masks are the cpu and triton backends', checked without a GPU. Seeds
+    and streams cover both key words and the high counter word's carry; p covers 0 and 1."""
+    from fastmerge.dispatch import native
+
+    lib = native()
+    if lib is None:
+        pytest.skip("native CPU extension not built")
+    n = 4 * 257 + 3  # odd, ends inside a group of four
+    for seed, stream, p in itertools.product((0, 1, 2**32 - 1, 2**40 + 123, 2**63 + 5, M64),
+                                             (0, 1, 7, 2**31 + 3), (0.0, 0.3, 0.5, 0.9, 1.0)):
+        got = torch.frombuffer(bytearray(lib.cuda_random_keep_host(seed, stream, n, p, single)), dtype=torch.uint8)
+        ref = philox.uniform(n, seed, stream=stream) < torch.tensor(p, dtype=torch.float32)
+        assert torch.equal(got.bool(), ref), (seed, stream, p)
+    # and the cpu backend's DARE drop (density = keep probability) on the same stream
+    x = torch.randn(37, 29) + 5.0  # no zeros: the kept set is where the output is non-zero
+    out = ops.random_drop(x, 0.35, seed=2**40 + 7, rescale=False, backend="cpu")
+    keep = lib.cuda_random_keep_host(2**40 + 7, 0, x.numel(), 0.35, single)
+    assert torch.equal(out.ne(0).flatten(), torch.frombuffer(bytearray(keep), dtype=torch.uint8).bool())
