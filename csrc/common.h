@@ -10,6 +10,8 @@
 #include <cmath>
 #include <vector>
 
+#include "philox_mask.h"
+
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -151,9 +153,13 @@ static inline float load_one(const void* p, int dt, int64_t i) {
 }
 
 // ---- Philox4x32-10 (layout documented in fastmerge/philox.py) --------------------------
-constexpr uint32_t PH_M0 = 0xD2511F53u, PH_M1 = 0xCD9E8D57u;
-constexpr uint32_t PH_W0 = 0x9E3779B9u, PH_W1 = 0xBB67AE85u;
-constexpr float UNIFORM_SCALE = 5.9604644775390625e-08f;  // 2^-24
+// The constants are the CUDA kernels' (philox_mask.h); the CPU versions below precompute the
+// key schedule and vectorise across counter groups.
+using fmphilox::PH_M0;
+using fmphilox::PH_M1;
+using fmphilox::PH_W0;
+using fmphilox::PH_W1;
+using fmphilox::UNIFORM_SCALE;
 
 struct PhiloxKey { uint32_t k0[10], k1[10]; };
 
