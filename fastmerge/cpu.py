@@ -17,7 +17,7 @@ import torch
 from . import _validate as V
 from . import dispatch as B
 from ._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
-from .quant import FP8_DTYPES, FP8Config, fp8_scale_shape
+from .quant import FP8_DTYPES, FP8Config, fp8_scale_shape, raise_quant_flags
 from .reference import input_names
 
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -194,20 +194,12 @@ def _quant_outputs(cfg, shape, value_dtype):
     return res, qa, [t.data_ptr() for t in res.values()]
 
 
-def _raise_quant(flags, name):
-    if flags[-2]:
-        raise V.NonFiniteError(name)
-    if flags[-1]:
-        raise ValueError(f"{name} has a group whose range needs an fp16 scale above 65504 "
-                         "(|values| beyond ~1e6): GPTQ's fp16 scales cannot hold it")
-
-
 def quantize(w, cfg, name="w"):
     """INT4 or FP8 quantization of ``w`` (validated by fastmerge.quant) with the C++ kernels."""
     w = _contig(w)
     res, qa, outs = _quant_outputs(cfg, tuple(w.shape), w.dtype)
     if w.numel():
-        _raise_quant(_lib().quantize(w.data_ptr(), _DT[w.dtype], qa, outs, _threads(w.numel())), name)
+        raise_quant_flags(_lib().quantize(w.data_ptr(), _DT[w.dtype], qa, outs, _threads(w.numel())), name)
     return res
 
 
@@ -232,7 +224,7 @@ def run_plan_quantized(plan: Plan, base, inputs, out_dtype, cfg, always_fused: b
     _raise_merge_flags(flags[:-2], plan, inputs, base)
     if flags[-2]:  # a non-finite value only the quantizer saw: an input, or the rounding overflowed
         _raise_merge_flags([0] * (len(inputs) + 1) + [1], plan, inputs, base)
-    _raise_quant(flags, "the merged tensor")
+    raise_quant_flags(flags, "the merged tensor")
     return res
 
 

@@ -216,3 +216,22 @@ def disjoint_merge(tensors, sign, weights, divisor, out_dtype):
 
 def magnitude_threshold(x, k):
     return gpu.magnitude_threshold(_Kernels, x, k)
+
+
+def quantize(w, cfg, name="w"):
+    """The CUDA extension has no quantizers: the Triton ones serve (or, without Triton, the
+    torch reference on the GPU)."""
+    from . import dispatch
+
+    if dispatch.triton_version() is None:
+        from . import reference
+
+        return reference.quantize(w, cfg, name)
+    from . import triton
+
+    return gpu.quantize(triton.kernels(), w, cfg, name)
+
+
+def run_plan_quantized(plan, base, inputs, out_dtype, cfg):
+    """The CUDA merge, then :func:`quantize` (no fused merge->quantize kernel in CUDA)."""
+    return quantize(run_plan(plan, base, inputs, out_dtype), cfg, "the merged tensor")

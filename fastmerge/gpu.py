@@ -137,53 +137,113 @@ def della_keeps(ks, base, bst, xs, sts, C, strided, masks, seed, norm, shape):
     return keeps, norms
 
 
+def _merge_args(ks, plan: Plan, base, inputs):
+    """Run the passes before the fused merge (thresholds, DELLA bytes, norm-matching scales)
+    and return ``(base, xs, kwargs)`` of the fused pass (``ks.fused_merge`` and
+    ``fused_merge_int4`` take the same keywords). Call inside ``_device``."""
+    n = inputs[0].numel()
+    dev = inputs[0].device
+    base, bst, xs, sts, C, strided = layout(base, inputs)
+    K = len(xs)
+    masks: list[MaskSpec] = plan.masks
+    kinds = [KIND[m.kind] for m in masks]
+    norm = plan.rescale if plan.rescale in NORM else None
+    thr = thresholds(ks, base, bst, xs, sts, C, strided, masks, n)
+    keeps, norms = della_keeps(ks, base, bst, xs, sts, C, strided, masks, plan.seed,
+                               NORM.get(norm), inputs[0].shape)
+    probs = [m.p for m in masks]
+    scale_mode = S_NONE
+    scale = torch.ones(K, dtype=torch.float32, device=dev)
+    if plan.rescale == "density":
+        scale_mode = S_DIV
+        # kept values are divided by the density; a density of 0 drops everything (no 0/0)
+        host = [s.density if s.kind != "none" and s.density > 0 else 1.0 for s in masks]
+        scale = torch.tensor(host, dtype=torch.float32, device=dev)
+        kinds = [KIND["zero"] if s.kind != "none" and s.density <= 0 else k
+                 for s, k in zip(masks, kinds)]
+    elif norm is not None:
+        scale_mode = S_MUL
+        flat = [k if m.kind in ("range", "random") else 0 for m, k in zip(masks, kinds)]
+        if any(flat):
+            norms = norms + ks.mask_norms(base, xs, kinds=flat, thr=thr, probs=probs,
+                                          seed=plan.seed, n=n, C=C, strides=sts,
+                                          base_strides=bst, strided=strided, norm=NORM[norm])
+        before, after = norms[:, 0], norms[:, 1]
+        applies = torch.tensor([m.kind in ("range", "random", "della") for m in masks], device=dev)
+        ok = applies & (before >= NORM_EPS) & (after >= NORM_EPS)
+        # fp32(|d| / |keep * d|), the double ratio rounded once (reference: norm_scale)
+        scale = torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
+    wsum = weight_sum_divisor(plan)
+    return base, xs, dict(
+        kinds=kinds, thr=thr, scale=scale, weights=plan.weights, probs=probs,
+        keeps=keeps, seed=plan.seed, n=n, C=C, strides=sts, base_strides=bst, strided=strided,
+        scale_mode=scale_mode, consensus=CONSENSUS[plan.consensus],
+        elect_weighted=plan.elect_weighted, divisor=DIVISOR[plan.divisor],
+        const_div=wsum if wsum is not None else 1.0, normalize=plan.normalize, lam=plan.lam)
+
+
 def run_plan(ks, plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     """Execute ``plan`` on kernel set ``ks`` (semantics: ``fastmerge/reference.py``)."""
     shape, dev = inputs[0].shape, inputs[0].device
-    n = inputs[0].numel()
     out = torch.empty(shape, dtype=out_dtype, device=dev)
-    if n == 0:
+    if out.numel() == 0:
         return out
     with _device(dev):
-        base, bst, xs, sts, C, strided = layout(base, inputs)
-        K = len(xs)
-        masks: list[MaskSpec] = plan.masks
-        kinds = [KIND[m.kind] for m in masks]
-        norm = plan.rescale if plan.rescale in NORM else None
-        thr = thresholds(ks, base, bst, xs, sts, C, strided, masks, n)
-        keeps, norms = della_keeps(ks, base, bst, xs, sts, C, strided, masks, plan.seed,
-                                   NORM.get(norm), shape)
-        probs = [m.p for m in masks]
-        scale_mode = S_NONE
-        scale = torch.ones(K, dtype=torch.float32, device=dev)
-        if plan.rescale == "density":
-            scale_mode = S_DIV
-            # kept values are divided by the density; a density of 0 drops everything (no 0/0)
-            host = [s.density if s.kind != "none" and s.density > 0 else 1.0 for s in masks]
-            scale = torch.tensor(host, dtype=torch.float32, device=dev)
-            kinds = [KIND["zero"] if s.kind != "none" and s.density <= 0 else k
-                     for s, k in zip(masks, kinds)]
-        elif norm is not None:
-            scale_mode = S_MUL
-            flat = [k if m.kind in ("range", "random") else 0 for m, k in zip(masks, kinds)]
-            if any(flat):
-                norms = norms + ks.mask_norms(base, xs, kinds=flat, thr=thr, probs=probs,
-                                              seed=plan.seed, n=n, C=C, strides=sts,
-                                              base_strides=bst, strided=strided, norm=NORM[norm])
-            before, after = norms[:, 0], norms[:, 1]
-            applies = torch.tensor([m.kind in ("range", "random", "della") for m in masks], device=dev)
-            ok = applies & (before >= NORM_EPS) & (after >= NORM_EPS)
-            # fp32(|d| / |keep * d|), the double ratio rounded once (reference: norm_scale)
-            scale = torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
-        wsum = weight_sum_divisor(plan)
-        flags = ks.fused_merge(
-            base, xs, out, kinds=kinds, thr=thr, scale=scale, weights=plan.weights, probs=probs,
-            keeps=keeps, seed=plan.seed, n=n, C=C, strides=sts, base_strides=bst, strided=strided,
-            scale_mode=scale_mode, consensus=CONSENSUS[plan.consensus],
-            elect_weighted=plan.elect_weighted, divisor=DIVISOR[plan.divisor],
-            const_div=wsum if wsum is not None else 1.0, normalize=plan.normalize, lam=plan.lam)
-        _raise_nonfinite(flags.tolist(), input_names(plan, K) + ["base"])
+        base, xs, kw = _merge_args(ks, plan, base, inputs)
+        flags = ks.fused_merge(base, xs, out, **kw)
+        _raise_nonfinite(flags.tolist(), input_names(plan, len(xs)) + ["base"])
     return out
+
+
+# ---- quantizers (fastmerge.quant; kernels: triton_kernels/quant.py) ----------------------------
+
+def quantize(qks, w: torch.Tensor, cfg, name: str = "w"):
+    """INT4 or FP8 quantization of ``w`` (validated by fastmerge.quant) with the Triton
+    quantizers ``qks`` (``fastmerge.triton_kernels``): the raw tensors of ``cfg``'s format,
+    bit-identical to the torch reference."""
+    from .quant import FP8_DTYPES, Int4Config, fp8_scale_shape, raise_quant_flags
+
+    w = w.contiguous()
+    with _device(w.device):
+        if isinstance(cfg, Int4Config):
+            res, flags = qks.quantize_int4(w, cfg)
+            raise_quant_flags(flags.tolist(), name)
+            return res
+        dt = FP8_DTYPES[cfg.fmt]
+        q, scale, flags = qks.quantize_fp8(w, dt, cfg.granularity, cfg.block)
+        if cfg.granularity == "tensor":
+            # the reference's own ops on the amax: (amax in w's dtype) / fmax, then fp32
+            scale = (scale.to(w.dtype) / torch.finfo(dt).max).to(torch.float32)
+            qks.fp8_codes(w, q, scale, flags)
+        scale = scale.reshape(fp8_scale_shape(tuple(w.shape), cfg.granularity, cfg.block))
+        if w.numel() == 0:
+            scale.fill_(torch.finfo(torch.float32).eps)  # the reference's amax of nothing is 0
+        else:
+            scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+        raise_quant_flags(flags.tolist() + [0], name)
+    return q, scale
+
+
+def run_plan_quantized(ks, qks, plan: Plan, base, inputs, out_dtype, cfg):
+    """The merge of ``plan`` quantized. INT4 on a kernel set with ``fused_merge_int4`` (the
+    Triton kernels) runs in one pass: each program merges a tile of rows by one group, rounds
+    it to ``out_dtype`` and quantizes it, and the merged tensor is never written. FP8 (whose
+    scales need a whole row, block or tensor first) and the CUDA kernel set merge, then
+    quantize with ``qks``: re-merging for a second pass would read the K + 1 inputs twice,
+    more traffic than writing and reading the merged tensor once."""
+    from .quant import Int4Config, raise_quant_flags
+
+    if not isinstance(cfg, Int4Config) or not hasattr(ks, "fused_merge_int4") \
+            or inputs[0].numel() == 0:
+        return quantize(qks, run_plan(ks, plan, base, inputs, out_dtype), cfg, "the merged tensor")
+    with _device(inputs[0].device):
+        base, xs, kw = _merge_args(ks, plan, base, inputs)
+        res, flags = ks.fused_merge_int4(base, xs, cfg, out_dtype, **kw)
+        f = flags.tolist()
+        K = len(xs)
+        _raise_nonfinite(f[:K + 1], input_names(plan, K) + ["base"])
+        raise_quant_flags(f[K + 1:], "the merged tensor")
+    return res
 
 
 def _elect(ks, tensors, weights, consensus, sign, sign_only, divisor="none", out=None):

@@ -140,6 +140,15 @@ def check_shape(shape: tuple, cfg: QuantConfig, name: str = "w") -> None:
         raise ValueError(f"{name} must be 2-D for granularity='block'; got shape {shape}")
 
 
+def raise_quant_flags(flags, name: str) -> None:
+    """A quantizer kernel's last two flags: a non-finite value, a GPTQ fp16 scale overflow."""
+    if flags[-2]:
+        raise V.NonFiniteError(name)
+    if flags[-1]:
+        raise ValueError(f"{name} has a group whose range needs an fp16 scale above 65504 "
+                         "(|values| beyond ~1e6): GPTQ's fp16 scales cannot hold it")
+
+
 def _check_weight(w, cfg: QuantConfig, name: str = "w") -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")

@@ -56,3 +56,11 @@ def disjoint_merge(tensors, sign, weights, divisor, out_dtype):
 
 def magnitude_threshold(x, k):
     return gpu.magnitude_threshold(kernels(), x, k)
+
+
+def quantize(w, cfg, name="w"):
+    return gpu.quantize(kernels(), w, cfg, name)
+
+
+def run_plan_quantized(plan, base, inputs, out_dtype, cfg):
+    return gpu.run_plan_quantized(kernels(), kernels(), plan, base, inputs, out_dtype, cfg)

@@ -248,3 +248,100 @@ def test_compile_on_gpu(gpu):
 
     got = torch.compile(f, fullgraph=True)(base.cuda(), *cuda(ms))
     assert torch.equal(got, f(base.cuda(), *cuda(ms)))
+
+
+# ---- quantizers (fastmerge.quant): the Triton kernels compiled, against the CPU reference ----
+
+def _same_quant(a, b):
+    from test_quant import assert_same
+
+    if isinstance(a, tuple):
+        assert_same(tuple(t.cpu() for t in a), b)
+    else:
+        assert_same(type(a)(**{k: v.cpu() for k, v in a.tensors().items()}, shape=a.shape,
+                            group_size=a.group_size, symmetric=a.symmetric, dtype=a.dtype), b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_quantizers_bit_identical_to_reference(gpu, dtype):
+    from fastmerge import quant as Q
+    from test_quant import FP8_CASES, weights
+
+    for i, shape in enumerate([(8, 128), (136, 1024), (1032, 4096)]):
+        w = weights(shape, dtype, seed=i)
+        for G in Q.GROUP_SIZES:
+            for layout in Q.LAYOUTS:
+                for sym in (False, True):
+                    ref = Q.quantize_int4(w, G, sym, layout, backend="torch")
+                    _same_quant(Q.quantize_int4(w.cuda(), G, sym, layout, backend=gpu), ref)
+    for i, (gran, shape) in enumerate(FP8_CASES + [("tensor", (4096, 4096)), ("row", (3, 20000))]):
+        w = weights(shape, dtype, seed=20 + i)
+        for fmt in Q.FP8_DTYPES:
+            ref = Q.quantize_fp8(w, gran, fmt, backend="torch")
+            _same_quant(Q.quantize_fp8(w.cuda(), gran, fmt, backend=gpu), ref)
+
+
+def test_quantizer_edges_on_gpu(gpu):
+    import test_quant
+    from fastmerge import quant as Q
+
+    monkey = pytest.MonkeyPatch()
+    try:  # the CPU tests' edge cases, with every quantize call moved to the GPU
+        real = Q.quantize
+
+        def on_gpu(w, cfg, *, backend=None):
+            if backend in (None, "torch") or w.device.type == "cuda":
+                return real(w, cfg, backend=backend)
+            out = real(w.cuda(), cfg, backend=gpu)
+            if isinstance(out, tuple):
+                return tuple(t.cpu() for t in out)
+            return type(out)(**{k: v.cpu() for k, v in out.tensors().items()}, shape=out.shape,
+                             group_size=out.group_size, symmetric=out.symmetric, dtype=out.dtype)
+
+        monkey.setattr(Q, "quantize", on_gpu)
+        monkey.setattr(test_quant, "QFAST", ["gpu"])
+        monkey.setattr(test_quant, "QB", ["torch", "gpu"])
+        test_quant.test_int4_edge_groups_on_every_backend()
+        test_quant.test_int4_ties_with_the_reciprocal_shortcut()
+        for fmt in Q.FP8_DTYPES:
+            test_quant.test_fp8_encoder_at_every_rounding_tie_and_subnormal(fmt)
+        test_quant.test_fp8_sqnr_zero_tiles_and_saturation()
+    finally:
+        monkey.undo()
+
+
+@pytest.mark.parametrize("method,kw", [("task_arithmetic", {}), ("ties", dict(density=0.3)),
+                                       ("dare_ties", dict(density=0.4, seed=3)),
+                                       ("della", dict(density=0.4, epsilon=0.1, seed=2)),
+                                       ("linear", {})])
+def test_fused_merge_quantize(gpu, method, kw):
+    from fastmerge import quant as Q
+
+    for dtype in DTYPES:
+        base, ms = models_for((264, 1024), 3, dtype)
+        b = None if method == "linear" else base
+        merged = fastmerge.merge(method, b, ms, backend=CPU_REF, **kw)
+        for cfg in (Q.Int4Config(32), Q.Int4Config(128, True), Q.Int4Config(64, layout="torchao"),
+                    Q.FP8Config("row"), Q.FP8Config("tensor", "e5m2")):
+            want = Q.quantize(merged, cfg, backend="torch")
+            got = quiet(fastmerge.merge, method, cuda(b) if b is not None else None, cuda(ms),
+                        quantize=cfg, backend=gpu, **kw)
+            _same_quant(got, want)
+
+
+def test_quantizer_errors_on_gpu(gpu):
+    from fastmerge import quant as Q
+
+    base, ms = models_for((64, 256), 2, torch.float32)
+    x = ms[1].clone()
+    x[5, 100] = float("nan")
+    for cfg in (Q.Int4Config(), Q.FP8Config("tensor"), Q.FP8Config("row"), Q.FP8Config("block")):
+        with pytest.raises(fastmerge.NonFiniteError, match="^w contains"):
+            Q.quantize(x.cuda(), cfg, backend=gpu)
+        with pytest.raises(fastmerge.NonFiniteError, match=r"^models\[1\]"):
+            fastmerge.task_arithmetic(base.cuda(), cuda([ms[0], x]), quantize=cfg, backend=gpu)
+    with pytest.raises(ValueError, match="fp16 scale"):
+        Q.quantize_int4(torch.full((8, 128), 2e6).index_fill_(1, torch.tensor([0]), -2e6).cuda(), backend=gpu)
+    big = cuda([torch.full((8, 128), 40000.0), torch.full((8, 128), 40000.0)])
+    with pytest.raises(fastmerge.NonFiniteError, match="merged tensor"):
+        fastmerge.linear(None, big, normalize=False, out_dtype=torch.float16, quantize="int4", backend=gpu)

@@ -20,6 +20,11 @@ from fastmerge import _semantics as sem
 from conftest import BACKENDS, make_models
 
 FAST = [b for b in BACKENDS if b != "torch"]
+# The Triton quantizers, in Triton's interpreter on CPU tensors where it runs (CI; on a GPU
+# machine test_gpu.py runs them compiled): every check below that loops over QB / QFAST.
+TRITON = ["triton"] if fastmerge.backends()["triton"].get("interpreter") else []
+QB = BACKENDS + TRITON
+QFAST = FAST + TRITON
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
 
@@ -171,7 +176,7 @@ def test_int4_backends_agree_bit_for_bit(dtype, layout, sym, G):
     for i, shape in enumerate(INT4_SHAPES):
         w = weights(shape, dtype, seed=i)
         ref = Q.quantize_int4(w, G, sym, layout, backend="torch")
-        for b in FAST:
+        for b in QFAST:
             assert_same(Q.quantize_int4(w, G, sym, layout, backend=b), ref)
 
 
@@ -273,17 +278,41 @@ def test_int4_ties_with_the_reciprocal_shortcut():
     for layout in Q.LAYOUTS:
         for sym in (False, True):
             ref = Q.quantize_int4(w, 128, sym, layout, backend="torch")
-            for b in FAST:
+            for b in QFAST:
                 assert_same(Q.quantize_int4(w, 128, sym, layout, backend=b), ref)
+
+
+def test_int4_edge_groups_on_every_backend():
+    """Groups at the edges of each rule: all zero (GPTQ's [-1, 1]), no negatives (v1's zero of 0
+    -> (max / 14, 1)), all negative, constant, -0.0, ranges below torchao's 1e-6 clamp, fp16
+    scales that are subnormal or round to 0 (-> 2**-24), and one outlier per group."""
+    g = torch.Generator().manual_seed(12)
+    r = torch.randn(16, 32, generator=g)
+    groups = [torch.zeros(32), r[0].abs(), -r[1].abs(), torch.full((32,), 0.37), torch.full((32,), -0.0),
+              r[2] * 1e-8, r[3] * 3e-7, r[4] * 1e-5, r[5].abs() * 1e-7, torch.full((32,), -2.5e-8),
+              torch.cat([torch.zeros(31), torch.tensor([5.0])]), torch.cat([r[6, :31] * 1e-3, torch.tensor([-900.0])]),
+              r[7], r[8] * 100, r[9].clamp(min=0) - 0.001, r[10] * 1e4]
+    w = torch.stack(groups)  # [16, 32]: every row one group of 32, or four rows' worth of 128
+    w = torch.cat([w, w.flip(0)], 1).repeat(1, 2)  # [16, 128]
+    for dtype in DTYPES:
+        x = w.to(dtype)
+        for layout in Q.LAYOUTS:
+            for sym in (False, True):
+                for G in (32, 128):
+                    ref = Q.quantize_int4(x, G, sym, layout, backend="torch")
+                    for b in QFAST:
+                        assert_same(Q.quantize_int4(x, G, sym, layout, backend=b), ref)
 
 
 def test_int4_noncontiguous_and_empty():
     w = weights((256, 64), torch.bfloat16, seed=10).T  # [64, 256], a transposed view
     assert not w.is_contiguous()
     for layout in Q.LAYOUTS:
-        assert_same(Q.quantize_int4(w, 32, layout=layout), Q.quantize_int4(w.contiguous(), 32, layout=layout))
+        for b in QB:
+            assert_same(Q.quantize_int4(w, 32, layout=layout, backend=b),
+                        Q.quantize_int4(w.contiguous(), 32, layout=layout, backend="torch"))
     for shape in [(0, 128), (8, 0)]:
-        for b in BACKENDS:
+        for b in QB:
             p = Q.quantize_int4(torch.zeros(shape), 32, backend=b)
             assert p.qweight.shape == (shape[1] // 8, shape[0]) and p.dequantize().shape == shape
 
@@ -310,7 +339,7 @@ def test_int4_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"w.shape\[0\] \(out_features\) = 12 is not a multiple of 8"):
         Q.quantize_int4(torch.zeros(12, 128), layout="gptq")
     Q.quantize_int4(torch.zeros(12, 128), layout="torchao")  # torchao has no such constraint
-    for b in BACKENDS:
+    for b in QB:
         for value in (float("inf"), float("-inf"), float("nan")):
             # first / last element, and each of the two interleaved vectors of a group's scan
             for pos in [(0, 0), (15, 255), (7, 100), (5, 137), (9, 250)]:
@@ -337,7 +366,7 @@ def test_fp8_matches_spec_on_every_backend(fmt, dtype):
     for i, (gran, shape) in enumerate(FP8_CASES):
         w = weights(shape, dtype, seed=20 + i)
         ref = spec_fp8(w, gran, fmt)
-        for b in BACKENDS:
+        for b in QB:
             q, s = Q.quantize_fp8(w, gran, fmt, backend=b)
             assert_same((q, s), ref)
             assert s.shape == Q.fp8_scale_shape(tuple(shape), gran)
@@ -357,7 +386,7 @@ def test_fp8_encoder_at_every_rounding_tie_and_subnormal(fmt):
                    torch.tensor([-0.0, 1e-30, -1e-30])])
     x = x[x.abs() <= fmax]
     w = torch.cat([x, torch.tensor([fmax])]).reshape(1, -1)  # amax = fmax: scale 1
-    for b in BACKENDS:
+    for b in QB:
         q, s = Q.quantize_fp8(w, "row", fmt, backend=b)
         assert s.item() == 1.0
         assert_same(q, w.to(dt))
@@ -384,12 +413,12 @@ def test_fp8_sqnr_zero_tiles_and_saturation():
         assert Q.sqnr(w, Q.dequantize_fp8(*Q.quantize_fp8(w, gran, "e4m3fn"))) > 30
         assert Q.sqnr(w, Q.dequantize_fp8(*Q.quantize_fp8(w, gran, "e5m2"))) > 24
     z = torch.zeros(4, 256)
-    for b in BACKENDS:
+    for b in QB:
         q, s = Q.quantize_fp8(z, "row", backend=b)
         assert torch.equal(s, torch.full((4, 1), torch.finfo(torch.float32).eps))
         assert torch.equal(Q.dequantize_fp8(q, s), z)
     big = torch.tensor([[1.0, -448.0, 447.9]])
-    for b in BACKENDS:  # x / s just above fmax must saturate, never become nan
+    for b in QB:  # x / s just above fmax must saturate, never become nan
         q, s = Q.quantize_fp8(big * 1.0000001, "tensor", backend=b)
         assert torch.isfinite(q.float()).all()
 
@@ -409,7 +438,7 @@ def test_fp8_errors_name_the_argument():
         Q.quantize_fp8(torch.zeros(8), "block")
     with pytest.raises(TypeError, match="w has dtype"):
         Q.quantize_fp8(w.double())
-    for b in BACKENDS:
+    for b in QB:
         for gran in Q.GRANULARITIES:
             x = w.clone()
             x[3, 4] = float("nan")
@@ -424,7 +453,7 @@ def test_fp8_errors_name_the_argument():
 
 def test_fp8_empty():
     for shape, gran in [((0, 5), "row"), ((5, 0), "row"), ((0, 5), "block"), ((0,), "tensor")]:
-        for b in BACKENDS:
+        for b in QB:
             q, s = Q.quantize_fp8(torch.zeros(shape), gran, backend=b)
             assert q.shape == shape and s.shape == Q.fp8_scale_shape(shape, gran)
 
@@ -455,6 +484,34 @@ def test_fused_equals_merge_then_quantize(dtype):
                 want = Q.quantize(merged, cfg, backend="torch")
                 for be in BACKENDS:
                     assert_same(fastmerge.merge(method, b, models, quantize=cfg, backend=be, **kw), want)
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton's interpreter runs only without CUDA (test_gpu.py covers GPUs)")
+def test_triton_fused_int4_equals_merge_then_quantize():
+    """The Triton merge->INT4 kernel (the merged tile never stored) against the reference merge
+    quantized; the interpreter is slow, so the dtypes, configs and shapes rotate over the
+    methods. Rows past the last full tile, inputs read with strides, and K = 5."""
+    cases = [((48, 416), Q.Int4Config(32)), ((40, 384), Q.Int4Config(128, True)),
+             ((24, 256), Q.Int4Config(64, False, "torchao")), ((13, 128), Q.Int4Config(32, True, "torchao"))]
+    for j, (method, kw) in enumerate(FUSED_METHODS + [("ties", dict(density=0.5, rescale="l2")),
+                                                      ("dare_linear", dict(density=0.3, seed=4, lam=0.5))]):
+        dtype = DTYPES[j % 3]
+        shape, cfg = cases[j % len(cases)]
+        base, models = make_models(shape, K=3, dtype=dtype, seed=50 + j, scale=0.01)
+        b = None if method == "linear" else base
+        for out in (dtype, torch.float32 if dtype != torch.float32 else torch.bfloat16):
+            want = Q.quantize(fastmerge.merge(method, b, models, backend="torch", out_dtype=out, **kw), cfg,
+                              backend="torch")
+            got = fastmerge.merge(method, b, models, quantize=cfg, backend="triton", out_dtype=out, **kw)
+            assert_same(got, want)
+    base, models = make_models((128, 64), K=5, dtype=torch.bfloat16, seed=60, scale=0.01)
+    base, models = base.T, [m.T for m in models]  # [64, 128] views: read in place with strides
+    for cfg in (Q.Int4Config(32), Q.Int4Config(64, False, "torchao")):
+        want = Q.quantize(fastmerge.ties(base, models, density=0.4, backend="torch"), cfg, backend="torch")
+        assert_same(fastmerge.ties(base, models, density=0.4, quantize=cfg, backend="triton"), want)
+    # FP8 on the GPU backends: merge, then the Triton quantizer
+    want = Q.quantize(fastmerge.task_arithmetic(base, models, backend="torch"), Q.FP8Config("row"), backend="torch")
+    assert_same(fastmerge.task_arithmetic(base, models, quantize=Q.FP8Config("row"), backend="triton"), want)
 
 
 def test_fused_out_dtype_aliases_and_native_paths():
@@ -489,7 +546,7 @@ def test_fused_errors():
         fastmerge.merge("task_arithmetic", b1, m1, quantize="int4")
     with pytest.raises(ValueError, match=r"models\[0\].shape\[1\] \(in_features\) = 300"):
         fastmerge.merge("linear", None, [x.reshape(1, 300) for x in m1], quantize="int4")
-    for be in BACKENDS:
+    for be in QB:
         for method in ("task_arithmetic", "ties"):
             bad = [m.clone() for m in models]
             bad[1][5, 7] = float("inf")

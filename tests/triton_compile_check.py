@@ -96,6 +96,24 @@ def workload():
     FP.dare_linear(tasks, torch.tensor([1.0, 0.5, 0.2]), 0.3, seed=2)
     ops.elect_sign(tasks, method="count")
     ops.disjoint_merge(tasks, ops.elect_sign(tasks), divisor="weight")
+    # quantizers, and the merge fused with INT4 (K = 3 and K = 16: the largest tiles' registers)
+    from fastmerge import quant as Q
+
+    w16 = m16[0][:, :32].repeat(1, 4)[:32]  # [32, 128]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = w16.to(dtype)
+        for G in Q.GROUP_SIZES:
+            for layout in Q.LAYOUTS:
+                for sym in (False, True):
+                    Q.quantize_int4(w, G, sym, layout)
+        for gran in Q.GRANULARITIES:
+            for fmt in Q.FP8_DTYPES:
+                Q.quantize_fp8(w, gran, fmt)
+    b128 = b16[:32, :32].repeat(1, 4)
+    for G in Q.GROUP_SIZES:
+        for layout in Q.LAYOUTS:
+            fastmerge.ties(b128, [b128] * 3, density=0.3, quantize=Q.Int4Config(G, layout=layout))
+            fastmerge.dare_ties(b128, [b128] * 16, density=0.3, seed=1, quantize=Q.Int4Config(G, layout=layout))
     # the radix fallback and the tie scan, which a compile-only run never reaches by itself
     ms = kernels().magnitude_select
     _, bst, xs, sts, C, strided = gpu.layout(b16, m16)

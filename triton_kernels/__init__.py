@@ -7,6 +7,7 @@ One file per op, as the backend driver (``fastmerge/gpu.py``) calls them:
   histogram radix select as the fallback, tie scan by lowest index);
 * :mod:`.mask_norms` - per-model norms before/after masking (mergekit's norm-matching rescale);
 * :mod:`.della` - DELLA's rank-based keep decisions;
+* :mod:`.quant` - INT4 (GPTQ v1, torchao) and FP8 quantizers, and the merge fused with INT4;
 * :mod:`._common` - Philox4x32-10 in fastmerge's counter layout, strided loads, keys.
 
 Importing this package imports ``triton``; ``import fastmerge`` never does (the backend loads
@@ -17,5 +18,7 @@ from .della import della_keep
 from .fused_merge import fused_merge
 from .magnitude_select import select
 from .mask_norms import mask_norms
+from .quant import fp8_codes, fused_merge_int4, quantize_fp8, quantize_int4
 
-__all__ = ["fused_merge", "select", "mask_norms", "della_keep"]
+__all__ = ["fused_merge", "select", "mask_norms", "della_keep", "quantize_int4", "quantize_fp8",
+           "fp8_codes", "fused_merge_int4"]

@@ -33,18 +33,21 @@ D_NONE, D_WEIGHT, D_COUNT, D_CONST = 0, 1, 2, 3
 S_NONE, S_MUL, S_DIV = 0, 1, 2
 
 
-@triton.jit(do_not_specialize=["k0", "k1", "n", "C", "const_div", "lam"])
-def _fused_merge_kernel(
-    base, xs, keeps, out, sign, flags, thr, scale, weights, probs,
-    bs0, bs1, S0, S1, k0, k1, n, C, const_div, lam,
+@triton.jit
+def merge_tile(
+    base, xs, keeps, sign, flags, thr, scale, weights, probs, bs0, bs1, S0, S1, key0, key1,
+    g, col, i, inb, C, const_div, lam,
     K: tl.constexpr, KINDS: tl.constexpr, HAS_BASE: tl.constexpr, STRIDED: tl.constexpr,
     SCALE_MODE: tl.constexpr, CONSENSUS: tl.constexpr, ELECT_WEIGHTED: tl.constexpr,
     DIVISOR: tl.constexpr, NORMALIZE: tl.constexpr, SIGN_ONLY: tl.constexpr,
-    APPLY_LAM: tl.constexpr, G: tl.constexpr,
+    APPLY_LAM: tl.constexpr,
 ):
-    pid, g, col, i, inb = group_tile(n, G)
-    key0, key1 = seed_key(k0, k1)
-    zero = tl.zeros([G, 4], tl.float32)
+    """The merged fp32 values of the ``[G, 4]`` tile ``i`` (groups ``g``, columns ``col``),
+    non-finite inputs flagged in ``flags``; with ``SIGN_ONLY`` the elected signs are stored in
+    ``sign`` instead (the returned values are then meaningless). Shared by the merge kernel and
+    the fused merge->quantize kernel (``quant.py``)."""
+    zero = tl.zeros(i.shape, tl.float32)
+    b = zero
     if HAS_BASE:
         b = load_f32(base, i, inb, C, bs0, bs1, STRIDED)
         tl.store(flags + K, 1, mask=nonfinite(b))
@@ -112,6 +115,24 @@ def _fused_merge_kernel(
             mixed = mixed * lam
         if HAS_BASE:
             mixed = b + mixed
+    return mixed
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "n", "C", "const_div", "lam"])
+def _fused_merge_kernel(
+    base, xs, keeps, out, sign, flags, thr, scale, weights, probs,
+    bs0, bs1, S0, S1, k0, k1, n, C, const_div, lam,
+    K: tl.constexpr, KINDS: tl.constexpr, HAS_BASE: tl.constexpr, STRIDED: tl.constexpr,
+    SCALE_MODE: tl.constexpr, CONSENSUS: tl.constexpr, ELECT_WEIGHTED: tl.constexpr,
+    DIVISOR: tl.constexpr, NORMALIZE: tl.constexpr, SIGN_ONLY: tl.constexpr,
+    APPLY_LAM: tl.constexpr, G: tl.constexpr,
+):
+    pid, g, col, i, inb = group_tile(n, G)
+    key0, key1 = seed_key(k0, k1)
+    mixed = merge_tile(base, xs, keeps, sign, flags, thr, scale, weights, probs, bs0, bs1, S0, S1,
+                       key0, key1, g, col, i, inb, C, const_div, lam, K, KINDS, HAS_BASE, STRIDED,
+                       SCALE_MODE, CONSENSUS, ELECT_WEIGHTED, DIVISOR, NORMALIZE, SIGN_ONLY, APPLY_LAM)
+    if not SIGN_ONLY:
         store_as(out + i, mixed, inb)
 
 
