@@ -2,7 +2,15 @@
 
     python -m bench.quant                       # 4096x4096, ~1 min on 2 cores; --quick: 1024x1024
     python -m bench.quant --json bench/results/cpu_quant_4096.json
+    python -m bench.quant --device cuda --json bench/results/gpu_quant.json   # on a GPU
     fastmerge bench-quant [options]             # same thing, installed
+
+On a GPU (``--device cuda``; default shapes 4096x4096 and 4096x14336) the rows compare the
+Triton kernels (``triton``) with the torch reference on the same GPU, timed with CUDA events
+over batches of back-to-back calls, against the GPU's copy bandwidth measured the same way.
+Each ``fastmerge`` call reads its kernels' non-finite flags (one host sync per call), so the
+``triton kernel`` rows time the quantizer launches alone, the figure to hold against the copy
+bandwidth (issue 5: >= 80%).
 
 Rows (same fields as ``fastmerge bench``; see bench/README.md):
 
@@ -76,16 +84,41 @@ def alternated(fa, fb, reps: int, min_time: float) -> tuple:
     return ta, tb
 
 
-def bench_quantizers(b: Bench, w: torch.Tensor) -> None:
+def kernel_launch(w: torch.Tensor, cfg):
+    """The Triton quantizer's launches for ``w`` without the flag check (no host sync): a
+    function returning the format's tensors (a dict for INT4, ``(q, scale)`` for FP8)."""
+    from fastmerge.triton import kernels
+
+    qks = kernels()
+    if isinstance(cfg, Q.Int4Config):
+        return lambda: qks.quantize_int4(w, cfg)[0]
+    dt = Q.FP8_DTYPES[cfg.fmt]
+    if cfg.granularity != "tensor":
+        return lambda: qks.quantize_fp8(w, dt, cfg.granularity, cfg.block)[:2]
+
+    def tensor():
+        q, amax, flags = qks.quantize_fp8(w, dt, "tensor", cfg.block)
+        scale = (amax.to(w.dtype) / torch.finfo(dt).max).float()
+        qks.fp8_codes(w, q, scale, flags)
+        return q, scale.reshape(Q.fp8_scale_shape(tuple(w.shape), "tensor"))
+    return tensor
+
+
+def bench_quantizers(b: Bench, w: torch.Tensor, fast: Optional[str] = None) -> None:
     dname = DTYPE_NAMES[w.dtype]
+    fast = fast or ("cpu" if w.device.type == "cpu" else "triton")
     for op, label, cfg in QUANTIZERS:
-        res = Q.quantize(w, cfg)
+        res = Q.quantize(w, cfg, backend=fast)
         nbytes = w.numel() * w.element_size() + out_bytes(res)
         t_ref = b.time(lambda: Q.quantize(w, cfg, backend="torch"), slow=False)
         b.row(op, f"torch ({label})", tuple(w.shape), 1, t_ref, nbytes, dtype=dname)
-        t = b.time(lambda: Q.quantize(w, cfg, backend="cpu"), slow=False)
-        b.row(op, f"cpu ({label})", tuple(w.shape), 1, t, nbytes, dtype=dname,
+        t = b.time(lambda: Q.quantize(w, cfg, backend=fast), slow=False)
+        b.row(op, f"{fast} ({label})", tuple(w.shape), 1, t, nbytes, dtype=dname,
               speedup={"torch": statistics.median(t_ref) / statistics.median(t)})
+        if fast == "triton":
+            t = b.time(kernel_launch(w, cfg), slow=False)
+            b.row(op, f"triton kernel ({label})", tuple(w.shape), 1, t, nbytes, dtype=dname,
+                  speedup={"torch": statistics.median(t_ref) / statistics.median(t)})
 
 
 def bench_fused(b: Bench, base, models, reps: int) -> None:
@@ -100,7 +133,10 @@ def bench_fused(b: Bench, base, models, reps: int) -> None:
         def unfused():
             Q.quantize(fastmerge.merge(method, base, models, **kw), cfg)
 
-        t_fused, t_unfused = alternated(fused, unfused, reps, 1.0)
+        if base.device.type == "cpu":
+            t_fused, t_unfused = alternated(fused, unfused, reps, 1.0)
+        else:  # a GPU is not shared: CUDA events over batches, one function after the other
+            t_fused, t_unfused = b.time(fused, slow=False), b.time(unfused, slow=False)
         b.row(f"{method}+{label}", "merge then quantize", shape, K, t_unfused, nbytes, dtype=dname)
         b.row(f"{method}+{label}", "fused", shape, K, t_fused, nbytes, dtype=dname,
               speedup={"merge then quantize": statistics.median(t_unfused) / statistics.median(t_fused)})
@@ -114,34 +150,49 @@ def bench_deltas(b: Bench, base, finetuned) -> None:
         c = Q.compress_delta(base, finetuned, method, **kw)
         nbytes = 2 * base.numel() * base.element_size() + c.nbytes
         t = b.time(lambda: Q.compress_delta(base, finetuned, method, **kw), slow=False)
-        b.row(f"delta_{method}", "cpu", shape, 1, t, nbytes, dtype=dname, ratio=c.ratio,
+        b.row(f"delta_{method}", "cpu" if base.device.type == "cpu" else "auto", shape, 1, t, nbytes, dtype=dname, ratio=c.ratio,
               sqnr_db=Q.sqnr(delta, Q.decompress_delta(c, torch.float32)), compressed_bytes=c.nbytes,
               **{k: v for k, v in kw.items()})
 
 
+GPU_SHAPES = ((4096, 4096), (4096, 14336))
+
+
 def run(size: int = 4096, k: int = 3, dtype=torch.bfloat16, quick: bool = False,
-        json_path: Optional[str] = None, seed: int = 0, log=print) -> list:
+        json_path: Optional[str] = None, seed: int = 0, log=print, device: str = "cpu",
+        shapes=None) -> list:
+    if shapes is None:
+        shapes = GPU_SHAPES if device != "cpu" and size == 4096 and not quick else ((size, size),)
     if quick:
-        size = min(size, 1024)
+        shapes = [(min(r, 1024), min(c, 1024)) for r, c in shapes]
     t0 = time.perf_counter()
-    b = Bench("cpu", quick, api="quant", log=log)
+    b = Bench(device, quick, api="quant", log=log)
+    if device != "cpu":
+        from .gpu import TIMING, cuda_time
+        from .suite import copy_bandwidth
+
+        b.copy = copy_bandwidth(device=device, timer=cuda_time)  # events: no sync in the figure
+        b.time = lambda fn, slow: cuda_time(fn, **TIMING)
     load = b.env["loadavg_at_start"]
     log(f"fastmerge quant bench on {b.dname}, {torch.get_num_threads()} torch threads, "
         f"copy {b.copy:.1f} GB/s, load average {load}")
-    if load is not None and load > 0.5:
+    if device == "cpu" and load is not None and load > 0.5:
         log(f"load average {load:.2f} at start: other work is running, timings will be noisy")
-    g = torch.Generator().manual_seed(seed)
-    base32 = torch.randn(size, size, generator=g) * 0.02
-    models = [(base32 + torch.randn(size, size, generator=g) * 0.002).to(dtype) for _ in range(k)]
-    base = base32.to(dtype)
-    del base32
-    # fused first: the torch reference quantizers churn GBs of temporaries, and the page faults
-    # of merge-then-quantize's intermediate then depend on what the allocator and THP kept
-    bench_fused(b, base, models, reps=5 if quick else 21)
-    bench_quantizers(b, models[0])
-    bench_deltas(b, base, models[0])
+    for shape in shapes:
+        g = torch.Generator(device=device).manual_seed(seed)
+        base32 = torch.randn(shape, generator=g, device=device) * 0.02
+        models = [(base32 + torch.randn(shape, generator=g, device=device) * 0.002).to(dtype)
+                  for _ in range(k)]
+        base = base32.to(dtype)
+        del base32
+        # fused first: the torch reference quantizers churn GBs of temporaries, and the page
+        # faults of merge-then-quantize's intermediate then depend on what the allocator kept
+        bench_fused(b, base, models, reps=5 if quick else 21)
+        bench_quantizers(b, models[0])
+        bench_deltas(b, base, models[0])
+        del base, models
     return b.finish(t0, "python -m bench.quant", {
-        "size": size, "k": k, "dtype": DTYPE_NAMES[dtype], "seed": seed,
+        "shapes": [list(s) for s in shapes], "k": k, "dtype": DTYPE_NAMES[dtype], "seed": seed,
         "data": "base ~ N(0, 0.02), models = base + N(0, 0.002)"}, json_path)
 
 
@@ -153,8 +204,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m bench.quan
     p.add_argument("--quick", action="store_true", help="1024x1024: a ~15 s smoke run")
     p.add_argument("--json", metavar="PATH", help="save {meta, rows}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the Triton kernels on the GPU (default shapes 4096x4096, 4096x14336)")
     a = p.parse_args(argv)
-    run(a.size, a.k, getattr(torch, a.dtype), a.quick, a.json, a.seed)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: no CUDA device visible to torch", file=sys.stderr)
+        return 2
+    run(a.size, a.k, getattr(torch, a.dtype), a.quick, a.json, a.seed, device=a.device)
     return 0
 
 

@@ -98,8 +98,9 @@ def merge(
             :class:`fastmerge.quant.Int4Config` / :class:`fastmerge.quant.FP8Config`: return the
             merged tensor quantized (an Int4 dataclass, or ``(q, scale)`` for FP8), exactly
             ``fastmerge.quant.quantize(merge(...), cfg)`` with the merge rounded to
-            ``out_dtype`` first. On the ``cpu`` backend the merge and the quantizer run as one
-            pass and the merged tensor is never written (the SVD methods merge, then quantize).
+            ``out_dtype`` first. On ``cpu`` (INT4, per-row FP8) and ``triton`` (INT4) the merge
+            and the quantizer run as one pass and the merged tensor is never written; otherwise
+            (and for the SVD methods) the merge runs, then the quantizer.
 
     SVD methods (FusionBench's math, :mod:`fastmerge.lowrank`): ``tsv`` (TSV-Merge),
     ``iso_c``, ``iso_cts``. ``out = base + alpha * tau`` where ``tau`` merges the task

@@ -35,7 +35,8 @@ Formats (for a weight ``[out, in]``; groups of ``G`` run along ``in``):
   eps, as in compressed-tensors (torchao would produce NaN there).
 
 Rounding is round-half-to-even everywhere. The ``torch`` backend (``fastmerge/reference.py``)
-defines every format; the ``cpu`` backend's C++ kernels (``csrc/quant.cpp``) agree bit for bit.
+defines every format; the ``cpu`` backend's C++ kernels (``csrc/quant.cpp``) and the Triton
+kernels (``triton_kernels/quant.py``; GPU tensors on ``triton`` and ``cuda``) agree bit for bit.
 """
 from __future__ import annotations
 
@@ -242,7 +243,7 @@ def quantize(w: torch.Tensor, cfg: QuantConfig, *, backend: Optional[str] = None
     cfg = config(cfg)
     _check_weight(w, cfg)
     mod = B.for_op(backend, w.device, "quantize")
-    if not hasattr(mod, "quantize"):  # no GPU quantizer yet: the torch reference, on the device
+    if not hasattr(mod, "quantize"):  # a backend without quantizers: the torch reference
         mod = B.module("torch")
     raw = mod.quantize(w, cfg, "w")
     return _wrap(raw, cfg, tuple(w.shape), w.dtype)
@@ -319,7 +320,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
 
 def merge_quantize(method: str, base, models, quantize="int4", **kwargs):
     """``fastmerge.merge(method, base, models, quantize=quantize, **kwargs)``: the merged tensor
-    quantized in the same pass (cpu backend), equal to quantizing ``fastmerge.merge(...)``'s
+    quantized in the same pass (``cpu``: INT4 and per-row FP8; ``triton``: INT4), equal to quantizing ``fastmerge.merge(...)``'s
     output (in ``out_dtype``) but without writing it."""
     from .api import merge
 

@@ -514,6 +514,32 @@ def test_triton_fused_int4_equals_merge_then_quantize():
     assert_same(fastmerge.task_arithmetic(base, models, quantize=Q.FP8Config("row"), backend="triton"), want)
 
 
+@pytest.mark.skipif(not TRITON, reason="Triton's interpreter runs only without CUDA (test_gpu.py covers GPUs)")
+def test_gpu_bench_rows_time_what_quantize_computes():
+    """bench/quant.py on a GPU times the Triton launches alone (no flag sync): those launches
+    must produce the quantizer's output, and the rows must carry GB/s and % of copy."""
+    from fastmerge.cli import _bench_module
+
+    bq = _bench_module("quant")
+    w = weights((16, 256), torch.bfloat16, seed=70)
+    for _, _, cfg in bq.QUANTIZERS:
+        got = bq.kernel_launch(w, cfg)()
+        want = Q.quantize(w, cfg, backend="torch")
+        assert_same(tuple(got.values()) if isinstance(got, dict) else tuple(got),
+                    tuple(want.tensors().values()) if isinstance(want, Q.GPTQInt4 | Q.TorchAOInt4) else want)
+    b = bq.Bench("cpu", True, api="quant", log=lambda *_: None)
+
+    def once(fn, slow):  # every timed function runs (and must not fail); 1 ms per call
+        fn()
+        return [1e-3]
+
+    b.time = once
+    bq.bench_quantizers(b, w, fast="triton")
+    assert [r["backend"] for r in b.rows[:3]] == ["torch (gptq g128)", "triton (gptq g128)",
+                                                  "triton kernel (gptq g128)"]
+    assert all(r["pct_of_copy_bw"] > 0 and r["bytes"] > w.numel() * 2 for r in b.rows)
+
+
 def test_fused_out_dtype_aliases_and_native_paths():
     base, models = make_models((64, 256), K=2, dtype=torch.bfloat16, seed=41)
     for out in (torch.float32, torch.float16):
