@@ -233,5 +233,13 @@ def quantize(w, cfg, name="w"):
 
 
 def run_plan_quantized(plan, base, inputs, out_dtype, cfg):
-    """The CUDA merge, then :func:`quantize` (no fused merge->quantize kernel in CUDA)."""
-    return quantize(run_plan(plan, base, inputs, out_dtype), cfg, "the merged tensor")
+    """There is no fused merge->quantize kernel in CUDA: with Triton, its fused pass serves
+    (INT4 fused; FP8 merged, then quantized, as on ``triton``); without, the CUDA merge, then
+    the torch reference quantizer."""
+    from . import dispatch
+
+    if dispatch.triton_version() is None:
+        return quantize(run_plan(plan, base, inputs, out_dtype), cfg, "the merged tensor")
+    from . import triton
+
+    return triton.run_plan_quantized(plan, base, inputs, out_dtype, cfg)

@@ -317,6 +317,7 @@ def test_int4_noncontiguous_and_empty():
             assert p.qweight.shape == (shape[1] // 8, shape[0]) and p.dequantize().shape == shape
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in Triton's interpreter, on the inf/nan inputs
 def test_int4_errors_name_the_argument():
     w = weights((16, 256))
     for bad in (48, 256, 0, -1, "128", 128.0, True):
@@ -357,7 +358,9 @@ def test_int4_errors_name_the_argument():
 
 FP8_CASES = [("tensor", (7, 13)), ("tensor", (300,)), ("tensor", (2, 3, 40)), ("row", (1, 1)),
              ("row", (33, 257)), ("row", (5, 2, 70)), ("row", (129,)), ("block", (130, 257)),
-             ("block", (256, 128)), ("block", (1, 5))]
+             ("block", (256, 128)), ("block", (1, 5)),
+             # several per-tensor cells (16384 values each in Triton), rows and blocks in several chunks
+             ("tensor", (3, 7001)), ("row", (2, 3001)), ("block", (40, 300))]
 
 
 @pytest.mark.parametrize("fmt", list(Q.FP8_DTYPES))
@@ -423,6 +426,7 @@ def test_fp8_sqnr_zero_tiles_and_saturation():
         assert torch.isfinite(q.float()).all()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in Triton's interpreter, on the inf/nan inputs
 def test_fp8_errors_name_the_argument():
     w = weights((8, 8))
     with pytest.raises(ValueError, match="granularity"):
@@ -560,6 +564,7 @@ def test_fused_out_dtype_aliases_and_native_paths():
             assert_same(got, Q.quantize(fm_cpu.run_plan(plan, base, models, torch.bfloat16), cfg))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in Triton's interpreter, on the inf/nan inputs
 def test_fused_errors():
     base, models = make_models((16, 256), K=2, seed=42)
     with pytest.raises(ValueError, match="quantize must be"):

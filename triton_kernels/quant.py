@@ -34,6 +34,7 @@ GPTQ, TORCHAO = 0, 1
 VDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FP8 = {torch.float8_e4m3fn: (3, 7, 448.0), torch.float8_e5m2: (2, 15, 57344.0)}  # mantissa bits, bias, max
 INT4_ELEMS = 2048  # values per program of the standalone INT4 kernel
+TENSOR_CELL = 16384  # values per program of the per-tensor FP8 passes
 
 
 @triton.jit
@@ -287,8 +288,8 @@ def quantize_fp8(w, dt, granularity, block):
     rows = w.numel() // cols if cols else 0
     if granularity == "tensor":
         amax = torch.zeros(1, dtype=torch.int32, device=dev)  # bits of a non-negative fp32
-        if w.numel():
-            _fp8_cells(w, q, amax, flags, rows, cols, (16, cols), 1, w.dtype, mb, bias, fmax)
+        if w.numel():  # the tensor as one flat row in cells of TENSOR_CELL elements
+            _fp8_cells(w, q, amax, flags, 1, w.numel(), (1, TENSOR_CELL), 1, w.dtype, mb, bias, fmax)
         return q, amax.view(torch.float32), flags
     br, bc = (1, cols) if granularity == "row" else block
     scale = torch.empty(fp8_scale_shape(shape, granularity, block), dtype=torch.float32, device=dev)
@@ -300,9 +301,8 @@ def quantize_fp8(w, dt, granularity, block):
 def fp8_codes(w, q, scale, flags):
     """Per-tensor FP8 codes of ``w`` with the fp32 scale ``scale`` (``[1]``) into ``q``."""
     if w.numel():
-        cols = w.shape[-1] if w.dim() else 1
         mb, bias, fmax = FP8[q.dtype]
-        _fp8_cells(w, q, scale, flags, w.numel() // cols, cols, (16, cols), 2, w.dtype, mb, bias, fmax)
+        _fp8_cells(w, q, scale, flags, 1, w.numel(), (1, TENSOR_CELL), 2, w.dtype, mb, bias, fmax)
 
 
 def _fp8_cells(w, q, scale, flags, rows, cols, cell, mode, dtype, mb, bias, fmax):
