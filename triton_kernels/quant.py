@@ -187,6 +187,17 @@ def fp8_bits(v, MB: tl.constexpr, BIAS: tl.constexpr, SUB: tl.constexpr, MIN_NOR
 
 
 @triton.jit
+def cell_chunk(w, r, c, r1, c1, COLS, RB: tl.constexpr, CB: tl.constexpr):
+    """The fp32 values of the ``[RB, CB]`` chunk at row ``r``, column ``c`` of a cell ending
+    at ``(r1, c1)``, their offsets and the in-cell mask."""
+    rows = r + tl.arange(0, RB).to(tl.int64)
+    cols = c + tl.arange(0, CB).to(tl.int64)
+    m = (rows < r1)[:, None] & (cols < c1)[None, :]
+    off = rows[:, None] * COLS + cols[None, :]
+    return tl.load(w + off, mask=m, other=0.0).to(tl.float32), off, m
+
+
+@triton.jit
 def _fp8_cell_kernel(w, q, scale, flags, ROWS, COLS, BR, BC, NCB, fmax,
                      RB: tl.constexpr, CB: tl.constexpr, MODE: tl.constexpr, DT: tl.constexpr,
                      MB: tl.constexpr, BIAS: tl.constexpr, SUB: tl.constexpr, MIN_NORMAL: tl.constexpr):
@@ -199,8 +210,6 @@ def _fp8_cell_kernel(w, q, scale, flags, ROWS, COLS, BR, BC, NCB, fmax,
     c0 = (cell % NCB).to(tl.int64) * BC
     r1 = tl.minimum(r0 + BR, ROWS)
     c1 = tl.minimum(c0 + BC, COLS)
-    rr = tl.arange(0, RB).to(tl.int64)
-    cc = tl.arange(0, CB).to(tl.int64)
     if MODE == 2:
         s = tl.load(scale)
     else:
@@ -210,10 +219,7 @@ def _fp8_cell_kernel(w, q, scale, flags, ROWS, COLS, BR, BC, NCB, fmax,
         while dr < BR:
             dc = 0
             while dc < BC:
-                rows = r0 + dr + rr
-                cols = c0 + dc + cc
-                m = (rows < r1)[:, None] & (cols < c1)[None, :]
-                x = tl.load(w + rows[:, None] * COLS + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                x, off, m = cell_chunk(w, r0 + dr, c0 + dc, r1, c1, COLS, RB, CB)
                 tl.store(flags, 1, mask=nonfinite(x))
                 amax = tl.maximum(amax, tl.abs(x))
                 dc += CB
@@ -230,15 +236,11 @@ def _fp8_cell_kernel(w, q, scale, flags, ROWS, COLS, BR, BC, NCB, fmax,
         while dr < BR:
             dc = 0
             while dc < BC:
-                rows = r0 + dr + rr
-                cols = c0 + dc + cc
-                m = (rows < r1)[:, None] & (cols < c1)[None, :]
-                x = tl.load(w + rows[:, None] * COLS + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                x, off, m = cell_chunk(w, r0 + dr, c0 + dc, r1, c1, COLS, RB, CB)
                 if MODE == 2:
                     tl.store(flags, 1, mask=nonfinite(x))
                 v = tl.minimum(tl.maximum(tl.math.div_rn(x, s + tl.zeros_like(x)), -fmax), fmax)
-                tl.store(q + rows[:, None] * COLS + cols[None, :], fp8_bits(v, MB, BIAS, SUB, MIN_NORMAL),
-                         mask=m)
+                tl.store(q + off, fp8_bits(v, MB, BIAS, SUB, MIN_NORMAL), mask=m)
                 dc += CB
             dr += RB
 
