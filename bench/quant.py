@@ -87,21 +87,10 @@ def alternated(fa, fb, reps: int, min_time: float) -> tuple:
 def kernel_launch(w: torch.Tensor, cfg):
     """The Triton quantizer's launches for ``w`` without the flag check (no host sync): a
     function returning the format's tensors (a dict for INT4, ``(q, scale)`` for FP8)."""
+    from fastmerge import gpu
     from fastmerge.triton import kernels
 
-    qks = kernels()
-    if isinstance(cfg, Q.Int4Config):
-        return lambda: qks.quantize_int4(w, cfg)[0]
-    dt = Q.FP8_DTYPES[cfg.fmt]
-    if cfg.granularity != "tensor":
-        return lambda: qks.quantize_fp8(w, dt, cfg.granularity, cfg.block)[:2]
-
-    def tensor():
-        q, amax, flags = qks.quantize_fp8(w, dt, "tensor", cfg.block)
-        scale = (amax.to(w.dtype) / torch.finfo(dt).max).float()
-        qks.fp8_codes(w, q, scale, flags)
-        return q, scale.reshape(Q.fp8_scale_shape(tuple(w.shape), "tensor"))
-    return tensor
+    return lambda: gpu.quantize_launch(kernels(), w, cfg)[0]
 
 
 def bench_quantizers(b: Bench, w: torch.Tensor, fast: Optional[str] = None) -> None:
@@ -150,8 +139,8 @@ def bench_deltas(b: Bench, base, finetuned) -> None:
         c = Q.compress_delta(base, finetuned, method, **kw)
         nbytes = 2 * base.numel() * base.element_size() + c.nbytes
         t = b.time(lambda: Q.compress_delta(base, finetuned, method, **kw), slow=False)
-        b.row(f"delta_{method}", "cpu" if base.device.type == "cpu" else "auto", shape, 1, t, nbytes, dtype=dname, ratio=c.ratio,
-              sqnr_db=Q.sqnr(delta, Q.decompress_delta(c, torch.float32)), compressed_bytes=c.nbytes,
+        b.row(f"delta_{method}", "cpu" if base.device.type == "cpu" else "auto", shape, 1, t, nbytes,
+              dtype=dname, ratio=c.ratio, sqnr_db=Q.sqnr(delta, Q.decompress_delta(c, torch.float32)), compressed_bytes=c.nbytes,
               **{k: v for k, v in kw.items()})
 
 
@@ -166,13 +155,10 @@ def run(size: int = 4096, k: int = 3, dtype=torch.bfloat16, quick: bool = False,
     if quick:
         shapes = [(min(r, 1024), min(c, 1024)) for r, c in shapes]
     t0 = time.perf_counter()
-    b = Bench(device, quick, api="quant", log=log)
-    if device != "cpu":
-        from .gpu import TIMING, cuda_time
-        from .suite import copy_bandwidth
-
-        b.copy = copy_bandwidth(device=device, timer=cuda_time)  # events: no sync in the figure
-        b.time = lambda fn, slow: cuda_time(fn, **TIMING)
+    timer = None
+    if device != "cpu":  # CUDA events: no host sync inside the figures
+        from .gpu import cuda_time as timer
+    b = Bench(device, quick, api="quant", log=log, timer=timer)
     load = b.env["loadavg_at_start"]
     log(f"fastmerge quant bench on {b.dname}, {torch.get_num_threads()} torch threads, "
         f"copy {b.copy:.1f} GB/s, load average {load}")

@@ -249,22 +249,25 @@ class Bench:
     """Rows with the fields of ``fastmerge bench`` plus any extra figures (errors, ratios), for
     the benchmarks of one API (``bench.lowrank``, ``bench.quant``)."""
 
-    def __init__(self, device: str, quick: bool, api: str, log=print):
+    def __init__(self, device: str, quick: bool, api: str, log=print, timer=None):
+        """``timer``: :func:`time_fn` (default) or one with its signature, e.g. CUDA events
+        (``bench.gpu.cuda_time``); it times both the copy bandwidth and every row."""
         self.dev = device
         self.dname = device_name(device)
         self.sync = _sync_for(device)
+        self.timer = timer or time_fn
         self.log = log
         self.quick = quick
         self.api = api
         self.env = environment()
-        self.copy = copy_bandwidth(device=device)
+        self.copy = copy_bandwidth(device=device, timer=self.timer)
         self.rows = []
 
     def time(self, fn, slow: bool) -> list:
         """Seconds per call: a slow call (seconds each) once, warm; otherwise a median of >= 3."""
         if slow:
-            return time_fn(fn, warmup=0, min_reps=1, min_time=0.0, max_time=0.0, sync=self.sync)
-        return time_fn(fn, warmup=1, min_reps=3, min_time=0.5, max_time=20.0, sync=self.sync)
+            return self.timer(fn, warmup=0, min_reps=1, min_time=0.0, max_time=0.0, sync=self.sync)
+        return self.timer(fn, warmup=1, min_reps=3, min_time=0.5, max_time=20.0, sync=self.sync)
 
     def finish(self, t0: float, command: str, config: dict, json_path=None) -> list:
         """Log the row count and wall time since ``t0``, save ``{meta, rows}`` to ``json_path``

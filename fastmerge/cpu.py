@@ -17,7 +17,7 @@ import torch
 from . import _validate as V
 from . import dispatch as B
 from ._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
-from .quant import FP8_DTYPES, FP8Config, fp8_scale_shape, raise_quant_flags
+from .quant import FP8_DTYPES, FP8Config, fp8_scale_shape, int4_outputs, raise_quant_flags
 from .reference import input_names
 
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -181,16 +181,9 @@ def _quant_outputs(cfg, shape, value_dtype):
               _DT[value_dtype]]
         return (q, scale), qa, [q.data_ptr(), scale.data_ptr(), 0]
     out_f, in_f = shape
-    G = cfg.group_size
-    if cfg.layout == "gptq":
-        res = {"qweight": torch.empty(in_f // 8, out_f, dtype=torch.int32),
-               "qzeros": torch.empty(in_f // G, out_f // 8, dtype=torch.int32),
-               "scales": torch.empty(in_f // G, out_f, dtype=torch.float16)}
-    else:
-        res = {"qdata": torch.empty(out_f, in_f // 2, dtype=torch.int8),
-               "scale": torch.empty(in_f // G, out_f, dtype=value_dtype),
-               "zero_point": torch.empty(in_f // G, out_f, dtype=value_dtype)}
-    qa = [_QKIND[cfg.layout], out_f, in_f, G, int(cfg.symmetric), 0, 0, 0, 0, _DT[value_dtype]]
+    res = int4_outputs(cfg, out_f, in_f, value_dtype)
+    qa = [_QKIND[cfg.layout], out_f, in_f, cfg.group_size, int(cfg.symmetric), 0, 0, 0, 0,
+          _DT[value_dtype]]
     return res, qa, [t.data_ptr() for t in res.values()]
 
 

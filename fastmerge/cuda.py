@@ -218,28 +218,24 @@ def magnitude_threshold(x, k):
     return gpu.magnitude_threshold(_Kernels, x, k)
 
 
+def _quantizers():
+    """The CUDA extension has no quantizers and no fused merge->quantize: the ``triton``
+    backend's serve, or the torch reference (on the GPU) without Triton."""
+    from . import dispatch, reference, triton
+
+    return triton if dispatch.triton_version() is not None else reference
+
+
 def quantize(w, cfg, name="w"):
-    """The CUDA extension has no quantizers: the Triton ones serve (or, without Triton, the
-    torch reference on the GPU)."""
-    from . import dispatch
-
-    if dispatch.triton_version() is None:
-        from . import reference
-
-        return reference.quantize(w, cfg, name)
-    from . import triton
-
-    return gpu.quantize(triton.kernels(), w, cfg, name)
+    return _quantizers().quantize(w, cfg, name)
 
 
 def run_plan_quantized(plan, base, inputs, out_dtype, cfg):
-    """There is no fused merge->quantize kernel in CUDA: with Triton, its fused pass serves
-    (INT4 fused; FP8 merged, then quantized, as on ``triton``); without, the CUDA merge, then
-    the torch reference quantizer."""
-    from . import dispatch
+    """Triton's pass (INT4 fused; FP8 merged, then quantized); without Triton, the CUDA merge,
+    then the torch reference quantizer."""
+    from . import reference
 
-    if dispatch.triton_version() is None:
-        return quantize(run_plan(plan, base, inputs, out_dtype), cfg, "the merged tensor")
-    from . import triton
-
-    return triton.run_plan_quantized(plan, base, inputs, out_dtype, cfg)
+    q = _quantizers()
+    if q is reference:
+        return q.quantize(run_plan(plan, base, inputs, out_dtype), cfg, "the merged tensor")
+    return q.run_plan_quantized(plan, base, inputs, out_dtype, cfg)

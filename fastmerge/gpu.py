@@ -197,45 +197,51 @@ def run_plan(ks, plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
 
 # ---- quantizers (fastmerge.quant; kernels: triton_kernels/quant.py) ----------------------------
 
-def quantize(qks, w: torch.Tensor, cfg, name: str = "w"):
-    """INT4 or FP8 quantization of ``w`` (validated by fastmerge.quant) with the Triton
-    quantizers ``qks`` (``fastmerge.triton_kernels``): the raw tensors of ``cfg``'s format,
-    bit-identical to the torch reference."""
-    from .quant import FP8_DTYPES, Int4Config, fp8_scale_shape, raise_quant_flags
+def quantize_launch(qks, w: torch.Tensor, cfg):
+    """Launch the Triton quantizers ``qks`` (``fastmerge.triton_kernels``) on ``w`` (validated
+    by fastmerge.quant) without reading their flags (no host sync): ``(result, flags)`` with the
+    result the raw tensors of ``cfg``'s format (a dict for INT4, ``(q, scale)`` for FP8) and
+    ``flags`` the device flags :func:`fastmerge.quant.raise_quant_flags` reads."""
+    from .quant import FP8_DTYPES, Int4Config, fp8_scale_shape
 
     w = w.contiguous()
     with _device(w.device):
         if isinstance(cfg, Int4Config):
-            res, flags = qks.quantize_int4(w, cfg)
-            raise_quant_flags(flags.tolist(), name)
-            return res
+            return qks.quantize_int4(w, cfg)
         dt = FP8_DTYPES[cfg.fmt]
         q, scale, flags = qks.quantize_fp8(w, dt, cfg.granularity, cfg.block)
+        eps = torch.finfo(torch.float32).eps
         if cfg.granularity == "tensor":
-            # the reference's own ops on the amax: (amax in w's dtype) / fmax, then fp32
+            # the reference's own ops on the amax: (amax in w's dtype) / fmax, then fp32, 0 -> eps
             scale = (scale.to(w.dtype) / torch.finfo(dt).max).to(torch.float32)
+            scale = torch.where(scale == 0, eps, scale)
             qks.fp8_codes(w, q, scale, flags)
+        elif w.numel() == 0:
+            scale.fill_(eps)  # no cell ran: the reference's amax of nothing is 0
         scale = scale.reshape(fp8_scale_shape(tuple(w.shape), cfg.granularity, cfg.block))
-        if w.numel() == 0:
-            scale.fill_(torch.finfo(torch.float32).eps)  # the reference's amax of nothing is 0
-        else:
-            scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
-        raise_quant_flags(flags.tolist() + [0], name)
-    return q, scale
+    return (q, scale), flags
 
 
-def run_plan_quantized(ks, qks, plan: Plan, base, inputs, out_dtype, cfg):
-    """The merge of ``plan`` quantized. INT4 on a kernel set with ``fused_merge_int4`` (the
-    Triton kernels) runs in one pass: each program merges a tile of rows by one group, rounds
-    it to ``out_dtype`` and quantizes it, and the merged tensor is never written. FP8 (whose
-    scales need a whole row, block or tensor first) and the CUDA kernel set merge, then
-    quantize with ``qks``: re-merging for a second pass would read the K + 1 inputs twice,
-    more traffic than writing and reading the merged tensor once."""
+def quantize(qks, w: torch.Tensor, cfg, name: str = "w"):
+    """INT4 or FP8 quantization of ``w`` with the Triton quantizers ``qks``, bit-identical to
+    the torch reference; its flags are read once (the one host sync)."""
+    from .quant import raise_quant_flags
+
+    res, flags = quantize_launch(qks, w, cfg)
+    raise_quant_flags(flags.tolist(), name)
+    return res
+
+
+def run_plan_quantized(ks, plan: Plan, base, inputs, out_dtype, cfg):
+    """The merge of ``plan`` on the Triton kernels ``ks``, quantized. INT4 runs in one pass:
+    each program merges a tile of rows by one group, rounds it to ``out_dtype`` and quantizes
+    it, and the merged tensor is never written. FP8 merges, then quantizes: its scales need a
+    whole row, block or tensor first, and re-merging for a second pass would read the K + 1
+    inputs twice, more traffic than writing and reading the merged tensor once."""
     from .quant import Int4Config, raise_quant_flags
 
-    if not isinstance(cfg, Int4Config) or not hasattr(ks, "fused_merge_int4") \
-            or inputs[0].numel() == 0:
-        return quantize(qks, run_plan(ks, plan, base, inputs, out_dtype), cfg, "the merged tensor")
+    if not isinstance(cfg, Int4Config) or inputs[0].numel() == 0:
+        return quantize(ks, run_plan(ks, plan, base, inputs, out_dtype), cfg, "the merged tensor")
     with _device(inputs[0].device):
         base, xs, kw = _merge_args(ks, plan, base, inputs)
         res, flags = ks.fused_merge_int4(base, xs, cfg, out_dtype, **kw)

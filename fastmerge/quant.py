@@ -141,6 +141,20 @@ def check_shape(shape: tuple, cfg: QuantConfig, name: str = "w") -> None:
         raise ValueError(f"{name} must be 2-D for granularity='block'; got shape {shape}")
 
 
+def int4_outputs(cfg: "Int4Config", out_f: int, in_f: int, value_dtype: torch.dtype,
+                 device=None) -> dict:
+    """Empty tensors of the INT4 layout ``cfg.layout`` for a weight ``[out_f, in_f]`` of
+    ``value_dtype`` (the kernels fill them)."""
+    G = cfg.group_size
+    if cfg.layout == "gptq":
+        return {"qweight": torch.empty(in_f // 8, out_f, dtype=torch.int32, device=device),
+                "qzeros": torch.empty(in_f // G, out_f // 8, dtype=torch.int32, device=device),
+                "scales": torch.empty(in_f // G, out_f, dtype=torch.float16, device=device)}
+    return {"qdata": torch.empty(out_f, in_f // 2, dtype=torch.int8, device=device),
+            "scale": torch.empty(in_f // G, out_f, dtype=value_dtype, device=device),
+            "zero_point": torch.empty(in_f // G, out_f, dtype=value_dtype, device=device)}
+
+
 def raise_quant_flags(flags, name: str) -> None:
     """A quantizer kernel's last two flags: a non-finite value, a GPTQ fp16 scale overflow."""
     if flags[-2]:
@@ -320,8 +334,8 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
 
 def merge_quantize(method: str, base, models, quantize="int4", **kwargs):
     """``fastmerge.merge(method, base, models, quantize=quantize, **kwargs)``: the merged tensor
-    quantized in the same pass (``cpu``: INT4 and per-row FP8; ``triton``: INT4), equal to quantizing ``fastmerge.merge(...)``'s
-    output (in ``out_dtype``) but without writing it."""
+    quantized in the same pass (``cpu``: INT4 and per-row FP8; ``triton``: INT4), equal to
+    quantizing ``fastmerge.merge(...)``'s output (in ``out_dtype``) but without writing it."""
     from .api import merge
 
     return merge(method, base, models, quantize=quantize, **kwargs)

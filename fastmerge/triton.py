@@ -63,4 +63,4 @@ def quantize(w, cfg, name="w"):
 
 
 def run_plan_quantized(plan, base, inputs, out_dtype, cfg):
-    return gpu.run_plan_quantized(kernels(), kernels(), plan, base, inputs, out_dtype, cfg)
+    return gpu.run_plan_quantized(kernels(), plan, base, inputs, out_dtype, cfg)

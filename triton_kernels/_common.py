@@ -198,15 +198,20 @@ def in_top(key, i, T, J):
 
 
 @triton.jit
-def store_as(ptr, x, mask):
-    """Store fp32 ``x`` rounded to nearest-even in ``ptr``'s element type. bf16 is rounded by
-    hand: Triton's interpreter truncates bf16 casts, and the bit arithmetic gives the same
+def bf16_bits(x):
+    """The bf16 bits (in the low 16 bits of a uint32) of fp32 ``x`` rounded to nearest even,
+    by hand: Triton's interpreter truncates bf16 casts, and the bit arithmetic gives the same
     result as the GPU's ``cvt.rn`` everywhere (NaN stays a quiet NaN)."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return tl.where(x != x, (u >> 16) | 0x40, r)
+
+
+@triton.jit
+def store_as(ptr, x, mask):
+    """Store fp32 ``x`` rounded to nearest-even in ``ptr``'s element type (bf16: :func:`bf16_bits`)."""
     if ptr.dtype.element_ty == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        r = tl.where(x != x, (u >> 16) | 0x40, r)
-        tl.store(ptr, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(ptr, bf16_bits(x).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 

@@ -142,31 +142,35 @@ def groups_per_program(K: int) -> int:
     return 256 if K <= 4 else 128 if K <= 8 else 64 if K <= 16 else 32
 
 
-def fused_merge(base, xs, out, *, kinds, thr, scale, weights, probs, keeps, seed, n, C,
-                strides, base_strides, strided, scale_mode, consensus, elect_weighted, divisor,
-                const_div, normalize, lam, sign=None, sign_only=False):
-    """Launch the merge pass. ``xs``/``base`` are the input tensors (read in place with
-    ``strides`` when ``strided``); ``thr`` int64 ``[K, 4]`` and ``scale`` fp32 ``[K]`` live on
-    the device; ``keeps`` holds a uint8 mask per BYTES model (None elsewhere). Returns the int32
-    non-finite flags ``[K + 1]`` (inputs, then base) on the device."""
-    K = len(xs)
-    dev = xs[0].device
-    flags = torch.zeros(K + 1, dtype=torch.int32, device=dev)
-    dummy = flags
-    G = groups_per_program(K)
+def launch_args(base, xs, flags, *, kinds, thr, scale, weights, probs, keeps, seed, C, strides,
+                base_strides, strided, scale_mode, consensus, elect_weighted, divisor, const_div,
+                normalize, lam, sign=None):
+    """The keyword arguments of :func:`merge_tile`'s inputs and options, by the names both the
+    merge kernel and the fused merge->INT4 kernel (``quant.py``) give them. ``xs``/``base``
+    are the input tensors (read in place with ``strides`` when ``strided``); ``thr`` int64
+    ``[K, 4]`` and ``scale`` fp32 ``[K]`` live on the device; ``keeps`` holds a uint8 mask per
+    BYTES model (None elsewhere); absent tensors are replaced by ``flags`` (never read)."""
     k0, k1 = split_seed(seed)
-    grid = (triton.cdiv(n, 4 * G),)
-    _fused_merge_kernel[grid](
-        base if base is not None else dummy, tuple(xs),
-        tuple(k if k is not None else dummy for k in keeps),
-        out if out is not None else dummy, sign if sign is not None else dummy, flags, thr, scale,
-        tuple(float(w) for w in weights), tuple(float(p) for p in probs),
-        base_strides[0], base_strides[1], tuple(s[0] for s in strides), tuple(s[1] for s in strides),
-        k0, k1, n, C, float(const_div), float(lam),
-        K=K, KINDS=tuple(kinds), HAS_BASE=base is not None, STRIDED=strided,
-        SCALE_MODE=scale_mode, CONSENSUS=consensus, ELECT_WEIGHTED=elect_weighted,
-        DIVISOR=divisor, NORMALIZE=normalize, SIGN_ONLY=sign_only, APPLY_LAM=lam != 1.0,
-        G=G, num_warps=4, enable_fp_fusion=False,
-    )
-    return flags
+    return dict(
+        base=base if base is not None else flags, xs=tuple(xs),
+        keeps=tuple(k if k is not None else flags for k in keeps),
+        sign=sign if sign is not None else flags, flags=flags, thr=thr, scale=scale,
+        weights=tuple(float(w) for w in weights), probs=tuple(float(p) for p in probs),
+        bs0=base_strides[0], bs1=base_strides[1], S0=tuple(s[0] for s in strides),
+        S1=tuple(s[1] for s in strides), k0=k0, k1=k1, C=C, const_div=float(const_div),
+        lam=float(lam), K=len(xs), KINDS=tuple(kinds), HAS_BASE=base is not None,
+        STRIDED=strided, SCALE_MODE=scale_mode, CONSENSUS=consensus,
+        ELECT_WEIGHTED=elect_weighted, DIVISOR=divisor, NORMALIZE=normalize,
+        APPLY_LAM=lam != 1.0, num_warps=4, enable_fp_fusion=False)
 
+
+def fused_merge(base, xs, out, *, n, sign=None, sign_only=False, **kw):
+    """Launch the merge pass over ``n`` elements into ``out`` (arguments: :func:`launch_args`).
+    Returns the int32 non-finite flags ``[K + 1]`` (inputs, then base) on the device."""
+    K = len(xs)
+    flags = torch.zeros(K + 1, dtype=torch.int32, device=xs[0].device)
+    G = groups_per_program(K)
+    _fused_merge_kernel[(triton.cdiv(n, 4 * G),)](
+        out=out if out is not None else flags, n=n, SIGN_ONLY=sign_only, G=G,
+        **launch_args(base, xs, flags, sign=sign, **kw))
+    return flags

@@ -8,7 +8,7 @@ every step here is the same fp32 operation in the same order, so the outputs agr
   ``|x| <= 64`` first (the result is clamped to the code range afterwards, so the early clamp
   changes nothing);
 * fp32 -> fp16 is the hardware's round-to-nearest-even conversion, fp32 -> bf16 is rounded by
-  hand (``_common.store_as``; the interpreter truncates bf16 casts), and the FP8 codes are
+  hand (``_common.bf16_bits``; the interpreter truncates bf16 casts), and the FP8 codes are
   encoded by hand with integer arithmetic (round to nearest even, subnormals included), so no
   cast of Triton's is trusted with a rounding mode.
 
@@ -24,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import nonfinite, seed_key, split_seed, store_as
-from .fused_merge import groups_per_program, merge_tile
+from fastmerge.quant import fp8_scale_shape, int4_outputs
+
+from ._common import bf16_bits, nonfinite, seed_key, store_as
+from .fused_merge import groups_per_program, launch_args, merge_tile
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 FP16_TINY = tl.constexpr(5.9604644775390625e-08)  # 2**-24, the smallest fp16 subnormal
@@ -47,9 +49,7 @@ def rne(x):
 def round_to(x, DT: tl.constexpr):
     """fp32 ``x`` rounded to nearest even in dtype ``DT`` (0 fp32, 1 bf16, 2 fp16), as fp32."""
     if DT == 1:
-        u = x.to(tl.uint32, bitcast=True)
-        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-        x = r.to(tl.float32, bitcast=True)
+        x = (bf16_bits(x) << 16).to(tl.float32, bitcast=True)
     elif DT == 2:
         x = x.to(tl.float16).to(tl.float32)
     return x
@@ -247,22 +247,11 @@ def _fp8_cell_kernel(w, q, scale, flags, ROWS, COLS, BR, BC, NCB, fmax,
 
 # --------------------------------------------------------------------------------- launchers
 
-def _int4_outputs(cfg, out_f, in_f, value_dtype, dev):
-    G = cfg.group_size
-    if cfg.layout == "gptq":
-        return {"qweight": torch.empty(in_f // 8, out_f, dtype=torch.int32, device=dev),
-                "qzeros": torch.empty(in_f // G, out_f // 8, dtype=torch.int32, device=dev),
-                "scales": torch.empty(in_f // G, out_f, dtype=torch.float16, device=dev)}
-    return {"qdata": torch.empty(out_f, in_f // 2, dtype=torch.int8, device=dev),
-            "scale": torch.empty(in_f // G, out_f, dtype=value_dtype, device=dev),
-            "zero_point": torch.empty(in_f // G, out_f, dtype=value_dtype, device=dev)}
-
-
 def quantize_int4(w, cfg):
     """INT4 of a contiguous ``w [out, in]``: ``(tensors, flags)`` with ``flags`` int32 ``[2]``
     on the device (non-finite input, GPTQ fp16 scale overflow)."""
     out_f, in_f = w.shape
-    res = _int4_outputs(cfg, out_f, in_f, w.dtype, w.device)
+    res = int4_outputs(cfg, out_f, in_f, w.dtype, w.device)
     flags = torch.zeros(2, dtype=torch.int32, device=w.device)
     if w.numel():
         G = cfg.group_size
@@ -278,14 +267,13 @@ def quantize_fp8(w, dt, granularity, block):
     """FP8 of a contiguous ``w`` into codes of dtype ``dt``: ``(q, scale, flags)``; ``scale``
     is fp32 of the granularity's shape except per tensor, where it is the amax (fp32, ``[1]``)
     that the caller turns into the scale with torch's own ops, and ``q`` is still to be
-    filled by :func:`fp8_codes`."""
-    from fastmerge.quant import fp8_scale_shape
-
+    filled by :func:`fp8_codes`. ``flags`` int32 ``[2]``: a non-finite input, and a slot that
+    FP8 never sets (INT4's scale overflow), so both formats' flags read alike."""
     dev = w.device
     shape = tuple(w.shape)
     mb, bias, fmax = FP8[dt]
     q = torch.empty(shape, dtype=dt, device=dev)
-    flags = torch.zeros(1, dtype=torch.int32, device=dev)
+    flags = torch.zeros(2, dtype=torch.int32, device=dev)
     cols = shape[-1] if len(shape) else 1
     rows = w.numel() // cols if cols else 0
     if granularity == "tensor":
@@ -318,30 +306,19 @@ def _fp8_cells(w, q, scale, flags, rows, cols, cell, mode, dtype, mb, bias, fmax
         MIN_NORMAL=2.0 ** (1 - bias), num_warps=4, enable_fp_fusion=False)
 
 
-def fused_merge_int4(base, xs, cfg, out_dtype, *, kinds, thr, scale, weights, probs, keeps, seed,
-                     n, C, strides, base_strides, strided, scale_mode, consensus, elect_weighted,
-                     divisor, const_div, normalize, lam):
-    """The merge pass (same keywords as :func:`fused_merge.fused_merge`) quantized to INT4 as
-    it goes: ``(tensors, flags)`` with flags ``[K + 3]`` (inputs, base, merged value, GPTQ
-    scale overflow)."""
+def fused_merge_int4(base, xs, cfg, out_dtype, *, n, C, **kw):
+    """The merge pass (arguments: :func:`fused_merge.launch_args`) quantized to INT4 as it goes:
+    ``(tensors, flags)`` with flags ``[K + 3]`` (inputs, base, merged value, GPTQ scale
+    overflow)."""
     K = len(xs)
-    dev = xs[0].device
     out_f = n // C
-    res = _int4_outputs(cfg, out_f, C, out_dtype, dev)
-    flags = torch.zeros(K + 3, dtype=torch.int32, device=dev)
+    res = int4_outputs(cfg, out_f, C, out_dtype, xs[0].device)
+    flags = torch.zeros(K + 3, dtype=torch.int32, device=xs[0].device)
     G = cfg.group_size
     R = max(8, 4 * groups_per_program(K) // G)
-    k0, k1 = split_seed(seed)
-    dummy = flags
+    q0, q1, q2 = res.values()
     _merge_int4_kernel[(triton.cdiv(out_f, R), C // G)](
-        base if base is not None else dummy, tuple(xs),
-        tuple(k if k is not None else dummy for k in keeps), dummy, flags, thr, scale,
-        tuple(float(w) for w in weights), tuple(float(p) for p in probs),
-        base_strides[0], base_strides[1], tuple(s[0] for s in strides), tuple(s[1] for s in strides),
-        k0, k1, C, float(const_div), float(lam), *res.values(), out_f,
-        K=K, KINDS=tuple(kinds), HAS_BASE=base is not None, STRIDED=strided,
-        SCALE_MODE=scale_mode, CONSENSUS=consensus, ELECT_WEIGHTED=elect_weighted,
-        DIVISOR=divisor, NORMALIZE=normalize, APPLY_LAM=lam != 1.0, DT=VDT[out_dtype],
-        R=R, GS=G, LAYOUT=GPTQ if cfg.layout == "gptq" else TORCHAO, SYM=cfg.symmetric,
-        num_warps=4, enable_fp_fusion=False)
+        q0=q0, q1=q1, q2=q2, OUT=out_f, DT=VDT[out_dtype], R=R, GS=G,
+        LAYOUT=GPTQ if cfg.layout == "gptq" else TORCHAO, SYM=cfg.symmetric,
+        **launch_args(base, xs, flags, C=C, **kw))
     return res, flags
