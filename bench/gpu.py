@@ -87,11 +87,11 @@ def _kernel_sets(backends):
     out = {}
     for b in backends:
         if b == "triton":
-            from fastmerge.triton import kernels
+            from fastmerge.backends.triton import kernels
 
             out[b] = kernels()
         elif b == "cuda":
-            from fastmerge import cuda
+            from fastmerge.backends import cuda
 
             if cuda.extension() is not None:
                 out[b] = cuda._Kernels
@@ -105,7 +105,8 @@ def kernel_cases(shape, device, dtype, inputs, k, backends):
     if not backends:
         return []
     from fastmerge import _semantics as sem
-    from fastmerge import gpu as G
+    from fastmerge import abi
+    from fastmerge.backends import _gpu as G
 
     base, models, _ = inputs
     models = models[:k]
@@ -122,11 +123,11 @@ def kernel_cases(shape, device, dtype, inputs, k, backends):
         scale = torch.ones(k, dtype=torch.float32, device=base.device)
 
         def merge_pass(ks=ks, thr=thr, dst=dst, scale=scale):
-            return ks.fused_merge(b, xs, dst, kinds=[G.KIND["range"]] * k, thr=thr, scale=scale,
+            return ks.fused_merge(b, xs, dst, kinds=[abi.MASK_RANGE] * k, thr=thr, scale=scale,
                                   weights=[1.0 / k] * k, probs=[1.0] * k, keeps=[None] * k, seed=0, n=n,
                                   C=C, strides=sts, base_strides=bst, strided=strided,
-                                  scale_mode=G.S_NONE, consensus=G.CONSENSUS["sum"], elect_weighted=True,
-                                  divisor=G.DIVISOR["weight"], const_div=1.0, normalize=True, lam=1.0)
+                                  scale_mode=abi.SCALE_NONE, consensus=abi.CONSENSUS_SUM, elect_weighted=True,
+                                  divisor=abi.DIVISOR_WEIGHT, const_div=1.0, normalize=True, lam=1.0)
 
         def select(ks=ks):
             return G.thresholds(ks, b, bst, xs, sts, C, strided, masks, n)

@@ -87,8 +87,8 @@ def alternated(fa, fb, reps: int, min_time: float) -> tuple:
 def kernel_launch(w: torch.Tensor, cfg):
     """The Triton quantizer's launches for ``w`` without the flag check (no host sync): a
     function returning the format's tensors (a dict for INT4, ``(q, scale)`` for FP8)."""
-    from fastmerge import gpu
-    from fastmerge.triton import kernels
+    from fastmerge.backends import _gpu as gpu
+    from fastmerge.backends.triton import kernels
 
     return lambda: gpu.quantize_launch(kernels(), w, cfg)[0]
 

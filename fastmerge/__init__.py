@@ -6,31 +6,16 @@ low-rank SVD merges (TSV-Merge, Iso-C, Iso-CTS; ``fastmerge.lowrank``).
 
 See README.md for the API, the backends and how to read a benchmark.
 """
-from . import lowrank, ops, peft, quant
-from .api import (
-    breadcrumbs,
-    breadcrumbs_ties,
-    dare_linear,
-    dare_ties,
-    della,
-    della_linear,
-    iso_c,
-    iso_cts,
-    linear,
-    merge,
-    task_arithmetic,
-    ties,
-    tsv,
-)
-from ._semantics import METHODS
+from . import api, backends, lowrank, ops, peft, quant
+from . import library  # noqa: F401  (registers the torch.library ops)
+from ._registry import METHODS
 from ._validate import NonFiniteError
-from .dispatch import backends
+from .api import merge
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "merge", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-    "breadcrumbs_ties", "della", "della_linear", "linear", "tsv", "iso_c", "iso_cts", "ops", "peft",
-    "lowrank", "quant", "backends", "METHODS", "NonFiniteError",
-    "__version__",
-]
+# fastmerge.<method>(base, models, ...) for every registered method (fastmerge.ties, ...)
+globals().update({name: getattr(api, name) for name in METHODS})
+
+__all__ = ["merge", *METHODS, "ops", "peft", "lowrank", "quant", "backends", "METHODS",
+           "NonFiniteError", "__version__"]

@@ -17,19 +17,12 @@ from typing import Optional, Sequence
 
 import torch
 
-# mergekit 0.1.5 generalized task arithmetic (registry.py): consensus, sparsification,
-# default normalize, default rescale.
-MERGEKIT_METHODS = {
-    "task_arithmetic": (None, None, False, False),
-    "ties": ("sum", "magnitude", True, False),
-    "dare_ties": ("sum", "random", False, True),
-    "dare_linear": (None, "random", False, True),
-    "breadcrumbs": (None, "outliers", False, False),
-    "breadcrumbs_ties": ("sum", "outliers", False, False),
-    "della": ("sum", "della", True, True),
-    "della_linear": (None, "della", False, True),
-}
-METHODS = tuple(MERGEKIT_METHODS) + ("linear",)
+from ._registry import REGISTRY
+
+# mergekit 0.1.5 generalized task arithmetic (registry.py), read off fastmerge's registry:
+# {method: (consensus, sparsification, default normalize, default rescale)}
+MERGEKIT_METHODS = {m.name: (m.consensus, m.sparsify, m.normalize, m.rescale)
+                    for m in REGISTRY.values() if m.family == "gta"}
 RESCALE_NORMS = ("l1", "l2", "linf", "density")
 NORM_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no norm matching below this
 
@@ -67,7 +60,6 @@ class Plan:
     normalize: bool = False
     lam: float = 1.0
     seed: int = 0
-    out_dtype: Optional[torch.dtype] = None
     names: Optional[list] = None  # input names for error messages (default models[k])
 
     @property
@@ -75,6 +67,20 @@ class Plan:
         return self.rescale in ("l1", "l2", "linf") and any(
             m.kind in ("range", "random", "della") for m in self.masks
         )
+
+
+def rescale_mode(rescale, default: bool) -> Optional[str]:
+    """``rescale=`` as a plan's norm: None/True/False/one of ``RESCALE_NORMS``; True is
+    mergekit's L1 norm matching."""
+    if rescale is None:
+        rescale = default
+    if rescale is True:
+        return "l1"
+    if rescale is False:
+        return None
+    if isinstance(rescale, str) and rescale in RESCALE_NORMS:
+        return rescale
+    raise ValueError(f"rescale must be a bool or one of {RESCALE_NORMS}; got {rescale!r}")
 
 
 def fp32(x: float) -> float:

@@ -111,3 +111,15 @@ def out_dtype(dtype, default: torch.dtype) -> torch.dtype:
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"out_dtype {dtype} unsupported; supported: float32, float16, bfloat16")
     return dtype
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """``NonFiniteError`` naming ``x`` when a floating tensor holds inf or nan."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(name)
+
+
+def input_names(names, k: int) -> list:
+    """The names error messages give a merge's K inputs: ``names`` when given (the CLI passes
+    tensor and model names), else ``models[i]``."""
+    return list(names) if names is not None else [f"models[{i}]" for i in range(k)]

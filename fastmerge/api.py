@@ -1,46 +1,33 @@
 """Public merge API: ``fastmerge.merge(method, base, models, ...)`` and one alias per method.
 
-Semantics follow mergekit 0.1.5's generalized task arithmetic (see ``reference.py`` for the
-formulas and ``_semantics.py`` for the per-method table); computation is fp32 throughout.
+Semantics follow mergekit 0.1.5's generalized task arithmetic (``backends/torch.py`` has the
+formulas, ``_registry.py`` the per-method table); computation is fp32 throughout. A call is
+validate -> plan -> run: :func:`_validate` checks and normalises the arguments, :func:`plan`
+turns them into a :class:`~fastmerge._semantics.Plan`, and ``dispatch.run`` executes it on the
+chosen backend.
 """
 from __future__ import annotations
 
 import functools
+import importlib
+import warnings
 from typing import Optional, Sequence
 
 import torch
 
+from . import _compile as C
+from . import _registry as R
 from . import _semantics as sem
 from . import _validate as V
 from . import dispatch as B
-from . import library, lowrank
-from . import quant as Q
+from . import formats, lowrank
 from .philox import resolve_seed
 
-ALL_METHODS = sem.METHODS + lowrank.METHODS
 
-
-def run(plan: sem.Plan, base, inputs, out_dtype, backend, op: str = "merge",
-        quantize: Optional["Q.QuantConfig"] = None):
-    mod = B.for_op(backend, inputs[0].device, op)
-    if quantize is None:
-        return mod.run_plan(plan, base, inputs, out_dtype)
-    if not hasattr(mod, "run_plan_quantized"):  # no fused merge->quantize here: one after the other
-        return Q.quantize(mod.run_plan(plan, base, inputs, out_dtype), quantize)
-    raw = mod.run_plan_quantized(plan, base, inputs, out_dtype, quantize)
-    return Q._wrap(raw, quantize, tuple(inputs[0].shape), out_dtype)
-
-
-def _rescale_mode(rescale, default: bool):
-    if rescale is None:
-        rescale = default
-    if rescale is True:
-        return "l1"
-    if rescale is False:
-        return None
-    if isinstance(rescale, str) and rescale in sem.RESCALE_NORMS:
-        return rescale
-    raise ValueError(f"rescale must be a bool or one of {sem.RESCALE_NORMS}; got {rescale!r}")
+def reference(method: str):
+    """The function that defines ``method`` (its registry entry's ``reference``)."""
+    module, _, name = R.get(method).reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _flag(x, name: str, default: bool) -> bool:
@@ -119,85 +106,102 @@ def merge(
     They run torch's GEMM/LAPACK kernels on the tensors' device whatever the backend
     (``backend`` is still checked).
     """
-    if library.compiling() and threshold is None and quantize is None:  # torch.compile: the opaque custom op (library.py)
-        return torch.ops.fastmerge.merge(
-            method, base, list(models), library.floats(weights), library.floats(density), float(lam),
-            normalize, library.rescale_in(rescale), library.floats(gamma), library.floats(epsilon),
-            library.seed_in(seed), out_dtype, backend, None if alpha is None else float(alpha), exact,
-            float(common_space_fraction))
-    if not isinstance(method, str) or method not in ALL_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+    if C.compiling():
+        if quantize is None:  # torch.compile: the opaque custom op (library.py)
+            args = dict(weights=weights, density=density, lam=lam, normalize=normalize, rescale=rescale,
+                        gamma=gamma, epsilon=epsilon, threshold=threshold, seed=seed, out_dtype=out_dtype,
+                        backend=backend, alpha=alpha, exact=exact, common_space_fraction=common_space_fraction)
+            return torch.ops.fastmerge.merge(method, base, list(models),
+                                             *[C.MERGE_ARGS[p][1](args[p]) for p in C.MERGE_PARAMS])
+        warnings.warn("fastmerge.merge(quantize=...) is not a torch.library op (its result is not "
+                      "a tensor): under torch.compile it runs eagerly, with a graph break",
+                      RuntimeWarning, stacklevel=2)
+    entry = R.get(method)
+    args = _validate(entry, base, models, weights, density, lam, out_dtype, quantize)
+    if entry.family == "svd":
+        if alpha is not None and args["lam"] != 1.0:
+            raise ValueError("give either alpha or lam for an SVD merge, not both (they are the same scale)")
+        B.resolve(backend, args["ref"].device, method)  # same backend errors as every other method
+        merged = lowrank.merge(method, base, args["models"], weights=args["w"],
+                               alpha=args["lam"] if alpha is None else V.number(alpha, "alpha"),
+                               exact=V.flag(exact, "exact"), seed=seed,
+                               common_space_fraction=common_space_fraction, out_dtype=args["dtype"])
+        qcfg = args["qcfg"]
+        return merged if qcfg is None else B.quantize(merged, qcfg, None)
+    if alpha is not None:
+        raise ValueError(f"alpha scales the SVD merges ({', '.join(R.names('svd'))}); "
+                         f"method {method!r} takes lam")
+    p = plan(entry, base, args["models"], args["w"], args["dens"], args["lam"], normalize=normalize,
+             rescale=rescale, gamma=gamma, epsilon=epsilon, seed=seed, threshold=threshold)
+    return B.run(p, base if entry.family == "gta" else None, args["models"], args["dtype"], backend,
+                 method, args["qcfg"])
+
+
+def _validate(entry, base, models, weights, density, lam, out_dtype, quantize) -> dict:
+    """Checks shared by every method; returns the normalised arguments."""
     models = V.tensor_list(models)
-    if base is None and method != "linear":
-        raise TypeError(f"base must be a torch.Tensor for method {method!r}, got None")
+    if base is None and entry.base == "required":
+        raise TypeError(f"base must be a torch.Tensor for method {entry.name!r}, got None")
     if base is not None and not isinstance(base, torch.Tensor):
         raise TypeError(f"base must be a torch.Tensor, got {type(base).__name__}")
     ref, ref_name = (base, "base") if base is not None else (models[0], "models[0]")
     V.check_dtype(ref, ref_name)
     V.same_as(ref, ref_name, models, "models")
     K = len(models)
-    w = V.per_model(1.0 if weights is None else weights, K, "weights")
-    dens = V.per_model(density, K, "density", 0.0, 1.0)
-    lam = V.number(lam, "lam")
-    dtype = V.out_dtype(out_dtype, ref.dtype)
-    qcfg = Q.config(quantize)
+    qcfg = formats.config(quantize)
     if qcfg is not None:
-        Q.check_shape(tuple(ref.shape), qcfg, ref_name)
+        formats.check_shape(tuple(ref.shape), qcfg, ref_name)
+    return dict(models=models, ref=ref, w=V.per_model(1.0 if weights is None else weights, K, "weights"),
+                dens=V.per_model(density, K, "density", 0.0, 1.0), lam=V.number(lam, "lam"),
+                dtype=V.out_dtype(out_dtype, ref.dtype), qcfg=qcfg)
 
-    if method in lowrank.METHODS:
-        if alpha is not None and lam != 1.0:
-            raise ValueError("give either alpha or lam for an SVD merge, not both (they are the same scale)")
-        B.resolve(backend, ref.device, method)  # same backend errors as every other method
-        merged = lowrank.merge(method, base, models, weights=w,
-                               alpha=lam if alpha is None else V.number(alpha, "alpha"),
-                               exact=V.flag(exact, "exact"), seed=seed,
-                               common_space_fraction=common_space_fraction, out_dtype=dtype)
-        return merged if qcfg is None else Q.quantize(merged, qcfg)
-    if alpha is not None:
-        raise ValueError(f"alpha scales the SVD merges ({', '.join(lowrank.METHODS)}); "
-                         f"method {method!r} takes lam")
 
-    if method == "linear":
-        norm = _flag(normalize, "normalize", True)
+def plan(entry, base, models, w, dens, lam, *, normalize=None, rescale=None, gamma=0.01, epsilon=0.15,
+         seed=None, threshold=None) -> sem.Plan:
+    """The :class:`~fastmerge._semantics.Plan` of a ``gta`` or ``linear`` method on validated
+    arguments: one mask per model and the merge's settings."""
+    K = len(models)
+    if entry.family == "linear":
+        norm = _flag(normalize, "normalize", entry.normalize)
         if norm and sum(w) == 0:
             raise ValueError("weights sum to zero: linear merge cannot normalize (pass normalize=False)")
-        plan = sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
+        return sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
                         normalize=norm, lam=lam)
-        return run(plan, None, models, dtype, backend, method, qcfg)
-
-    consensus, sparsify, d_norm, d_rescale = sem.MERGEKIT_METHODS[method]
-    n = ref.numel()
-    if threshold is not None:
-        if sparsify != "magnitude":
-            raise ValueError(f"threshold applies to magnitude trimming (ties), not to method {method!r}")
-        if any(d != 1.0 for d in dens):
-            raise ValueError("give either density or threshold, not both")
-        masks = _threshold_masks(base, models, V.per_model(threshold, K, "threshold", 0.0))
-    elif sparsify == "magnitude":
-        masks = [sem.magnitude_mask(d, n) for d in dens]
-    elif sparsify == "outliers":
-        g = V.per_model(gamma, K, "gamma", 0.0, 1.0)
-        masks = [sem.outlier_mask(d, gi, n) for d, gi in zip(dens, g)]
-    elif sparsify == "random":
-        masks = [sem.random_mask(d) for d in dens]
-    elif sparsify == "della":
-        eps = V.per_model(epsilon, K, "epsilon", 0.0, 1.0)
-        masks = [sem.della_mask(d, e) for d, e in zip(dens, eps)]
-    else:
-        masks = [sem.MaskSpec("none")] * K
+    masks = _masks(entry, base, models, dens, gamma, epsilon, threshold)
     random = any(m.kind in ("random", "della") for m in masks)
-    plan = sem.Plan(
+    return sem.Plan(
         masks=masks,
         weights=w,
-        rescale=_rescale_mode(rescale, d_rescale) if sparsify else None,
-        consensus=consensus,
+        rescale=sem.rescale_mode(rescale, entry.rescale) if entry.sparsify else None,
+        consensus=entry.consensus,
         elect_weighted=True,
-        divisor="weight" if consensus else "sumw",
-        normalize=_flag(normalize, "normalize", d_norm),
+        divisor="weight" if entry.consensus else "sumw",
+        normalize=_flag(normalize, "normalize", entry.normalize),
         lam=lam,
         seed=resolve_seed(seed) if random or seed is not None else 0,  # validate a given seed
     )
-    return run(plan, base, models, dtype, backend, method, qcfg)
+
+
+def _masks(entry, base, models, dens, gamma, epsilon, threshold) -> list:
+    """One :class:`~fastmerge._semantics.MaskSpec` per model, as the method sparsifies."""
+    K, n, sparsify = len(models), base.numel(), entry.sparsify
+    if threshold is not None:
+        if sparsify != "magnitude":
+            raise ValueError(f"threshold applies to magnitude trimming (ties), not to method {entry.name!r}")
+        if any(d != 1.0 for d in dens):
+            raise ValueError("give either density or threshold, not both")
+        return _threshold_masks(base, models, V.per_model(threshold, K, "threshold", 0.0))
+    if sparsify == "magnitude":
+        return [sem.magnitude_mask(d, n) for d in dens]
+    if sparsify == "outliers":
+        g = V.per_model(gamma, K, "gamma", 0.0, 1.0)
+        return [sem.outlier_mask(d, gi, n) for d, gi in zip(dens, g)]
+    if sparsify == "random":
+        return [sem.random_mask(d) for d in dens]
+    if sparsify == "della":
+        eps = V.per_model(epsilon, K, "epsilon", 0.0, 1.0)
+        return [sem.della_mask(d, e) for d, e in zip(dens, eps)]
+    return [sem.MaskSpec("none")] * K
 
 
 def _threshold_masks(base, models, thresholds) -> list:
@@ -219,15 +223,5 @@ def _alias(method: str):
     return f
 
 
-task_arithmetic = _alias("task_arithmetic")
-ties = _alias("ties")
-dare_ties = _alias("dare_ties")
-dare_linear = _alias("dare_linear")
-breadcrumbs = _alias("breadcrumbs")
-breadcrumbs_ties = _alias("breadcrumbs_ties")
-della = _alias("della")
-della_linear = _alias("della_linear")
-linear = _alias("linear")
-tsv = _alias("tsv")
-iso_c = _alias("iso_c")
-iso_cts = _alias("iso_cts")
+# fastmerge.<method>: one alias per registry entry
+globals().update({name: _alias(name) for name in R.METHODS})

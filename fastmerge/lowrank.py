@@ -38,10 +38,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import _registry as R
 from . import _validate as V
 from .philox import resolve_seed
 
-METHODS = ("tsv", "iso_c", "iso_cts")
+METHODS = R.names("svd")  # tsv, iso_c, iso_cts
 LINALG_DTYPES = V.SUPPORTED_DTYPES + (torch.float64,)
 
 # Randomized SVD defaults (bench/results/cpu_lowrank_4096.json, 4096x4096 fp32, σ_i = 1/i):

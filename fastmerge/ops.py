@@ -9,11 +9,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import _compile as C
 from . import _semantics as sem
 from . import _validate as V
 from . import dispatch as B
-from . import library
-from .api import _rescale_mode, run
 from .philox import resolve_seed
 
 
@@ -43,7 +42,7 @@ def magnitude_threshold(x: torch.Tensor, density: Optional[float] = None, *, k: 
                         backend: Optional[str] = None) -> torch.Tensor:
     """The exact k-th largest ``|x|`` (``k = int(density * x.numel())``), a 0-d tensor of x's
     dtype; ``inf`` when ``k == 0``. Found by radix select on the ``cpu`` backend (no sort)."""
-    if library.compiling():  # torch.compile: the opaque custom op (fastmerge/library.py)
+    if C.compiling():  # torch.compile: the opaque custom op (fastmerge/library.py)
         return torch.ops.fastmerge.magnitude_threshold(x, None if density is None else float(density), k, backend)
     x = _one(x)
     k = _k(x, density, k)
@@ -54,16 +53,16 @@ def magnitude_prune(x: torch.Tensor, density: Optional[float] = None, *, k: Opti
                     rescale=None, backend: Optional[str] = None) -> torch.Tensor:
     """Keep the ``k = int(density * numel)`` largest-magnitude entries of ``x``, zero the rest;
     ``rescale`` ("l1" | "l2" | "linf") matches the norm of the result to that of ``x``."""
-    if library.compiling():
+    if C.compiling():
         return torch.ops.fastmerge.magnitude_prune(x, None if density is None else float(density), k,
-                                                   library.rescale_in(rescale), backend)
+                                                   C.rescale_in(rescale), backend)
     x = _one(x)
     kk = _k(x, density, k)
     plan = sem.Plan(masks=[sem.MaskSpec("range", 0, kk)], weights=[1.0],
-                    rescale=_rescale_mode(rescale, False), names=["x"])
+                    rescale=sem.rescale_mode(rescale, False), names=["x"])
     if plan.rescale == "density":
         raise ValueError("rescale='density' applies to random_drop; use 'l1', 'l2' or 'linf'")
-    return run(plan, None, [x], x.dtype, backend, "magnitude_prune")
+    return B.run(plan, None, [x], x.dtype, backend, "magnitude_prune")
 
 
 def random_drop(x: torch.Tensor, density: float, *, seed: Optional[int] = None, rescale=True,
@@ -74,15 +73,15 @@ def random_drop(x: torch.Tensor, density: float, *, seed: Optional[int] = None, 
     seed gives the same mask on every backend. ``rescale``: True / "density" divides the kept
     entries by ``density``; "l1" | "l2" | "linf" match the norm of ``x``; False keeps them as is.
     """
-    if library.compiling():
-        return torch.ops.fastmerge.random_drop(x, float(density), library.seed_in(seed),
-                                               library.rescale_in(rescale), backend)
+    if C.compiling():
+        return torch.ops.fastmerge.random_drop(x, float(density), C.seed_in(seed),
+                                               C.rescale_in(rescale), backend)
     x = _one(x)
     d = V.per_model(density, 1, "density", 0.0, 1.0)[0]
-    mode = "density" if rescale is True else _rescale_mode(rescale, False)
+    mode = "density" if rescale is True else sem.rescale_mode(rescale, False)
     plan = sem.Plan(masks=[sem.random_mask(d)], weights=[1.0], rescale=mode, seed=resolve_seed(seed),
                     names=["x"])
-    return run(plan, None, [x], x.dtype, backend, "random_drop")
+    return B.run(plan, None, [x], x.dtype, backend, "random_drop")
 
 
 def _same_inputs(tensors, name="tensors"):
@@ -96,8 +95,8 @@ def elect_sign(tensors: Sequence[torch.Tensor], weights=None, *, method: str = "
                backend: Optional[str] = None) -> torch.Tensor:
     """TIES sign election: int8 ``+1`` where ``sum_k w_k t_k >= 0`` (``method="sum"``) or
     ``sum_k sign(w_k t_k) >= 0`` (``"count"``), else ``-1``."""
-    if library.compiling():
-        return torch.ops.fastmerge.elect_sign(list(tensors), library.floats(weights), method, backend)
+    if C.compiling():
+        return torch.ops.fastmerge.elect_sign(list(tensors), C.floats(weights), method, backend)
     tensors = _same_inputs(tensors)
     if method not in ("sum", "count"):
         raise ValueError(f"method must be 'sum' or 'count', got {method!r}")
@@ -110,8 +109,8 @@ def disjoint_merge(tensors: Sequence[torch.Tensor], sign: torch.Tensor, weights=
     """TIES disjoint merge: ``sum_k w_k t_k [sign(t_k) == sign] / D`` with ``D`` the number of
     agreeing inputs (``divisor="count"``, at least 1, as PEFT) or their summed weight
     (``"weight"``, 0 -> 1, as mergekit)."""
-    if library.compiling():
-        return torch.ops.fastmerge.disjoint_merge(list(tensors), sign, library.floats(weights), divisor,
+    if C.compiling():
+        return torch.ops.fastmerge.disjoint_merge(list(tensors), sign, C.floats(weights), divisor,
                                                   out_dtype, backend)
     tensors = _same_inputs(tensors)
     if not isinstance(sign, torch.Tensor):

@@ -13,10 +13,10 @@ from typing import Literal, Optional
 
 import torch
 
+from . import _compile as C
 from . import _semantics as sem
 from . import _validate as V
-from . import library
-from .api import run
+from . import dispatch as B
 from .ops import _same_inputs
 from .philox import resolve_seed
 
@@ -58,13 +58,13 @@ _FUNCTIONS = {("none", False): "task_arithmetic", ("magnitude", False): "magnitu
 
 def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_method,
            seed, backend) -> torch.Tensor:
-    if library.compiling():  # torch.compile: the opaque custom op (fastmerge/library.py)
+    if C.compiling():  # torch.compile: the opaque custom op (fastmerge/library.py)
         if not isinstance(weights, torch.Tensor):
-            w = library.floats(weights)
+            w = C.floats(weights)
             weights = torch.tensor(w if isinstance(weights, (list, tuple)) else w[0])
         return torch.ops.fastmerge.peft_merge(
             _FUNCTIONS[(method, sign_method is not None)], list(task_tensors), weights, float(density),
-            sign_method, library.seed_in(seed), backend)
+            sign_method, C.seed_in(seed), backend)
     tasks = _same_inputs(task_tensors, "task_tensors")
     w, wdtype = _weights(weights, len(tasks))
     consensus = None
@@ -94,7 +94,7 @@ def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_meth
         seed=resolve_seed(seed) if method == "random" and d is not None else 0,
         names=[f"task_tensors[{i}]" for i in range(len(tasks))],
     )
-    return run(plan, None, tasks, work_dtype, backend, "peft").to(out_dtype)
+    return B.run(plan, None, tasks, work_dtype, backend, "peft").to(out_dtype)
 
 
 def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor, *, backend=None) -> torch.Tensor:

@@ -34,7 +34,7 @@ Formats (for a weight ``[out, in]``; groups of ``G`` run along ``in``):
   before the cast because eager casts do not saturate. A zero scale (all-zero tile) becomes fp32
   eps, as in compressed-tensors (torchao would produce NaN there).
 
-Rounding is round-half-to-even everywhere. The ``torch`` backend (``fastmerge/reference.py``)
+Rounding is round-half-to-even everywhere. The ``torch`` backend (``fastmerge/backends/torch.py``)
 defines every format; the ``cpu`` backend's C++ kernels (``csrc/quant.cpp``) and the Triton
 kernels (``triton_kernels/quant.py``; GPU tensors on ``triton`` and ``cuda``) agree bit for bit.
 """
@@ -42,127 +42,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
 
 from . import _validate as V
+from . import _semantics as sem
 from . import dispatch as B
+from .ops import magnitude_threshold
+from .formats import (  # noqa: F401  (the public names of fastmerge.quant)
+    FP8_DTYPES, GRANULARITIES, GROUP_SIZES, LAYOUTS, FP8Config, GPTQInt4, Int4Config, Int4Weight,
+    QuantConfig, TorchAOInt4, check_shape, config, dequantize_int4, expand_fp8_scale,
+    fp8_scale_shape, int4_outputs, nbytes, raise_quant_flags, wrap)
 
-GROUP_SIZES = (32, 64, 128)
-LAYOUTS = ("gptq", "torchao")
-FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-GRANULARITIES = ("tensor", "row", "block")
 DELTA_METHODS = ("int4", "fp8", "bitdelta", "ternary")
-
-
-# ---------------------------------------------------------------------------- configurations
-
-@dataclass(frozen=True)
-class Int4Config:
-    """INT4 weight-only quantization: groups of ``group_size`` (32, 64, 128) along ``in``,
-    asymmetric (zero point) unless ``symmetric``, in the ``gptq`` or ``torchao`` layout."""
-
-    group_size: int = 128
-    symmetric: bool = False
-    layout: str = "gptq"
-
-    def __post_init__(self):
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) \
-                or self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
-        V.flag(self.symmetric, "symmetric")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-
-
-@dataclass(frozen=True)
-class FP8Config:
-    """FP8 with fp32 dequant scales per ``tensor``, ``row`` or ``block`` (``block`` = rows,
-    columns of a tile), format ``e4m3fn`` or ``e5m2``."""
-
-    granularity: str = "tensor"
-    fmt: str = "e4m3fn"
-    block: tuple = (128, 128)
-
-    def __post_init__(self):
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.fmt not in FP8_DTYPES:
-            raise ValueError(f"fmt must be one of {tuple(FP8_DTYPES)}, got {self.fmt!r}")
-        blk = self.block
-        if not isinstance(blk, (tuple, list)) or len(blk) != 2 or any(
-                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blk):
-            raise ValueError(f"block must be two positive ints (rows, columns), got {blk!r}")
-        object.__setattr__(self, "block", tuple(blk))
-
-
-QuantConfig = Union[Int4Config, FP8Config]
-
-
-def config(quantize) -> Optional[QuantConfig]:
-    """``quantize=`` of :func:`fastmerge.merge`: None, ``"int4"`` / ``"fp8"`` (default configs), or
-    an :class:`Int4Config` / :class:`FP8Config`."""
-    if quantize is None or isinstance(quantize, (Int4Config, FP8Config)):
-        return quantize
-    if quantize == "int4":
-        return Int4Config()
-    if quantize == "fp8":
-        return FP8Config()
-    raise ValueError(f"quantize must be None, 'int4', 'fp8', an Int4Config or an FP8Config; got {quantize!r}")
-
-
-def fp8_scale_shape(shape: tuple, granularity: str, block=(128, 128)) -> tuple:
-    if granularity == "tensor":
-        return (1,) * len(shape)
-    if granularity == "row":
-        return tuple(shape[:-1]) + (1,)
-    return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
-
-
-def check_shape(shape: tuple, cfg: QuantConfig, name: str = "w") -> None:
-    """ValueError naming ``name`` when a weight of ``shape`` cannot take the format ``cfg``."""
-    if isinstance(cfg, Int4Config):
-        if len(shape) != 2:
-            raise ValueError(f"{name} must be a 2-D weight [out_features, in_features] for INT4; "
-                             f"got shape {shape}")
-        out_f, in_f = shape
-        if in_f % cfg.group_size:
-            raise ValueError(f"{name}.shape[1] (in_features) = {in_f} is not a multiple of "
-                             f"group_size={cfg.group_size}")
-        if cfg.layout == "gptq" and out_f % 8:
-            raise ValueError(f"{name}.shape[0] (out_features) = {out_f} is not a multiple of 8, "
-                             "which layout='gptq' needs (qzeros packs 8 output columns per int32)")
-        return
-    if len(shape) == 0:
-        raise ValueError(f"{name} is 0-d: FP8 quantization needs at least one dimension")
-    if cfg.granularity == "block" and len(shape) != 2:
-        raise ValueError(f"{name} must be 2-D for granularity='block'; got shape {shape}")
-
-
-def int4_outputs(cfg: "Int4Config", out_f: int, in_f: int, value_dtype: torch.dtype,
-                 device=None) -> dict:
-    """Empty tensors of the INT4 layout ``cfg.layout`` for a weight ``[out_f, in_f]`` of
-    ``value_dtype`` (the kernels fill them)."""
-    G = cfg.group_size
-    if cfg.layout == "gptq":
-        return {"qweight": torch.empty(in_f // 8, out_f, dtype=torch.int32, device=device),
-                "qzeros": torch.empty(in_f // G, out_f // 8, dtype=torch.int32, device=device),
-                "scales": torch.empty(in_f // G, out_f, dtype=torch.float16, device=device)}
-    return {"qdata": torch.empty(out_f, in_f // 2, dtype=torch.int8, device=device),
-            "scale": torch.empty(in_f // G, out_f, dtype=value_dtype, device=device),
-            "zero_point": torch.empty(in_f // G, out_f, dtype=value_dtype, device=device)}
-
-
-def raise_quant_flags(flags, name: str) -> None:
-    """A quantizer kernel's last two flags: a non-finite value, a GPTQ fp16 scale overflow."""
-    if flags[-2]:
-        raise V.NonFiniteError(name)
-    if flags[-1]:
-        raise ValueError(f"{name} has a group whose range needs an fp16 scale above 65504 "
-                         "(|values| beyond ~1e6): GPTQ's fp16 scales cannot hold it")
-
 
 def _check_weight(w, cfg: QuantConfig, name: str = "w") -> None:
     if not isinstance(w, torch.Tensor):
@@ -173,94 +67,12 @@ def _check_weight(w, cfg: QuantConfig, name: str = "w") -> None:
 
 # ---------------------------------------------------------------------------------- INT4
 
-class _Int4:
-    """What every INT4 result offers; ``FIELDS`` names its tensors."""
-
-    FIELDS: ClassVar[tuple] = ()
-
-    def tensors(self) -> dict:
-        return {k: getattr(self, k) for k in self.FIELDS}
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.tensors())
-
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return dequantize_int4(self, dtype)
-
-
-@dataclass
-class GPTQInt4(_Int4):
-    """GPTQ v1 tensors of a weight ``[out, in]`` (see the module docstring).
-    ``state_dict()`` gives the names AutoGPTQ / transformers load (``qweight, qzeros, scales,
-    g_idx``)."""
-
-    qweight: torch.Tensor
-    qzeros: torch.Tensor
-    scales: torch.Tensor
-    shape: tuple
-    group_size: int
-    symmetric: bool = False
-    dtype: torch.dtype = torch.float16  # dtype of the weight that was quantized
-    layout: ClassVar[str] = "gptq"
-    FIELDS: ClassVar[tuple] = ("qweight", "qzeros", "scales")
-
-    @property
-    def g_idx(self) -> torch.Tensor:
-        return torch.arange(self.shape[1], dtype=torch.int32, device=self.qweight.device) // self.group_size
-
-    def state_dict(self, prefix: str = "") -> dict:
-        return {prefix + "qweight": self.qweight, prefix + "qzeros": self.qzeros,
-                prefix + "scales": self.scales, prefix + "g_idx": self.g_idx}
-
-
-@dataclass
-class TorchAOInt4(_Int4):
-    """torchao's plain int4 tensors of a weight ``[out, in]`` (see the module docstring);
-    ``to_torchao()`` wraps them in ``torchao.quantization.Int4Tensor``."""
-
-    qdata: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    shape: tuple
-    group_size: int
-    symmetric: bool = False
-    dtype: torch.dtype = torch.bfloat16
-    layout: ClassVar[str] = "torchao"
-    FIELDS: ClassVar[tuple] = ("qdata", "scale", "zero_point")
-
-    def to_torchao(self):
-        from torchao.quantization import Int4Tensor
-
-        return Int4Tensor(self.qdata, self.scale, self.zero_point, block_size=[1, self.group_size],
-                          shape=torch.Size(self.shape))
-
-
-Int4Weight = Union[GPTQInt4, TorchAOInt4]
-
-
-def _nbytes(tensors: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _wrap(raw, cfg: QuantConfig, shape: tuple, dtype: torch.dtype):
-    """A backend's raw output as the public result: an Int4 dataclass or ``(q, scale)``."""
-    if isinstance(cfg, FP8Config):
-        return raw
-    cls = GPTQInt4 if cfg.layout == "gptq" else TorchAOInt4
-    return cls(**raw, shape=tuple(shape), group_size=cfg.group_size, symmetric=cfg.symmetric, dtype=dtype)
-
-
 def quantize(w: torch.Tensor, cfg: QuantConfig, *, backend: Optional[str] = None):
     """Quantize ``w`` with ``cfg`` (:class:`Int4Config` -> Int4 dataclass, :class:`FP8Config` ->
     ``(q, scale)``)."""
     cfg = config(cfg)
     _check_weight(w, cfg)
-    mod = B.for_op(backend, w.device, "quantize")
-    if not hasattr(mod, "quantize"):  # a backend without quantizers: the torch reference
-        mod = B.module("torch")
-    raw = mod.quantize(w, cfg, "w")
-    return _wrap(raw, cfg, tuple(w.shape), w.dtype)
+    return B.quantize(w, cfg, backend)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = False, layout: str = "gptq",
@@ -269,35 +81,6 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fals
     ``group_size`` along ``in``: :class:`GPTQInt4` (``layout="gptq"``) or :class:`TorchAOInt4`
     (``"torchao"``). Shapes that the groups do not divide raise a ValueError (no padding)."""
     return quantize(w, Int4Config(group_size, symmetric, layout), backend=backend)
-
-
-_SHIFTS = {}
-
-
-def _shifts(device) -> torch.Tensor:
-    if device not in _SHIFTS:
-        _SHIFTS[device] = 4 * torch.arange(8, dtype=torch.int32, device=device)
-    return _SHIFTS[device]
-
-
-def dequantize_int4(packed: Int4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The weight ``[out, in]`` an INT4 result stands for, computed in fp32 (``s (q - z)`` for
-    GPTQ v1, ``q s + zero`` for torchao) and cast to ``dtype`` (default: the quantized weight's)."""
-    out_f, in_f = packed.shape
-    G = packed.group_size
-    if isinstance(packed, GPTQInt4):
-        sh = _shifts(packed.qweight.device)
-        q = (packed.qweight.unsqueeze(1) >> sh[None, :, None]) & 0xF  # [in/8, 8, out]
-        q = q.reshape(in_f, out_f).T
-        z = ((packed.qzeros.unsqueeze(-1) >> sh) & 0xF).reshape(in_f // G, out_f) + 1
-        w = (q.reshape(out_f, in_f // G, G) - z.T[..., None]).float() * packed.scales.T.float()[..., None]
-    elif isinstance(packed, TorchAOInt4):
-        d = packed.qdata
-        q = torch.stack([(d << 4) >> 4, d >> 4], dim=-1).reshape(out_f, in_f // G, G)
-        w = q.float() * packed.scale.T.float()[..., None] + packed.zero_point.T.float()[..., None]
-    else:
-        raise TypeError(f"packed must be a GPTQInt4 or TorchAOInt4, got {type(packed).__name__}")
-    return w.reshape(out_f, in_f).to(dtype or packed.dtype)
 
 
 # ----------------------------------------------------------------------------------- FP8
@@ -314,8 +97,6 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
                    block=(128, 128)) -> torch.Tensor:
     """``q.float() * scale`` in fp32 (scale broadcast per tensor / row, repeated per ``block``),
     cast to ``dtype`` (torchao's ``_dequantize_affine_float8``)."""
-    from .reference import expand_fp8_scale
-
     if not isinstance(q, torch.Tensor) or q.dtype not in FP8_DTYPES.values():
         raise TypeError(f"q must be a float8_e4m3fn or float8_e5m2 tensor, got "
                         f"{getattr(q, 'dtype', type(q).__name__)}")
@@ -356,7 +137,7 @@ class CompressedDelta:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.data)
+        return nbytes(self.data)
 
     @property
     def ratio(self) -> float:
@@ -414,28 +195,22 @@ def compress_delta(base: torch.Tensor, finetuned: torch.Tensor, method: str = "b
         raise ValueError(f"method must be one of {DELTA_METHODS}, got {method!r}")
     shape, dtype = tuple(base.shape), finetuned.dtype
     if method in ("int4", "fp8"):
-        from . import _semantics as sem
-        from .api import run
-
         cfg = Int4Config(group_size, False, "torchao") if method == "int4" else FP8Config(granularity, fmt)
         check_shape(shape, cfg, "finetuned")
         plan = sem.Plan(masks=[sem.MaskSpec("none")] * 2, weights=[1.0, -1.0], names=["finetuned", "base"])
-        res = run(plan, None, [finetuned, base], dtype, backend, quantize=cfg)
+        res = B.run(plan, None, [finetuned, base], dtype, backend, quantize=cfg)
         data = res.tensors() if method == "int4" else {"q": res[0], "scale": res[1]}
         params = {"group_size": group_size} if method == "int4" else {"granularity": granularity, "fmt": fmt}
         return CompressedDelta(method, shape, dtype, data, params)
     B.resolve(backend, base.device)  # same backend errors as every other entry point
     d = finetuned.to(torch.float32) - base.to(torch.float32)
     if not bool(torch.isfinite(d).all()):  # a non-finite input always makes d non-finite
-        from .reference import check_finite
-
-        check_finite(finetuned, "finetuned")
-        check_finite(base, "base")
+        V.check_finite(finetuned, "finetuned")
+        V.check_finite(base, "base")
     if method == "bitdelta":
         scale = d.abs().mean() if d.numel() else torch.zeros((), device=d.device)
         return CompressedDelta(method, shape, dtype, {"bits": pack_bits(d >= 0), "scale": scale.float()})
     dens = V.per_model(density, 1, "density", 0.0, 1.0)[0]
-    from .ops import magnitude_threshold
 
     k = int(dens * d.numel())
     a = d.abs().reshape(-1)

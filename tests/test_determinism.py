@@ -372,7 +372,8 @@ def test_norm_sums_do_not_depend_on_thread_count():
     ... fastmerge merge``) writes the same bytes as one process with more threads. Checked on
     the native sums themselves (doubles), where a thread-dependent order would show."""
     from fastmerge import _semantics as sem
-    from fastmerge import cpu
+    from fastmerge import abi
+    from fastmerge.backends import cpu
 
     if not fastmerge.backends()["cpu"]["available"]:
         pytest.skip("cpu backend not built")
@@ -383,10 +384,10 @@ def test_norm_sums_do_not_depend_on_thread_count():
     masks = [sem.random_mask(0.3), sem.magnitude_mask(0.2, n), sem.random_mask(0.6)]
     lib = cpu._lib()
     ranges = cpu._thresholds(base, models, masks, n)
-    kinds = [cpu._KIND[m.kind] for m in masks]
+    kinds = [abi.MASK_OF_SPEC[m.kind] for m in masks]
     for norm in ("l1", "l2"):
-        sums = [lib.mask_norms(base.data_ptr(), cpu._ptrs(models), cpu._DT[torch.float32], n, kinds,
-                               ranges, [m.p for m in masks], 5, [0, 0, 0], cpu._NORM[norm], nt)
+        sums = [lib.mask_norms(base.data_ptr(), cpu._ptrs(models), abi.dtype_code(torch.float32), n, kinds,
+                               ranges, [m.p for m in masks], 5, [0, 0, 0], abi.NORM_OF_PLAN[norm], nt)
                 for nt in (1, 2, 3, 7)]
         assert all(s == sums[0] for s in sums[1:]), (norm, sums)
 
@@ -421,7 +422,7 @@ def test_cuda_source_draws_the_counter_layout(single):
     and this host build) give ``uniform(seed, stream) < p`` bit for bit: the cuda backend's
     seeded DARE/DELLA masks are the cpu and triton backends', checked without a GPU. Seeds
     and streams cover both key words and the high counter word's carry; p covers 0 and 1."""
-    from fastmerge.dispatch import native
+    from fastmerge.backends._native import lib as native
 
     lib = native()
     if lib is None:

@@ -134,8 +134,8 @@ def test_selection_exact_with_split_ties(gpu, case):
         assert torch.equal(got, want), (case, k)
         assert int((got != 0).sum()) <= k
     if gpu == "triton":
-        from fastmerge import gpu as G
-        from fastmerge.triton import kernels
+        from fastmerge.backends import _gpu as G
+        from fastmerge.backends.triton import kernels
 
         xc = x.cuda()
         _, bst, xs, sts, C, strided = G.layout(None, [xc])

@@ -14,7 +14,7 @@ import torch
 
 import fastmerge
 from fastmerge import quant as Q
-from fastmerge import cpu as fm_cpu
+from fastmerge.backends import cpu as fm_cpu
 from fastmerge import _semantics as sem
 
 from conftest import BACKENDS, make_models
@@ -560,7 +560,7 @@ def test_fused_out_dtype_aliases_and_native_paths():
     plan = sem.Plan(masks=[sem.MaskSpec("none")] * 2, weights=[1.0, 0.5])
     for cfg in (Q.FP8Config("tensor"), Q.FP8Config("block", block=(16, 100))):
         if "cpu" in FAST:
-            got = fm_cpu.run_plan_quantized(plan, base, models, torch.bfloat16, cfg, always_fused=True)
+            got = fm_cpu.fused_merge_quantize(plan, base, models, torch.bfloat16, cfg)
             assert_same(got, Q.quantize(fm_cpu.run_plan(plan, base, models, torch.bfloat16), cfg))
 
 

@@ -145,9 +145,9 @@ def _keep_set(a, T, J):
 def test_select_exact_top_k(case, force_radix):
     """Exactly k kept, ties at the threshold to the lowest flat index, on both selection paths
     (n > 2**16: the sampled bracket; ``zeros_split`` overflows its candidate buffer)."""
-    from fastmerge import gpu
-    from fastmerge.reference import range_keep
-    from fastmerge.triton import kernels
+    from fastmerge.backends import _gpu as gpu
+    from fastmerge.backends.torch import range_keep
+    from fastmerge.backends.triton import kernels
 
     g = torch.Generator().manual_seed(0)
     n = (1 << 17) + 77
@@ -196,7 +196,7 @@ def test_strided_inputs_read_in_place():
 
 
 def gpu_strides(t):
-    from fastmerge.gpu import strides_2d
+    from fastmerge.backends._gpu import strides_2d
 
     return strides_2d(t)
 
@@ -241,7 +241,7 @@ def test_philox_counters_past_32_bits():
     import triton
     import triton.language as tl
 
-    from fastmerge.triton import kernels
+    from fastmerge.backends.triton import kernels
 
     global _common  # the interpreter runs the kernel with this module's globals
     _common = common = kernels()._common

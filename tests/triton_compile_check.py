@@ -63,9 +63,10 @@ def compile_only(self, grid):
 JITFunction.__getitem__ = compile_only
 
 import fastmerge  # noqa: E402
-from fastmerge import dispatch, gpu, ops  # noqa: E402
+from fastmerge import dispatch, ops  # noqa: E402
+from fastmerge.backends import _gpu as gpu  # noqa: E402
 from fastmerge import peft as FP  # noqa: E402
-from fastmerge.triton import kernels  # noqa: E402
+from fastmerge.backends.triton import kernels  # noqa: E402
 
 dispatch.resolve = lambda backend, device, op="merge": "triton"
 

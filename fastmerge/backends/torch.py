@@ -22,9 +22,15 @@ from typing import Sequence
 
 import torch
 
-from . import _validate as V
-from . import philox
-from ._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
+from .. import _validate as V
+from .. import formats, philox
+from .._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
+
+NAME = "torch"
+
+
+def status() -> dict:
+    return {"available": True, "reason": "pure PyTorch reference; every op, every device"}
 
 
 def _f32(x: float) -> torch.Tensor:
@@ -99,25 +105,17 @@ def sparsify(d: torch.Tensor, spec: MaskSpec, rescale, seed: int, stream: int) -
     return s
 
 
-def check_finite(x: torch.Tensor, name: str) -> None:
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise V.NonFiniteError(name)
-
-
-def input_names(plan: Plan, k: int) -> list:
-    return plan.names if plan.names is not None else [f"models[{i}]" for i in range(k)]
-
 
 def run_plan(plan: Plan, base: torch.Tensor | None, inputs: Sequence[torch.Tensor],
              out_dtype: torch.dtype) -> torch.Tensor:
     """Execute a merge plan on K inputs (deltas from ``base`` when one is given)."""
     b = base.to(torch.float32) if base is not None else None
     if base is not None:
-        check_finite(base, "base")
+        V.check_finite(base, "base")
     values, weights = [], []
-    names = input_names(plan, len(inputs))
+    names = V.input_names(plan.names, len(inputs))
     for k, (x, spec, w) in enumerate(zip(inputs, plan.masks, plan.weights)):
-        check_finite(x, names[k])
+        V.check_finite(x, names[k])
         d = x.to(torch.float32) - b if b is not None else x.to(torch.float32)
         s = sparsify(d, spec, plan.rescale, plan.seed, k)
         values.append((s, s * _f32(w)))
@@ -165,7 +163,7 @@ def elect_sign(tensors: Sequence[torch.Tensor], weights, method: str) -> torch.T
     """Majority sign (int8, +1/-1) of ``sum_k w_k t_k`` (``sum``) or ``sum_k sign(w_k t_k)``."""
     total = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     for k, (t, w) in enumerate(zip(tensors, weights)):
-        check_finite(t, f"tensors[{k}]")
+        V.check_finite(t, f"tensors[{k}]")
         e = t.to(torch.float32) * _f32(w)
         total = total + (e if method == "sum" else torch.sign(e))
     return torch.where(total >= 0, 1, -1).to(torch.int8)
@@ -179,7 +177,7 @@ def disjoint_merge(tensors, sign, weights, divisor: str, out_dtype) -> torch.Ten
     mixed = torch.zeros(tensors[0].shape, dtype=torch.float32, device=dev)
     div = torch.zeros(tensors[0].shape, dtype=torch.float32, device=dev)
     for k, (t, w) in enumerate(zip(tensors, weights)):
-        check_finite(t, f"tensors[{k}]")
+        V.check_finite(t, f"tensors[{k}]")
         e = t.to(torch.float32)
         agree = torch.where(positive, e > 0, e < 0)
         mixed = mixed + torch.where(agree, e * _f32(w), zero)
@@ -190,7 +188,7 @@ def disjoint_merge(tensors, sign, weights, divisor: str, out_dtype) -> torch.Ten
 
 def magnitude_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest |x| (``inf`` when k == 0), in x's dtype."""
-    check_finite(x, "x")
+    V.check_finite(x, "x")
     if k == 0:
         return torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
     a = x.detach().reshape(-1).to(torch.float32).abs()
@@ -286,9 +284,7 @@ def quantize_int4(w: torch.Tensor, cfg, name: str = "w") -> dict:
 def fp8_amax(x: torch.Tensor, granularity: str, block) -> torch.Tensor:
     """``max |x|`` (in x's dtype: exact) per tensor ``[1]*ndim``, per row ``[*shape[:-1], 1]``
     or per block."""
-    from .quant import fp8_scale_shape
-
-    shape = fp8_scale_shape(tuple(x.shape), granularity, block)
+    shape = formats.fp8_scale_shape(tuple(x.shape), granularity, block)
     if x.numel() == 0:
         return torch.zeros(shape, dtype=x.dtype, device=x.device)
     a = x.abs()
@@ -302,12 +298,6 @@ def fp8_amax(x: torch.Tensor, granularity: str, block) -> torch.Tensor:
     return a.reshape(nr, br, nc, bc).amax(dim=(1, 3))
 
 
-def expand_fp8_scale(scale: torch.Tensor, shape, block) -> torch.Tensor:
-    """A tensor / row / block scale broadcast (or repeated) to ``shape``."""
-    if scale.numel() == 1 or tuple(scale.shape) == tuple(shape[:-1]) + (1,):
-        return scale
-    br, bc = block
-    return scale.repeat_interleave(br, 0).repeat_interleave(bc, 1)[: shape[0], : shape[1]]
 
 
 def quantize_fp8(w: torch.Tensor, cfg, name: str = "w"):
@@ -315,19 +305,17 @@ def quantize_fp8(w: torch.Tensor, cfg, name: str = "w"):
     FP8): ``s = amax / fmax`` divided in ``w``'s dtype (as both do) and stored in fp32 (0 -> fp32
     eps, as compressed-tensors), codes ``fp8(clamp(x / s, -fmax, fmax))`` in fp32 with the cast
     rounding to nearest even."""
-    from .quant import FP8_DTYPES
-
-    dt = FP8_DTYPES[cfg.fmt]
+    dt = formats.FP8_DTYPES[cfg.fmt]
     fmax = torch.finfo(dt).max
     x = w.to(torch.float32)
     s = (fp8_amax(w, cfg.granularity, cfg.block) / fmax).to(torch.float32)
     s = torch.where(s == 0, torch.tensor(torch.finfo(torch.float32).eps, device=s.device), s)
-    q = (x / expand_fp8_scale(s, x.shape, cfg.block)).clamp(-fmax, fmax).to(dt)
+    q = (x / formats.expand_fp8_scale(s, x.shape, cfg.block)).clamp(-fmax, fmax).to(dt)
     return q, s
 
 
 def quantize(w: torch.Tensor, cfg, name: str = "w"):
-    check_finite(w, name)
+    V.check_finite(w, name)
     if hasattr(cfg, "layout"):
         return quantize_int4(w, cfg, name)
     return quantize_fp8(w, cfg, name)

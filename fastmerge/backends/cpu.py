@@ -1,7 +1,7 @@
 """The ``cpu`` backend: drives the fused C++ kernels (csrc/) for a merge plan.
 
 A merge runs as at most three streaming passes over the inputs, never materialising a
-``(K, *shape)`` stack or a dense mask (see csrc/kernels.cpp):
+``(K, *shape)`` stack or a dense mask (see csrc/fused_merge.cpp and the passes before it):
 
 1. exact top-k thresholds for magnitude masks (radix select over the fp32 bit patterns),
 2. only when norm-matching rescale or DELLA needs them: per-model norms, and the random keep
@@ -14,22 +14,26 @@ import math
 
 import torch
 
-from . import _validate as V
-from . import dispatch as B
-from ._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
-from .quant import FP8_DTYPES, FP8Config, fp8_scale_shape, int4_outputs, raise_quant_flags
-from .reference import input_names
+from .. import _validate as V
+from .. import abi
+from .._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
+from ..formats import FP8_DTYPES, FP8Config, fp8_scale_shape, int4_outputs, raise_quant_flags
+from . import _host, _native
 
-_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_KIND = {"none": 0, "zero": 1, "range": 2, "random": 3, "bits": 4}
-_NORM = {None: 0, "l1": 1, "l2": 2, "linf": 3}
-_CONS = {None: 0, "sum": 1, "count": 2, "given": 3}
-_DIV = {"none": 0, "weight": 1, "count": 2, "sumw": 3, "sumw_exact": 3}
-NONE_T = 1 << 32  # threshold that no 31-bit key exceeds: empty top set
+NAME = "cpu"
+_DT = abi.dtype_code
+
+
+def status() -> dict:
+    lib = _native.lib()
+    if lib is None:
+        return {"available": False, "reason": f"native module not loaded: {_native.error()}"}
+    return {"available": True, "reason": f"C++/OpenMP kernels ({lib.__name__}, {lib.isa()}, "
+                                         f"{lib.max_threads()} OpenMP threads)"}
 
 
 def _lib():
-    return B.native()
+    return _native.lib()
 
 
 # Below this many elements per thread, waking another OpenMP thread costs more than it saves
@@ -50,22 +54,16 @@ def _contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _raise_nonfinite(flags, names):
-    for flag, name in zip(flags, names):
-        if flag:
-            raise V.NonFiniteError(name)
-
-
 def _raise_merge_flags(flags, plan, inputs, base):
     """The K+2 flags of a merge: per input, base, then "some input" (mask-free plans check
     their result instead of every input): only then are the inputs rescanned, to name one."""
-    names = input_names(plan, len(inputs)) + ["base"]
+    names = _host.merge_names(plan, len(inputs))
     K = len(inputs)
-    _raise_nonfinite(flags[:K + 1], names)
+    _host.raise_nonfinite(flags[:K + 1], names)
     if flags[K + 1]:
         for t, name in zip(list(inputs) + [base], names):
-            if t is not None and not bool(torch.isfinite(t).all()):
-                raise V.NonFiniteError(name)
+            if t is not None:
+                V.check_finite(t, name)
 
 
 def _thresholds(base, inputs, masks, n):
@@ -75,10 +73,10 @@ def _thresholds(base, inputs, masks, n):
         if spec.kind == "range":
             q_model += [m, m]
             q_k += [spec.stop, spec.start]
-    ranges = [NONE_T, -1, NONE_T, -1] * len(masks)
+    ranges = [abi.NONE_T, -1, abi.NONE_T, -1] * len(masks)
     if q_model:
         res = _lib().select_ranges(base.data_ptr() if base is not None else 0, _ptrs(inputs),
-                                   _DT[inputs[0].dtype], n, q_model, q_k, _threads(n))
+                                   _DT(inputs[0].dtype), n, q_model, q_k, _threads(n))
         for q, m in enumerate(q_model):
             off = 4 * m + (0 if q % 2 == 0 else 2)
             ranges[off], ranges[off + 1] = res[2 * q], res[2 * q + 1]
@@ -94,10 +92,10 @@ def _merge_args(plan: Plan, base, inputs):
     shape = inputs[0].shape
     n = inputs[0].numel()
     K = len(inputs)
-    dt = _DT[inputs[0].dtype]
+    dt = _DT(inputs[0].dtype)
     bptr = base.data_ptr() if base is not None else 0
     masks: list[MaskSpec] = plan.masks
-    kinds = [_KIND[m.kind if m.kind != "della" else "bits"] for m in masks]
+    kinds = [abi.MASK_OF_SPEC[m.kind] for m in masks]
     ranges = _thresholds(base, inputs, masks, n)
     probs = [m.p for m in masks]
     norm = plan.rescale if plan.rescale in ("l1", "l2", "linf") else None
@@ -107,15 +105,15 @@ def _merge_args(plan: Plan, base, inputs):
     for m, spec in enumerate(masks):
         if spec.kind == "della" or (spec.kind == "random" and norm is not None):
             bits[m] = torch.zeros((n + 63) // 64, dtype=torch.int64)
-            kinds[m] = _KIND["bits"]
+            kinds[m] = abi.MASK_BITS
     bit_ptrs = [b.data_ptr() if b is not None else 0 for b in bits]
 
     norms = [0.0] * (2 * K)
     flat = [m for m, s in enumerate(masks) if s.kind in ("range", "random")]
     if norm is not None and flat:
-        flat_kinds = [_KIND[s.kind] if s.kind in ("range", "random") else 0 for s in masks]
+        flat_kinds = [abi.MASK_OF_SPEC[s.kind] if s.kind in ("range", "random") else 0 for s in masks]
         res = lib.mask_norms(bptr, _ptrs(inputs), dt, n, flat_kinds, ranges, probs, plan.seed,
-                             bit_ptrs, _NORM[norm], _threads(n))
+                             bit_ptrs, abi.NORM_OF_PLAN[norm], _threads(n))
         for m in flat:
             norms[2 * m], norms[2 * m + 1] = res[2 * m], res[2 * m + 1]
     della = [m for m, s in enumerate(masks) if s.kind == "della"]
@@ -124,20 +122,16 @@ def _merge_args(plan: Plan, base, inputs):
         res = lib.della_bits(bptr, _ptrs(inputs), dt, outer, length, inner, della,
                              [masks[m].c1 if m in della else 0.0 for m in range(K)],
                              [masks[m].c2 if m in della else 0.0 for m in range(K)],
-                             plan.seed, bit_ptrs, _NORM[norm], _threads(n))
+                             plan.seed, bit_ptrs, abi.NORM_OF_PLAN[norm], _threads(n))
         for m in della:
             norms[2 * m], norms[2 * m + 1] = res[2 * m], res[2 * m + 1]
 
-    scale, scale_mode = [1.0] * K, 0
+    scale, scale_mode = [1.0] * K, abi.SCALE_NONE
     if plan.rescale == "density":
-        scale_mode = 2
-        # kept values are divided by the density; a density of 0 drops everything (no 0/0)
-        scale = [s.density if s.kind != "none" and s.density > 0 else 1.0 for s in masks]
-        for m, s in enumerate(masks):
-            if s.kind != "none" and s.density <= 0:
-                kinds[m] = _KIND["zero"]
+        scale_mode = abi.SCALE_DIV
+        scale, kinds = _host.density_scales(masks, kinds)
     elif norm is not None:
-        scale_mode = 1
+        scale_mode = abi.SCALE_MUL
         for m, s in enumerate(masks):
             f = norm_scale(norms[2 * m], norms[2 * m + 1])
             if s.kind in ("range", "random", "della") and f is not None:
@@ -146,7 +140,7 @@ def _merge_args(plan: Plan, base, inputs):
     wsum = weight_sum_divisor(plan)
     const_div = wsum if wsum is not None else 1.0
     margs = (kinds, ranges, probs, bit_ptrs, plan.seed, plan.weights, scale, scale_mode,
-             _CONS[plan.consensus], plan.elect_weighted, _DIV[plan.divisor], const_div,
+             abi.CONSENSUS_OF_PLAN[plan.consensus], plan.elect_weighted, abi.DIVISOR_OF_PLAN[plan.divisor], const_div,
              plan.normalize, plan.lam)
     return (bptr, _ptrs(inputs), dt, n), margs, bits
 
@@ -158,18 +152,13 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     inputs = [_contig(x) for x in inputs]
     base = _contig(base) if base is not None else None
     (bptr, ptrs, dt, n), margs, _bits = _merge_args(plan, base, inputs)
-    flags = _lib().fused_merge(bptr, ptrs, dt, out.data_ptr(), _DT[out_dtype], n, *margs, False, 0,
+    flags = _lib().fused_merge(bptr, ptrs, dt, out.data_ptr(), _DT(out_dtype), n, *margs, False, 0,
                                _threads(n))
     _raise_merge_flags(flags, plan, inputs, base)
     return out
 
 
 # ---- quantizers (csrc/quant.cpp) -----------------------------------------------------------
-_QKIND = {"gptq": 0, "torchao": 1, "fp8": 2}
-_GRAN = {"tensor": 0, "row": 1, "block": 2}
-_FMT = {"e4m3fn": 0, "e5m2": 1}
-
-
 def _quant_outputs(cfg, shape, value_dtype):
     """Empty outputs of the quantizer ``cfg`` for a weight of ``shape`` (dict for INT4,
     ``(q, scale)`` for FP8) and the kernel's integer arguments and output pointers."""
@@ -177,13 +166,13 @@ def _quant_outputs(cfg, shape, value_dtype):
         rows, cols = (math.prod(shape[:-1]), shape[-1])
         q = torch.empty(shape, dtype=FP8_DTYPES[cfg.fmt])
         scale = torch.empty(fp8_scale_shape(shape, cfg.granularity, cfg.block), dtype=torch.float32)
-        qa = [_QKIND["fp8"], rows, cols, 0, 0, _FMT[cfg.fmt], _GRAN[cfg.granularity], *cfg.block,
-              _DT[value_dtype]]
+        qa = [abi.QUANT_FP8, rows, cols, 0, 0, abi.FP8_FORMAT_OF[cfg.fmt], abi.GRANULARITY_OF[cfg.granularity],
+              *cfg.block, _DT(value_dtype)]
         return (q, scale), qa, [q.data_ptr(), scale.data_ptr(), 0]
     out_f, in_f = shape
     res = int4_outputs(cfg, out_f, in_f, value_dtype)
-    qa = [_QKIND[cfg.layout], out_f, in_f, cfg.group_size, int(cfg.symmetric), 0, 0, 0, 0,
-          _DT[value_dtype]]
+    qa = [abi.QUANT_OF_LAYOUT[cfg.layout], out_f, in_f, cfg.group_size, int(cfg.symmetric), 0, 0, 0, 0,
+          _DT(value_dtype)]
     return res, qa, [t.data_ptr() for t in res.values()]
 
 
@@ -192,21 +181,24 @@ def quantize(w, cfg, name="w"):
     w = _contig(w)
     res, qa, outs = _quant_outputs(cfg, tuple(w.shape), w.dtype)
     if w.numel():
-        raise_quant_flags(_lib().quantize(w.data_ptr(), _DT[w.dtype], qa, outs, _threads(w.numel())), name)
+        raise_quant_flags(_lib().quantize(w.data_ptr(), _DT(w.dtype), qa, outs, _threads(w.numel())), name)
     return res
 
 
-def run_plan_quantized(plan: Plan, base, inputs, out_dtype, cfg, always_fused: bool = False):
-    """The merge of ``plan`` quantized in the same pass: each worker merges a segment of a row
-    into a small fp32 buffer, rounds it to ``out_dtype`` and quantizes it; the merged tensor is
-    never written. Equal to ``quantize(run_plan(...))``.
-
-    INT4 and per-row FP8 only: a per-tensor scale needs every merged value first (the fused
-    kernel would merge twice) and 128-row blocks read the inputs in short strided runs; both
-    measured slower fused than merge-then-quantize, which they therefore run (``always_fused``:
-    the fused kernel anyway, for the tests)."""
-    if isinstance(cfg, FP8Config) and cfg.granularity != "row" and not always_fused:
+def run_plan_quantized(plan: Plan, base, inputs, out_dtype, cfg):
+    """The merge of ``plan`` quantized, equal to ``quantize(run_plan(...))``: INT4 and per-row FP8
+    in one pass (:func:`fused_merge_quantize`). A per-tensor scale needs every merged value first
+    (the fused kernel would merge twice) and 128-row blocks read the inputs in short strided
+    runs; both measured slower fused than merge-then-quantize, which they therefore run."""
+    if isinstance(cfg, FP8Config) and cfg.granularity != "row":
         return quantize(run_plan(plan, base, inputs, out_dtype), cfg, "the merged tensor")
+    return fused_merge_quantize(plan, base, inputs, out_dtype, cfg)
+
+
+def fused_merge_quantize(plan: Plan, base, inputs, out_dtype, cfg):
+    """One pass: each worker merges a segment of a row into a small fp32 buffer, rounds it to
+    ``out_dtype`` and quantizes it; the merged tensor is never written. The kernel takes every
+    format (per-tensor and block FP8 too, which :func:`run_plan_quantized` runs unfused)."""
     res, qa, outs = _quant_outputs(cfg, tuple(inputs[0].shape), out_dtype)
     if inputs[0].numel() == 0:
         return res
@@ -226,11 +218,12 @@ def _elect(tensors, weights, consensus, sign, sign_only, divisor="none", out=Non
     K = len(tensors)
     n = tensors[0].numel()
     flags = _lib().fused_merge(
-        0, _ptrs(tensors), _DT[tensors[0].dtype], out.data_ptr() if out is not None else 0,
-        _DT[out.dtype] if out is not None else 0, n, [0] * K, [NONE_T, -1, NONE_T, -1] * K,
-        [1.0] * K, [0] * K, 0, weights, [1.0] * K, 0, _CONS[consensus], consensus != "given",
-        _DIV[divisor], 1.0, True, 1.0, sign_only, sign.data_ptr(), _threads(n))
-    _raise_nonfinite(flags, [f"tensors[{m}]" for m in range(K)])
+        0, _ptrs(tensors), _DT(tensors[0].dtype), out.data_ptr() if out is not None else 0,
+        _DT(out.dtype) if out is not None else 0, n, [abi.MASK_NONE] * K,
+        [abi.NONE_T, -1, abi.NONE_T, -1] * K, [1.0] * K, [0] * K, 0, weights, [1.0] * K,
+        abi.SCALE_NONE, abi.CONSENSUS_OF_PLAN[consensus], consensus != "given",
+        abi.DIVISOR_OF_PLAN[divisor], 1.0, True, 1.0, sign_only, sign.data_ptr(), _threads(n))
+    _host.raise_nonfinite(flags, [f"tensors[{m}]" for m in range(K)])
 
 
 def elect_sign(tensors, weights, method):
@@ -243,17 +236,15 @@ def elect_sign(tensors, weights, method):
 def disjoint_merge(tensors, sign, weights, divisor, out_dtype):
     out = torch.empty(tensors[0].shape, dtype=out_dtype)
     if out.numel():
-        sign = _contig(sign if sign.dtype == torch.int8 else (sign > 0).to(torch.int8))
-        _elect(tensors, weights, "given", sign, False, divisor, out)
+        _elect(tensors, weights, "given", _host.sign_input(sign), False, divisor, out)
     return out
 
 
 def magnitude_threshold(x, k):
-    if k == 0 or k == x.numel():  # no selection pass runs: check the input here
-        if not bool(torch.isfinite(x).all()):
-            raise V.NonFiniteError("x")
-        return torch.tensor(float("inf"), dtype=x.dtype) if k == 0 else x.detach().abs().min()
+    shortcut = _host.threshold_without_select(x, k)
+    if shortcut is not None:
+        return shortcut
     x = _contig(x)
-    T, _, nonfinite = _lib().select_ranges(0, [x.data_ptr()], _DT[x.dtype], x.numel(), [0], [k], _threads(x.numel()))
-    _raise_nonfinite([nonfinite], ["x"])
+    T, _, nonfinite = _lib().select_ranges(0, [x.data_ptr()], _DT(x.dtype), x.numel(), [0], [k], _threads(x.numel()))
+    _host.raise_nonfinite([nonfinite], ["x"])
     return torch.tensor([T], dtype=torch.int64).to(torch.int32).view(torch.float32)[0].to(x.dtype)

@@ -1,5 +1,5 @@
 """The GPU backends' driver: runs a merge :class:`~fastmerge._semantics.Plan` on a *kernel
-set* (``fastmerge.triton_kernels`` or the CUDA extension wrapped by ``fastmerge.cuda``), both
+set* (``fastmerge.triton_kernels`` or the CUDA extension wrapped by ``fastmerge.backends.cuda``), both
 exposing ``select``, ``mask_norms``, ``della_keep`` and ``fused_merge`` with the same keywords.
 
 A merge is at most three kinds of pass, none of which stacks the K inputs or copies them:
@@ -21,16 +21,10 @@ import contextlib
 
 import torch
 
-from . import _validate as V
-from ._semantics import NORM_EPS, MaskSpec, Plan, rows_of, weight_sum_divisor
-from .reference import input_names
-
-KIND = {"none": 0, "zero": 1, "range": 2, "random": 3, "della": 4}
-NORM = {"l1": 1, "l2": 2, "linf": 3}
-CONSENSUS = {None: 0, "sum": 1, "count": 2, "given": 3}
-DIVISOR = {"none": 0, "weight": 1, "count": 2, "sumw": 3, "sumw_exact": 3}
-S_NONE, S_MUL, S_DIV = 0, 1, 2
-NONE_T = 1 << 32  # a threshold no 31-bit key exceeds: empty top set
+from .. import abi
+from .._semantics import NORM_EPS, MaskSpec, Plan, rows_of, weight_sum_divisor
+from ..formats import FP8_DTYPES, Int4Config, fp8_scale_shape, raise_quant_flags
+from . import _host
 
 
 def _device(dev: torch.device):
@@ -77,17 +71,11 @@ def layout(base, inputs):
     return base, bst, xs, sts, C, strided
 
 
-def _raise_nonfinite(flags, names):
-    for flag, name in zip(flags, names):
-        if flag:
-            raise V.NonFiniteError(name)
-
-
 def thresholds(ks, base, bst, xs, sts, C, strided, masks, n):
     """int64 ``[K, 4]`` device tensor ``(T_stop, J_stop, T_start, J_start)`` per model: the top
     sets of ``stop`` and ``start`` elements (a range keeps ``top(stop) - top(start)``)."""
     dev = xs[0].device
-    host = [NONE_T, -1, NONE_T, -1] * len(masks)
+    host = [abi.NONE_T, -1, abi.NONE_T, -1] * len(masks)
     qm, qk, slots = [], [], []
     for m, spec in enumerate(masks):
         if spec.kind != "range":
@@ -146,28 +134,25 @@ def _merge_args(ks, plan: Plan, base, inputs):
     base, bst, xs, sts, C, strided = layout(base, inputs)
     K = len(xs)
     masks: list[MaskSpec] = plan.masks
-    kinds = [KIND[m.kind] for m in masks]
-    norm = plan.rescale if plan.rescale in NORM else None
+    kinds = [abi.MASK_OF_SPEC[m.kind] for m in masks]
+    norm = plan.rescale if plan.rescale in ("l1", "l2", "linf") else None
     thr = thresholds(ks, base, bst, xs, sts, C, strided, masks, n)
     keeps, norms = della_keeps(ks, base, bst, xs, sts, C, strided, masks, plan.seed,
-                               NORM.get(norm), inputs[0].shape)
+                               abi.NORM_OF_PLAN[norm] if norm else None, inputs[0].shape)
     probs = [m.p for m in masks]
-    scale_mode = S_NONE
+    scale_mode = abi.SCALE_NONE
     scale = torch.ones(K, dtype=torch.float32, device=dev)
     if plan.rescale == "density":
-        scale_mode = S_DIV
-        # kept values are divided by the density; a density of 0 drops everything (no 0/0)
-        host = [s.density if s.kind != "none" and s.density > 0 else 1.0 for s in masks]
+        scale_mode = abi.SCALE_DIV
+        host, kinds = _host.density_scales(masks, kinds)
         scale = torch.tensor(host, dtype=torch.float32, device=dev)
-        kinds = [KIND["zero"] if s.kind != "none" and s.density <= 0 else k
-                 for s, k in zip(masks, kinds)]
     elif norm is not None:
-        scale_mode = S_MUL
+        scale_mode = abi.SCALE_MUL
         flat = [k if m.kind in ("range", "random") else 0 for m, k in zip(masks, kinds)]
         if any(flat):
             norms = norms + ks.mask_norms(base, xs, kinds=flat, thr=thr, probs=probs,
                                           seed=plan.seed, n=n, C=C, strides=sts,
-                                          base_strides=bst, strided=strided, norm=NORM[norm])
+                                          base_strides=bst, strided=strided, norm=abi.NORM_OF_PLAN[norm])
         before, after = norms[:, 0], norms[:, 1]
         applies = torch.tensor([m.kind in ("range", "random", "della") for m in masks], device=dev)
         ok = applies & (before >= NORM_EPS) & (after >= NORM_EPS)
@@ -177,13 +162,13 @@ def _merge_args(ks, plan: Plan, base, inputs):
     return base, xs, dict(
         kinds=kinds, thr=thr, scale=scale, weights=plan.weights, probs=probs,
         keeps=keeps, seed=plan.seed, n=n, C=C, strides=sts, base_strides=bst, strided=strided,
-        scale_mode=scale_mode, consensus=CONSENSUS[plan.consensus],
-        elect_weighted=plan.elect_weighted, divisor=DIVISOR[plan.divisor],
+        scale_mode=scale_mode, consensus=abi.CONSENSUS_OF_PLAN[plan.consensus],
+        elect_weighted=plan.elect_weighted, divisor=abi.DIVISOR_OF_PLAN[plan.divisor],
         const_div=wsum if wsum is not None else 1.0, normalize=plan.normalize, lam=plan.lam)
 
 
 def run_plan(ks, plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
-    """Execute ``plan`` on kernel set ``ks`` (semantics: ``fastmerge/reference.py``)."""
+    """Execute ``plan`` on kernel set ``ks`` (semantics: ``fastmerge/backends/torch.py``)."""
     shape, dev = inputs[0].shape, inputs[0].device
     out = torch.empty(shape, dtype=out_dtype, device=dev)
     if out.numel() == 0:
@@ -191,7 +176,7 @@ def run_plan(ks, plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     with _device(dev):
         base, xs, kw = _merge_args(ks, plan, base, inputs)
         flags = ks.fused_merge(base, xs, out, **kw)
-        _raise_nonfinite(flags.tolist(), input_names(plan, len(xs)) + ["base"])
+        _host.raise_nonfinite(flags.tolist(), _host.merge_names(plan, len(xs)))
     return out
 
 
@@ -202,8 +187,6 @@ def quantize_launch(qks, w: torch.Tensor, cfg):
     by fastmerge.quant) without reading their flags (no host sync): ``(result, flags)`` with the
     result the raw tensors of ``cfg``'s format (a dict for INT4, ``(q, scale)`` for FP8) and
     ``flags`` the device flags :func:`fastmerge.quant.raise_quant_flags` reads."""
-    from .quant import FP8_DTYPES, Int4Config, fp8_scale_shape
-
     w = w.contiguous()
     with _device(w.device):
         if isinstance(cfg, Int4Config):
@@ -225,8 +208,6 @@ def quantize_launch(qks, w: torch.Tensor, cfg):
 def quantize(qks, w: torch.Tensor, cfg, name: str = "w"):
     """INT4 or FP8 quantization of ``w`` with the Triton quantizers ``qks``, bit-identical to
     the torch reference; its flags are read once (the one host sync)."""
-    from .quant import raise_quant_flags
-
     res, flags = quantize_launch(qks, w, cfg)
     raise_quant_flags(flags.tolist(), name)
     return res
@@ -238,8 +219,6 @@ def run_plan_quantized(ks, plan: Plan, base, inputs, out_dtype, cfg):
     it, and the merged tensor is never written. FP8 merges, then quantizes: its scales need a
     whole row, block or tensor first, and re-merging for a second pass would read the K + 1
     inputs twice, more traffic than writing and reading the merged tensor once."""
-    from .quant import Int4Config, raise_quant_flags
-
     if not isinstance(cfg, Int4Config) or inputs[0].numel() == 0:
         return quantize(ks, run_plan(ks, plan, base, inputs, out_dtype), cfg, "the merged tensor")
     with _device(inputs[0].device):
@@ -247,7 +226,7 @@ def run_plan_quantized(ks, plan: Plan, base, inputs, out_dtype, cfg):
         res, flags = ks.fused_merge_int4(base, xs, cfg, out_dtype, **kw)
         f = flags.tolist()
         K = len(xs)
-        _raise_nonfinite(f[:K + 1], input_names(plan, K) + ["base"])
+        _host.raise_nonfinite(f[:K + 1], _host.merge_names(plan, K))
         raise_quant_flags(f[K + 1:], "the merged tensor")
     return res
 
@@ -258,13 +237,13 @@ def _elect(ks, tensors, weights, consensus, sign, sign_only, divisor="none", out
     with _device(dev):
         _, bst, xs, sts, C, strided = layout(None, tensors)
         flags = ks.fused_merge(
-            None, xs, out, kinds=[0] * K, thr=torch.zeros(4 * K, dtype=torch.int64, device=dev),
+            None, xs, out, kinds=[abi.MASK_NONE] * K, thr=torch.zeros(4 * K, dtype=torch.int64, device=dev),
             scale=torch.ones(K, dtype=torch.float32, device=dev), weights=weights, probs=[1.0] * K,
             keeps=[None] * K, seed=0, n=n, C=C, strides=sts, base_strides=bst, strided=strided,
-            scale_mode=S_NONE, consensus=CONSENSUS[consensus], elect_weighted=consensus != "given",
-            divisor=DIVISOR[divisor], const_div=1.0, normalize=True, lam=1.0, sign=sign,
+            scale_mode=abi.SCALE_NONE, consensus=abi.CONSENSUS_OF_PLAN[consensus],
+            elect_weighted=consensus != "given", divisor=abi.DIVISOR_OF_PLAN[divisor], const_div=1.0, normalize=True, lam=1.0, sign=sign,
             sign_only=sign_only)
-        _raise_nonfinite(flags.tolist(), [f"tensors[{m}]" for m in range(K)])
+        _host.raise_nonfinite(flags.tolist(), [f"tensors[{m}]" for m in range(K)])
 
 
 def elect_sign(ks, tensors, weights, method):
@@ -277,24 +256,20 @@ def elect_sign(ks, tensors, weights, method):
 def disjoint_merge(ks, tensors, sign, weights, divisor, out_dtype):
     out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
     if out.numel():
-        sign = (sign if sign.dtype == torch.int8 else (sign > 0).to(torch.int8)).contiguous()
-        _elect(ks, tensors, weights, "given", sign, False, divisor, out)
+        _elect(ks, tensors, weights, "given", _host.sign_input(sign), False, divisor, out)
     return out
 
 
 def magnitude_threshold(ks, x, k):
     """The k-th largest ``|x|`` (``inf`` for k == 0), a 0-d tensor of x's dtype on x's device."""
+    shortcut = _host.threshold_without_select(x, k)
+    if shortcut is not None:
+        return shortcut
     n = x.numel()
-    if k == 0 or k == n:  # no selection pass runs: check the input here
-        if not bool(torch.isfinite(x).all()):
-            raise V.NonFiniteError("x")
-        if k == 0:
-            return torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-        return x.detach().abs().min()
     with _device(x.device):
         _, bst, xs, sts, C, strided = layout(None, [x])
         flag = torch.zeros(1, dtype=torch.int32, device=x.device)
         tj = ks.select(None, xs, qm=[0], qk=[k], n=n, C=C, strides=sts, base_strides=bst,
                        strided=strided, flag=flag)
-        _raise_nonfinite(flag.tolist(), ["x"])
+        _host.raise_nonfinite(flag.tolist(), ["x"])
         return tj[0, 0].to(torch.int32).view(torch.float32).to(x.dtype)

@@ -1,13 +1,13 @@
 """The ``cuda`` backend: the CUDA kernels of ``csrc/cuda_kernels.cu`` driven by
-:mod:`fastmerge.gpu`.
+:mod:`fastmerge.backends._gpu`.
 
 Build: on first use, with ``torch.utils.cpp_extension.load`` (nvcc from ``CUDA_HOME``, the
 architectures of ``TORCH_CUDA_ARCH_LIST`` or of the visible GPU), cached by torch under
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and rebuilt only when the
 sources change. The sources ship inside the wheel (``fastmerge/_csrc``). The kernels take raw
 device pointers (no torch headers in the kernels or the binding). If the build fails,
-:func:`extension` warns once and ``dispatch.module("cuda")`` hands GPU ops to the Triton kernels
-(or, without Triton, to the torch reference on the GPU) -- never a crash.
+:func:`extension` warns once and ``fastmerge.dispatch.module("cuda")`` hands GPU ops to the
+Triton kernels (or, without Triton, to the torch reference on the GPU) -- never a crash.
 
 Selection here is the histogram radix select (three digit passes with per-block shared-memory
 histograms, then the tie scan by lowest index); the merge pass gives each thread a group of four
@@ -20,11 +20,13 @@ import warnings
 
 import torch
 
-from . import gpu
+from .. import abi
+from . import _gpu as gpu
 
-_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+NAME = "cuda"
+_DT = abi.dtype_code
 SOURCES = ("cuda_kernels.cu", "cuda_bindings.cpp")
-MAX_K = 64
+MAX_K = abi.MAX_K
 
 _ext = None
 _error = None  # why the extension is not usable (set once a build has failed)
@@ -33,8 +35,8 @@ _tried = False
 
 def sources_dir():
     """``fastmerge/_csrc`` when installed, ``csrc/`` next to the package in a source tree."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for d in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fastmerge/
+    for d in (os.path.join(pkg, "_csrc"), os.path.join(os.path.dirname(pkg), "csrc")):
         if all(os.path.isfile(os.path.join(d, f)) for f in SOURCES):
             return d
     return None
@@ -131,7 +133,7 @@ def select(base, xs, *, qm, qk, n, C, strides, base_strides, strided, flag=None)
     hist = torch.empty(Q * ext.RADIX_BINS, dtype=torch.int64, device=dev)
     state = torch.empty(Q * 4, dtype=torch.int64, device=dev)
     counts = torch.empty(Q * ntiles, dtype=torch.int64, device=dev)
-    ext.select(*_views(base, base_strides, xs, strides), _DT[xs[0].dtype], list(qm), list(qk), n, C,
+    ext.select(*_views(base, base_strides, xs, strides), _DT(xs[0].dtype), list(qm), list(qk), n, C,
                strided, out.data_ptr(), flag.data_ptr(), hist.data_ptr(), state.data_ptr(),
                counts.data_ptr(), ntiles, _stream(dev))
     return out
@@ -142,7 +144,7 @@ def mask_norms(base, xs, *, kinds, thr, probs, seed, n, C, strides, base_strides
     K = len(xs)
     blocks = _blocks(-(-n // 4), dev)
     partial = torch.zeros(blocks, K, 2, dtype=torch.float64, device=dev)
-    extension().mask_norms(*_views(base, base_strides, xs, strides), _DT[xs[0].dtype], list(kinds),
+    extension().mask_norms(*_views(base, base_strides, xs, strides), _DT(xs[0].dtype), list(kinds),
                            [float(p) for p in probs], thr.data_ptr(), seed, n, C, strided, norm,
                            partial.data_ptr(), blocks, _stream(dev))
     if norm == 3:
@@ -158,7 +160,7 @@ def della_keep(base, x, order, *, stream, c1, c2, seed, n, L, inner, C, strides,
     keep = torch.empty(n, dtype=torch.uint8, device=dev)
     partial = torch.zeros(blocks, 2, dtype=torch.float64, device=dev)
     extension().della_keep(_ptr(base), base_strides[0], base_strides[1], x.data_ptr(), strides[0],
-                           strides[1], _DT[x.dtype], order.data_ptr(), keep.data_ptr(),
+                           strides[1], _DT(x.dtype), order.data_ptr(), keep.data_ptr(),
                            partial.data_ptr(), blocks, float(c1), float(c2), seed, stream, n, L, inner,
                            C, strided, norm, _stream(dev))
     if norm == 3:
@@ -177,8 +179,8 @@ def fused_merge(base, xs, out, *, kinds, thr, scale, weights, probs, keeps, seed
     tensors = list(xs) + ([base] if base is not None else [])
     vec = not strided and all(t.data_ptr() % (4 * esize) == 0 for t in tensors)
     extension().merge(
-        *_views(base, base_strides, xs, strides), _DT[xs[0].dtype], _ptr(out),
-        _DT[out.dtype] if out is not None else 0, _ptr(sign), flags.data_ptr(), thr.data_ptr(),
+        *_views(base, base_strides, xs, strides), _DT(xs[0].dtype), _ptr(out),
+        _DT(out.dtype) if out is not None else 0, _ptr(sign), flags.data_ptr(), thr.data_ptr(),
         scale.data_ptr(), [_ptr(k) for k in keeps], list(kinds), [float(w) for w in weights],
         [float(p) for p in probs], seed, n, C, strided, vec, scale_mode, consensus, elect_weighted,
         divisor, float(const_div), normalize, float(lam), sign_only, _stream(dev))
@@ -218,12 +220,22 @@ def magnitude_threshold(x, k):
     return gpu.magnitude_threshold(_Kernels, x, k)
 
 
+_delegated = []
+
+
 def _quantizers():
     """The CUDA extension has no quantizers and no fused merge->quantize: the ``triton``
-    backend's serve, or the torch reference (on the GPU) without Triton."""
-    from . import dispatch, reference, triton
+    backend's serve, or the torch reference (on the GPU) without Triton. Said once, in a
+    warning, so that a timing or a profile of ``backend="cuda"`` is not misread."""
+    from . import torch as reference
+    from . import triton
 
-    return triton if dispatch.triton_version() is not None else reference
+    q = triton if triton.version() is not None else reference
+    if not _delegated:
+        _delegated.append(q.NAME)
+        warnings.warn(f"fastmerge: backend='cuda' has no quantizers of its own; quantizing runs on "
+                      f"the {q.NAME!r} backend's kernels", RuntimeWarning, stacklevel=4)
+    return q
 
 
 def quantize(w, cfg, name="w"):
@@ -233,9 +245,7 @@ def quantize(w, cfg, name="w"):
 def run_plan_quantized(plan, base, inputs, out_dtype, cfg):
     """Triton's pass (INT4 fused; FP8 merged, then quantized); without Triton, the CUDA merge,
     then the torch reference quantizer."""
-    from . import reference
-
     q = _quantizers()
-    if q is reference:
+    if q.NAME == "torch":
         return q.quantize(run_plan(plan, base, inputs, out_dtype), cfg, "the merged tensor")
     return q.run_plan_quantized(plan, base, inputs, out_dtype, cfg)
