@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from . import _registry as R
 from . import _semantics as sem
 from . import lowrank
 
@@ -34,7 +35,7 @@ class ConfigError(ValueError):
     """A merge configuration fastmerge cannot run (the message says what and where)."""
 
 
-METHODS = sem.METHODS + lowrank.METHODS
+METHODS = R.METHODS  # every registered method (fastmerge/_registry.py)
 _FLOAT = ("weight", "density", "gamma", "epsilon", "lambda", "alpha")
 _BOOL = ("normalize", "rescale", "int8_mask")
 SHARED = ("normalize", "rescale", "lambda", "int8_mask", "alpha")

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmerge.quant import fp8_scale_shape, int4_outputs
+from fastmerge.formats import fp8_scale_shape, int4_outputs
 
 from ._common import bf16_bits, nonfinite, seed_key, store_as
 from .fused_merge import groups_per_program, launch_args, merge_tile
