@@ -196,3 +196,51 @@ def test_compile_errors_surface_at_run_time():
 
     with pytest.raises(ValueError, match=r"models\[1\].*non-finite"):
         torch.compile(f, fullgraph=True, backend="aot_eager")(base, *ms)
+
+
+@requires_ops
+def test_compile_fullgraph_threshold_and_every_registered_parameter():
+    """``fastmerge::merge``'s schema is derived from the registry: ``threshold`` (absent from the
+    old hand-written schema, so such calls ran eagerly with a graph break) crosses the op, and
+    fullgraph tracing succeeds; the result equals eager."""
+    from fastmerge import _compile, _registry
+
+    assert set(_compile.MERGE_PARAMS) == set(_registry.ALL_PARAMS) - {"quantize"}
+    torch._dynamo.reset()
+    base, ms = make_models((24, 20), 3)
+
+    def f(base, a, b, c):
+        return (fastmerge.ties(base, [a, b, c], threshold=[0.01, 0.02, 0.0], backend=FAST),
+                fastmerge.merge("breadcrumbs", base, [a, b], density=0.5, gamma=[0.1, 0.2]),
+                fastmerge.merge("tsv", base, [a, b, c], alpha=0.5, exact=True))
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(base, *ms)
+    for g, w in zip(got, f(base, *ms)):
+        assert torch.equal(g, w)
+
+
+@requires_ops
+def test_compile_quantize_says_it_runs_eagerly():
+    torch._dynamo.reset()
+    base, ms = make_models((8, 128), 2)
+
+    def f(base, a, b):
+        return fastmerge.task_arithmetic(base, [a, b], quantize="int4", backend=FAST).qweight
+
+    with pytest.warns(RuntimeWarning, match="quantize.*eagerly"):
+        got = torch.compile(f, backend="aot_eager")(base, *ms)
+    assert torch.equal(got, f(base, *ms))
+
+
+def test_cuda_backend_says_its_quantizers_are_triton(monkeypatch):
+    """backend='cuda' has no quantizers: the first quantizing call warns which backend's kernels
+    run instead (once), rather than silently timing Triton as 'cuda'."""
+    from fastmerge.backends import cuda
+
+    monkeypatch.setattr(cuda, "_delegated", [])
+    with pytest.warns(RuntimeWarning, match="backend='cuda' has no quantizers.*'(triton|torch)'"):
+        q = cuda._quantizers()
+    assert q.NAME in ("triton", "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cuda._quantizers() is q  # said once
