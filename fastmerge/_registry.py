@@ -28,8 +28,9 @@ class Method:
     (FusionBench's SVD merges, :mod:`fastmerge.lowrank`).
     params: the keyword arguments of :func:`fastmerge.merge` the method reads.
     consensus / sparsify / normalize / rescale: mergekit 0.1.5's registry.py settings (gta).
-    kernels: the fused backends run it (``cpu``, ``triton``, ``cuda``); svd methods run torch's
-    GEMM/LAPACK on the tensors' device whatever the backend.
+    kernels: the fused backends that run it (``auto`` picks among these, see
+    ``fastmerge.dispatch``); svd methods have none and run torch's GEMM/LAPACK on the tensors'
+    device whatever the backend.
     """
 
     name: str
@@ -41,7 +42,7 @@ class Method:
     normalize: bool = False
     rescale: bool = False
     base: str = "required"  # "required" | "optional" (linear may be given none)
-    kernels: bool = True
+    kernels: tuple = ("cpu", "triton", "cuda")
     defaults: dict = field(default_factory=dict)
 
 
@@ -58,7 +59,7 @@ def _gta(name, consensus, sparsify, normalize, rescale) -> Method:
 
 def _svd(name) -> Method:
     return Method(name, "svd", _COMMON + ("alpha", "exact", "seed", "common_space_fraction"),
-                  reference="fastmerge.lowrank:merge", kernels=False,
+                  reference="fastmerge.lowrank:merge", kernels=(),
                   defaults={"common_space_fraction": 0.8})
 
 
@@ -91,7 +92,7 @@ def get(name) -> Method:
 def names(family: Optional[str] = None, *, kernels: Optional[bool] = None) -> tuple:
     """Method names, optionally of one family and/or with (or without) fused kernels."""
     return tuple(m.name for m in REGISTRY.values()
-                 if (family is None or m.family == family) and (kernels is None or m.kernels == kernels))
+                 if (family is None or m.family == family) and (kernels is None or bool(m.kernels) == kernels))
 
 
 # every keyword argument of fastmerge.merge besides method/base/models: the torch.library

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from . import _registry
 from . import backends as _backends
 from . import formats
 
@@ -41,7 +42,10 @@ def backends() -> dict:
     return _backends.status()
 
 
-def _auto(device) -> str:
+def _auto(device, op) -> str:
+    entry = _registry.REGISTRY.get(op)
+    if entry is not None and not entry.kernels:  # a method no fused backend runs (the SVD merges)
+        return "torch"
     if device.type == "cpu":
         # Measured (bench/results/cpu_*.json): the fused C++ kernels beat the reference on
         # every op and shape on CPU, so auto picks them whenever they are built.
@@ -56,14 +60,15 @@ def _auto(device) -> str:
 
 def resolve(backend, device, op: str = "merge") -> str:
     """The concrete backend name for op ``op`` on tensors on ``device``. Never moves data: a
-    backend that cannot run on ``device`` is an error that says so. (``op`` names the operation
-    for a per-op ``auto`` choice; today every op has the same order, see ``AUTO_CUDA``.)"""
+    backend that cannot run on ``device`` is an error that says so. ``op`` is a method name (its
+    registry entry says which fused backends run it) or a primitive (``magnitude_threshold``,
+    ``quantize``, ...); on CUDA every op has the same order today, see ``AUTO_CUDA``."""
     name = backend if backend is not None else os.environ.get("FASTMERGE_BACKEND", "auto")
     if not isinstance(name, str) or name.lower() not in NAMES:
         raise ValueError(f"backend must be one of {', '.join(NAMES)}; got {name!r}")
     name = name.lower()
     if name == "auto":
-        return _auto(device)
+        return _auto(device, op)
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(

@@ -163,3 +163,15 @@ def test_every_backend_implements_the_protocol(name):
     assert isinstance(mod, B.Backend), name
     assert mod.NAME == name
     assert isinstance(mod.status()["available"], bool)
+
+
+def test_dispatch_follows_the_registry():
+    """``auto`` picks a fused backend only for methods whose entry lists kernels."""
+    import torch
+
+    from fastmerge import dispatch
+
+    cpu = torch.device("cpu")
+    fused = "cpu" if fastmerge.backends()["cpu"]["available"] else "torch"
+    for name, entry in _registry.REGISTRY.items():
+        assert dispatch.resolve("auto", cpu, name) == (fused if "cpu" in entry.kernels else "torch"), name
