@@ -316,8 +316,28 @@ _RENAMEAT2_SYSCALL = {"x86_64": 316, "aarch64": 276, "ppc64le": 357, "s390x": 34
 _renameat2_fn: list = []
 
 
+def _libc_renameat2(libc):
+    """glibc's ``renameat2`` (2.28+) as ``fn(src: bytes, dst: bytes, flags) -> 0 or -1``."""
+    import ctypes
+
+    c = libc.renameat2
+    c.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    c.restype = ctypes.c_int
+    return lambda src, dst, flags: c(_AT_FDCWD, src, _AT_FDCWD, dst, flags)
+
+
+def _syscall_renameat2(libc, machine: str):
+    """The raw ``renameat2`` system call (an older libc on a kernel that has it)."""
+    import ctypes
+
+    nr, c = _RENAMEAT2_SYSCALL[machine], libc.syscall
+    c.restype = ctypes.c_long
+    return lambda src, dst, flags: c(ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(src),
+                                     ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(dst), ctypes.c_uint(flags))
+
+
 def _load_renameat2():
-    """libc's ``renameat2`` (glibc 2.28+), else the raw syscall, else None (not Linux)."""
+    """libc's ``renameat2``, else the raw syscall, else None (not Linux)."""
     if not _renameat2_fn:
         fn = None
         if sys.platform.startswith("linux"):
@@ -329,14 +349,9 @@ def _load_renameat2():
             except OSError:
                 libc = None
             if libc is not None and hasattr(libc, "renameat2"):
-                c = libc.renameat2
-                c.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-                fn = lambda a, b, flags: c(_AT_FDCWD, a, _AT_FDCWD, b, flags)  # noqa: E731
+                fn = _libc_renameat2(libc)
             elif libc is not None and platform.machine() in _RENAMEAT2_SYSCALL:
-                nr, c = _RENAMEAT2_SYSCALL[platform.machine()], libc.syscall
-                c.restype = ctypes.c_long
-                fn = lambda a, b, flags: c(ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), a,  # noqa: E731
-                                           ctypes.c_int(_AT_FDCWD), b, ctypes.c_uint(flags))
+                fn = _syscall_renameat2(libc, platform.machine())
         _renameat2_fn.append(fn)
     return _renameat2_fn[0]
 
@@ -482,11 +497,6 @@ class Signals:
             raise _Signal(signum)
 
 
-def _os_error(exc: OSError, doing: str) -> MergeError:
-    where = exc.filename if exc.filename is not None else ""
-    return MergeError(f"{doing} {where}: {exc.strerror or exc}".replace("  ", " "))
-
-
 # ------------------------------------------------------------------------------- run
 
 def _device(name: str) -> torch.device:
@@ -550,8 +560,6 @@ class Merger:
     def __init__(self, config: str, out: str, options: Options):
         self.options = options
         self.config_path = config
-        self.out_arg = out
-        self.out = out_entry(out)
         self.tmp: Optional[str] = None
         self.tmp_created = False  # this run made self.tmp (the only folder it may remove whole)
         self.committed = False

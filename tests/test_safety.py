@@ -195,6 +195,35 @@ def test_fallback_without_renameat2(setup, monkeypatch):
     assert merge(cfg, tmp / "new") == 0 and (tmp / "new" / "model.safetensors").is_file()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+@pytest.mark.parametrize("via", ["libc", "syscall"])
+def test_renameat2_exchanges_and_refuses_to_replace(tmp_path, via):
+    """Both ways of reaching renameat2 (glibc's wrapper, the raw system call for an older
+    libc): RENAME_EXCHANGE swaps two folders, RENAME_NOREPLACE refuses an existing target."""
+    import ctypes
+
+    from fastmerge import streaming
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if via == "libc":
+        if not hasattr(libc, "renameat2"):
+            pytest.skip("this libc has no renameat2")
+        fn = streaming._libc_renameat2(libc)
+    else:
+        if platform.machine() not in streaming._RENAMEAT2_SYSCALL:
+            pytest.skip(f"no renameat2 syscall number for {platform.machine()}")
+        fn = streaming._syscall_renameat2(libc, platform.machine())
+    a, b = tmp_path / "a", tmp_path / "b"
+    os.makedirs(a)
+    (a / "in_a").write_text("a")
+    b.write_text("b is a file")
+    if fn(bytes(a), bytes(b), streaming.RENAME_EXCHANGE) != 0:
+        pytest.skip(f"this filesystem has no RENAME_EXCHANGE: {os.strerror(ctypes.get_errno())}")
+    assert (b / "in_a").read_text() == "a" and a.read_text() == "b is a file"
+    assert fn(bytes(b), bytes(a), streaming.RENAME_NOREPLACE) == -1
+    assert ctypes.get_errno() == 17 and (b / "in_a").exists() and a.is_file()
+
+
 def test_a_folder_with_a_temporary_name_is_never_deleted(setup, capsys, monkeypatch):
     """The old code `rmtree`d any `.OUT.fastmerge-tmp` it found (and `-old`) without a word.
     Now such a folder is named and left alone, and a clash with this run's own name is an
@@ -415,6 +444,28 @@ def test_symlinks_out_of_a_model_folder_are_refused(setup, capsys):
     os.symlink(tmp / "passwords.txt", base / "config.json")
     err = expect_error(capsys, cfg, tmp / "out", needles=["config.json", "outside"])
     assert "hunter2" not in err and not (tmp / "out").exists() and leftovers(tmp) == []
+
+
+def test_a_hugging_face_cache_snapshot_still_reads(setup):
+    """The confinement keeps the one layout where links leave the folder by design: a cache
+    snapshot's files link into the repository's own blobs/ folder. The merge is the same as
+    from a plain folder; a link from the snapshot anywhere else is refused."""
+    tmp, cfg, base, ms = setup
+    assert merge(cfg, tmp / "plain") == 0
+    repo = tmp / "hub" / "models--org--m1"
+    snap = repo / "snapshots" / "0123abcd"
+    os.makedirs(repo / "blobs")
+    os.makedirs(snap)
+    for f in ("model.safetensors", "config.json"):
+        shutil.move(ms[1] / f, repo / "blobs" / f"sha-{f}")
+        os.symlink(os.path.join("..", "..", "blobs", f"sha-{f}"), snap / f)
+    hub_cfg = make_config(tmp / "cfg" / "hub.yml", base, [ms[0], snap])
+    assert merge(hub_cfg, tmp / "hub-out") == 0
+    a, b = load_file(str(tmp / "plain" / "model.safetensors")), load_file(str(tmp / "hub-out" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    os.remove(snap / "model.safetensors")
+    os.symlink(tmp / "plain" / "model.safetensors", snap / "model.safetensors")
+    assert merge(hub_cfg, tmp / "hub-out2") == 1 and not (tmp / "hub-out2").exists()
 
 
 def _raw_file(path, header: dict, data: bytes):
