@@ -18,6 +18,7 @@ Heavy imports happen inside the subcommand that needs them, so ``fastmerge --hel
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -104,10 +105,18 @@ def parse_size(text: str) -> int:
     try:
         value = float(num)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 5GB, 500MB or 2GiB") from None
-    if unit not in _SIZE_UNITS or value <= 0:
+        value = math.nan
+    # finite and at least one byte (inf, nan and 1e400 are not sizes)
+    if unit not in _SIZE_UNITS or not math.isfinite(value) or value * _SIZE_UNITS[unit] < 1:
         raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 5GB, 500MB or 2GiB")
     return int(value * _SIZE_UNITS[unit])
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``fastmerge merge: error: argument --x: ...``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _merge_parser(sub) -> None:
@@ -137,24 +146,57 @@ def _merge_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--read-ahead", type=int, default=2, metavar="N",
                    help="tensors read ahead of the one being merged (default 2)")
+    p.add_argument("--drop-extra-tensors", action="store_true",
+                   help="leave out of OUT the tensors some model has and the base model lacks, as "
+                        "mergekit does (default: an error naming them)")
+    p.add_argument("--trust-index", action="store_true",
+                   help="read each tensor from the shard its model's index names and ignore copies "
+                        "in other shards and tensors the index does not list, as mergekit does "
+                        "(default: an index that disagrees with its shards is an error)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def _cmd_merge(args, rest) -> int:
-    from .streaming import MergeError, merge_checkpoints
+    """Every failure is one line on stderr and a non-zero exit code: 1 for an error, 128 +
+    the signal for an interruption. ``--debug`` prints the traceback first."""
+    import traceback
+
+    from .streaming import Interrupted, MergeError, merge_checkpoints
 
     try:
         summary = merge_checkpoints(
             args.config, args.out, device=args.device, backend=args.backend,
             max_shard_bytes=args.max_shard_size, seed=args.random_seed, topk_scope=args.topk_scope,
             overwrite=args.overwrite, copy_tokenizer=not args.no_copy_tokenizer,
-            progress=not args.no_progress, read_ahead=max(0, args.read_ahead))
-    except MergeError as exc:
-        if int(os.environ.get("RANK", "0")) == 0 or "another process" not in str(exc):
-            print(f"fastmerge merge: error: {exc}", file=sys.stderr)
+            progress=not args.no_progress, read_ahead=max(0, args.read_ahead),
+            drop_extra_tensors=args.drop_extra_tensors, trust_index=args.trust_index)
+    except BaseException as exc:  # noqa: BLE001 - every path ends in one line
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(exc, SystemExit):
+            raise
+        if isinstance(exc, KeyboardInterrupt):
+            print("fastmerge merge: interrupted; the output folder was not written", file=sys.stderr)
+            return 130
+        if isinstance(exc, Interrupted):
+            print(f"fastmerge merge: {exc}", file=sys.stderr)
+            return exc.code
+        if isinstance(exc, MergeError):
+            if int(os.environ.get("RANK", "0")) == 0 or "another process" not in str(exc):
+                print(f"fastmerge merge: error: {_one_line(exc)}", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError):
+            what = f": {exc.filename}" if exc.filename is not None else ""
+            print(f"fastmerge merge: error: {_one_line(exc.strerror or exc)}{what}", file=sys.stderr)
+            return 1
+        hint = "" if args.debug else " (rerun with --debug for the traceback)"
+        print(f"fastmerge merge: internal error: {type(exc).__name__}: {_one_line(exc)}{hint}",
+              file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("fastmerge merge: interrupted; the output folder was not written", file=sys.stderr)
-        return 130
     if summary["rank"] == 0:
         print(f"fastmerge merge: {summary['tensors']} tensors -> {summary['out']} "
               f"({summary['bytes_written'] / 1e9:.2f} GB) in {summary['seconds']:.1f} s"
@@ -163,7 +205,7 @@ def _cmd_merge(args, rest) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastmerge",
         description="fastmerge: fused model-merging kernels (TIES, DARE, DELLA, breadcrumbs, "
                     "task arithmetic).",

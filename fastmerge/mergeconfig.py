@@ -156,7 +156,11 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source_name} is not valid YAML: {exc}") from None
+        # one line, and no quote of the file: the problem and where it is
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1} column {mark.column + 1})" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or type(exc).__name__).split())
+        raise ConfigError(f"{source_name} is not valid YAML: {problem}{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source_name}: expected a mapping with merge_method, base_model, models")
     if "slices" in raw or "modules" in raw:
@@ -203,8 +207,17 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
 def load(path: str) -> MergeConfig:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        return parse(f.read(), path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 24)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config {path}: {exc.strerror}") from None
+    if len(text) == 1 << 24:
+        raise ConfigError(f"{path} is over 16 MB: not a merge config")
+    try:
+        return parse(text.decode("utf-8"), path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: not a merge config") from None
 
 
 # ------------------------------------------------------------------ layers and parameters

@@ -12,6 +12,11 @@ dropping their pages after use.) Writing lays out every shard's header up front 
 dtypes are known before any tensor is merged) and ``pwrite``s each tensor at its offset as soon
 as it exists, so nothing waits for a whole shard and several processes can fill the same files.
 The files are plain safetensors (checked against the ``safetensors`` package in the tests).
+
+Reading trusts nothing in a file: every header is validated as the ``safetensors`` package
+validates it (:func:`parse_header`; a differential fuzz test holds the two together), every
+path an index names must stay inside its model folder (:func:`confined`), and an index must
+agree with its shards. Errors name the file and never quote its bytes.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -26,27 +32,44 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# The safetensors format's dtypes and their widths in bits, as the ``safetensors`` package
+# (0.8) knows them; the torch dtype each one loads as, where torch has one (``F6_*`` have none:
+# the package's own ``safe_open`` rejects them when a tensor is read, and so does fastmerge).
+FORMAT_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
+_TORCH_NAMES = {
+    "BOOL": "bool", "F4": "float4_e2m1fn_x2", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "C64": "complex64",
+    "F64": "float64", "I64": "int64", "U64": "uint64",
+}
+DTYPES = {k: getattr(torch, v) for k, v in _TORCH_NAMES.items() if hasattr(torch, v)}
 NAMES = {v: k for k, v in DTYPES.items()}
+# F4 packs two 4-bit values per byte: torch holds it as float4_e2m1fn_x2 with the last dimension
+# halved (the header counts 4-bit elements), as safetensors' own loader does
+PACKED = {DTYPES[k] for k in ("F4",) if k in DTYPES}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100_000_000  # the safetensors package's limit on the JSON header
+_MAX_DEPTH = 127  # serde_json's nesting limit, which the package inherits
+_U64 = (1 << 64) - 1
 _PAGE = mmap.PAGESIZE
 
 
 class FormatError(ValueError):
-    """A file that is not valid safetensors (or a folder without any)."""
+    """A file that is not valid safetensors, an index that does not match its shards, or a
+    folder without weights. The message names the file and never quotes its bytes."""
 
 
 @dataclass(frozen=True)
 class Entry:
     file: str
     dtype: torch.dtype
-    shape: Tuple[int, ...]
+    shape: Tuple[int, ...]  # torch's shape (F4: the last dimension counts byte pairs)
     begin: int  # absolute byte offsets in the file
     end: int
 
@@ -59,35 +82,337 @@ class Entry:
         return math.prod(self.shape)
 
 
-def read_header(path: str) -> Tuple[dict, int]:
-    """(header dict without ``__metadata__``, byte offset where tensor data starts)."""
-    size = os.path.getsize(path)
+# ------------------------------------------------------------------ header validation
+#
+# The header is parsed with Python's json module and then held to what the ``safetensors``
+# package (serde_json + its Metadata::validate) accepts, which differs from plain json.loads:
+# no NaN/Infinity, no number that overflows a double, no lone surrogate, nesting <= 127, a
+# duplicate field inside a tensor entry or a second ``__metadata__`` is an error (a duplicate
+# tensor name is not: the last one wins, but every one must be valid), unknown fields inside a
+# tensor entry are ignored, an entry may also be the 3-element list [dtype, shape, offsets],
+# a dtype may be the one-key map {"F32": null}. tests/test_safetensors_fuzz.py holds this
+# against the package on generated and mutated headers.
+
+class _Invalid(Exception):
+    pass
+
+
+class _Obj:
+    """A JSON object with its pairs in order (duplicates kept)."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+
+class _Negative:
+    """A negative integer literal (serde reads ``-0`` as a float): never a valid size."""
+
+
+_NEGATIVE = _Negative()
+
+
+def _int(text: str):
+    value = int(text)
+    if value > _U64 or value < 0:
+        try:
+            float(value)  # serde_json falls back to a double; past its range, an error
+        except OverflowError:
+            raise _Invalid("header holds a number out of range") from None
+    return _NEGATIVE if text.startswith("-") else value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Invalid("header holds a number out of range")
+    return value
+
+
+def _constant(text: str):
+    raise _Invalid("header is not valid JSON (NaN or Infinity)")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_Obj, parse_int=_int, parse_float=_float,
+                            parse_constant=_constant)
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKETS = re.compile(r"[\[\]{}]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _depth(text: str) -> int:
+    depth = deepest = 0
+    for ch in _BRACKETS.findall(_STRING.sub("", text)):
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _has_lone_surrogate(value) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, _Obj):
+            for k, x in v.pairs:
+                stack.append(k)
+                stack.append(x)
+    return False
+
+
+def _usize(v, what: str) -> int:
+    if type(v) is not int or v > _U64:
+        raise _Invalid(f"{what} is not a non-negative integer")
+    return v
+
+
+def _dtype_name(v, tensor: str) -> str:
+    if isinstance(v, _Obj) and len(v.pairs) == 1 and v.pairs[0][1] is None:
+        v = v.pairs[0][0]  # serde's externally tagged form of a unit variant
+    if not isinstance(v, str) or v not in FORMAT_BITS:
+        raise _Invalid(f"tensor {_short(tensor)} has an unknown dtype")
+    return v
+
+
+def _tensor_info(v, tensor: str) -> Tuple[str, List[int], Tuple[int, int]]:
+    if isinstance(v, _Obj):
+        fields: dict = {}
+        for k, x in v.pairs:
+            if k in ("dtype", "shape", "data_offsets"):
+                if k in fields:
+                    raise _Invalid(f"tensor {_short(tensor)} has two {k!r} fields")
+                fields[k] = x
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in fields]
+        if missing:
+            raise _Invalid(f"tensor {_short(tensor)} has no {missing[0]!r}")
+        dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+    elif isinstance(v, list) and len(v) == 3:
+        dtype, shape, offsets = v
+    else:
+        raise _Invalid(f"tensor {_short(tensor)} is not a {{dtype, shape, data_offsets}} entry")
+    name = _dtype_name(dtype, tensor)
+    if not isinstance(shape, list):
+        raise _Invalid(f"tensor {_short(tensor)}: shape is not a list")
+    dims = [_usize(d, f"tensor {_short(tensor)}: a shape entry") for d in shape]
+    if not isinstance(offsets, list) or len(offsets) != 2:
+        raise _Invalid(f"tensor {_short(tensor)}: data_offsets is not a [begin, end] pair")
+    b, e = (_usize(o, f"tensor {_short(tensor)}: a data offset") for o in offsets)
+    return name, dims, (b, e)
+
+
+def _short(name: str) -> str:
+    return repr(name if len(name) <= 80 else name[:77] + "...")
+
+
+def parse_header(text: bytes) -> Tuple[Dict[str, Tuple[str, List[int], Tuple[int, int]]], int]:
+    """Validate a safetensors JSON header (the bytes after the 8-byte length) the way the
+    ``safetensors`` package does. Returns ``({name: (dtype name, shape, (begin, end))}, data
+    bytes)``: offsets relative to the data section, which must be exactly ``data bytes`` long.
+    Raises :class:`FormatError` (without a file name) when the package would refuse it."""
+    try:
+        return _parse_header(text)
+    except _Invalid as exc:
+        raise FormatError(str(exc)) from None
+
+
+def _parse_header(raw: bytes):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Invalid("header is not UTF-8") from None
+    try:
+        top = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise _Invalid(f"header is not valid JSON (line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise _Invalid("header nests deeper than 127 levels") from None
+    if (text.count("[") + text.count("{") > _MAX_DEPTH) and _depth(text) > _MAX_DEPTH:
+        raise _Invalid("header nests deeper than 127 levels")
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(top):
+        raise _Invalid("header holds an invalid \\u escape (a lone surrogate)")
+    if not isinstance(top, _Obj):
+        raise _Invalid("header is not a JSON object")
+    tensors: dict = {}
+    seen_metadata = False
+    for key, value in top.pairs:
+        if key == "__metadata__":
+            if seen_metadata:
+                raise _Invalid("header has two __metadata__ entries")
+            seen_metadata = True
+            if value is not None and not (isinstance(value, _Obj)
+                                          and all(isinstance(x, str) for _, x in value.pairs)):
+                raise _Invalid("__metadata__ is not a map of strings to strings")
+            continue
+        tensors[key] = _tensor_info(value, key)  # a repeated name: the last one counts
+    end = 0
+    for name, (dtype, shape, (b, e)) in sorted(tensors.items(), key=lambda kv: kv[1][2]):
+        if b != end or e < b:
+            raise _Invalid(f"tensor {_short(name)}: data_offsets are not contiguous from 0 "
+                           "(negative, out of order, overlapping or leaving a gap)")
+        end = e
+        n = 1
+        for d in shape:  # in order, as the package multiplies, overflow included
+            n *= d
+            if n > _U64:
+                raise _Invalid(f"tensor {_short(name)}: its shape's size overflows")
+        bits = n * FORMAT_BITS[dtype]
+        if bits > _U64:
+            raise _Invalid(f"tensor {_short(name)}: its shape's size overflows")
+        if bits % 8:
+            raise _Invalid(f"tensor {_short(name)}: {dtype} elements do not fill whole bytes")
+        if e - b != bits // 8:
+            raise _Invalid(f"tensor {_short(name)}: data_offsets do not span shape x dtype size")
+    return tensors, end
+
+
+def read_entries(path: str) -> Dict[str, Entry]:
+    """Every tensor of the safetensors file ``path`` after validating its header against the
+    file: the same files the ``safetensors`` package opens, the same tensors it reads."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
-            raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            raise FormatError(f"{path}: not a safetensors file (shorter than the 8-byte header length)")
         (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 << 20):
-            raise FormatError(f"{path}: not a safetensors file (header length {n} is out of range)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as exc:
-            raise FormatError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
+        if n > MAX_HEADER_BYTES:
+            raise FormatError(f"{path}: not a safetensors file (its header length field is over "
+                              f"the format's {MAX_HEADER_BYTES // 10**6} MB limit)")
+        if n > size - 8:
+            raise FormatError(f"{path}: not a safetensors file, or truncated (its header length "
+                              f"field runs past the end of the {size}-byte file)")
+        text = f.read(n)
+    if len(text) != n:
+        raise FormatError(f"{path}: truncated while reading its header")
+    try:
+        tensors, data = parse_header(text)
+    except FormatError as exc:
+        raise FormatError(f"{path}: not a valid safetensors file: {exc}") from None
+    start = 8 + n
+    if start + data > size:
+        raise FormatError(f"{path}: truncated (its tensors need {start + data - size} bytes more "
+                          "than the file has)")
+    if start + data < size:
+        raise FormatError(f"{path}: not a valid safetensors file ({size - start - data} bytes "
+                          "after its last tensor; the format has the data end the file)")
+    out = {}
+    for name, (dtype, shape, (b, e)) in tensors.items():
+        dt = DTYPES.get(dtype)
+        if dt is None:
+            raise FormatError(f"{path}: tensor {_short(name)} is {dtype}, which torch cannot hold")
+        if dt in PACKED:
+            if not shape or shape[-1] % 2:
+                raise FormatError(f"{path}: tensor {_short(name)} is {dtype} with an odd last "
+                                  "dimension (two values share a byte)")
+            shape = shape[:-1] + [shape[-1] // 2]
+        if e == b:
+            try:  # what the package's loader does; torch refuses some huge empty shapes
+                empty(dt, shape)
+            except (RuntimeError, ValueError, TypeError, OverflowError):
+                raise FormatError(f"{path}: tensor {_short(name)} has a shape torch cannot "
+                                  "hold") from None
+        out[name] = Entry(path, dt, tuple(shape), start + b, start + e)
+    return out
+
+
+def empty(dtype: torch.dtype, shape) -> torch.Tensor:
+    """An empty tensor of ``shape``, made as the ``safetensors`` package makes one (a 0-byte
+    buffer viewed and reshaped), so that fastmerge accepts the same empty shapes."""
+    return torch.empty(0, dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+
+
+def _read_json(path: str, what: str):
+    """A small JSON file (an index): duplicate keys are errors; the message never quotes it."""
+    def pairs(items):
+        d = {}
+        for k, v in items:
+            if k in d:
+                raise FormatError(f"{path}: {what} names {_short(k)} twice")
+            d[k] = v
+        return d
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_HEADER_BYTES + 1)
+        if len(text) > MAX_HEADER_BYTES:
+            raise FormatError(f"{path}: {what} is over {MAX_HEADER_BYTES // 10**6} MB")
+        return json.loads(text.decode("utf-8"), object_pairs_hook=pairs)
+    except UnicodeDecodeError:
+        raise FormatError(f"{path}: {what} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: {what} is not valid JSON (line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: {what} nests too deeply") from None
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether ``path`` (resolved) is ``folder`` (resolved) or below it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def confined(folder: str, name: str, what: str) -> str:
+    """``folder/name`` once it is sure to stay inside ``folder``: ``name`` is relative with no
+    ``..``, and the file it resolves to (symlinks followed) lies inside ``folder``, or, for a
+    Hugging Face cache snapshot (``.../snapshots/<revision>``), inside that repository's
+    ``blobs`` folder, where the cache's own links point."""
+    if (not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name)
+            or ".." in name.replace("\\", "/").split("/")):
+        raise FormatError(f"{what} names the path {_short(str(name))}, which is not a file "
+                          f"name inside {folder}")
+    path = os.path.join(folder, name)
+    if inside(path, folder):
+        return path
+    real = os.path.realpath(folder)
+    snapshots = os.path.dirname(real)
+    if os.path.basename(snapshots) == "snapshots" and inside(
+            path, os.path.join(os.path.dirname(snapshots), "blobs")):
+        return path
+    raise FormatError(f"{path} resolves to a file outside {folder} (a symlink); fastmerge "
+                      "reads only files inside the model folders the config names")
+
+
+def _index_map(index: str) -> Dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index, checked for shape (not for sense:
+    :class:`Checkpoint` holds it against the shards)."""
+    if not os.path.isfile(index):
+        raise FormatError(f"{index} is not a file")
+    data = _read_json(index, "the index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FormatError(f"{index}: not a safetensors index (it needs a \"weight_map\" from "
+                          "tensor names to file names)")
+    return weight_map
 
 
 class Checkpoint:
-    """A Hugging Face-style folder of safetensors weights (one file or an index with shards)."""
+    """A Hugging Face-style folder of safetensors weights (one file or an index with shards).
 
-    def __init__(self, folder: str):
+    Every file read is confined to ``folder`` (:func:`confined`), every header validated
+    (:func:`read_entries`). A tensor name in two files is an error. With an index, the index
+    and the shards must agree: every tensor the index maps is in its shard and every shard
+    holds only the tensors mapped to it; ``trust_index=True`` reads as mergekit does instead,
+    each tensor from the shard the index names, ignoring whatever else the shards hold."""
+
+    def __init__(self, folder: str, trust_index: bool = False):
         self.folder = folder
         if not os.path.isdir(folder):
             raise FileNotFoundError(folder)
         index = os.path.join(folder, INDEX_NAME)
-        if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = None
+        if os.path.lexists(index):
+            confined(folder, INDEX_NAME, folder)
+            weight_map = _index_map(index)
+            files = sorted(set(weight_map.values()))
         else:
             files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
         if not files:
@@ -96,17 +421,32 @@ class Checkpoint:
                     "`model.save_pretrained(out, safe_serialization=True)`)") if others else ""
             raise FormatError(f"no *.safetensors weights in {folder}{hint}")
         self.entries: Dict[str, Entry] = {}
+        where: Dict[str, str] = {}
         for name in files:
-            path = os.path.join(folder, name)
+            path = confined(folder, name, index if weight_map is not None else folder)
             if not os.path.isfile(path):
-                raise FormatError(f"{index} names {name}, which is missing from {folder}")
-            header, start = read_header(path)
-            for key, info in header.items():
-                dt = DTYPES.get(info.get("dtype"))
-                if dt is None:
-                    raise FormatError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-                b, e = info["data_offsets"]
-                self.entries[key] = Entry(path, dt, tuple(int(s) for s in info["shape"]), start + b, start + e)
+                raise FormatError(f"{index} names {name}, which is missing from {folder}"
+                                  if weight_map is not None else f"{path} is not a file")
+            for key, entry in read_entries(path).items():
+                if weight_map is not None and weight_map.get(key) != name:
+                    if trust_index:
+                        continue
+                    if key not in weight_map:
+                        raise FormatError(f"{path} holds tensor {_short(key)}, which {index} "
+                                          "does not list (pass --trust-index to ignore it)")
+                    raise FormatError(f"tensor {_short(key)} is in {path} too, but {index} "
+                                      f"maps it to {weight_map[key]} (pass --trust-index to "
+                                      "read it from there only)")
+                if key in where:
+                    raise FormatError(f"tensor {_short(key)} is in both {where[key]} and {path}")
+                where[key] = path
+                self.entries[key] = entry
+        if weight_map is not None:
+            lost = [k for k in weight_map if k not in self.entries]
+            if lost:
+                more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+                raise FormatError(f"{index} maps tensor {_short(lost[0])}{more} to "
+                                  f"{weight_map[lost[0]]}, which does not hold it")
         self._maps: Dict[str, mmap.mmap] = {}
         self._fds: Dict[str, int] = {}
 
@@ -131,8 +471,8 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor ``name``, backed by the mapped file (no copy; read lazily by the kernel)."""
         e = self.entries[name]
-        if e.numel == 0:
-            return torch.empty(e.shape, dtype=e.dtype)
+        if e.nbytes == 0:
+            return empty(e.dtype, e.shape)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             flat = torch.frombuffer(self._map(e.file), dtype=e.dtype, count=e.numel, offset=e.begin)
@@ -155,7 +495,7 @@ class Checkpoint:
             if n <= 0:
                 raise FormatError(f"{e.file}: truncated (tensor {name!r} ends past the end of the file)")
             view, pos = view[n:], pos + n
-        return raw.view(e.dtype).view(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype)
+        return raw.view(e.dtype).view(e.shape) if e.nbytes else empty(e.dtype, e.shape)
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading ``name``'s bytes into the page cache."""
@@ -227,7 +567,10 @@ def _header(specs: Sequence[Spec], metadata: Optional[dict]) -> Tuple[bytes, Lis
     h: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offsets, pos = [], 0
     for s in specs:
-        h[s.name] = {"dtype": NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        shape = list(s.shape)
+        if s.dtype in PACKED:  # the header counts 4-bit elements
+            shape[-1] *= 2
+        h[s.name] = {"dtype": NAMES[s.dtype], "shape": shape, "data_offsets": [pos, pos + s.nbytes]}
         offsets.append(pos)
         pos += s.nbytes
     raw = json.dumps(h, separators=(",", ":")).encode()

@@ -11,11 +11,16 @@ or several sharing OUT's filesystem) split the tensors by size; every process co
 output layout, so each writes its tensors straight into the shared shard files and rank 0
 writes the index, config and tokenizer: the bytes are those of a one-process run.
 
-The output is atomic: everything is written to a hidden folder next to OUT and renamed onto OUT
-only when every tensor is on disk; an interrupted or failed run leaves OUT untouched.
+The output is atomic: everything is written to a hidden folder next to OUT, and that folder
+becomes OUT only when every tensor is on disk (one ``renameat2(RENAME_EXCHANGE)`` where the
+filesystem has it). An interrupted (SIGINT, SIGTERM, SIGHUP) or failed run leaves OUT as it was
+and removes its folder; a SIGKILLed one leaves it, and the next run names it. OUT is never an
+input, never holds one, never lies inside one, and is never the working directory or the
+config's folder. See "Safety guarantees" in the README.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import heapq
@@ -23,7 +28,10 @@ import json
 import math
 import os
 import queue
+import re
+import secrets
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -34,9 +42,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from . import _semantics as sem
-from . import api, lowrank
+from . import api, dispatch, lowrank
 from . import mergeconfig as mc
-from .safetensors_io import Checkpoint, FormatError, Spec, Writer, plan_layout
+from .safetensors_io import PACKED, Checkpoint, FormatError, Spec, Writer, confined, plan_layout
 
 COPY_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
@@ -47,6 +55,17 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 
 class MergeError(RuntimeError):
     """A merge that cannot run or finish; the message is meant for the user as is."""
+
+
+class Interrupted(MergeError):
+    """SIGINT, SIGTERM or SIGHUP stopped the run; ``code`` is the shell's ``128 + signal``."""
+
+    def __init__(self, signum: int, committed: bool):
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} after OUT was complete: OUT holds the new merge"
+                         if committed else f"interrupted by {name}: OUT was left as it was and "
+                         "the temporary folder removed")
+        self.code = 128 + signum
 
 
 @dataclass
@@ -60,6 +79,8 @@ class Options:
     copy_tokenizer: bool = True
     progress: bool = True
     read_ahead: int = 2
+    drop_extra_tensors: bool = False  # mergekit's way: tensors the base lacks are left out
+    trust_index: bool = False  # mergekit's way: an index decides, whatever else the shards hold
 
 
 @dataclass
@@ -134,30 +155,49 @@ def assign(jobs: List[Job], world: int) -> List[int]:
 
 # ------------------------------------------------------------------------------ plan
 
-def _open(path: str, role: str) -> Checkpoint:
+def _open(path: str, role: str, trust_index: bool = False) -> Checkpoint:
     if "://" in path or (not os.path.exists(path) and path.count("/") == 1 and not path.startswith(".")):
         raise MergeError(f"{role} {path!r} is not a local folder: `fastmerge merge` reads local "
                          f"checkpoints (download it first, e.g. `huggingface-cli download {path} "
                          f"--local-dir ./{path.split('/')[-1]}`)")
     try:
-        return Checkpoint(path)
+        return Checkpoint(path, trust_index=trust_index)
     except FileNotFoundError:
         raise MergeError(f"{role} not found: {path}") from None
     except FormatError as exc:
         raise MergeError(f"{role}: {exc}") from None
 
 
+def _some(names: List[str]) -> str:
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
 def plan(cfg: mc.MergeConfig, base: Optional[Checkpoint], inputs: List[Checkpoint],
-         labels: List[str], seed: int) -> List[Job]:
+         labels: List[str], seed: int, drop_extra: bool = False, warn=None) -> List[Job]:
+    """One job per tensor of the reference model (the base; for ``linear``, the first model).
+    A tensor the reference has and another model lacks is an error; one another model has and
+    the reference lacks is an error too, unless ``drop_extra`` (mergekit's behaviour: it
+    writes the weights of the base model's architecture and nothing else)."""
     ref = base if base is not None else inputs[0]
     names = ref.names()
+    known = set(names)
     everyone = ([base] if base is not None else []) + inputs
     who = (["base_model"] if base is not None else []) + labels
+    dropped: set = set()
     for ck, label in zip(everyone, who):
         missing = [n for n in names if n not in ck.entries]
         if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise MergeError(f"{label} ({ck.folder}) lacks tensor(s) {', '.join(missing[:3])}{more}")
+            raise MergeError(f"{label} ({ck.folder}) lacks tensor(s) {_some(missing)}")
+        extra = [n for n in ck.names() if n not in known]
+        if extra and not drop_extra:
+            raise MergeError(f"{label} ({ck.folder}) has tensor(s) {_some(extra)} that {who[0]} "
+                             "lacks; pass --drop-extra-tensors to leave them out of OUT, as "
+                             "mergekit does")
+        dropped.update(extra)
+    if dropped and warn is not None:
+        warn(f"left out {len(dropped)} tensor(s) that {who[0]} lacks (--drop-extra-tensors): "
+             f"{_some(sorted(dropped))}")
     positions = mc.layer_positions(names)
     # seeded: DARE/DELLA's masks and the SVD methods' sketches
     random = (cfg.method in lowrank.METHODS
@@ -172,6 +212,8 @@ def plan(cfg: mc.MergeConfig, base: Optional[Checkpoint], inputs: List[Checkpoin
                                  f"{label} has {list(e.shape)}")
         dtypes = {ck.entries[name].dtype for ck in everyone}
         in_bytes = sum(ck.entries[name].nbytes for ck in everyone)
+        if dtypes & PACKED:
+            raise MergeError(f"tensor {name} holds packed 4-bit values (F4): fastmerge cannot merge it")
         if not all(d.is_floating_point for d in dtypes):
             if len(dtypes) != 1:
                 raise MergeError(f"dtype mismatch for tensor {name}: {sorted(map(str, dtypes))}")
@@ -262,16 +304,211 @@ def model_thresholds(jobs: List[Job], mine: List[int], base: Checkpoint, inputs:
     return thr
 
 
+# ----------------------------------------------------------------- the output folder
+#
+# What fastmerge may delete: the temporary folder it created in this run, and, with
+# --overwrite, the OUT it replaces (after the new one took its place). Nothing else: a
+# leftover of another run is named, never removed; an empty OUT is removed with rmdir only.
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+_RENAMEAT2_SYSCALL = {"x86_64": 316, "aarch64": 276, "ppc64le": 357, "s390x": 347, "riscv64": 276}
+_renameat2_fn: list = []
+
+
+def _libc_renameat2(libc):
+    """glibc's ``renameat2`` (2.28+) as ``fn(src: bytes, dst: bytes, flags) -> 0 or -1``."""
+    import ctypes
+
+    c = libc.renameat2
+    c.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    c.restype = ctypes.c_int
+    return lambda src, dst, flags: c(_AT_FDCWD, src, _AT_FDCWD, dst, flags)
+
+
+def _syscall_renameat2(libc, machine: str):
+    """The raw ``renameat2`` system call (an older libc on a kernel that has it)."""
+    import ctypes
+
+    nr, c = _RENAMEAT2_SYSCALL[machine], libc.syscall
+    c.restype = ctypes.c_long
+    return lambda src, dst, flags: c(ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(src),
+                                     ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(dst), ctypes.c_uint(flags))
+
+
+def _load_renameat2():
+    """libc's ``renameat2``, else the raw syscall, else None (not Linux)."""
+    if not _renameat2_fn:
+        fn = None
+        if sys.platform.startswith("linux"):
+            import ctypes
+            import platform
+
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+            except OSError:
+                libc = None
+            if libc is not None and hasattr(libc, "renameat2"):
+                fn = _libc_renameat2(libc)
+            elif libc is not None and platform.machine() in _RENAMEAT2_SYSCALL:
+                fn = _syscall_renameat2(libc, platform.machine())
+        _renameat2_fn.append(fn)
+    return _renameat2_fn[0]
+
+
+def renameat2(src: str, dst: str, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``: True when done, False where this kernel, libc or
+    filesystem does not have it (the caller then takes the documented fallback); any other
+    failure raises OSError."""
+    fn = _load_renameat2()
+    if fn is None:
+        return False
+    import ctypes
+
+    if fn(os.fsencode(src), os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # EPERM: a seccomp filter; EINVAL: the filesystem lacks the flag
+    raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def out_entry(out: str) -> str:
+    """The directory entry OUT names: its parent resolved, its last component kept (a symlink
+    OUT is itself replaced, never followed)."""
+    a = os.path.abspath(out)
+    return os.path.join(os.path.realpath(os.path.dirname(a)), os.path.basename(a))
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_out(out: str, inputs: List[tuple], keep: List[tuple]) -> str:
+    """Refuse an OUT that is, holds or lies inside an input folder (``inputs``: (label, path)),
+    or that is or holds a folder to keep (``keep``: the working directory, the config's
+    folder), every path resolved. Returns :func:`out_entry`."""
+    entry = out_entry(out)
+    folders = [(label, path, os.path.realpath(path), True) for label, path in inputs]
+    folders += [(label, path, os.path.realpath(path), False) for label, path in keep]
+    for label, path, folder, _ in folders:
+        if entry == folder:
+            raise MergeError(f"OUT {out} is {label} ({path}); choose a new folder for the merge")
+    for label, path, folder, _ in folders:
+        if _within(folder, entry):
+            raise MergeError(f"OUT {out} holds {label} ({path}); choose a folder that holds no "
+                             "input, config or working directory")
+    for label, path, folder, is_input in folders:
+        if is_input and _within(entry, folder):
+            raise MergeError(f"OUT {out} lies inside {label} ({path}); choose a folder outside "
+                             "the input models")
+    probe = os.path.dirname(entry)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise MergeError(f"OUT {out}: {probe} is not a folder")
+    return entry
+
+
+def leftovers(entry: str) -> List[str]:
+    """Folders an interrupted run left next to OUT (``.NAME.fastmerge-*``)."""
+    parent, prefix = os.path.dirname(entry), f".{os.path.basename(entry)}.fastmerge-"
+    try:
+        return sorted(os.path.join(parent, f) for f in os.listdir(parent) if f.startswith(prefix))
+    except OSError:
+        return []
+
+
+def describe_leftovers(entry: str, found: List[str]) -> str:
+    old = [f for f in found if re.search(r"\.fastmerge-old-[0-9a-f]+$", f)]
+    if old and not os.path.lexists(entry):
+        new = [f for f in found if f.endswith(old[0][-16:]) and "-tmp-" in f]
+        return (f"OUT {entry} was missing: an earlier --overwrite was killed between its two "
+                f"renames. The previous OUT is {old[0]}" + (f" and that run's finished merge "
+                f"{new[0]}" if new else "") + " (not deleted; this run writes a new OUT)")
+    return (f"{', '.join(found[:3])}{f' and {len(found) - 3} more' if len(found) > 3 else ''} "
+            "left by an interrupted fastmerge run (or in use by one still running); not deleted: "
+            "remove it once no run needs it")
+
+
+def _discard(path: str, whole: bool) -> Optional[str]:
+    """Delete the previous OUT, now at ``path``: a file or symlink is unlinked (a link's target
+    is untouched); a folder is removed whole when ``whole`` (--overwrite), else only if empty.
+    Returns a warning when it stays."""
+    try:
+        if os.path.islink(path) or not os.path.isdir(path):
+            os.unlink(path)
+        elif whole:
+            shutil.rmtree(path)
+        else:
+            os.rmdir(path)
+    except OSError as exc:
+        return f"the previous OUT, now at {path}, was not removed: {exc.strerror}"
+    return None
+
+
+class _Signal(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Signals:
+    """While active (main thread only), SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt, as
+    Python's default SIGINT does, except inside :meth:`deferred` (the commit, the clean-up),
+    where the signal waits until the block ends."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self.depth = 0
+        self.pending: Optional[int] = None
+        self._saved: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                num = getattr(signal, name, None)
+                # an ignored signal stays ignored (nohup's SIGHUP, a background job's SIGINT)
+                if num is not None and signal.getsignal(num) is not signal.SIG_IGN:
+                    self._saved[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for num, handler in self._saved.items():
+            signal.signal(num, handler)
+        self._saved.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = signum
+            return
+        raise _Signal(signum)
+
+    @contextlib.contextmanager
+    def deferred(self, reraise: bool = True):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if reraise and not self.depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise _Signal(signum)
+
+
 # ------------------------------------------------------------------------------- run
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise MergeError(f"--device {name}: use auto, cpu or cuda[:N]")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeError(f"--device {name}: this torch has no CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise MergeError(f"--device {name}: use auto, cpu or cuda[:N]")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MergeError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return dev
 
 
@@ -322,7 +559,12 @@ def _stage(t: torch.Tensor, dtype: torch.dtype, device: torch.device, stream) ->
 class Merger:
     def __init__(self, config: str, out: str, options: Options):
         self.options = options
-        self.out = os.path.abspath(out)
+        self.config_path = config
+        self.tmp: Optional[str] = None
+        self.tmp_created = False  # this run made self.tmp (the only folder it may remove whole)
+        self.committed = False
+        self.made_parents: List[str] = []
+        self.signals = Signals()
         try:
             self.cfg = mc.load(config)
         except mc.ConfigError as exc:
@@ -333,19 +575,50 @@ class Merger:
             raise MergeError("quantize: is not supported by `fastmerge merge` yet (it would need quantized "
                              "checkpoint output: qweight/qzeros/scales and a quantization_config); merge, "
                              "then quantize tensors with fastmerge.quant")
+        self.out = check_out(out, self._inputs(), [
+            ("the working directory", os.getcwd()),
+            ("the config's folder", os.path.dirname(os.path.abspath(config)))])
         self.device = _device(options.device)
+        self._check_backend()
         self.group = Group(self.device)
+
+    def _inputs(self) -> List[tuple]:
+        """(label, path) of the config and every folder it names: OUT must stay clear of them."""
+        cfg = self.cfg
+        found = [("the config", self.config_path)]
+        found += [("base_model", cfg.base)] if cfg.base is not None else []
+        found += [(f"models[{i}]", m.path) for i, m in enumerate(cfg.models)]
+        if cfg.tokenizer_source not in (None, "base"):
+            found.append(("tokenizer_source", cfg.tokenizer_source))
+        return found
+
+    def _check_backend(self) -> None:
+        """Refuse a backend that cannot run here before anything is read or written."""
+        name = self.options.backend
+        where = f"--backend {name}" if name is not None else \
+            f"FASTMERGE_BACKEND={os.environ.get('FASTMERGE_BACKEND', '')}"
+        try:
+            dispatch.resolve(name, self.device)
+        except (ValueError, RuntimeError) as exc:
+            raise MergeError(f"{where}: {exc}") from None
+
+    def _warn(self, message: str) -> None:
+        if self.group.rank == 0:
+            print(f"fastmerge merge: warning: {message}", file=sys.stderr)
 
     # ---- setup (every process, identically)
     def _setup(self) -> None:
-        cfg = self.cfg
-        self.base = _open(cfg.base, "base_model") if cfg.base is not None and cfg.method != "linear" else None
+        cfg, trust = self.cfg, self.options.trust_index
+        self.base = _open(cfg.base, "base_model", trust) if cfg.base is not None and cfg.method != "linear" else None
         refs = cfg.inputs
         self.labels = [f"models[{cfg.models.index(r)}]" for r in refs]
-        self.inputs = [_open(r.path, label) for r, label in zip(refs, self.labels)]
+        self.inputs = [_open(r.path, label, trust) for r, label in zip(refs, self.labels)]
         if not self.inputs:
             raise MergeError("nothing to merge: `models` lists only the base model")
-        self.jobs = plan(cfg, self.base, self.inputs, self.labels, self.options.seed)
+        self.jobs = plan(cfg, self.base, self.inputs, self.labels, self.options.seed,
+                         self.options.drop_extra_tensors, self._warn)
+        if not self.jobs:
+            raise MergeError("nothing to merge: the models hold no tensors")
         self.thresholds = None
         if cfg.topk_scope == "model":
             self._check_model_topk()
@@ -353,12 +626,11 @@ class Merger:
         self.layout = plan_layout(specs, self.options.max_shard_bytes)
         owner = assign(self.jobs, self.group.world)
         self.mine = [i for i, r in enumerate(owner) if r == self.group.rank]
-        parent = os.path.dirname(self.out)
-        self.tmp = os.path.join(parent, f".{os.path.basename(self.out)}.fastmerge-tmp")
-        if os.path.exists(self.out) and not self.options.overwrite and (
-                not os.path.isdir(self.out) or os.listdir(self.out)):
-            raise MergeError(f"{self.out} exists and is not empty; pass --overwrite to replace it "
-                             "(it is replaced only once the new merge is complete)")
+        if os.path.lexists(self.out) and not self.options.overwrite and not _empty_folder(self.out):
+            kind = ("a symlink" if os.path.islink(self.out) else
+                    "not empty" if os.path.isdir(self.out) else "a file")
+            raise MergeError(f"OUT {self.out} exists and is {kind}; pass --overwrite to replace "
+                             "it (it is replaced only once the new merge is complete)")
 
     def _check_model_topk(self) -> None:
         if self.cfg.method != "ties":
@@ -378,18 +650,42 @@ class Merger:
         self.densities = dens or [1.0] * len(self.inputs)
 
     def _prepare_output(self) -> None:
-        """Rank 0: the temporary folder with every shard's header, after a disk-space check."""
+        """Rank 0: the temporary folder with every shard's header, after a disk-space check.
+        Missing parent folders are created (and removed again if the run fails)."""
         parent = os.path.dirname(self.out)
-        os.makedirs(parent, exist_ok=True)
-        if os.path.exists(self.tmp):
-            shutil.rmtree(self.tmp)
+        missing = []
+        p = parent
+        while not os.path.lexists(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        for d in reversed(missing):
+            try:
+                with self.signals.deferred():
+                    os.mkdir(d)
+                    self.made_parents.append(d)
+            except OSError as exc:
+                raise MergeError(f"cannot create OUT's folder {d}: {exc.strerror}") from None
+        found = leftovers(self.out)
+        if found:
+            self._warn(describe_leftovers(self.out, found))
         need = self.layout.total_bytes
         free = shutil.disk_usage(parent).free
         if free < need + (64 << 20):
             raise MergeError(f"not enough disk space in {parent}: the merged model needs "
                              f"{_human(need)}, {_human(free)} free")
-        os.makedirs(self.tmp)
-        Writer(self.tmp, self.layout).create()
+        try:
+            with self.signals.deferred():
+                os.mkdir(self.tmp)  # never an existing folder: that one is not ours
+                self.tmp_created = True
+        except FileExistsError:
+            raise MergeError(f"the temporary folder {self.tmp} already exists (not touched); "
+                             "run again") from None
+        except OSError as exc:
+            raise MergeError(f"cannot write in {parent}: {exc.strerror}") from None
+        try:
+            Writer(self.tmp, self.layout).create()
+        except OSError as exc:
+            raise MergeError(f"writing {self.tmp}: {exc.strerror}") from None
 
     # ---- the streaming pass
     def _merge_all(self) -> None:
@@ -442,6 +738,7 @@ class Merger:
                     c.prefetch(jobs[i].name)
 
         bar = _Progress(len(mine), self.options.progress and self.group.rank == 0)
+        done = False
         try:
             prefetch(0)
             nxt = loader.submit(load, 0) if mine else None
@@ -482,11 +779,12 @@ class Merger:
                     break
                 del b, xs, out
                 bar.step(job.in_bytes)
+            done = True
         finally:
             q.put(None)
             wt.join()
             loader.shutdown(wait=True)
-            writer.close(sync=not failure)
+            writer.close(sync=done and not failure)  # no fsync for a folder about to go
             bar.close()
         if failure:
             exc = failure[0]
@@ -496,20 +794,31 @@ class Merger:
                 raise MergeError(f"writing {self.tmp}: {exc}") from None
             raise exc
 
+    def _copy(self, folder: str, name: str) -> None:
+        """``folder/name`` into the temporary folder, if it exists; never a file outside
+        ``folder`` (a symlink pointing out of it is an error)."""
+        try:
+            path = confined(folder, name, folder)
+        except FormatError as exc:
+            raise MergeError(str(exc)) from None
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(self.tmp, name))
+
     def _finish(self) -> None:
-        """Rank 0: config, tokenizer and the merge config next to the weights; then the rename."""
+        """Rank 0: config, tokenizer and the merge config next to the weights; then the commit."""
         cfg = self.cfg
         src = cfg.base if self.base is not None else cfg.models[0].path
         for f in COPY_FILES:
-            p = os.path.join(src, f)
-            if os.path.isfile(p):
-                shutil.copyfile(p, os.path.join(self.tmp, f))
+            self._copy(src, f)
         conf = os.path.join(self.tmp, "config.json")
         if os.path.isfile(conf):
-            with open(conf) as fh:
-                data = json.load(fh)
+            try:
+                with open(conf, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except (ValueError, UnicodeDecodeError):
+                raise MergeError(f"{os.path.join(src, 'config.json')} is not valid JSON") from None
             dts = {j.out_dtype for j in self.jobs if j.kind == "merge"}
-            if len(dts) == 1:
+            if len(dts) == 1 and isinstance(data, dict):
                 name = _DTYPE_NAMES[dts.pop()]
                 for key in ("torch_dtype", "dtype"):
                     if key in data:
@@ -522,20 +831,52 @@ class Merger:
             if not os.path.isdir(tok):
                 raise MergeError(f"tokenizer_source {tok!r} is not a local folder")
             for f in TOKENIZER_FILES:
-                p = os.path.join(tok, f)
-                if os.path.isfile(p):
-                    shutil.copyfile(p, os.path.join(self.tmp, f))
+                self._copy(tok, f)
         with open(os.path.join(self.tmp, "fastmerge_config.yml"), "w") as fh:
             fh.write(cfg.source if cfg.source.endswith("\n") else cfg.source + "\n")
-        if os.path.exists(self.out):
-            old = self.tmp + "-old"
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.rename(self.out, old)
-            os.rename(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
+        with self.signals.deferred():
+            self._commit()
+
+    def _commit(self) -> None:
+        """The finished temporary folder becomes OUT, in one atomic step where the filesystem
+        has ``renameat2``:
+
+        * no OUT: ``renameat2(tmp, OUT, RENAME_NOREPLACE)`` (fallback: ``rename``);
+        * an OUT to replace: ``renameat2(tmp, OUT, RENAME_EXCHANGE)`` swaps the two, then the
+          previous OUT, now at the temporary name, is deleted;
+        * without ``renameat2``: ``rename(OUT, .NAME.fastmerge-old-ID)``, then ``rename(tmp,
+          OUT)``, then the old one is deleted. A kill between the two renames leaves no OUT but
+          both complete folders, which the next run names.
+        Signals wait until this is done (:meth:`Signals.deferred`)."""
+        out, tmp = self.out, self.tmp
+        if not os.path.lexists(out):
+            try:
+                done = renameat2(tmp, out, RENAME_NOREPLACE)
+            except FileExistsError:
+                done = False
+            if not done:
+                if os.path.lexists(out):
+                    raise MergeError(f"OUT {out} appeared while merging; it was not touched")
+                os.rename(tmp, out)
+            self.committed, self.tmp_created = True, False
+            return
+        whole = self.options.overwrite
+        if not whole and not _empty_folder(out):
+            raise MergeError(f"OUT {out} appeared while merging; it was not touched")
+        if renameat2(tmp, out, RENAME_EXCHANGE):
+            old = tmp
         else:
-            os.rename(self.tmp, self.out)
+            old = tmp.replace(".fastmerge-tmp-", ".fastmerge-old-")
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)  # put the previous OUT back
+                raise
+        self.committed, self.tmp_created = True, False
+        problem = _discard(old, whole)
+        if problem:
+            self._warn(problem)
 
     def _step(self, fn, only_rank0: bool = False):
         """Run ``fn`` (on every process, or rank 0 only); then every process learns whether all
@@ -551,31 +892,66 @@ class Merger:
                 raise err
             raise MergeError(f"another process failed (see rank 0's message); rank {self.group.rank} stops")
 
+    def _steps(self) -> None:
+        self._step(self._setup)
+        # one name for the temporary folder on every process, drawn by rank 0
+        token = torch.tensor([secrets.randbits(62) if self.group.rank == 0 else 0], dtype=torch.int64)
+        token = int(self.group.sum_(token))
+        self.tmp = os.path.join(os.path.dirname(self.out),
+                                f".{os.path.basename(self.out)}.fastmerge-tmp-{token:016x}")
+        self._step(self._prepare_output, only_rank0=True)
+        if self.cfg.topk_scope == "model":
+            def thresholds():
+                self.thresholds = model_thresholds(self.jobs, self.mine, self.base, self.inputs,
+                                                   self.densities, self.group)
+            self._step(thresholds)
+        self._step(self._merge_all)
+        self._step(self._finish, only_rank0=True)
+
+    def _cleanup(self) -> None:
+        """After success or failure: a run that did not commit removes its own temporary
+        folder and the parent folders it created (only while empty), nothing else."""
+        if self.group.rank == 0 and not self.committed:
+            if self.tmp_created:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp_created = os.path.lexists(self.tmp)
+            for d in reversed(self.made_parents):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+        for c in ([getattr(self, "base", None)] + list(getattr(self, "inputs", []))):
+            if c is not None:
+                c.close()
+        self.group.close()
+
     def run(self) -> dict:
         t0 = time.perf_counter()
-        ok = False
-        try:
-            self._step(self._setup)
-            self._step(self._prepare_output, only_rank0=True)
-            if self.cfg.topk_scope == "model":
-                def thresholds():
-                    self.thresholds = model_thresholds(self.jobs, self.mine, self.base, self.inputs,
-                                                       self.densities, self.group)
-                self._step(thresholds)
-            self._step(self._merge_all)
-            self._step(self._finish, only_rank0=True)
-            ok = True
-        finally:
-            if not ok and self.group.rank == 0 and getattr(self, "tmp", None) and os.path.isdir(self.tmp):
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            for c in ([getattr(self, "base", None)] + list(getattr(self, "inputs", []))):
-                if c is not None:
-                    c.close()
-            self.group.close()
+        error: Optional[BaseException] = None
+        with self.signals:
+            try:
+                self._steps()
+            except BaseException as exc:  # noqa: BLE001 - re-raised after the clean-up
+                error = exc
+            with self.signals.deferred(reraise=False):
+                self._cleanup()
+            pending = self.signals.pending
+        if isinstance(error, KeyboardInterrupt) or (error is None and pending is not None):
+            raise Interrupted(getattr(error, "signum", None) or pending or signal.SIGINT,
+                              self.committed) from None
+        if isinstance(error, OSError):
+            raise MergeError(f"{error.strerror or error}: {error.filename}") from error
+        if error is not None:
+            raise error
         nbytes = sum(self.jobs[i].in_bytes for i in self.mine)
         return {"tensors": len(self.jobs), "tensors_here": len(self.mine), "seconds": time.perf_counter() - t0,
                 "bytes_read_here": nbytes, "bytes_written": self.layout.total_bytes, "rank": self.group.rank,
                 "world": self.group.world, "out": self.out}
+
+
+def _empty_folder(path: str) -> bool:
+    """A real folder (not a symlink to one) with nothing in it."""
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
 
 
 def merge_checkpoints(config: str, out: str, **options) -> dict:
