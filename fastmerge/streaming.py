@@ -750,18 +750,7 @@ class Merger:
                     nxt = loader.submit(load, pos + 1)
                 if cuda:
                     torch.cuda.current_stream(self.device).wait_stream(stream)
-                if job.kind == "copy":
-                    out = xs[0]
-                else:
-                    kw = dict(job.kwargs)
-                    if self.thresholds is not None:
-                        kw.pop("density", None)
-                        kw["threshold"] = self.thresholds
-                    try:
-                        out = api.merge(self.cfg.method, b, xs, out_dtype=job.out_dtype,
-                                        backend=self.options.backend, **kw)
-                    except (ValueError, TypeError) as exc:
-                        raise MergeError(f"tensor {job.name}: {exc}") from None
+                out = xs[0] if job.kind == "copy" else self._merge_one(job, b, xs)
                 event = None
                 if cuda:
                     host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
@@ -787,12 +776,26 @@ class Merger:
             writer.close(sync=done and not failure)  # no fsync for a folder about to go
             bar.close()
         if failure:
-            exc = failure[0]
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise MergeError(f"no space left on device while writing {self.tmp}") from None
-            if isinstance(exc, OSError):
-                raise MergeError(f"writing {self.tmp}: {exc}") from None
-            raise exc
+            self._raise_write_failure(failure[0])
+
+    def _merge_one(self, job, base, xs):
+        """One tensor's merge; a user error becomes a MergeError naming the tensor."""
+        kw = dict(job.kwargs)
+        if self.thresholds is not None:
+            kw.pop("density", None)
+            kw["threshold"] = self.thresholds
+        try:
+            return api.merge(self.cfg.method, base, xs, out_dtype=job.out_dtype,
+                             backend=self.options.backend, **kw)
+        except (ValueError, TypeError) as exc:
+            raise MergeError(f"tensor {job.name}: {exc}") from None
+
+    def _raise_write_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise MergeError(f"no space left on device while writing {self.tmp}") from None
+        if isinstance(exc, OSError):
+            raise MergeError(f"writing {self.tmp}: {exc}") from None
+        raise exc
 
     def _copy(self, folder: str, name: str) -> None:
         """``folder/name`` into the temporary folder, if it exists; never a file outside
