@@ -15,7 +15,7 @@ def select_mask(deltas: list, select_topk: float) -> torch.Tensor:
     """The elements of largest variance across the models: ``k = int(nonzero * select_topk)``
     of them (in fp32, as mergekit computes it), ``nonzero`` the count of elements whose
     variance is not 0; ties at the cut go to the lowest flat index."""
-    if select_topk <= 0:
+    if select_topk <= 0 or deltas[0].numel() == 0:
         return torch.zeros_like(deltas[0], dtype=torch.bool)
     var = torch.var(torch.stack(deltas), dim=0, unbiased=False).reshape(-1)
     k = int(torch.count_nonzero(var) * select_topk)
