@@ -1,0 +1,24 @@
+"""mergekit 0.1.5's merge methods outside the task-arithmetic family, one module each.
+
+Every module defines the method (its specification; the fused kernels must match it):
+
+* ``reference(base, models, *, <mergekit's parameters>) -> torch.Tensor``: readable torch,
+  fp32 compute (the inputs are upcast once), an fp32 result of the inputs' shape (the caller
+  casts to the output dtype). ``base`` is the base model's tensor (None where the method takes
+  none or mergekit makes it optional), ``models`` the non-base tensors, read in place.
+  The docstring gives the formula, the paper and every difference from mergekit's code.
+* ``CONTRACT = dict(base="required" | "optional" | "none", min_models=..., max_models=...)``:
+  how many non-base tensors the method takes (``max_models`` None: no limit). Every method
+  takes at least one tensor in all (base or model).
+* ``PARAMS = {name: default}``: mergekit's parameter names and defaults
+  (``inspect.Parameter.empty`` where mergekit requires the parameter). mergekit's per-model
+  ``weight`` is ``weights`` (one value per non-base model, or one scalar for all).
+
+The registry can be generated from ``CONTRACT`` and ``PARAMS``; ``_common`` holds the argument
+checks the references share.
+"""
+
+NAMES = (
+    "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "nearswap",
+    "arcee_fusion", "ram", "ramplus_tl", "passthrough",
+)

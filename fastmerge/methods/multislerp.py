@@ -1,0 +1,61 @@
+"""Multi-SLERP: barycentric interpolation of K models on a hypersphere (mergekit ``multislerp``).
+
+https://goddard.blog/posts/multislerp-wow-what-a-cool-idea (Goddard 2025).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastmerge import _validate as V
+from fastmerge.methods._common import REQUIRED, inputs
+
+CONTRACT = dict(base="optional", min_models=1, max_models=None)
+PARAMS = {"weights": REQUIRED, "normalize_weights": True, "eps": 1e-8}
+
+
+def reference(base, models, *, weights, normalize_weights=True, eps=1e-8) -> torch.Tensor:
+    """Weighted spherical mean of the vectors ``v_k = m_k - base`` (``v_k = m_k`` without a
+    base), each the whole tensor flattened, with ``w = weights / sum(weights)`` when
+    ``normalize_weights`` (else the weights as given)::
+
+        u_k = v_k / (|v_k| + eps)
+        mu  = sum_k w_k u_k ;  mean = mu / |mu|             (tangent point)
+        g_k = u_k - (u_k . mean) mean ;  g = sum_k w_k g_k  (tangent-space mean)
+        r   = |g| + eps
+        out = base + (sum_k w_k |v_k|) (cos(r) mean + sin(r) / r g)
+
+    One model: the model itself. ``|mu| < eps`` (antipodal inputs whose weights cancel, zero
+    deltas, 0-size tensors): two models fall back to ``base + w_0 v_0 + w_1 v_1``; three or more
+    raise ValueError, as in mergekit.
+
+    Differences from mergekit: weights that sum to zero with ``normalize_weights`` raise
+    ValueError naming ``weights`` (mergekit divides by zero and returns inf/nan).
+    """
+    b, ms = inputs("multislerp", CONTRACT, base, models)
+    w = V.per_model(weights, len(ms), "weights")
+    normalize = V.flag(normalize_weights, "normalize_weights")
+    eps = V.number(eps, "eps")
+    if len(ms) == 1:
+        return ms[0]
+    w = torch.tensor(w, dtype=torch.float32)
+    if normalize:
+        if float(w.sum()) == 0:
+            raise ValueError("weights sum to zero: normalize_weights cannot divide by their sum")
+        w = w / w.sum()
+    vs = [m.reshape(-1) if b is None else (m - b).reshape(-1) for m in ms]
+    norms = [torch.linalg.vector_norm(v) for v in vs]
+    units = [v / (n + eps) for v, n in zip(vs, norms)]
+    mu = sum(wk * u for wk, u in zip(w, units))
+    mu_norm = torch.linalg.vector_norm(mu)
+    if mu_norm < eps:
+        if len(ms) != 2:
+            raise ValueError("models: the weighted mean of the unit vectors is zero (antipodal "
+                             "models whose weights cancel, or zero deltas); use other weights")
+        out = vs[0] * w[0] + vs[1] * w[1]
+    else:
+        mean = mu / mu_norm
+        g = sum(wk * (u - (u * mean).sum() * mean) for wk, u in zip(w, units))
+        r = torch.linalg.vector_norm(g) + eps
+        out = (torch.cos(r) * mean + g * (torch.sin(r) / r)) * sum(n * wk for n, wk in zip(norms, w))
+    out = out.reshape(ms[0].shape)
+    return out if b is None else out + b

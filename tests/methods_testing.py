@@ -1,0 +1,173 @@
+"""Shared checks of the tests of ``fastmerge.methods`` (``tests/test_<method>.py``): each
+method's reference against mergekit 0.1.5's own ``merge_tensors``.
+
+The acceptance of issue 17: at least 99.9% of the elements within rtol 1e-4 on random fp32
+data (``FRAC``, ``RTOL``; ``ATOL`` for the elements near zero). bf16/fp16 inputs: our fp32
+compute on them against mergekit on their fp32 upcast, both rounded to the input dtype and
+compared with conftest's ``DTYPES`` tolerances.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+import torch
+from conftest import DTYPE_IDS, DTYPES, assert_close_frac, make_models, mergekit_merge
+
+from fastmerge._validate import NonFiniteError
+
+FRAC, RTOL, ATOL = 0.001, 1e-4, 1e-6
+SHAPES = [(37, 53), (1, 9), (129,), (3, 4, 5), ()]
+SHAPE_IDS = ["37x53", "1x9", "1d", "3d", "0d"]
+LOW = [d for d in DTYPES if d[0] != torch.float32]
+LOW_IDS = [i for i in DTYPE_IDS if i != "fp32"]
+
+
+def sparse_models(shape, K, density=0.3, *, seed=0):
+    """``(base, models)`` whose deltas are nonzero (and above 1e-3) on about ``density`` of
+    the elements, each model its own random support: unique and shared changes both occur."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    models = []
+    for _ in range(K):
+        keep = torch.rand(shape, generator=g) < density
+        delta = (0.01 + 0.05 * torch.rand(shape, generator=g)) * torch.randn(shape, generator=g).sign()
+        models.append(base + delta * keep)
+    return base, models
+
+
+def method(name):
+    return importlib.import_module(f"fastmerge.methods.{name}")
+
+
+def mk_params(params: dict) -> dict:
+    """Our keyword arguments under mergekit's names (its per-model ``weight``)."""
+    return {("weight" if k == "weights" else k): v for k, v in params.items()}
+
+
+def against_mergekit(name, base, models, *, max_frac=FRAC, atol=ATOL, rtol=RTOL, **params):
+    """Our reference and mergekit on the same inputs; returns ours."""
+    got = method(name).reference(base, models, **params)
+    expected = mergekit_merge(name, base, models, **mk_params(params))
+    assert got.dtype == torch.float32
+    assert_close_frac(got, expected.float(), atol=atol, rtol=rtol, max_frac=max_frac, msg=name)
+    return got
+
+
+def random_case(name, shape, K, *, base=True, seed=0, scale=0.05, **params):
+    """:func:`against_mergekit` on ``make_models(shape, K)`` (without the base if not ``base``)."""
+    b, ms = make_models(shape, K, seed=seed, scale=scale)
+    return against_mergekit(name, b if base else None, ms, **params)
+
+
+def low_precision(name, K, dtype, atol, rtol, *, base=True, max_frac=FRAC, **params):
+    """bf16/fp16 inputs: our fp32 result against mergekit on the fp32 upcast."""
+    b, ms = make_models((37, 53), K, dtype)
+    b = b if base else None
+    got = method(name).reference(b, ms, **params)
+    assert got.dtype == torch.float32 and got.shape == ms[0].shape
+    expected = mergekit_merge(name, None if b is None else b.float(), [m.float() for m in ms],
+                              **mk_params(params))
+    assert_close_frac(got.to(dtype), expected.to(dtype), atol=atol, rtol=rtol, max_frac=max_frac)
+
+
+def non_contiguous(name, K, *, base=True, **params):
+    """Transposed views give what their contiguous copies give (mergekit on the copies)."""
+    b, ms = make_models((53, 37), K)
+    views = [m.t() for m in ms]
+    bv = b.t() if base else None
+    assert not views[0].is_contiguous()
+    got = against_mergekit(name, bv, views, **params)
+    again = method(name).reference(None if bv is None else bv.contiguous(),
+                                   [v.contiguous() for v in views], **params)
+    torch.testing.assert_close(got, again, atol=ATOL, rtol=1e-5)
+
+
+def input_errors(name, K, **params):
+    """The contract's errors: missing or unwanted base, model counts, non-finite values,
+    mismatched shapes, unsupported dtypes; each names the argument."""
+    mod = method(name)
+    c = mod.CONTRACT
+    b, ms = make_models((5, 7), K)
+    base = b if c["base"] != "none" else None
+    ref = mod.reference
+    if c["base"] == "required":
+        with pytest.raises(ValueError, match="base"):
+            ref(None, ms, **params)
+    if c["base"] == "none":
+        with pytest.raises(TypeError, match="base"):
+            ref(b, ms, **params)
+    if c["min_models"] > 0:
+        with pytest.raises(ValueError, match="models"):
+            ref(base, ms[: c["min_models"] - 1], **params)
+    if c["max_models"] is not None:
+        with pytest.raises(ValueError, match="models"):
+            ref(base, ms + [ms[0]] * (c["max_models"] + 1 - len(ms)), **params)
+    bad = ms[0].clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"models\[0\]"):
+        ref(base, [bad] + ms[1:], **params)
+    if base is not None:
+        with pytest.raises(NonFiniteError, match="base"):
+            ref(torch.full_like(b, float("inf")), ms, **params)
+    if base is not None or len(ms) > 1:
+        with pytest.raises(ValueError, match="shape"):
+            ref(base, ms[:-1] + [ms[-1][:, :3]], **params)
+    with pytest.raises(TypeError, match="dtype"):
+        ref(base, ms[:-1] + [ms[-1].double()], **params)
+    with pytest.raises(TypeError, match="models"):
+        ref(base, ms[0], **params)
+
+
+_POLICY = {"required": "required", "optional": "optional"}
+
+
+def contract_matches_mergekit(name):
+    """``PARAMS`` are mergekit's parameters and defaults (its ``weight`` as ``weights``), the
+    reference's keyword arguments are ``PARAMS``, and ``CONTRACT`` is mergekit's input contract
+    where mergekit's base policy is required or optional (karcher and passthrough ignore the
+    base flag; their tests state their contracts)."""
+    from mergekit.merge_methods import get
+    from mergekit.merge_methods.base import MISSING
+
+    mod = method(name)
+    spec = get(name).spec
+    expected = {("weights" if p.name == "weight" else p.name):
+                (inspect.Parameter.empty if p.default is MISSING else p.default)
+                for p in spec.parameters}
+    assert mod.PARAMS == expected
+    sig = inspect.signature(mod.reference).parameters
+    assert list(sig)[:2] == ["base", "models"]
+    assert {k: p.default for k, p in sig.items() if p.kind is p.KEYWORD_ONLY} == mod.PARAMS
+    c, policy = spec.contract, spec.contract.base.value
+    assert set(mod.CONTRACT) == {"base", "min_models", "max_models"}
+    if policy in _POLICY:
+        has = int(policy == "required")
+        assert mod.CONTRACT["base"] == policy
+        assert mod.CONTRACT["min_models"] == max(c.min_inputs - has, c.min_non_base or 0)
+        hi = [x for x in (None if c.max_inputs is None else c.max_inputs - has, c.max_non_base)
+              if x is not None]
+        assert mod.CONTRACT["max_models"] == (min(hi) if hi else None)
+    return spec
+
+
+def standard_tests(name, K, *, base=True, **params):
+    """The checks every method's test file runs, as pytest functions to bind at module level:
+    ``globals().update(standard_tests(...))``."""
+
+    def test_contract():
+        contract_matches_mergekit(name)
+
+    @pytest.mark.parametrize("dtype,atol,rtol", LOW, ids=LOW_IDS)
+    def test_low_precision_inputs(dtype, atol, rtol):
+        low_precision(name, K, dtype, atol, rtol, base=base, **params)
+
+    def test_non_contiguous():
+        non_contiguous(name, K, base=base, **params)
+
+    def test_errors():
+        input_errors(name, K, **params)
+
+    return {f.__name__: f for f in (test_contract, test_low_precision_inputs,
+                                    test_non_contiguous, test_errors)}

@@ -1,0 +1,73 @@
+"""multislerp's reference against mergekit 0.1.5 (see methods_testing for the tolerances)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from methods_testing import SHAPE_IDS, SHAPES, against_mergekit, random_case, standard_tests
+
+from fastmerge.methods import multislerp
+
+globals().update(standard_tests("multislerp", 3, weights=[0.3, 0.5, 0.2]))
+
+WEIGHTS = {1: [0.7], 2: [0.3, 0.7], 3: [0.3, 0.5, 0.2], 4: [1.0, 2.0, 0.5, 0.25]}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+@pytest.mark.parametrize("base", [True, False], ids=["base", "nobase"])
+def test_random(shape, K, base):
+    random_case("multislerp", shape, K, base=base, weights=WEIGHTS[K])
+
+
+@pytest.mark.parametrize("normalize_weights", [True, False])
+@pytest.mark.parametrize("eps", [0.0, 1e-8, 1e-3])
+@pytest.mark.parametrize("weights", [1.0, [0.5, -0.2, 0.9], [2.0, 2.0, 2.0]])
+def test_parameters(normalize_weights, eps, weights):
+    random_case("multislerp", (37, 53), 3, weights=weights, normalize_weights=normalize_weights,
+                eps=eps)
+
+
+@pytest.mark.parametrize("factor", [2.0, -1.0])
+def test_collinear_and_antipodal(factor):
+    """Two antipodal deltas with equal weights cancel: mergekit's linear fallback."""
+    base = torch.randn(6, 9)
+    d = 0.1 * torch.randn(6, 9)
+    against_mergekit("multislerp", base, [base + d, base + factor * d], weights=[0.5, 0.5])
+    against_mergekit("multislerp", base, [base + d, base + factor * d], weights=[0.2, 0.8])
+
+
+def test_zero_mean_with_three_raises_like_mergekit():
+    from conftest import mergekit_merge
+
+    base = torch.zeros(6, 9)  # exact deltas: their units cancel exactly
+    d = 0.1 * torch.randn(6, 9)
+    models = [d, -d, base.clone()]
+    with pytest.raises(ValueError, match="weighted"):
+        mergekit_merge("multislerp", base, models, weight=[0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="models"):
+        multislerp.reference(base, models, weights=[0.5, 0.5, 0.0])
+
+
+def test_zero_deltas():
+    base = torch.randn(5, 7)
+    models = [base.clone(), base + 0.1 * torch.randn(5, 7), base + 0.1 * torch.randn(5, 7)]
+    against_mergekit("multislerp", base, models, weights=[0.2, 0.3, 0.5])
+    against_mergekit("multislerp", base, [base.clone(), base.clone()], weights=[0.5, 0.5])
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5)])
+def test_empty_two_models(shape):
+    z = torch.zeros(shape)
+    against_mergekit("multislerp", z, [z, z], weights=[0.5, 0.5])
+
+
+def test_weights_checked():
+    """By design: weights summing to zero cannot be normalized (mergekit returns nan)."""
+    b, ms = torch.randn(4), [torch.randn(4) for _ in range(3)]
+    with pytest.raises(TypeError, match="weights"):
+        multislerp.reference(b, ms)
+    with pytest.raises(ValueError, match="weights"):
+        multislerp.reference(b, ms, weights=[1.0, -1.0, 0.0])
+    with pytest.raises(ValueError, match="weights"):
+        multislerp.reference(b, ms, weights=[1.0, 1.0])
+    multislerp.reference(b, ms, weights=[1.0, -1.0, 0.0], normalize_weights=False)

@@ -1,0 +1,38 @@
+"""nearswap's reference against mergekit 0.1.5 (see methods_testing for the tolerances)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from methods_testing import SHAPE_IDS, SHAPES, against_mergekit, random_case, standard_tests
+
+from fastmerge.methods import nearswap
+
+globals().update(standard_tests("nearswap", 1, t=0.05))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("t", [0.0, 1e-3, 0.05, 1.0, -1.0, 100.0])
+def test_random(shape, t):
+    random_case("nearswap", shape, 1, t=t)
+
+
+def test_equal_and_near_elements():
+    """|a - b| below the 1e-6 floor: weight t / 1e-6 (clamped to 1)."""
+    a = torch.randn(50)
+    b = a.clone()
+    b[10:20] += 1e-7
+    b[20:30] += 0.2
+    for t in (0.0, 1e-8, 1e-7, 0.05):
+        against_mergekit("nearswap", a, [b], t=t)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5)])
+def test_empty(shape):
+    z = torch.zeros(shape)
+    against_mergekit("nearswap", z, [z], t=0.1)
+
+
+def test_t_required():
+    a = torch.randn(3)
+    with pytest.raises(TypeError, match="t"):
+        nearswap.reference(a, [a])
