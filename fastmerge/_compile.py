@@ -89,6 +89,19 @@ MERGE_ARGS = {
     "alpha": ("float?", _opt_float, _same),
     "exact": ("bool", bool, _same),
     "common_space_fraction": ("float", float, _same),
+    # mergekit's other methods (fastmerge/methods/): None stands for the method's default
+    "t": ("float?", _opt_float, _same),
+    "nuslerp_row_wise": ("bool?", _same, _same),
+    "nuslerp_flatten": ("bool?", _same, _same),
+    "normalize_weights": ("bool?", _same, _same),
+    "eps": ("float?", _opt_float, _same),
+    "max_iter": ("int?", _same, _same),
+    "tol": ("float?", _opt_float, _same),
+    "filter_wise": ("bool?", _same, _same),
+    "int8_mask": ("bool?", _same, _same),
+    "select_topk": ("float?", _opt_float, _same),
+    "r": ("float?", _opt_float, _same),
+    "scale": ("float[]?", _opt_floats, unfloats),
 }
 # the order of those arguments in the schema: the registry's parameter order
 MERGE_PARAMS = tuple(p for p in ALL_PARAMS if p in MERGE_ARGS)

@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import methods as _methods
+from .methods._common import REQUIRED  # noqa: F401  (a PARAMS default: no default)
+
 # the merge of a plan by a backend (mergekit's generalized task arithmetic and linear)
 PLAN_REFERENCE = "fastmerge.backends.torch:run_plan"
 
@@ -24,8 +27,10 @@ class Method:
     """One merge method.
 
     family: ``gta`` (mergekit's generalized task arithmetic: sparsify, weight, optionally elect
-    signs, sum, normalize), ``linear`` (a weighted mean of the models, base unused) or ``svd``
-    (FusionBench's SVD merges, :mod:`fastmerge.lowrank`).
+    signs, sum, normalize), ``linear`` (a weighted mean of the models, base unused), ``svd``
+    (FusionBench's SVD merges, :mod:`fastmerge.lowrank`) or ``method`` (mergekit's other
+    methods, each defined by its module in :mod:`fastmerge.methods`: ``CONTRACT``, ``PARAMS``
+    and ``reference``).
     params: the keyword arguments of :func:`fastmerge.merge` the method reads.
     consensus / sparsify / normalize / rescale: mergekit 0.1.5's registry.py settings (gta).
     kernels: the fused backends that run it (``auto`` picks among these, see
@@ -41,7 +46,9 @@ class Method:
     sparsify: Optional[str] = None
     normalize: bool = False
     rescale: bool = False
-    base: str = "required"  # "required" | "optional" (linear may be given none)
+    base: str = "required"  # "required" | "optional" | "none" (passthrough takes one tensor)
+    min_models: int = 1
+    max_models: Optional[int] = None
     kernels: tuple = ("cpu", "triton", "cuda")
     defaults: dict = field(default_factory=dict)
 
@@ -55,6 +62,16 @@ def _gta(name, consensus, sparsify, normalize, rescale) -> Method:
     params = _COMMON + ("normalize",) + (("rescale",) if sparsify else ()) + _SPARSE[sparsify]
     return Method(name, "gta", params, consensus=consensus, sparsify=sparsify,
                   normalize=normalize, rescale=rescale)
+
+
+def _method(module) -> Method:
+    """The entry of a :mod:`fastmerge.methods` module, read off its ``CONTRACT`` and ``PARAMS``."""
+    name = module.__name__.rpartition(".")[2]
+    c = module.CONTRACT
+    return Method(name, "method", tuple(module.PARAMS) + ("out_dtype", "backend", "quantize"),
+                  reference=f"{module.__name__}:reference", base=c["base"],
+                  min_models=c["min_models"], max_models=c["max_models"], kernels=(),
+                  defaults=dict(module.PARAMS))
 
 
 def _svd(name) -> Method:
@@ -77,6 +94,7 @@ REGISTRY = {m.name: m for m in (
     _svd("tsv"),
     _svd("iso_c"),
     _svd("iso_cts"),
+    *(_method(m) for m in _methods.MODULES),
 )}
 
 METHODS = tuple(REGISTRY)

@@ -49,7 +49,7 @@ def merge(
     normalize: Optional[bool] = None,
     rescale=None,
     gamma=0.01,
-    epsilon=0.15,
+    epsilon=None,
     seed: Optional[int] = None,
     out_dtype: Optional[torch.dtype] = None,
     backend: Optional[str] = None,
@@ -58,12 +58,12 @@ def merge(
     common_space_fraction: float = 0.8,
     threshold=None,
     quantize=None,
+    **method_params,
 ):
     """Merge ``models`` onto ``base`` with one of mergekit's methods or an SVD method.
 
-    ``out = base + lam * M(w_k * sparsify(models[k] - base))`` where ``M`` is a plain sum
-    (task arithmetic, DARE linear, breadcrumbs, DELLA linear) or TIES's sign-elected disjoint
-    sum; ``normalize`` divides by ``sum w_k`` (over the agreeing models under consensus).
+    ``out = base + lam * M(w_k * sparsify(models[k] - base))``, ``M`` a plain sum or TIES's
+    sign-elected disjoint sum; ``normalize`` divides by ``sum w_k`` (of the agreeing models).
 
     Args:
         method: ``task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
@@ -76,11 +76,11 @@ def merge(
         normalize, rescale: None for the method's default. ``rescale`` True = mergekit's L1 norm
             matching; also ``"l1" | "l2" | "linf" | "density"`` (1/density).
         gamma: breadcrumbs' fraction of largest magnitudes removed (scalar or per model).
-        epsilon: DELLA's spread of keep probabilities (scalar or per model).
+        epsilon: DELLA's spread of keep probabilities (scalar or per model; default 0.15), or
+            RAM's magnitude threshold (default 1e-5).
         seed: Philox seed for DARE/DELLA; None draws one from torch's default generator.
         out_dtype: output dtype (default: base's dtype).
-        backend: ``auto | torch | cpu | triton | cuda`` (default: env ``FASTMERGE_BACKEND``
-            or auto).
+        backend: ``auto | torch | cpu | triton | cuda`` (default: ``FASTMERGE_BACKEND`` or auto).
         quantize: None (return the merged tensor), or ``"int4"`` / ``"fp8"`` /
             :class:`fastmerge.quant.Int4Config` / :class:`fastmerge.quant.FP8Config`: return the
             merged tensor quantized (an Int4 dataclass, or ``(q, scale)`` for FP8), exactly
@@ -99,42 +99,85 @@ def merge(
     seeds the sketch). ``common_space_fraction`` is Iso-CTS's (FusionBench default 0.8).
     ``density``, ``gamma``, ``epsilon``, ``normalize`` and ``rescale`` do not apply to them.
 
-    ``threshold`` (magnitude-trimming methods: ``ties``): scalar or K magnitudes; model k keeps
-    every element with ``|models[k] - base| >= threshold[k]`` instead of a ``density`` share of
-    this tensor. This is how a threshold computed over a whole model (FusionBench's TIES, see
-    ``fastmerge merge``'s ``topk_scope: model``) is applied tensor by tensor.
-    They run torch's GEMM/LAPACK kernels on the tensors' device whatever the backend
-    (``backend`` is still checked).
+    They run torch's GEMM/LAPACK kernels on the tensors' device whatever the backend.
+
+    ``threshold`` (``ties``): scalar or K magnitudes; model k keeps ``|models[k] - base| >=
+    threshold[k]`` instead of a ``density`` share (a whole-model threshold, FusionBench's TIES).
+
+    mergekit's other methods (``slerp, nuslerp, multislerp, karcher, model_stock, sce, nearswap,
+    arcee_fusion, ram, ramplus_tl, passthrough``) take their mergekit parameters as keyword
+    arguments under mergekit's names (``t``, ``nuslerp_row_wise``, ``select_topk``, ``r``, ...;
+    ``weights`` for mergekit's per-model ``weight``); each is defined, with its formula and
+    paper, by ``reference`` in ``fastmerge/methods/<method>.py``.
     """
+    every = dict(weights=weights, density=density, lam=lam, normalize=normalize, rescale=rescale,
+                 gamma=gamma, epsilon=epsilon, threshold=threshold, seed=seed, out_dtype=out_dtype,
+                 backend=backend, alpha=alpha, exact=exact, common_space_fraction=common_space_fraction)
     if C.compiling():
         if quantize is None:  # torch.compile: the opaque custom op (library.py)
-            args = dict(weights=weights, density=density, lam=lam, normalize=normalize, rescale=rescale,
-                        gamma=gamma, epsilon=epsilon, threshold=threshold, seed=seed, out_dtype=out_dtype,
-                        backend=backend, alpha=alpha, exact=exact, common_space_fraction=common_space_fraction)
+            every.update(method_params)
             return torch.ops.fastmerge.merge(method, base, list(models),
-                                             *[C.MERGE_ARGS[p][1](args[p]) for p in C.MERGE_PARAMS])
+                                             *[C.MERGE_ARGS[p][1](every.get(p)) for p in C.MERGE_PARAMS])
         warnings.warn("fastmerge.merge(quantize=...) is not a torch.library op (its result is not "
                       "a tensor): under torch.compile it runs eagerly, with a graph break",
                       RuntimeWarning, stacklevel=2)
     entry = R.get(method)
+    if entry.family == "method":
+        return _run_method(entry, base, models, dict(every, **method_params), quantize)
+    extra = [k for k, v in method_params.items() if v is not None]
+    if extra:
+        raise TypeError(f"{method} takes no argument {extra[0]!r}")
     args = _validate(entry, base, models, weights, density, lam, out_dtype, quantize)
     if entry.family == "svd":
-        if alpha is not None and args["lam"] != 1.0:
-            raise ValueError("give either alpha or lam for an SVD merge, not both (they are the same scale)")
-        B.resolve(backend, args["ref"].device, method)  # same backend errors as every other method
-        merged = lowrank.merge(method, base, args["models"], weights=args["w"],
-                               alpha=args["lam"] if alpha is None else V.number(alpha, "alpha"),
-                               exact=V.flag(exact, "exact"), seed=seed,
-                               common_space_fraction=common_space_fraction, out_dtype=args["dtype"])
-        qcfg = args["qcfg"]
-        return merged if qcfg is None else B.quantize(merged, qcfg, None)
+        return _run_svd(entry, base, args, alpha, exact, seed, common_space_fraction, backend)
     if alpha is not None:
         raise ValueError(f"alpha scales the SVD merges ({', '.join(R.names('svd'))}); "
                          f"method {method!r} takes lam")
     p = plan(entry, base, args["models"], args["w"], args["dens"], args["lam"], normalize=normalize,
-             rescale=rescale, gamma=gamma, epsilon=epsilon, seed=seed, threshold=threshold)
+             rescale=rescale, gamma=gamma, epsilon=0.15 if epsilon is None else epsilon, seed=seed,
+             threshold=threshold)
     return B.run(p, base if entry.family == "gta" else None, args["models"], args["dtype"], backend,
                  method, args["qcfg"])
+
+
+def _run_svd(entry, base, args, alpha, exact, seed, common_space_fraction, backend):
+    if alpha is not None and args["lam"] != 1.0:
+        raise ValueError("give either alpha or lam for an SVD merge, not both (they are the same scale)")
+    B.resolve(backend, args["ref"].device, entry.name)  # same backend errors as every other method
+    merged = lowrank.merge(entry.name, base, args["models"], weights=args["w"],
+                           alpha=args["lam"] if alpha is None else V.number(alpha, "alpha"),
+                           exact=V.flag(exact, "exact"), seed=seed,
+                           common_space_fraction=common_space_fraction, out_dtype=args["dtype"])
+    qcfg = args["qcfg"]
+    return merged if qcfg is None else B.quantize(merged, qcfg, None)
+
+
+# merge()'s keyword defaults: a method that does not take one refuses it only when it is given
+_GENERAL_DEFAULTS = dict(density=1.0, lam=1.0, gamma=0.01, exact=False, common_space_fraction=0.8)
+
+
+def _run_method(entry, base, models, given: dict, quantize):
+    """A :mod:`fastmerge.methods` method: its parameters (mergekit's names; None or absent means
+    the method's default), then the backend's kernel or the reference, cast to ``out_dtype``."""
+    out_dtype, backend = given.pop("out_dtype"), given.pop("backend")
+    given = {k: v for k, v in given.items() if v is not None and v != _GENERAL_DEFAULTS.get(k)}
+    unknown = [k for k in given if k not in entry.params]
+    if unknown:
+        raise TypeError(f"{entry.name} takes no argument {unknown[0]!r}; it takes "
+                        f"{', '.join(p for p in entry.params)}")
+    params = {}
+    for name, default in entry.defaults.items():
+        value = given.get(name)
+        if value is None and default is R.REQUIRED:
+            raise TypeError(f"{entry.name} requires {name}=")
+        params[name] = default if value is None else value
+    if base is not None and not isinstance(base, torch.Tensor):
+        raise TypeError(f"base must be a torch.Tensor or None, got {type(base).__name__}")
+    ref = base if base is not None else V.tensor_list(models)[0]
+    dtype = V.out_dtype(out_dtype, ref.dtype)
+    qcfg = formats.config(quantize)
+    merged = B.run_method(entry.name, base, models, params, dtype, backend)
+    return merged if qcfg is None else B.quantize(merged, qcfg, None)
 
 
 def _validate(entry, base, models, weights, density, lam, out_dtype, quantize) -> dict:

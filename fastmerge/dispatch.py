@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from . import _registry
+from . import _registry, methods
 from . import backends as _backends
 from . import formats
 
@@ -122,6 +122,16 @@ def run(plan, base, inputs, out_dtype, backend, op: str = "merge",
         return mod.run_plan(plan, base, inputs, out_dtype)
     raw = mod.run_plan_quantized(plan, base, inputs, out_dtype, quantize)
     return formats.wrap(raw, quantize, tuple(inputs[0].shape), out_dtype)
+
+
+def run_method(name: str, base, models, params: dict, out_dtype, backend):
+    """A :mod:`fastmerge.methods` method on the chosen backend: its fused kernel where the
+    registry lists one for that backend, else its reference (on the inputs' device)."""
+    ref = base if base is not None else models[0]
+    chosen = resolve(backend, ref.device, name)
+    if chosen in _registry.get(name).kernels:
+        return module(chosen).run_method(name, base, models, params, out_dtype)
+    return getattr(methods, name).reference(base, models, **params).to(out_dtype)
 
 
 def quantize(w, cfg: formats.QuantConfig, backend):

@@ -18,7 +18,10 @@ The registry can be generated from ``CONTRACT`` and ``PARAMS``; ``_common`` hold
 checks the references share.
 """
 
-NAMES = (
-    "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "nearswap",
-    "arcee_fusion", "ram", "ramplus_tl", "passthrough",
-)
+from . import (arcee_fusion, karcher, model_stock, multislerp, nearswap, nuslerp, passthrough, ram,
+               ramplus_tl, sce, slerp)
+
+# in mergekit's registry order; fastmerge/_registry.py makes one entry of each
+MODULES = (slerp, nuslerp, multislerp, karcher, model_stock, sce, nearswap, arcee_fusion, ram,
+           ramplus_tl, passthrough)
+NAMES = tuple(m.__name__.rpartition(".")[2] for m in MODULES)
