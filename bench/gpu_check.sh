@@ -37,15 +37,16 @@ stage_tests() {
     PYTEST_PLUGINS=bench.gpu_check_pytest gc_pytest tests/test_gpu.py -k "not cuda and not quant" || return
     if [ "$DRY_RUN" = 1 ]; then
         echo "dry run: test_gpu.py skips without a GPU (above); the same kernels in Triton's interpreter:"
-        gc_pytest tests/test_triton_interpreter.py -k "seeded_masks or random_drop or primitives or select_exact"
+        gc_pytest tests/test_triton_interpreter.py -k "seeded_masks or random_drop or primitives or gpu_benchmark_kernel_rows"
     fi
 }
 
 stage_tests_quant() {
     PYTEST_PLUGINS=bench.gpu_check_pytest gc_pytest tests/test_gpu.py -k "not cuda and quant" || return
     if [ "$DRY_RUN" = 1 ]; then
-        echo "dry run: the Triton quantizers in the interpreter:"
-        gc_pytest tests/test_quant.py -k "triton and not fused_int4"
+        echo "dry run: the quantizer edge cases test_gpu.py moves to the GPU, here on every backend the"
+        echo "interpreter runs (triton included), and the GPU quant bench's rows:"
+        gc_pytest tests/test_quant.py -k "int4_edge_groups or int4_ties_with_the_reciprocal or fp8_sqnr_zero_tiles or gpu_bench_rows"
     fi
 }
 

@@ -87,6 +87,9 @@ gc_json_str() {  # a JSON string literal of $1 (stage names, paths and short tex
 gc_source_facts() {
     GC_COMMIT=$(git rev-parse HEAD 2>/dev/null || true)
     GC_COMMIT=${GC_COMMIT:-${GIT_COMMIT:-unknown}}
+    # tracked files changed since that commit; null where git cannot say (no .git there)
+    GC_DIRTY=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo true \
+        || { git rev-parse HEAD >/dev/null 2>&1 && echo false || echo null; })
     GC_SRC_SHA=$(find fastmerge csrc triton_kernels bench tests setup.py pyproject.toml -type f \
         \( -name '*.py' -o -name '*.cu' -o -name '*.cpp' -o -name '*.h' -o -name '*.sh' -o -name '*.toml' \) \
         -not -path '*/__pycache__/*' 2>/dev/null | LC_ALL=C sort | xargs sha256sum 2>/dev/null \
@@ -105,8 +108,8 @@ gc_write_summary() {  # $1: true once every stage has been run (or skipped)
         printf ' "started_utc": %s, "updated_utc": %s, "wall_s": %s, "budget_s": %s,\n' \
             "$(gc_json_str "$GC_START_UTC")" "$(gc_json_str "$(date -u +%FT%TZ)")" \
             "$(( $(gc_now) - GC_T0 ))" "$GC_BUDGET"
-        printf ' "commit": %s, "source_sha256_16": %s, "host": %s, "out": %s, "logs": %s,\n' \
-            "$(gc_json_str "$GC_COMMIT")" "$(gc_json_str "$GC_SRC_SHA")" "$(gc_json_str "$(hostname)")" \
+        printf ' "commit": %s, "dirty": %s, "source_sha256_16": %s, "host": %s, "out": %s, "logs": %s,\n' \
+            "$(gc_json_str "$GC_COMMIT")" "$GC_DIRTY" "$(gc_json_str "$GC_SRC_SHA")" "$(gc_json_str "$(hostname)")" \
             "$(gc_json_str "$OUT")" "$(gc_json_str "$GC_LOG")"
         printf ' "stages": ['
         for i in "${!GC_REC_NAME[@]}"; do
@@ -175,7 +178,10 @@ gc_main() {
     OUT=$(cd "$OUT" && pwd)
     export WORK=${WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
     mkdir -p "$WORK"
-    export GC_LOG="$OUT/$GC_LOG_NAME"
+    # where torch.utils.cpp_extension builds and finds the cuda backend's extension: one cache
+    # for every stage of this run, fresh on a fresh machine
+    export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
+    export GC_LOG="$OUT/$GC_LOG_NAME" GC_SCRIPT
     export PYTHON=${PYTHON:-python3}
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     if [ "$DRY_RUN" = 1 ]; then
@@ -187,7 +193,7 @@ gc_main() {
     GC_DEADLINE=$(( GC_T0 + GC_BUDGET )) GC_RESERVE=${GC_RESERVE:-20}
     GC_REC_NAME=() GC_REC_STATUS=() GC_REC_RC=() GC_REC_SECS=() GC_REC_LIMIT=() GC_REC_LOG=() GC_REC_NOTE=()
     gc_source_facts
-    export GC_COMMIT GC_SRC_SHA
+    export GC_COMMIT GC_DIRTY GC_SRC_SHA
     : >"$GC_LOG"
     echo "$GC_SCRIPT: $([ "$DRY_RUN" = 1 ] && echo DRY RUN on the CPU || echo device run), budget ${GC_BUDGET}s," \
         "OUT=$OUT WORK=$WORK commit $GC_COMMIT sources $GC_SRC_SHA" | tee -a "$GC_LOG"
@@ -294,16 +300,21 @@ stage_install() { gc_install; }
 # merged into $OUT/bench.json (bench.gpu writes its JSON only when it finishes, so a part killed
 # at its limit leaves its rows in the log alone). The device runs the GPU backends in
 # $GC_BENCH_BACKENDS; the dry run runs the same plan logic on the CPU at its tiny shapes.
+gc_backends() {  # the GPU backends to time: a script's gc_bench_backends, else $GC_BENCH_BACKENDS
+    if declare -F gc_bench_backends >/dev/null; then gc_bench_backends; else echo "$GC_BENCH_BACKENDS"; fi
+}
+
 gc_bench() {
-    local part=$1 rc
+    local part=$1 rc backends
     shift
+    backends=$(gc_backends)
     rm -f "$WORK/bench_$part.json"
     if [ "$DRY_RUN" = 1 ]; then
-        echo "+ python -m bench.gpu --device cpu --backends cpu,$GC_BENCH_BACKENDS $* --json ..."
-        "$PYTHON" -m bench.gpu --device cpu --backends "cpu,$GC_BENCH_BACKENDS" "$@" --json "$WORK/bench_$part.json"
+        echo "+ python -m bench.gpu --device cpu --backends cpu,$backends $* --json ..."
+        "$PYTHON" -m bench.gpu --device cpu --backends "cpu,$backends" "$@" --json "$WORK/bench_$part.json"
     else
-        echo "+ python -m bench.gpu --backends $GC_BENCH_BACKENDS $* --json ..."
-        "$PYTHON" -m bench.gpu --backends "$GC_BENCH_BACKENDS" "$@" --json "$WORK/bench_$part.json"
+        echo "+ python -m bench.gpu --backends $backends $* --json ..."
+        "$PYTHON" -m bench.gpu --backends "$backends" "$@" --json "$WORK/bench_$part.json"
     fi
     rc=$?
     "$PYTHON" bench/gpu_check_steps.py combine "$OUT/bench.json" "$WORK"/bench_accept.json "$WORK"/bench_quick.json \
@@ -326,7 +337,7 @@ stage_bench_quick() { gc_bench quick --quick; }
 # The acceptance shape again, timed with the L2 flushed before every call (the device notes'
 # advice; bench.gpu does not flush): a cross-check of the figures above, into the report.
 stage_l2_check() {
-    "$PYTHON" bench/gpu_check_steps.py l2 --work "$WORK" --backends "$GC_BENCH_BACKENDS" \
+    "$PYTHON" bench/gpu_check_steps.py l2 --work "$WORK" --backends "$(gc_backends)" \
         $([ "$DRY_RUN" = 1 ] && echo --dry-run)
 }
 
@@ -336,4 +347,4 @@ stage_report() {
     "$PYTHON" bench/gpu_check_steps.py report --out "$OUT" --work "$WORK" --script "$GC_SCRIPT"
 }
 
-export -f gc_bench stage_env stage_install stage_bench_accept stage_bench_quick stage_l2_check stage_report
+export -f gc_backends gc_bench stage_env stage_install stage_bench_accept stage_bench_quick stage_l2_check stage_report
