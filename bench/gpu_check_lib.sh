@@ -97,6 +97,8 @@ gc_source_facts() {
 }
 
 gc_write_summary() {  # $1: true once every stage has been run (or skipped)
+    # ok: every stage ran to exit 0 or was left out by --stages ("no_time", "running",
+    # "failed" and "timeout" are not ok)
     local tmp="$OUT/.summary.json.tmp" i sep="" ok=true
     for i in "${!GC_REC_NAME[@]}"; do
         [ "${GC_REC_STATUS[$i]}" = ok ] || [ "${GC_REC_STATUS[$i]}" = skipped ] || ok=false
@@ -141,7 +143,7 @@ gc_run_stage() {
     left=$(( GC_DEADLINE - $(gc_now) - ( idx < ${#GC_STAGES[@]} - 1 ? GC_RESERVE : 0 ) ))
     if [ "$left" -lt 5 ]; then
         echo "=== $name: SKIPPED, ${left}s left of the ${GC_BUDGET}s budget" | tee -a "$GC_LOG"
-        gc_record "$idx" "$name" skipped null 0 "$limit" "$(basename "$log")" "budget spent"
+        gc_record "$idx" "$name" no_time null 0 "$limit" "$(basename "$log")" "budget spent: not run"
         gc_write_summary false
         return
     fi
