@@ -12,8 +12,6 @@
 # $OUT gets gpu_check.log, tests.log, bench.json, quant.json, lowrank.json, summary.json.
 cd "$(dirname "$0")/.." || exit 2
 GC_SCRIPT=bench/gpu_check.sh
-GC_LOG_NAME=gpu_check.log
-GC_BUDGET_DEVICE=420 GC_BUDGET_DRY=900
 GC_STAGES=(
     "env 30 60"
     "install 90 300"

@@ -15,8 +15,6 @@
 # summary.json.
 cd "$(dirname "$0")/.." || exit 2
 GC_SCRIPT=bench/gpu_check_cuda.sh
-GC_LOG_NAME=gpu_check_cuda.log
-GC_BUDGET_DEVICE=420 GC_BUDGET_DRY=900
 GC_STAGES=(
     "env 30 60"
     "install 90 300"

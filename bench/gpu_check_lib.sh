@@ -12,6 +12,9 @@
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
+# a script may set these before sourcing; the main log is named after the script
+GC_BUDGET_DEVICE=${GC_BUDGET_DEVICE:-420} GC_BUDGET_DRY=${GC_BUDGET_DRY:-900}
+GC_LOG_NAME=${GC_LOG_NAME:-$(basename "$GC_SCRIPT" .sh).log}
 
 gc_usage() {
     cat <<EOF
@@ -171,8 +174,8 @@ gc_selected() {
     return 1
 }
 
-# gc_main "$@": the scripts' entry point, after GC_SCRIPT, GC_STAGES (rows "name device_limit
-# dry_limit"), GC_BUDGET_DEVICE, GC_BUDGET_DRY, GC_LOG_NAME and the stage_* functions are set.
+# gc_main "$@": the scripts' entry point, once GC_SCRIPT, GC_STAGES (rows "name device_limit
+# dry_limit") and the stage_* functions are set.
 gc_main() {
     gc_parse_args "$@"
     export OUT=${OUT:-$PWD/gpu_check_out}
