@@ -199,7 +199,14 @@ gc_main() {
     GC_REC_NAME=() GC_REC_STATUS=() GC_REC_RC=() GC_REC_SECS=() GC_REC_LIMIT=() GC_REC_LOG=() GC_REC_NOTE=()
     gc_source_facts
     export GC_COMMIT GC_DIRTY GC_SRC_SHA
-    : >"$GC_LOG"
+    # a reused OUT or WORK must not lend this run an earlier run's results: the logs are appended
+    # to stage by stage, and the report reads whatever JSON it finds
+    local v
+    for v in "$GC_LOG_NAME" $(compgen -v GC_STAGE_LOG_ | while read -r v; do echo "${!v}"; done); do
+        : >"$OUT/$v"
+    done
+    rm -f "$OUT"/summary.json "$OUT"/bench.json "$OUT"/quant.json "$OUT"/lowrank.json \
+        "$WORK"/report.json "$WORK"/l2.json "$WORK"/bench_*.json "$WORK"/cuda_built
     echo "$GC_SCRIPT: $([ "$DRY_RUN" = 1 ] && echo DRY RUN on the CPU || echo device run), budget ${GC_BUDGET}s," \
         "OUT=$OUT WORK=$WORK commit $GC_COMMIT sources $GC_SRC_SHA" | tee -a "$GC_LOG"
     trap 'gc_write_summary false; exit 130' INT TERM
