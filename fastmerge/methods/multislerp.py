@@ -34,7 +34,7 @@ def reference(base, models, *, weights, normalize_weights=True, eps=1e-8) -> tor
     raise ValueError, as in mergekit.
 
     Differences from mergekit: weights that sum to zero with ``normalize_weights`` raise
-    ValueError naming ``weights`` (mergekit divides by zero and returns inf/nan).
+    ValueError naming ``weights`` (mergekit divides by zero and returns nan everywhere).
     """
     b, ms = inputs("multislerp", CONTRACT, base, models)
     w = V.per_model(weights, len(ms), "weights")
