@@ -19,6 +19,16 @@ def test_random(shape, K, base):
     random_case("multislerp", shape, K, base=base, weights=WEIGHTS[K])
 
 
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("base", [True, False], ids=["base", "nobase"])
+def test_spread_directions(K, base):
+    """Independent models, far apart on the sphere: a large tangent step."""
+    g = torch.Generator().manual_seed(K)
+    ms = [torch.randn(37, 53, generator=g) * (k + 1) for k in range(K)]
+    b = torch.randn(37, 53, generator=g) if base else None
+    against_mergekit("multislerp", b, ms, weights=WEIGHTS[K])
+
+
 @pytest.mark.parametrize("normalize_weights", [True, False])
 @pytest.mark.parametrize("eps", [0.0, 1e-8, 1e-3])
 @pytest.mark.parametrize("weights", [1.0, [0.5, -0.2, 0.9], [2.0, 2.0, 2.0]])

@@ -26,6 +26,15 @@ def test_equal_and_near_elements():
         against_mergekit("nearswap", a, [b], t=t)
 
 
+@pytest.mark.parametrize("t", [1e-7, 1e-6, 3e-6, 1e-4])
+def test_floor_of_the_distance(t):
+    """Distances around the 1e-6 floor, on values near 0 where the floor is visible."""
+    a = torch.zeros(200)
+    b = torch.logspace(-8, -4, 200) * torch.where(torch.arange(200) % 2 == 0, 1.0, -1.0)
+    against_mergekit("nearswap", a, [b], t=t, atol=1e-12)
+    against_mergekit("nearswap", b, [a], t=t, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(0,), (0, 5)])
 def test_empty(shape):
     z = torch.zeros(shape)

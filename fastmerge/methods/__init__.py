@@ -14,6 +14,14 @@ Every module defines the method (its specification; the fused kernels must match
   (``inspect.Parameter.empty`` where mergekit requires the parameter). mergekit's per-model
   ``weight`` is ``weights`` (one value per non-base model, or one scalar for all).
 
+Differences from mergekit common to every method (each module lists its own): the inputs share
+one dtype among fp32/fp16/bf16 (mergekit also takes fp64 and promotes mixed dtypes) and are
+computed in fp32 (mergekit computes in the inputs' dtype; the tests compare with mergekit on the
+fp32 upcast); inf/nan inputs raise ``NonFiniteError`` (mergekit propagates them); parameters
+are taken as given, not coerced (mergekit's pydantic turns ``"0.5"`` into 0.5 and 1 into True),
+and must be finite; per-model values are a scalar or a sequence in model order (mergekit also
+takes a mapping keyed by input id).
+
 The registry can be generated from ``CONTRACT`` and ``PARAMS``; ``_common`` holds the argument
 checks the references share.
 """

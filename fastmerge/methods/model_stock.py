@@ -28,10 +28,8 @@ def reference(base, models, *, filter_wise=False) -> torch.Tensor:
     b, ms = inputs("model_stock", CONTRACT, base, models)
     filter_wise = V.flag(filter_wise, "filter_wise")
     shape = b.shape
-    if not filter_wise:
+    if not filter_wise:  # (mergekit's unsqueeze of 1-D tensors under filter_wise changes nothing)
         b, ms = b.reshape(-1), [m.reshape(-1) for m in ms]
-    elif b.dim() == 1:
-        b, ms = b.unsqueeze(0), [m.unsqueeze(0) for m in ms]
     deltas = [m - b for m in ms]
     cosines = []
     for dj, dk in itertools.combinations(deltas, 2):

@@ -24,12 +24,17 @@ def reference(base, models, *, weights, normalize_weights=True, eps=1e-8) -> tor
         r   = |g| + eps
         out = base + (sum_k w_k |v_k|) (cos(r) mean + sin(r) / r g)
 
+    Note ``g = mu - (mu . mean) mean = mu - |mu| mean = 0`` for any weights, so ``r = eps``
+    and ``out = base + (sum_k w_k |v_k|) mu / |mu|`` up to rounding: K norms and the K(K+1)/2
+    dot products ``u_j . u_k`` (one reduction pass) give the whole merge. The tangent steps
+    are kept as mergekit computes them.
+
     One model: the model itself. ``|mu| < eps`` (antipodal inputs whose weights cancel, zero
     deltas, 0-size tensors): two models fall back to ``base + w_0 v_0 + w_1 v_1``; three or more
     raise ValueError, as in mergekit.
 
     Differences from mergekit: weights that sum to zero with ``normalize_weights`` raise
-    ValueError naming ``weights`` (mergekit divides by zero and returns inf/nan).
+    ValueError naming ``weights`` (mergekit divides by zero and returns nan everywhere).
     """
     b, ms = inputs("multislerp", CONTRACT, base, models)
     w = V.per_model(weights, len(ms), "weights")

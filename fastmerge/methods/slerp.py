@@ -33,6 +33,8 @@ def reference(base, models, *, t) -> torch.Tensor:
     that the dot cannot overflow. A zero vector keeps norm 1, so its cosine is 0 and the
     spherical branch runs (``theta = pi/2``), as mergekit does; 0-size tensors interpolate
     linearly. mergekit keeps its batch's leading axis, which for one tensor is the whole tensor.
+    The two coefficients are scalars (computed here in double from the fp32 ``cos``), so a
+    kernel needs one reduction pass (two norms and a dot) and one elementwise pass.
 
     Differences from mergekit: none by design. mergekit sums the norm in chunks of 2^20
     elements, so ``|cos|`` exactly at the threshold may round to the other side.
