@@ -70,7 +70,8 @@ def _method(module) -> Method:
     c = module.CONTRACT
     return Method(name, "method", tuple(module.PARAMS) + ("out_dtype", "backend", "quantize"),
                   reference=f"{module.__name__}:reference", base=c["base"],
-                  min_models=c["min_models"], max_models=c["max_models"], kernels=(),
+                  min_models=c["min_models"], max_models=c["max_models"],
+                  kernels=tuple(getattr(module, "KERNELS", ())),
                   defaults=dict(module.PARAMS))
 
 

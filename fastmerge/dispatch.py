@@ -129,9 +129,10 @@ def run_method(name: str, base, models, params: dict, out_dtype, backend):
     registry lists one for that backend, else its reference (on the inputs' device)."""
     ref = base if base is not None else models[0]
     chosen = resolve(backend, ref.device, name)
-    if chosen in _registry.get(name).kernels:
-        return module(chosen).run_method(name, base, models, params, out_dtype)
-    return getattr(methods, name).reference(base, models, **params).to(out_dtype)
+    spec = getattr(methods, name)
+    if chosen in _registry.get(name).kernels:  # the method's fused plan on that backend's kernels
+        return spec.fused(_backends.method_ops(chosen), base, models, out_dtype=out_dtype, **params)
+    return spec.reference(base, models, **params).to(out_dtype)
 
 
 def quantize(w, cfg: formats.QuantConfig, backend):

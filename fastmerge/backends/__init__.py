@@ -75,6 +75,16 @@ def module(name: str):
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(NAMES)}")
 
 
+def method_ops(name: str):
+    """The kernels backend ``name`` offers the :mod:`fastmerge.methods` methods' ``fused`` plans
+    (``backends/<name>_methods.py``: Gram passes, linear combinations, elementwise merges)."""
+    if name == "cpu":
+        from . import cpu_methods
+
+        return cpu_methods
+    raise ValueError(f"backend {name!r} has no kernels for mergekit's other methods")
+
+
 def status() -> dict:
     """Which backends this machine can run, and why not where it cannot.
 

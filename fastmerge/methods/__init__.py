@@ -22,8 +22,16 @@ are taken as given, not coerced (mergekit's pydantic turns ``"0.5"`` into 0.5 an
 and must be finite; per-model values are a scalar or a sequence in model order (mergekit also
 takes a mapping keyed by input id).
 
-The registry can be generated from ``CONTRACT`` and ``PARAMS``; ``_common`` holds the argument
-checks the references share.
+The registry (``fastmerge/_registry.py``) is generated from ``CONTRACT`` and ``PARAMS``;
+``_common`` holds the argument checks the references share.
+
+A method with fused kernels also defines
+
+* ``KERNELS = ("cpu", ...)``: the backends that run it fused (``auto`` picks them);
+* ``fused(ops, base, models, *, out_dtype, <parameters>) -> torch.Tensor``: the same result
+  from the kernels ``ops`` of one backend (``fastmerge/backends/<backend>_methods.py``): e.g. one
+  Gram pass (the inputs' pairwise dot products), the coefficients from it on the host, then one
+  pass writing a linear combination of the inputs, in ``out_dtype``.
 """
 
 from . import (arcee_fusion, karcher, model_stock, multislerp, nearswap, nuslerp, passthrough, ram,
