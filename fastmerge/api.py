@@ -133,6 +133,7 @@ def merge(
                          f"method {method!r} takes lam")
     p = plan(entry, base, args["models"], args["w"], args["dens"], args["lam"], normalize=normalize,
              rescale=rescale, gamma=gamma, epsilon=epsilon, seed=seed, threshold=threshold)
+    p.weight_grad = args["wgrad"]
     return B.run(p, base if entry.family == "gta" else None, args["models"], args["dtype"], backend,
                  method, args["qcfg"])
 
@@ -151,7 +152,8 @@ def _validate(entry, base, models, weights, density, lam, out_dtype, quantize) -
     qcfg = formats.config(quantize)
     if qcfg is not None:
         formats.check_shape(tuple(ref.shape), qcfg, ref_name)
-    return dict(models=models, ref=ref, w=V.per_model(1.0 if weights is None else weights, K, "weights"),
+    w = V.per_model(1.0 if weights is None else weights, K, "weights")
+    return dict(models=models, ref=ref, w=w, wgrad=V.grad_weights(weights, K),
                 dens=V.per_model(density, K, "density", 0.0, 1.0), lam=V.number(lam, "lam"),
                 dtype=V.out_dtype(out_dtype, ref.dtype), qcfg=qcfg)
 
@@ -163,10 +165,14 @@ def plan(entry, base, models, w, dens, lam, *, normalize=None, rescale=None, gam
     K = len(models)
     if entry.family == "linear":
         norm = _flag(normalize, "normalize", entry.normalize)
-        if norm and sum(w) == 0:
-            raise ValueError("weights sum to zero: linear merge cannot normalize (pass normalize=False)")
-        return sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
-                        normalize=norm, lam=lam)
+        p = sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
+                     normalize=norm, lam=lam)
+        # the divisor as the kernels form it (fp32, model order): weights whose float64 sum is
+        # not 0 can still cancel there (1e8 - 99999999 is 0 in fp32)
+        if norm and sem.weight_sum_divisor(p) == 0:
+            raise ValueError(f"weights {w} sum to zero in float32 (the divisor of the merge): linear "
+                             "merge cannot normalize (pass normalize=False)")
+        return p
     masks = _masks(entry, base, models, dens, gamma, epsilon, threshold)
     random = any(m.kind in ("random", "della") for m in masks)
     return sem.Plan(

@@ -9,8 +9,10 @@ to work on GPU tensors is an error.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
+from . import _validate as V
 from . import backends as _backends
 from . import formats
 
@@ -54,16 +56,41 @@ def _auto(device) -> str:
     return "torch"
 
 
-def resolve(backend, device, op: str = "merge") -> str:
+_warned_grad = set()
+
+
+def _warn_no_graph(name: str) -> None:
+    """Once per backend: an explicitly chosen fused backend keeps no autograd graph."""
+    if name not in _warned_grad:
+        _warned_grad.add(name)
+        warnings.warn(f"fastmerge: backend={name!r} computes without autograd: the result carries "
+                      "no graph although an input requires grad (backend='auto' or 'torch' keeps it)",
+                      RuntimeWarning, stacklevel=6)  # the caller of fastmerge.merge
+
+
+def resolve(backend, device, op: str = "merge", grad: bool = False) -> str:
     """The concrete backend name for op ``op`` on tensors on ``device``. Never moves data: a
     backend that cannot run on ``device`` is an error that says so. (``op`` names the operation
-    for a per-op ``auto`` choice; today every op has the same order, see ``AUTO_CUDA``.)"""
+    for a per-op ``auto`` choice; today every op has the same order, see ``AUTO_CUDA``.)
+
+    ``grad``: the result would need an autograd graph (an input or a weights tensor requires
+    grad, grad mode on). Only the ``torch`` backend records one, so ``auto`` picks it; an
+    explicit ``cpu``, ``triton`` or ``cuda`` runs as asked and warns once that the result
+    carries no graph."""
     name = backend if backend is not None else os.environ.get("FASTMERGE_BACKEND", "auto")
     if not isinstance(name, str) or name.lower() not in NAMES:
         raise ValueError(f"backend must be one of {', '.join(NAMES)}; got {name!r}")
     name = name.lower()
     if name == "auto":
-        return _auto(device)
+        return "torch" if grad else _auto(device)
+    name = _resolve_named(name, device)
+    if grad and name != "torch":
+        _warn_no_graph(name)
+    return name
+
+
+def _resolve_named(name: str, device) -> str:
+    """``resolve`` for an explicitly named backend: checks that it can run on ``device``."""
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(
@@ -100,9 +127,9 @@ def module(name: str):
     return _backends.module(name)
 
 
-def for_op(backend, device, op: str = "merge"):
-    """``module(resolve(backend, device, op))``."""
-    return module(resolve(backend, device, op))
+def for_op(backend, device, op: str = "merge", grad: bool = False):
+    """``module(resolve(backend, device, op, grad))``."""
+    return module(resolve(backend, device, op, grad))
 
 
 # ---- the engine: a plan (or a quantizer) run on the chosen backend ---------------------------
@@ -112,15 +139,19 @@ def run(plan, base, inputs, out_dtype, backend, op: str = "merge",
     """Execute the merge ``plan`` (:class:`fastmerge._semantics.Plan`) on ``inputs`` (and
     ``base``) with the backend chosen for ``op``: the merged tensor, or with ``quantize`` its
     quantized form (an Int4 dataclass or ``(q, scale)``), fused where the backend fuses it."""
+    if quantize is None:  # a quantized result is integer codes: it has no graph on any backend
+        grad = plan.weight_grad is not None or V.needs_grad([base, *inputs])
+        return for_op(backend, inputs[0].device, op, grad).run_plan(plan, base, inputs, out_dtype)
     mod = for_op(backend, inputs[0].device, op)
-    if quantize is None:
-        return mod.run_plan(plan, base, inputs, out_dtype)
     raw = mod.run_plan_quantized(plan, base, inputs, out_dtype, quantize)
+    formats.check_int4_scale(raw, quantize, "the merged tensor")
     return formats.wrap(raw, quantize, tuple(inputs[0].shape), out_dtype)
 
 
 def quantize(w, cfg: formats.QuantConfig, backend):
     """``w`` quantized with ``cfg`` on the chosen backend, as the public result type."""
     mod = for_op(backend, w.device, "quantize")
-    return formats.wrap(mod.quantize(w, cfg, "w"), cfg, tuple(w.shape), w.dtype)
+    raw = mod.quantize(w, cfg, "w")
+    formats.check_int4_scale(raw, cfg, "w")
+    return formats.wrap(raw, cfg, tuple(w.shape), w.dtype)
 
