@@ -70,7 +70,7 @@ def merge(
             della, della_linear`` or ``linear`` (``sum w_k m_k / sum w_k``, base unused).
         base: the base model tensor (may be None for ``linear``).
         models: K same-shape, same-dtype, same-device tensors; read in place, never stacked.
-        weights: scalar or K numbers (default 1.0 each).
+        weights: scalar or K numbers (default 1.0 each), finite in float32 (as ``lam``).
         density: scalar or K numbers in [0, 1]: fraction of each delta kept (1 = no pruning).
         lam: mergekit's ``lambda``, scales the merged delta.
         normalize, rescale: None for the method's default. ``rescale`` True = mergekit's L1 norm
@@ -80,7 +80,8 @@ def merge(
         seed: Philox seed for DARE/DELLA; None draws one from torch's default generator.
         out_dtype: output dtype (default: base's dtype).
         backend: ``auto | torch | cpu | triton | cuda`` (default: env ``FASTMERGE_BACKEND``
-            or auto).
+            or auto). Only ``torch`` records autograd: ``auto`` sends calls with an input or
+            ``weights`` tensor that requires grad there; a fused backend warns once (no graph).
         quantize: None (return the merged tensor), or ``"int4"`` / ``"fp8"`` /
             :class:`fastmerge.quant.Int4Config` / :class:`fastmerge.quant.FP8Config`: return the
             merged tensor quantized (an Int4 dataclass, or ``(q, scale)`` for FP8), exactly
