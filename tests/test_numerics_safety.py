@@ -231,3 +231,11 @@ def test_fp8_of_an_empty_tensor_follows_the_reference(shape, granularity):
             for qq, ss in ((q, s), (q2, s2)):
                 assert qq.shape == q_ref.shape and qq.dtype == q_ref.dtype
                 assert torch.equal(ss, s_ref), (backend, ss, s_ref)
+
+
+@pytest.mark.parametrize("method", ["bitdelta", "ternary", "int4", "fp8"])
+def test_compressed_delta_that_overflows_is_reported(method):
+    base = torch.full((8, 128), -3e38)
+    finetuned = torch.full((8, 128), 3e38)  # both finite, the fp32 delta 6e38 is not
+    with pytest.raises(NonFiniteError, match="overflows"):
+        quant.compress_delta(base, finetuned, method=method)
