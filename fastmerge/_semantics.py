@@ -61,6 +61,9 @@ class Plan:
     lam: float = 1.0
     seed: int = 0
     names: Optional[list] = None  # input names for error messages (default models[k])
+    # the weights as an fp32 [K] tensor with an autograd graph (learnable coefficients), or None;
+    # only the torch backend uses it (dispatch sends such plans there under auto)
+    weight_grad: Optional[torch.Tensor] = None
 
     @property
     def needs_norms(self) -> bool:

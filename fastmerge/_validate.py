@@ -11,12 +11,21 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class NonFiniteError(ValueError):
-    """An input holds inf or nan. A ValueError; its own type so that the drop-in integrations
-    can hand such tensors back to the library they replace (which propagates them)."""
+    """An input holds inf or nan, or (``overflow=True``) a result does although every input is
+    finite. A ValueError; its own type so that the drop-in integrations can hand such tensors
+    back to the library they replace (which propagates them)."""
 
-    def __init__(self, name: str):
-        super().__init__(f"{name} contains non-finite values (inf or nan)")
+    def __init__(self, name: str, overflow: bool = False):
+        msg = f"{name} contains non-finite values (inf or nan)"
+        if overflow:
+            msg += (" although every input is finite: the merge overflows (the weights, lam or the "
+                    "values are too large for float32, the accumulation dtype, or for the output dtype)")
+        super().__init__(msg)
         self.argument = name
+        self.overflow = overflow
+
+
+MERGED = "the merged tensor"  # how errors name a merge's result
 
 
 def tensor_list(models, name: str = "models") -> list:
@@ -57,7 +66,12 @@ def same_as(ref: torch.Tensor, ref_name: str, tensors: Sequence[torch.Tensor], n
             )
 
 
+FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def number(x, name: str) -> float:
+    """A Python float that is finite once rounded to float32 (the kernels compute in fp32: a
+    finite 1e300 would become inf there and turn the whole result into nan)."""
     if isinstance(x, torch.Tensor) and x.numel() == 1:
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, Real):
@@ -65,6 +79,9 @@ def number(x, name: str) -> float:
     x = float(x)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
+    if not math.isfinite(float(torch.tensor(x, dtype=torch.float32))):
+        raise ValueError(f"{name} = {x:g} is beyond float32's range (|x| <= {FP32_MAX:.7g}); "
+                         "fastmerge computes in float32")
     return x
 
 
@@ -113,10 +130,55 @@ def out_dtype(dtype, default: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no inf or nan. One reduction, no temporary: min and max
+    propagate nan and are +-inf exactly when an inf is present (measured ~10x faster than
+    ``isfinite(x).all()`` on a 16M-element bf16 tensor on CPU)."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return True
+    if x.dtype not in SUPPORTED_DTYPES + (torch.float64,):  # fp8: no aminmax kernel
+        return bool(torch.isfinite(x).all())
+    lo, hi = torch.aminmax(x.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
     """``NonFiniteError`` naming ``x`` when a floating tensor holds inf or nan."""
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise NonFiniteError(name)
+
+
+def check_result(out: torch.Tensor, inputs, names) -> None:
+    """After a merge: when ``out`` holds inf or nan, ``NonFiniteError`` naming the first
+    non-finite input (``inputs``, None entries skipped, named by ``names``), or, when every
+    input is finite, one that says the merge overflowed. Costs one pass over ``out``."""
+    if all_finite(out):
+        return
+    name_nonfinite(inputs, names)
+    raise NonFiniteError(MERGED, overflow=True)
+
+
+def name_nonfinite(inputs, names) -> None:
+    """``NonFiniteError`` naming the first of ``inputs`` (None entries skipped) holding inf or
+    nan; nothing when all are finite (the error paths' rescan)."""
+    for t, name in zip(inputs, names):
+        if t is not None:
+            check_finite(t, name)
+
+
+def grad_weights(weights, k: int):
+    """``weights`` as an fp32 ``[k]`` tensor that keeps its autograd graph when it is a tensor
+    that requires grad (learnable merge coefficients) and grad mode is on; else None. Call
+    after :func:`per_model` has checked it."""
+    if not isinstance(weights, torch.Tensor) or not needs_grad([weights]):
+        return None
+    return weights.to(torch.float32).reshape(-1).expand(k)
+
+
+def needs_grad(tensors) -> bool:
+    """Whether a result computed from ``tensors`` (None entries skipped) would need an autograd
+    graph: grad mode is on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def input_names(names, k: int) -> list:

@@ -70,7 +70,7 @@ def merge(
             della, della_linear`` or ``linear`` (``sum w_k m_k / sum w_k``, base unused).
         base: the base model tensor (may be None for ``linear``).
         models: K same-shape, same-dtype, same-device tensors; read in place, never stacked.
-        weights: scalar or K numbers (default 1.0 each).
+        weights: scalar or K numbers (default 1.0 each), finite in float32 (as ``lam``).
         density: scalar or K numbers in [0, 1]: fraction of each delta kept (1 = no pruning).
         lam: mergekit's ``lambda``, scales the merged delta.
         normalize, rescale: None for the method's default. ``rescale`` True = mergekit's L1 norm
@@ -81,13 +81,11 @@ def merge(
         seed: Philox seed for DARE/DELLA; None draws one from torch's default generator.
         out_dtype: output dtype (default: base's dtype).
         backend: ``auto | torch | cpu | triton | cuda`` (default: ``FASTMERGE_BACKEND`` or auto).
-        quantize: None (return the merged tensor), or ``"int4"`` / ``"fp8"`` /
-            :class:`fastmerge.quant.Int4Config` / :class:`fastmerge.quant.FP8Config`: return the
-            merged tensor quantized (an Int4 dataclass, or ``(q, scale)`` for FP8), exactly
-            ``fastmerge.quant.quantize(merge(...), cfg)`` with the merge rounded to
-            ``out_dtype`` first. On ``cpu`` (INT4, per-row FP8) and ``triton`` (INT4) the merge
-            and the quantizer run as one pass and the merged tensor is never written; otherwise
-            (and for the SVD methods) the merge runs, then the quantizer.
+            Only ``torch`` records autograd: ``auto`` sends calls with an input or ``weights``
+            tensor that requires grad there; a fused backend warns once (no graph).
+        quantize: None, ``"int4"`` / ``"fp8"`` or a :mod:`fastmerge.quant` config: the merged
+            tensor quantized, exactly ``quant.quantize(merge(...), cfg)``; fused into one pass
+            on ``cpu`` (INT4, per-row FP8) and ``triton`` (INT4), the merged tensor never written.
 
     SVD methods (FusionBench's math, :mod:`fastmerge.lowrank`): ``tsv`` (TSV-Merge),
     ``iso_c``, ``iso_cts``. ``out = base + alpha * tau`` where ``tau`` merges the task
@@ -136,6 +134,7 @@ def merge(
     p = plan(entry, base, args["models"], args["w"], args["dens"], args["lam"], normalize=normalize,
              rescale=rescale, gamma=gamma, epsilon=0.15 if epsilon is None else epsilon, seed=seed,
              threshold=threshold)
+    p.weight_grad = args["wgrad"]
     return B.run(p, base if entry.family == "gta" else None, args["models"], args["dtype"], backend,
                  method, args["qcfg"])
 
@@ -194,7 +193,8 @@ def _validate(entry, base, models, weights, density, lam, out_dtype, quantize) -
     qcfg = formats.config(quantize)
     if qcfg is not None:
         formats.check_shape(tuple(ref.shape), qcfg, ref_name)
-    return dict(models=models, ref=ref, w=V.per_model(1.0 if weights is None else weights, K, "weights"),
+    w = V.per_model(1.0 if weights is None else weights, K, "weights")
+    return dict(models=models, ref=ref, w=w, wgrad=V.grad_weights(weights, K),
                 dens=V.per_model(density, K, "density", 0.0, 1.0), lam=V.number(lam, "lam"),
                 dtype=V.out_dtype(out_dtype, ref.dtype), qcfg=qcfg)
 
@@ -206,10 +206,14 @@ def plan(entry, base, models, w, dens, lam, *, normalize=None, rescale=None, gam
     K = len(models)
     if entry.family == "linear":
         norm = _flag(normalize, "normalize", entry.normalize)
-        if norm and sum(w) == 0:
-            raise ValueError("weights sum to zero: linear merge cannot normalize (pass normalize=False)")
-        return sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
-                        normalize=norm, lam=lam)
+        p = sem.Plan(masks=[sem.MaskSpec("none")] * K, weights=w, divisor="sumw_exact",
+                     normalize=norm, lam=lam)
+        # the divisor as the kernels form it (fp32, model order): weights whose float64 sum is
+        # not 0 can still cancel there (1e8 - 99999999 is 0 in fp32)
+        if norm and sem.weight_sum_divisor(p) == 0:
+            raise ValueError(f"weights {w} sum to zero in float32 (the divisor of the merge): linear "
+                             "merge cannot normalize (pass normalize=False)")
+        return p
     masks = _masks(entry, base, models, dens, gamma, epsilon, threshold)
     random = any(m.kind in ("random", "della") for m in masks)
     return sem.Plan(

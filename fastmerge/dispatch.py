@@ -9,9 +9,11 @@ to work on GPU tensors is an error.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 from . import _registry, methods
+from . import _validate as V
 from . import backends as _backends
 from . import formats
 
@@ -58,17 +60,42 @@ def _auto(device, op) -> str:
     return "torch"
 
 
-def resolve(backend, device, op: str = "merge") -> str:
+_warned_grad = set()
+
+
+def _warn_no_graph(name: str) -> None:
+    """Once per backend: an explicitly chosen fused backend keeps no autograd graph."""
+    if name not in _warned_grad:
+        _warned_grad.add(name)
+        warnings.warn(f"fastmerge: backend={name!r} computes without autograd: the result carries "
+                      "no graph although an input requires grad (backend='auto' or 'torch' keeps it)",
+                      RuntimeWarning, stacklevel=6)  # the caller of fastmerge.merge
+
+
+def resolve(backend, device, op: str = "merge", grad: bool = False) -> str:
     """The concrete backend name for op ``op`` on tensors on ``device``. Never moves data: a
     backend that cannot run on ``device`` is an error that says so. ``op`` is a method name (its
     registry entry says which fused backends run it) or a primitive (``magnitude_threshold``,
-    ``quantize``, ...); on CUDA every op has the same order today, see ``AUTO_CUDA``."""
+    ``quantize``, ...); on CUDA every op has the same order today, see ``AUTO_CUDA``.
+
+    ``grad``: the result would need an autograd graph (an input or a weights tensor requires
+    grad, grad mode on). Only the ``torch`` backend records one, so ``auto`` picks it; an
+    explicit ``cpu``, ``triton`` or ``cuda`` runs as asked and warns once that the result
+    carries no graph."""
     name = backend if backend is not None else os.environ.get("FASTMERGE_BACKEND", "auto")
     if not isinstance(name, str) or name.lower() not in NAMES:
         raise ValueError(f"backend must be one of {', '.join(NAMES)}; got {name!r}")
     name = name.lower()
     if name == "auto":
-        return _auto(device, op)
+        return "torch" if grad else _auto(device, op)
+    name = _resolve_named(name, device)
+    if grad and name != "torch":
+        _warn_no_graph(name)
+    return name
+
+
+def _resolve_named(name: str, device) -> str:
+    """``resolve`` for an explicitly named backend: checks that it can run on ``device``."""
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(
@@ -105,9 +132,9 @@ def module(name: str):
     return _backends.module(name)
 
 
-def for_op(backend, device, op: str = "merge"):
-    """``module(resolve(backend, device, op))``."""
-    return module(resolve(backend, device, op))
+def for_op(backend, device, op: str = "merge", grad: bool = False):
+    """``module(resolve(backend, device, op, grad))``."""
+    return module(resolve(backend, device, op, grad))
 
 
 # ---- the engine: a plan (or a quantizer) run on the chosen backend ---------------------------
@@ -117,10 +144,12 @@ def run(plan, base, inputs, out_dtype, backend, op: str = "merge",
     """Execute the merge ``plan`` (:class:`fastmerge._semantics.Plan`) on ``inputs`` (and
     ``base``) with the backend chosen for ``op``: the merged tensor, or with ``quantize`` its
     quantized form (an Int4 dataclass or ``(q, scale)``), fused where the backend fuses it."""
+    if quantize is None:  # a quantized result is integer codes: it has no graph on any backend
+        grad = plan.weight_grad is not None or V.needs_grad([base, *inputs])
+        return for_op(backend, inputs[0].device, op, grad).run_plan(plan, base, inputs, out_dtype)
     mod = for_op(backend, inputs[0].device, op)
-    if quantize is None:
-        return mod.run_plan(plan, base, inputs, out_dtype)
     raw = mod.run_plan_quantized(plan, base, inputs, out_dtype, quantize)
+    formats.check_int4_scale(raw, quantize, "the merged tensor")
     return formats.wrap(raw, quantize, tuple(inputs[0].shape), out_dtype)
 
 
@@ -128,15 +157,21 @@ def run_method(name: str, base, models, params: dict, out_dtype, backend):
     """A :mod:`fastmerge.methods` method on the chosen backend: its fused kernel where the
     registry lists one for that backend, else its reference (on the inputs' device)."""
     ref = base if base is not None else models[0]
-    chosen = resolve(backend, ref.device, name)
+    chosen = resolve(backend, ref.device, name, V.needs_grad([base, *models]))
     spec = getattr(methods, name)
     if chosen in _registry.get(name).kernels:  # the method's fused plan on that backend's kernels
-        return spec.fused(_backends.method_ops(chosen), base, models, out_dtype=out_dtype, **params)
-    return spec.reference(base, models, **params).to(out_dtype)
+        out = spec.fused(_backends.method_ops(chosen), base, models, out_dtype=out_dtype, **params)
+    else:
+        out = spec.reference(base, models, **params).to(out_dtype)
+    # the inputs were checked: a non-finite result overflowed (in fp32 or in out_dtype)
+    V.check_result(out, [base, *models], ["base"] + [f"models[{i}]" for i in range(len(models))])
+    return out
 
 
 def quantize(w, cfg: formats.QuantConfig, backend):
     """``w`` quantized with ``cfg`` on the chosen backend, as the public result type."""
     mod = for_op(backend, w.device, "quantize")
-    return formats.wrap(mod.quantize(w, cfg, "w"), cfg, tuple(w.shape), w.dtype)
+    raw = mod.quantize(w, cfg, "w")
+    formats.check_int4_scale(raw, cfg, "w")
+    return formats.wrap(raw, cfg, tuple(w.shape), w.dtype)
 

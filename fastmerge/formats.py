@@ -124,6 +124,26 @@ def raise_quant_flags(flags, name: str) -> None:
                          "(|values| beyond ~1e6): GPTQ's fp16 scales cannot hold it")
 
 
+def fill_empty_scales(res, cfg: QuantConfig):
+    """``res``, the outputs of quantizing an EMPTY weight (no kernel runs), as the reference
+    defines them: FP8 scales of fp32 eps (the amax of no values is 0, and a zero scale becomes
+    eps) wherever the scale shape has cells (a ``[3, 0]`` weight has three rows); INT4's
+    outputs are empty then."""
+    if isinstance(cfg, FP8Config):
+        res[1].fill_(torch.finfo(torch.float32).eps)
+    return res
+
+
+def check_int4_scale(raw: dict, cfg: QuantConfig, name: str) -> None:
+    """ValueError naming ``name`` when a torchao-layout asymmetric scale ``(max - min) / 15`` is
+    not finite: a group spanning more than float32's range (such as +-3e38) has no fp32 scale.
+    Read off the (small) scale tensor after the quantizer ran, on every backend."""
+    if isinstance(cfg, Int4Config) and cfg.layout == "torchao" and not V.all_finite(raw["scale"]):
+        raise ValueError(f"{name} has a group whose range (max - min) exceeds float32's (~3.4e38): "
+                         "torchao's int4 scale (max - min) / 15 overflows; such values cannot be "
+                         "quantized to int4")
+
+
 class _Int4:
     """What every INT4 result offers; ``FIELDS`` names its tensors."""
 

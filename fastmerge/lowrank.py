@@ -612,9 +612,26 @@ def merged_delta(method: str, task_vectors: Sequence[torch.Tensor], *, weights=N
     w = V.per_model(1.0 if weights is None else weights, T, "weights")
     exact = V.flag(exact, "exact")
     gen = _generator(seed, tvs[0].device) if seed is not None else None
-    return _merged_delta(method, lambda t: _work(tvs[t]).mul(w[t]) if w[t] != 1 else _work(tvs[t]).clone(),
-                         T, tuple(tvs[0].shape), tvs[0].device, exact=exact, gen=gen,
-                         common_space_fraction=_fraction(common_space_fraction))
+    fraction = _fraction(common_space_fraction)
+    return _finite_merge(
+        lambda: _merged_delta(method, lambda t: _work(tvs[t]).mul(w[t]) if w[t] != 1 else _work(tvs[t]).clone(),
+                              T, tuple(tvs[0].shape), tvs[0].device, exact=exact, gen=gen,
+                              common_space_fraction=fraction),
+        tvs, [f"task_vectors[{t}]" for t in range(T)])
+
+
+def _finite_merge(compute: Callable[[], torch.Tensor], inputs, names) -> torch.Tensor:
+    """``compute()``, an SVD merge of ``inputs`` (named ``names``), with inf and nan reported on
+    every path: the SVDs and polar steps refuse a non-finite matrix, the mean of tensors that
+    are not 2-D (biases, norms) would carry it into the result. Either way the first non-finite
+    input is named, and a non-finite result of finite inputs is an overflow."""
+    try:
+        out = compute()
+    except V.NonFiniteError as exc:
+        V.name_nonfinite(inputs, names)
+        raise V.NonFiniteError(V.MERGED, overflow=True) from exc
+    V.check_result(out, inputs, names)
+    return out
 
 
 def tsv_delta(task_vectors, **kwargs) -> torch.Tensor:
@@ -645,6 +662,11 @@ def merge(method: str, base: torch.Tensor, models: Sequence[torch.Tensor], *, we
         d = _work(models[t]) - bf
         return d.mul_(weights[t]) if weights[t] != 1 else d
 
-    tau = _merged_delta(method, task, len(models), tuple(base.shape), base.device, exact=exact,
-                        gen=gen, common_space_fraction=_fraction(common_space_fraction))
-    return torch.add(bf, tau, alpha=alpha).to(out_dtype)
+    fraction = _fraction(common_space_fraction)
+
+    def compute() -> torch.Tensor:
+        tau = _merged_delta(method, task, len(models), tuple(base.shape), base.device, exact=exact,
+                            gen=gen, common_space_fraction=fraction)
+        return torch.add(bf, tau, alpha=alpha).to(out_dtype)
+
+    return _finite_merge(compute, [base, *models], ["base", *V.input_names(None, len(models))])

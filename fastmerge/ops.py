@@ -123,5 +123,5 @@ def disjoint_merge(tensors: Sequence[torch.Tensor], sign: torch.Tensor, weights=
         raise ValueError(f"divisor must be 'count' or 'weight', got {divisor!r}")
     w = V.per_model(1.0 if weights is None else weights, len(tensors), "weights")
     dtype = V.out_dtype(out_dtype, tensors[0].dtype)
-    mod = B.for_op(backend, tensors[0].device, "disjoint_merge")
+    mod = B.for_op(backend, tensors[0].device, "disjoint_merge", V.needs_grad(tensors))
     return mod.disjoint_merge(tensors, sign, w, divisor, dtype)

@@ -93,6 +93,7 @@ def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_meth
         normalize=consensus is not None,
         seed=resolve_seed(seed) if method == "random" and d is not None else 0,
         names=[f"task_tensors[{i}]" for i in range(len(tasks))],
+        weight_grad=V.grad_weights(weights, len(tasks)),
     )
     return B.run(plan, None, tasks, work_dtype, backend, "peft").to(out_dtype)
 

@@ -204,9 +204,9 @@ def compress_delta(base: torch.Tensor, finetuned: torch.Tensor, method: str = "b
         return CompressedDelta(method, shape, dtype, data, params)
     B.resolve(backend, base.device)  # same backend errors as every other entry point
     d = finetuned.to(torch.float32) - base.to(torch.float32)
-    if not bool(torch.isfinite(d).all()):  # a non-finite input always makes d non-finite
-        V.check_finite(finetuned, "finetuned")
-        V.check_finite(base, "base")
+    if not V.all_finite(d):  # a non-finite input always makes d non-finite
+        V.name_nonfinite([finetuned, base], ["finetuned", "base"])
+        raise V.NonFiniteError("the delta finetuned - base", overflow=True)  # e.g. 3e38 - (-3e38)
     if method == "bitdelta":
         scale = d.abs().mean() if d.numel() else torch.zeros((), device=d.device)
         return CompressedDelta(method, shape, dtype, {"bits": pack_bits(d >= 0), "scale": scale.float()})

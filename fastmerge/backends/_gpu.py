@@ -21,6 +21,7 @@ import contextlib
 
 import torch
 
+from .. import _validate as V
 from .. import abi
 from .._semantics import NORM_EPS, MaskSpec, Plan, rows_of, weight_sum_divisor
 from ..formats import FP8_DTYPES, Int4Config, fp8_scale_shape, raise_quant_flags
@@ -176,7 +177,10 @@ def run_plan(ks, plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     with _device(dev):
         base, xs, kw = _merge_args(ks, plan, base, inputs)
         flags = ks.fused_merge(base, xs, out, **kw)
-        _host.raise_nonfinite(flags.tolist(), _host.merge_names(plan, len(xs)))
+        # the kernels flag non-finite inputs, not results: an overflow from finite inputs is
+        # found by one reduction over the output, read in the same host sync as the flags
+        flags = torch.cat([flags, _host.result_flag(out)])
+        _host.raise_merge_flags(flags.tolist(), _host.merge_names(plan, len(xs)))
     return out
 
 
@@ -227,7 +231,8 @@ def run_plan_quantized(ks, plan: Plan, base, inputs, out_dtype, cfg):
         f = flags.tolist()
         K = len(xs)
         _host.raise_nonfinite(f[:K + 1], _host.merge_names(plan, K))
-        raise_quant_flags(f[K + 1:], "the merged tensor")
+        _host.raise_merge_flags([0, f[-2]], [])  # the inputs are finite: a non-finite merge overflowed
+        raise_quant_flags(f[K + 1:], V.MERGED)
     return res
 
 
@@ -243,7 +248,11 @@ def _elect(ks, tensors, weights, consensus, sign, sign_only, divisor="none", out
             scale_mode=abi.SCALE_NONE, consensus=abi.CONSENSUS_OF_PLAN[consensus],
             elect_weighted=consensus != "given", divisor=abi.DIVISOR_OF_PLAN[divisor], const_div=1.0, normalize=True, lam=1.0, sign=sign,
             sign_only=sign_only)
-        _host.raise_nonfinite(flags.tolist(), [f"tensors[{m}]" for m in range(K)])
+        names = [f"tensors[{m}]" for m in range(K)]
+        if out is None:
+            _host.raise_nonfinite(flags.tolist(), names)
+        else:  # disjoint_merge: its sums can overflow from finite inputs
+            _host.raise_merge_flags(torch.cat([flags[:K], _host.result_flag(out)]).tolist(), names)
 
 
 def elect_sign(ks, tensors, weights, method):

@@ -16,6 +16,22 @@ def raise_nonfinite(flags, names) -> None:
             raise V.NonFiniteError(name)
 
 
+def result_flag(out: torch.Tensor) -> torch.Tensor:
+    """A 1-element int32 device tensor: 1 when ``out`` holds inf or nan (one reduction, no
+    host sync: read it together with the kernel's flags)."""
+    lo, hi = torch.aminmax(out)
+    return (~(torch.isfinite(lo) & torch.isfinite(hi))).to(torch.int32).reshape(1)
+
+
+def raise_merge_flags(flags, names) -> None:
+    """Flags of a merge whose kernel checked every input: per input (then base, as ``names``),
+    and last the :func:`result_flag` of the output. A non-finite input is named; a non-finite
+    result from finite inputs is an overflow."""
+    raise_nonfinite(flags[:-1], names)
+    if flags[-1]:
+        raise V.NonFiniteError(V.MERGED, overflow=True)
+
+
 def merge_names(plan, k: int) -> list:
     """Names of a merge's K inputs, then the base, in the order of the kernels' flags."""
     return V.input_names(plan.names, k) + ["base"]

@@ -17,7 +17,8 @@ import torch
 from .. import _validate as V
 from .. import abi
 from .._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
-from ..formats import FP8_DTYPES, FP8Config, fp8_scale_shape, int4_outputs, raise_quant_flags
+from ..formats import (FP8_DTYPES, FP8Config, fill_empty_scales, fp8_scale_shape, int4_outputs,
+                       raise_quant_flags)
 from . import _host, _native
 
 NAME = "cpu"
@@ -56,14 +57,24 @@ def _contig(t: torch.Tensor) -> torch.Tensor:
 
 def _raise_merge_flags(flags, plan, inputs, base):
     """The K+2 flags of a merge: per input, base, then "some input" (mask-free plans check
-    their result instead of every input): only then are the inputs rescanned, to name one."""
+    their fp32 result instead of every input): only then are the inputs rescanned, to name
+    one; when all are finite, that result overflowed."""
     names = _host.merge_names(plan, len(inputs))
     K = len(inputs)
     _host.raise_nonfinite(flags[:K + 1], names)
     if flags[K + 1]:
-        for t, name in zip(list(inputs) + [base], names):
-            if t is not None:
-                V.check_finite(t, name)
+        V.name_nonfinite(list(inputs) + [base], names)
+        raise V.NonFiniteError(V.MERGED, overflow=True)
+
+
+def _result_checked(margs, out_dtype) -> bool:
+    """Whether the kernel's flags already cover an overflow of the result: its plain path (no
+    masks, rescale or consensus: the condition of ``MergeBlock::plain_``, read off the very
+    arguments passed) checks the fp32 result, which is the output when that is fp32. Every
+    other merge needs :func:`_check_output`'s pass."""
+    kinds, scale_mode, consensus = margs[0], margs[7], margs[8]
+    return (out_dtype == torch.float32 and scale_mode == abi.SCALE_NONE
+            and consensus == abi.CONSENSUS_OF_PLAN[None] and all(k == abi.MASK_NONE for k in kinds))
 
 
 def _thresholds(base, inputs, masks, n):
@@ -155,6 +166,8 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     flags = _lib().fused_merge(bptr, ptrs, dt, out.data_ptr(), _DT(out_dtype), n, *margs, False, 0,
                                _threads(n))
     _raise_merge_flags(flags, plan, inputs, base)
+    if not _result_checked(margs, out_dtype):  # the kernels flag non-finite inputs, not results
+        V.check_result(out, list(inputs) + [base], _host.merge_names(plan, len(inputs)))
     return out
 
 
@@ -180,8 +193,9 @@ def quantize(w, cfg, name="w"):
     """INT4 or FP8 quantization of ``w`` (validated by fastmerge.quant) with the C++ kernels."""
     w = _contig(w)
     res, qa, outs = _quant_outputs(cfg, tuple(w.shape), w.dtype)
-    if w.numel():
-        raise_quant_flags(_lib().quantize(w.data_ptr(), _DT(w.dtype), qa, outs, _threads(w.numel())), name)
+    if w.numel() == 0:
+        return fill_empty_scales(res, cfg)
+    raise_quant_flags(_lib().quantize(w.data_ptr(), _DT(w.dtype), qa, outs, _threads(w.numel())), name)
     return res
 
 
@@ -201,7 +215,7 @@ def fused_merge_quantize(plan: Plan, base, inputs, out_dtype, cfg):
     format (per-tensor and block FP8 too, which :func:`run_plan_quantized` runs unfused)."""
     res, qa, outs = _quant_outputs(cfg, tuple(inputs[0].shape), out_dtype)
     if inputs[0].numel() == 0:
-        return res
+        return fill_empty_scales(res, cfg)
     inputs = [_contig(x) for x in inputs]
     base = _contig(base) if base is not None else None
     (bptr, ptrs, dt, n), margs, _bits = _merge_args(plan, base, inputs)
@@ -223,7 +237,10 @@ def _elect(tensors, weights, consensus, sign, sign_only, divisor="none", out=Non
         [abi.NONE_T, -1, abi.NONE_T, -1] * K, [1.0] * K, [0] * K, 0, weights, [1.0] * K,
         abi.SCALE_NONE, abi.CONSENSUS_OF_PLAN[consensus], consensus != "given",
         abi.DIVISOR_OF_PLAN[divisor], 1.0, True, 1.0, sign_only, sign.data_ptr(), _threads(n))
-    _host.raise_nonfinite(flags, [f"tensors[{m}]" for m in range(K)])
+    names = [f"tensors[{m}]" for m in range(K)]
+    _host.raise_nonfinite(flags, names)
+    if out is not None:  # disjoint_merge: its sums can overflow from finite inputs
+        V.check_result(out, tensors, names)
 
 
 def elect_sign(tensors, weights, method):

@@ -81,7 +81,7 @@ def keep_mask(d: torch.Tensor, spec: MaskSpec, seed: int, stream: int) -> torch.
 
 
 def norm_of(x: torch.Tensor, norm: str) -> float:
-    x = x.double()
+    x = x.detach().double()  # a constant factor: no graph through it (and no scalar warning)
     if norm == "l1":
         return float(x.abs().sum())
     if norm == "l2":
@@ -106,29 +106,49 @@ def sparsify(d: torch.Tensor, spec: MaskSpec, rescale, seed: int, stream: int) -
 
 
 
+def _weights(plan: Plan, dev) -> list:
+    """The K weights as 0-d fp32 tensors: rounded from ``plan.weights``, or slices of
+    ``plan.weight_grad`` (same values) so that the result keeps their autograd graph."""
+    if plan.weight_grad is None:
+        return [_f32(w) for w in plan.weights]
+    wt = plan.weight_grad.to(device=dev, dtype=torch.float32)
+    return [wt[k] for k in range(len(plan.weights))]
+
+
+def _weight_sum(plan: Plan, weights: list):
+    """The divisor of merges without consensus (``weight_sum_divisor``; None for none), as a
+    0-d tensor; with ``plan.weight_grad`` the same fp32 sum of the weight tensors, in order."""
+    wsum = weight_sum_divisor(plan)
+    if wsum is None or plan.weight_grad is None:
+        return _f32(wsum) if wsum is not None else None
+    total = torch.zeros((), dtype=torch.float32, device=weights[0].device)
+    for w in weights:
+        total = total + w
+    return total if float(total.detach()) == wsum else _f32(wsum)  # sumw's |sum| < 1e-8 -> 1
+
+
 def run_plan(plan: Plan, base: torch.Tensor | None, inputs: Sequence[torch.Tensor],
              out_dtype: torch.dtype) -> torch.Tensor:
     """Execute a merge plan on K inputs (deltas from ``base`` when one is given)."""
     b = base.to(torch.float32) if base is not None else None
     if base is not None:
         V.check_finite(base, "base")
-    values, weights = [], []
+    values = []
     names = V.input_names(plan.names, len(inputs))
-    for k, (x, spec, w) in enumerate(zip(inputs, plan.masks, plan.weights)):
+    shape, dev = inputs[0].shape, inputs[0].device
+    weights = _weights(plan, dev)
+    for k, (x, spec, w) in enumerate(zip(inputs, plan.masks, weights)):
         V.check_finite(x, names[k])
         d = x.to(torch.float32) - b if b is not None else x.to(torch.float32)
         s = sparsify(d, spec, plan.rescale, plan.seed, k)
-        values.append((s, s * _f32(w)))
-        weights.append(_f32(w))
+        values.append((s, s * w))
 
-    shape, dev = inputs[0].shape, inputs[0].device
     zero = torch.zeros((), dtype=torch.float32, device=dev)
     if plan.consensus is None:
         mixed = torch.zeros(shape, dtype=torch.float32, device=dev)
         for _, v in values:
             mixed = mixed + v
-        wsum = weight_sum_divisor(plan)
-        divisor = _f32(wsum) if wsum is not None else None
+        divisor = _weight_sum(plan, weights)
     else:
         elect = [v if plan.elect_weighted else s for s, v in values]
         total = torch.zeros(shape, dtype=torch.float32, device=dev)
@@ -154,7 +174,14 @@ def run_plan(plan: Plan, base: torch.Tensor | None, inputs: Sequence[torch.Tenso
         mixed = mixed * _f32(plan.lam)
     if b is not None:
         mixed = b + mixed
-    return mixed.to(out_dtype)
+    return _finite_result(mixed.to(out_dtype))
+
+
+def _finite_result(out: torch.Tensor) -> torch.Tensor:
+    """``out``, a merge of finite inputs (checked before): inf or nan in it is an overflow."""
+    if not V.all_finite(out):
+        raise V.NonFiniteError(V.MERGED, overflow=True)
+    return out
 
 
 # ---- primitives (fastmerge.ops) -------------------------------------------------------------
@@ -183,7 +210,7 @@ def disjoint_merge(tensors, sign, weights, divisor: str, out_dtype) -> torch.Ten
         mixed = mixed + torch.where(agree, e * _f32(w), zero)
         div = div + (agree.to(torch.float32) if divisor == "count" else torch.where(agree, _f32(w), zero))
     div = torch.clamp(div, min=1.0) if divisor == "count" else torch.where(div == 0, _f32(1.0), div)
-    return (mixed / div).to(out_dtype)
+    return _finite_result((mixed / div).to(out_dtype))
 
 
 def magnitude_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -274,6 +301,7 @@ def quantize_int4(w: torch.Tensor, cfg, name: str = "w") -> dict:
                 "qzeros": pack_int4_rows((z - 1).T.contiguous()),
                 "scales": s.T.contiguous()}
     q, scale, zero = _torchao_int4(x, cfg.symmetric)
+    formats.check_int4_scale({"scale": scale}, cfg, name)
     q = q.reshape(out_f, in_f)
     # mslk's pack_int4: the even element in the low nibble
     qdata = (q[:, ::2] & 0xF) | (q[:, 1::2] << 4)
@@ -324,4 +352,4 @@ def quantize(w: torch.Tensor, cfg, name: str = "w"):
 def run_plan_quantized(plan: Plan, base, inputs, out_dtype, cfg):
     """The definition of merge-and-quantize: the merge, in ``out_dtype``, then the quantizer."""
     merged = run_plan(plan, base, inputs, out_dtype)
-    return quantize(merged, cfg, "the merged tensor")
+    return quantize(merged, cfg, V.MERGED)

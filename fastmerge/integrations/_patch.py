@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .. import dispatch
-from .._validate import SUPPORTED_DTYPES, NonFiniteError
+from .._validate import SUPPORTED_DTYPES, needs_grad
 
 
 def require(module: str, dist: str, tested: Tuple[int, int], allow_untested: bool):
@@ -61,7 +61,7 @@ def fused_can_take(tensors) -> bool:
     if not tensors or not all(isinstance(t, torch.Tensor) and t.dtype in SUPPORTED_DTYPES
                               for t in tensors):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if needs_grad(tensors):
         return False
     return dispatch.resolve(None, tensors[0].device) != "torch"
 
@@ -82,18 +82,21 @@ def with_fallback(fast: Callable, original: Callable, covered: Callable, library
     """A function with ``original``'s name, docstring and signature that runs ``fast`` when
     ``covered(*args, **kwargs)`` is true and ``original`` otherwise.
 
-    Non-finite inputs are handed to ``original`` too (after one warning): fastmerge refuses them,
-    but the library being accelerated propagates them, and a drop-in must not turn a run that
-    used to finish into an error."""
+    Calls fastmerge refuses are handed to ``original`` too (after one warning), because a drop-in
+    must not turn a run that used to finish into an error: non-finite inputs and results
+    (``NonFiniteError``: fastmerge refuses them, the library propagates them), and every
+    other ValueError or TypeError of fastmerge's argument checks (a ``nan`` or ``1e300`` weight,
+    a weight sum that cancels in fp32, ...). Those checks run before any kernel, and the
+    library then either computes its own result or raises its own error, as it did unpatched."""
+    label = f"{library}'s own {getattr(original, '__qualname__', original)}"
 
     @replacing(original)
     def wrapper(*args, **kwargs):
         if covered(*args, **kwargs):
             try:
                 return fast(*args, **kwargs)
-            except NonFiniteError as exc:
-                _warn_once(f"fastmerge: {exc}; running {library}'s own "
-                           f"{getattr(original, '__qualname__', original)} instead")
+            except (ValueError, TypeError) as exc:  # NonFiniteError is a ValueError
+                _warn_once(f"fastmerge: {exc}; running {label} instead")
         return original(*args, **kwargs)
 
     return wrapper

@@ -19,7 +19,8 @@ mergekit computes in the working dtype (so bf16/fp16 merges differ by about an u
 top-k boundary between equal bf16 magnitudes may fall differently); random methods draw from
 fastmerge's Philox stream seeded by torch's default generator instead of ``torch.bernoulli``
 (``torch.manual_seed`` still makes runs reproducible). Parameters outside fastmerge's domain
-(densities outside [0, 1], float64 tensors, ...), inputs holding inf/nan, and calls whose
+(densities outside [0, 1], ``nan`` or fp32-overflowing weights, float64 tensors, ...), inputs
+holding inf/nan, results that overflow, and calls whose
 result would need an autograd graph (``merge_state_dicts`` on module parameters with grad mode
 on) run mergekit's own code; so do tensors on a device no fused fastmerge backend serves (see
 ``fastmerge.backends()``: a ``--cuda`` merge runs on the triton or cuda backend where one is

@@ -18,7 +18,8 @@ fastmerge's Philox stream, seeded from torch's default generator, so ``torch.man
 still makes runs reproducible but the mask differs from ``torch.bernoulli``'s; top-k ties go to
 the lowest index; arithmetic is fp32 with one rounding. Inputs fastmerge does not handle
 (float64 or integer task tensors, non-tensors), inputs holding inf/nan, and calls whose result
-would need an autograd graph (inputs that require grad, grad mode on) run PEFT's own code; so
+would need an autograd graph (task tensors or a ``weights`` tensor that require grad -- learnable
+merge coefficients -- with grad mode on) run PEFT's own code; so
 do tensors on a device no fused fastmerge backend serves (see ``fastmerge.backends()``).
 ``add_weighted_adapter``'s SVD path runs under ``torch.no_grad()`` (PEFT keeps only ``.data``)
 with :func:`fastmerge.lowrank.lora_rerank` in place of the full ``torch.linalg.svd``: see
@@ -30,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from .. import peft as _fast
+from .._validate import needs_grad
 from ._patch import Patch, controls, fused_can_take, replacing, require, with_fallback
 
 TESTED = (0, 21)
@@ -44,9 +46,14 @@ _patch = Patch("peft")
 
 
 def _covered(*args, **kwargs) -> bool:
-    """fastmerge runs the call when :func:`fused_can_take` its tensor argument(s)."""
+    """fastmerge runs the call when :func:`fused_can_take` its tensor argument(s) and the
+    ``weights`` need no autograd graph: learnable merge coefficients (a weights tensor that
+    requires grad) get PEFT's own code, whose result carries their gradient."""
     x = args[0] if args else kwargs.get("task_tensors", kwargs.get("tensor"))
     tensors = [x] if isinstance(x, torch.Tensor) else list(x) if isinstance(x, (list, tuple)) else []
+    weights = args[1] if len(args) > 1 else kwargs.get("weights")
+    if isinstance(weights, torch.Tensor) and needs_grad([weights]):
+        return False
     return fused_can_take(tensors)
 
 
