@@ -36,7 +36,7 @@ if os.environ.get("FASTMERGE_NO_NATIVE") != "1":
 setup(
     # fastmerge._csrc: the CUDA sources, shipped as data and compiled on first use on a machine
     # with a GPU and a CUDA toolkit (fastmerge/cuda.py), never at install time
-    packages=["fastmerge", "fastmerge.backends", "fastmerge.integrations", "fastmerge.triton_kernels", "fastmerge.bench",
+    packages=["fastmerge", "fastmerge.backends", "fastmerge.methods", "fastmerge.integrations", "fastmerge.triton_kernels", "fastmerge.bench",
               "fastmerge._csrc"],
     package_dir={"fastmerge": "fastmerge", "fastmerge.triton_kernels": "triton_kernels",
                  "fastmerge.bench": "bench", "fastmerge._csrc": "csrc"},
