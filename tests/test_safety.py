@@ -502,7 +502,7 @@ def _float_shape(h, data):
 
 
 @pytest.mark.parametrize("change,needle", [
-    (_negative_offsets, "not contiguous"), (_overlap, "not contiguous"), (_float_shape, "not a non-negative integer"),
+    (_negative_offsets, "not contiguous"), (_overlap, "not contiguous"), (_float_shape, "non-negative integers"),
 ])
 def test_invalid_headers_are_refused_not_merged(setup, capsys, change, needle):
     """Headers the safetensors package rejects: the old reader merged them (rc 0)."""
