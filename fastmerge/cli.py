@@ -141,7 +141,9 @@ def _merge_parser(sub) -> None:
     p.add_argument("--topk-scope", choices=["tensor", "model"], default=None,
                    help="TIES trimming per tensor (mergekit, default) or over the whole model "
                         "(FusionBench); overrides the config's topk_scope")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (folder, file or symlink) in one atomic swap once "
+                        "the new merge is complete; the previous OUT is then deleted")
     p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--read-ahead", type=int, default=2, metavar="N",

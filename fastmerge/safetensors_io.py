@@ -97,13 +97,10 @@ class _Invalid(Exception):
     pass
 
 
-class _Obj:
-    """A JSON object with its pairs in order (duplicates kept)."""
+class _Obj(list):
+    """A JSON object as its list of (key, value) pairs, in order, duplicates kept."""
 
-    __slots__ = ("pairs",)
-
-    def __init__(self, pairs):
-        self.pairs = pairs
+    __slots__ = ()
 
 
 class _Negative:
@@ -114,100 +111,107 @@ _NEGATIVE = _Negative()
 
 
 def _int(text: str):
-    value = int(text)
-    if value > _U64 or value < 0:
-        try:
-            float(value)  # serde_json falls back to a double; past its range, an error
-        except OverflowError:
-            raise _Invalid("header holds a number out of range") from None
-    return _NEGATIVE if text.startswith("-") else value
-
-
-def _float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
+    if not text.startswith("-"):
+        return int(text)
+    if not _number_ok(int(text)):
         raise _Invalid("header holds a number out of range")
-    return value
+    return _NEGATIVE
 
 
 def _constant(text: str):
     raise _Invalid("header is not valid JSON (NaN or Infinity)")
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_Obj, parse_int=_int, parse_float=_float,
-                            parse_constant=_constant)
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_BRACKETS = re.compile(r"[\[\]{}]")
+# Python's json turns ``-0`` into the integer 0, serde_json into a float (never a size): a
+# header with ``-0`` outside a string takes the slower decoder that marks negative literals.
+_DECODER = json.JSONDecoder(object_pairs_hook=_Obj, parse_constant=_constant)
+_NEG_DECODER = json.JSONDecoder(object_pairs_hook=_Obj, parse_constant=_constant, parse_int=_int)
+_NEG_ZERO = re.compile(r"-0(?![0-9.eE])")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_FIELDS = ("dtype", "shape", "data_offsets")
 
 
-def _depth(text: str) -> int:
-    depth = deepest = 0
-    for ch in _BRACKETS.findall(_STRING.sub("", text)):
-        if ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+def _number_ok(v) -> bool:
+    """serde_json reads every number as u64, i64 or a double; past a double's range it fails."""
+    if type(v) is float:
+        return not math.isinf(v)
+    if type(v) is int and not -_U64 <= v <= _U64:
+        try:
+            float(v)
+        except OverflowError:
+            return False
+    return True
+
+
+def _ignored_ok(v, room: int) -> bool:
+    """An unknown field's value, which serde skips: still valid JSON to it, nested at most
+    ``room`` levels deep."""
+    if type(v) is _Obj:
+        return room > 0 and all(_ignored_ok(x, room - 1) for _, x in v)
+    if type(v) is list:
+        return room > 0 and all(_ignored_ok(x, room - 1) for x in v)
+    return _number_ok(v)
 
 
 def _has_lone_surrogate(value) -> bool:
     stack = [value]
     while stack:
         v = stack.pop()
-        if isinstance(v, str):
+        if type(v) is str:
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError:
                 return True
-        elif isinstance(v, list):
+        elif type(v) is list:
             stack.extend(v)
-        elif isinstance(v, _Obj):
-            for k, x in v.pairs:
+        elif type(v) is _Obj:
+            for k, x in v:
                 stack.append(k)
                 stack.append(x)
     return False
 
 
-def _usize(v, what: str) -> int:
-    if type(v) is not int or v > _U64:
-        raise _Invalid(f"{what} is not a non-negative integer")
-    return v
+def _usize(v) -> bool:
+    return type(v) is int and 0 <= v <= _U64
 
 
 def _dtype_name(v, tensor: str) -> str:
-    if isinstance(v, _Obj) and len(v.pairs) == 1 and v.pairs[0][1] is None:
-        v = v.pairs[0][0]  # serde's externally tagged form of a unit variant
-    if not isinstance(v, str) or v not in FORMAT_BITS:
+    if type(v) is _Obj and len(v) == 1 and v[0][1] is None:
+        v = v[0][0]  # serde's externally tagged form of a unit variant: {"F32": null}
+    if type(v) is not str or v not in FORMAT_BITS:
         raise _Invalid(f"tensor {_short(tensor)} has an unknown dtype")
     return v
 
 
-def _tensor_info(v, tensor: str) -> Tuple[str, List[int], Tuple[int, int]]:
-    if isinstance(v, _Obj):
-        fields: dict = {}
-        for k, x in v.pairs:
-            if k in ("dtype", "shape", "data_offsets"):
-                if k in fields:
-                    raise _Invalid(f"tensor {_short(tensor)} has two {k!r} fields")
-                fields[k] = x
-        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in fields]
-        if missing:
-            raise _Invalid(f"tensor {_short(tensor)} has no {missing[0]!r}")
-        dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
-    elif isinstance(v, list) and len(v) == 3:
+def _tensor_info(v, tensor: str) -> Tuple[str, List[int], int, int]:
+    if type(v) is _Obj:
+        if len(v) == 3 and v[0][0] == "dtype" and v[1][0] == "shape" and v[2][0] == "data_offsets":
+            (_, dtype), (_, shape), (_, offsets) = v  # the usual entry, as writers write it
+        else:
+            fields: dict = {}
+            for k, x in v:
+                if k in _FIELDS:
+                    if k in fields:
+                        raise _Invalid(f"tensor {_short(tensor)} has two {k!r} fields")
+                    fields[k] = x
+                elif not _ignored_ok(x, _MAX_DEPTH - 2):
+                    raise _Invalid(f"tensor {_short(tensor)}: an unknown field nests deeper "
+                                   "than 127 levels or holds a number out of range")
+            missing = [k for k in _FIELDS if k not in fields]
+            if missing:
+                raise _Invalid(f"tensor {_short(tensor)} has no {missing[0]!r}")
+            dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+    elif type(v) is list and len(v) == 3:
         dtype, shape, offsets = v
     else:
         raise _Invalid(f"tensor {_short(tensor)} is not a {{dtype, shape, data_offsets}} entry")
     name = _dtype_name(dtype, tensor)
-    if not isinstance(shape, list):
-        raise _Invalid(f"tensor {_short(tensor)}: shape is not a list")
-    dims = [_usize(d, f"tensor {_short(tensor)}: a shape entry") for d in shape]
-    if not isinstance(offsets, list) or len(offsets) != 2:
-        raise _Invalid(f"tensor {_short(tensor)}: data_offsets is not a [begin, end] pair")
-    b, e = (_usize(o, f"tensor {_short(tensor)}: a data offset") for o in offsets)
-    return name, dims, (b, e)
+    if type(shape) is not list or not all(_usize(d) for d in shape):
+        raise _Invalid(f"tensor {_short(tensor)}: shape is not a list of non-negative integers")
+    if type(offsets) is not list or len(offsets) != 2 or not (_usize(offsets[0]) and _usize(offsets[1])):
+        raise _Invalid(f"tensor {_short(tensor)}: data_offsets is not a [begin, end] pair of "
+                       "non-negative integers")
+    return name, shape, offsets[0], offsets[1]
 
 
 def _short(name: str) -> str:
@@ -231,35 +235,33 @@ def _parse_header(raw: bytes):
     except UnicodeDecodeError:
         raise _Invalid("header is not UTF-8") from None
     try:
-        top = _DECODER.decode(text)
+        top = (_NEG_DECODER if _NEG_ZERO.search(text) else _DECODER).decode(text)
     except json.JSONDecodeError as exc:
         raise _Invalid(f"header is not valid JSON (line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
         raise _Invalid("header nests deeper than 127 levels") from None
-    if (text.count("[") + text.count("{") > _MAX_DEPTH) and _depth(text) > _MAX_DEPTH:
-        raise _Invalid("header nests deeper than 127 levels")
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(top):
         raise _Invalid("header holds an invalid \\u escape (a lone surrogate)")
-    if not isinstance(top, _Obj):
+    if type(top) is not _Obj:
         raise _Invalid("header is not a JSON object")
     tensors: dict = {}
     seen_metadata = False
-    for key, value in top.pairs:
+    for key, value in top:
         if key == "__metadata__":
             if seen_metadata:
                 raise _Invalid("header has two __metadata__ entries")
             seen_metadata = True
-            if value is not None and not (isinstance(value, _Obj)
-                                          and all(isinstance(x, str) for _, x in value.pairs)):
+            if value is not None and not (type(value) is _Obj and all(type(x) is str for _, x in value)):
                 raise _Invalid("__metadata__ is not a map of strings to strings")
             continue
         tensors[key] = _tensor_info(value, key)  # a repeated name: the last one counts
     end = 0
-    for name, (dtype, shape, (b, e)) in sorted(tensors.items(), key=lambda kv: kv[1][2]):
+    for b, e, name in sorted((b, e, name) for name, (_, _, b, e) in tensors.items()):
         if b != end or e < b:
             raise _Invalid(f"tensor {_short(name)}: data_offsets are not contiguous from 0 "
-                           "(negative, out of order, overlapping or leaving a gap)")
+                           "(out of order, overlapping or leaving a gap)")
         end = e
+        dtype, shape = tensors[name][:2]
         n = 1
         for d in shape:  # in order, as the package multiplies, overflow included
             n *= d
@@ -272,7 +274,7 @@ def _parse_header(raw: bytes):
             raise _Invalid(f"tensor {_short(name)}: {dtype} elements do not fill whole bytes")
         if e - b != bits // 8:
             raise _Invalid(f"tensor {_short(name)}: data_offsets do not span shape x dtype size")
-    return tensors, end
+    return {name: (dtype, shape, (b, e)) for name, (dtype, shape, b, e) in tensors.items()}, end
 
 
 def read_entries(path: str) -> Dict[str, Entry]:

@@ -44,6 +44,13 @@ def _mergekit_yaml(cfg, out, *args):
     mergekit_yaml.main(args=[str(cfg), str(out), "--no-copy-tokenizer", *args], standalone_mode=False)
 
 
+def _err(capsys):
+    """stderr of a failed run: never a traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
+
+
 def _write(path, text):
     path.write_text(text)
     return path
@@ -328,13 +335,13 @@ def test_whole_model_topk_is_fusionbench_ties(llamas, tmp_path, dtype):
 def test_whole_model_topk_errors(llamas, tmp_path, capsys):
     cfg = llama_config(llamas, "dare_ties", "float32")
     assert _merge(cfg, tmp_path / "o", "--topk-scope", "model") == 1
-    assert "applies to merge_method ties" in capsys.readouterr().err
+    assert "applies to merge_method ties" in _err(capsys)
     text = llama_config(llamas, "ties", "float32").read_text() + "parameters:\n  density: [0.1, 0.9]\n"
     text = text.replace("density: 0.3", "").replace("density: 0.5", "").replace("density: 0.2", "")
     cfg = _write(tmp_path / "g.yml", text.replace("weight: 1.0, ", "weight: 1.0").replace("weight: 0.5, ", "weight: 0.5")
                  .replace("weight: 0.7, ", "weight: 0.7") + "topk_scope: model\n")
     assert _merge(cfg, tmp_path / "o") == 1
-    assert "one density per model" in capsys.readouterr().err
+    assert "one density per model" in _err(capsys)
 
 
 # ------------------------------------------------------------------------ atomic, errors
@@ -353,7 +360,7 @@ def test_output_is_atomic(llamas, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(sio.Writer, "write", failing)
     assert _merge(cfg, out) == 1
-    assert "no space left" in capsys.readouterr().err.lower()
+    assert "no space left" in _err(capsys).lower()
     assert not out.exists() and os.listdir(tmp_path) == []
 
     # an existing OUT survives a failed --overwrite untouched, and is replaced by a good one
@@ -363,7 +370,7 @@ def test_output_is_atomic(llamas, tmp_path, monkeypatch, capsys):
     assert _merge(cfg, out, "--overwrite") == 1
     assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
     monkeypatch.setattr(sio.Writer, "write", real)
-    assert _merge(cfg, out) == 1 and "exists and is not empty" in capsys.readouterr().err
+    assert _merge(cfg, out) == 1 and "exists and is not empty" in _err(capsys)
     assert _merge(cfg, out, "--overwrite") == 0
     assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
     assert sorted(os.listdir(tmp_path)) == ["out"]
@@ -382,7 +389,7 @@ def test_interrupt_leaves_nothing(llamas, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(streaming.api, "merge", interrupted)
     assert _merge(cfg, tmp_path / "out") == 130
-    assert "interrupted" in capsys.readouterr().err and os.listdir(tmp_path) == []
+    assert "interrupted" in _err(capsys) and os.listdir(tmp_path) == []
 
 
 def _expect_error(capsys, args, *needles):
