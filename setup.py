@@ -11,7 +11,9 @@ import platform
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-SOURCES = ["csrc/kernels.cpp", "csrc/quant.cpp", "csrc/bindings.cpp"]
+# one file per pass, named as in triton_kernels/ (csrc/kernels.h lists them)
+SOURCES = ["csrc/magnitude_select.cpp", "csrc/mask_norms.cpp", "csrc/della.cpp", "csrc/fused_merge.cpp",
+           "csrc/quant.cpp", "csrc/bindings.cpp"]
 COMMON = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
 
 
@@ -40,7 +42,8 @@ setup(
               "fastmerge._csrc"],
     package_dir={"fastmerge": "fastmerge", "fastmerge.triton_kernels": "triton_kernels",
                  "fastmerge.bench": "bench", "fastmerge._csrc": "csrc"},
-    package_data={"fastmerge._csrc": ["cuda_kernels.cu", "cuda_kernels.h", "philox_mask.h", "cuda_bindings.cpp"]},
+    package_data={"fastmerge._csrc": ["cuda_kernels.cu", "cuda_kernels.h", "abi.h", "philox_mask.h",
+                                     "cuda_bindings.cpp"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

@@ -1,4 +1,5 @@
-// Shared helpers of the fastmerge CPU kernels: dtype conversion, Philox, keys.
+// Shared helpers of the fastmerge CPU kernels: dtype conversion, block loads and stores,
+// Philox, keys, threads and pages. The integer codes (DTYPE_*, MASK_*, ...) are abi.h's.
 //
 // The module does not link against libtorch: Python hands over raw data pointers of
 // contiguous tensors (as bitsandbytes does), so the build needs no torch and one binary
@@ -10,15 +11,22 @@
 #include <cmath>
 #include <vector>
 
+#include "abi.h"
 #include "philox_mask.h"
 
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace fm {
 
-enum DType : int { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
+constexpr int BLK = 512;  // elements per block: a multiple of 64 (bit words) and 4 (Philox)
 
 static inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -67,10 +75,10 @@ static inline uint16_t float_to_bf16(float f) {
 
 // Load n elements starting at element i0 of a tensor of dtype dt into fp32 dst.
 static inline void load_block(const void* p, int dt, int64_t i0, int n, float* __restrict dst) {
-    if (dt == F32) {
+    if (dt == DTYPE_F32) {
         const float* s = (const float*)p + i0;
         for (int j = 0; j < n; ++j) dst[j] = s[j];
-    } else if (dt == BF16) {
+    } else if (dt == DTYPE_BF16) {
         const uint16_t* s = (const uint16_t*)p + i0;
         for (int j = 0; j < n; ++j) dst[j] = u2f((uint32_t)s[j] << 16);
     } else {
@@ -85,10 +93,10 @@ static inline void load_block(const void* p, int dt, int64_t i0, int n, float* _
 }
 
 static inline void store_block(void* p, int dt, int64_t i0, int n, const float* __restrict src) {
-    if (dt == F32) {
+    if (dt == DTYPE_F32) {
         float* d = (float*)p + i0;
         for (int j = 0; j < n; ++j) d[j] = src[j];
-    } else if (dt == BF16) {
+    } else if (dt == DTYPE_BF16) {
         uint16_t* d = (uint16_t*)p + i0;
         for (int j = 0; j < n; ++j) d[j] = float_to_bf16(src[j]);
     } else {
@@ -105,7 +113,7 @@ static inline void store_block(void* p, int dt, int64_t i0, int n, const float* 
 
 // Round fp32 values to dtype dt and back (the merge's output rounding, kept in registers).
 static inline void round_to(int dt, float* __restrict v, int n) {
-    if (dt == BF16) {
+    if (dt == DTYPE_BF16) {
         int j = 0;
 #ifdef __AVX2__
         // float_to_bf16's round half to even and quiet nan, 8 lanes at a time
@@ -122,7 +130,7 @@ static inline void round_to(int dt, float* __restrict v, int n) {
         }
 #endif
         for (; j < n; ++j) v[j] = bf16_to_float(float_to_bf16(v[j]));
-    } else if (dt == F16) {
+    } else if (dt == DTYPE_F16) {
         int j = 0;
 #ifdef __F16C__
         for (; j + 8 <= n; j += 8)
@@ -135,21 +143,30 @@ static inline void round_to(int dt, float* __restrict v, int n) {
 #ifdef __AVX2__
 // round_to of one vector, without the nan care (callers have flagged non-finite values already)
 static inline __m256 round8(int dt, __m256 x) {
-    if (dt == BF16) {
+    if (dt == DTYPE_BF16) {
         const __m256i u = _mm256_castps_si256(x);
         const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
         return _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)),
                                                     _mm256_set1_epi32((int)0xffff0000u)));
     }
-    if (dt == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    if (dt == DTYPE_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
     return x;
 }
 #endif
 
 static inline float load_one(const void* p, int dt, int64_t i) {
-    if (dt == F32) return ((const float*)p)[i];
-    if (dt == BF16) return bf16_to_float(((const uint16_t*)p)[i]);
+    if (dt == DTYPE_F32) return ((const float*)p)[i];
+    if (dt == DTYPE_BF16) return bf16_to_float(((const uint16_t*)p)[i]);
     return half_to_float(((const uint16_t*)p)[i]);
+}
+
+// Fill d[0..n) with the fp32 delta of input x for elements i0..i0+n-1 (bb: the base's block,
+// already loaded; no base: the input itself).
+static inline void load_delta(const void* base, const void* x, int dt, int64_t i0, int n,
+                              const float* __restrict bb, float* __restrict d) {
+    load_block(x, dt, i0, n, d);
+    if (base)
+        for (int j = 0; j < n; ++j) d[j] = d[j] - bb[j];
 }
 
 // ---- Philox4x32-10 (layout documented in fastmerge/philox.py) --------------------------
@@ -238,5 +255,37 @@ static inline void philox_uniform_block(const PhiloxKey& key, int64_t i0, int n,
 static inline uint32_t mag_key(float d) { return f2u(d) & 0x7fffffffu; }
 
 static inline bool nonfinite_bits(float v) { return (f2u(v) & 0x7f800000u) == 0x7f800000u; }
+
+// ---- threads and pages -------------------------------------------------------------------
+// The requested thread count, at most one thread per block of n elements.
+static inline int threads_for(int requested, int64_t n) {
+    int t = requested > 0 ? requested : 1;
+    const int64_t blocks = (n + BLK - 1) / BLK;
+    if (blocks < t) t = (int)(blocks > 1 ? blocks : 1);
+    return t;
+}
+
+inline int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// A fresh output tensor is first touched by the merge; on a 64 MB output, 4 KiB page faults
+// cost as much as the merge itself. Ask for transparent huge pages on the untouched buffer of
+// at least 8 MiB (a hint: ignored where THP is off, harmless where pages already exist).
+inline void advise_huge(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr uintptr_t HP = (uintptr_t)2 << 20;
+    if (bytes < (int64_t)(4 * HP)) return;
+    const uintptr_t a = ((uintptr_t)p + HP - 1) & ~(HP - 1);
+    const uintptr_t e = ((uintptr_t)p + (uintptr_t)bytes) & ~(HP - 1);
+    if (e > a) madvise((void*)a, e - a, MADV_HUGEPAGE);
+#else
+    (void)p; (void)bytes;
+#endif
+}
 
 }  // namespace fm

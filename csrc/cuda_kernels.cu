@@ -89,21 +89,21 @@ __device__ __forceinline__ uint32_t keep_bits(int kind, int m, const int64_t* th
                                               const uint8_t* keep, uint64_t seed, int64_t i0,
                                               int64_t n, const float d[4]) {
     uint32_t bits = 0;
-    if (kind == K_NONE) return 0xfu;
-    if (kind == K_RANGE) {
+    if (kind == MASK_NONE) return 0xfu;
+    if (kind == MASK_RANGE) {
         const int64_t T1 = thr[4 * m], J1 = thr[4 * m + 1], T0 = thr[4 * m + 2], J0 = thr[4 * m + 3];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const uint32_t k = mag_key(d[j]);
             bits |= (uint32_t)(in_top(k, i0 + j, T1, J1) && !in_top(k, i0 + j, T0, J0)) << j;
         }
-    } else if (kind == K_RANDOM) {
+    } else if (kind == MASK_RANDOM) {
         bits = fmphilox::random_keep4(seed, (uint32_t)m, i0, prob);
-    } else if (kind == K_BYTES) {
+    } else if (kind == MASK_BITS) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) bits |= (uint32_t)(i0 + j < n && keep[i0 + j] != 0) << j;
     }
-    return bits;  // K_ZERO: nothing kept
+    return bits;  // MASK_ZERO: nothing kept
 }
 
 // ---------------------------------------------------------------- the fused merge pass
@@ -138,16 +138,16 @@ __global__ void __launch_bounds__(THREADS) merge_kernel(const __grid_constant__ 
         for (int j = 0; j < 4; ++j) {
             kept[j] |= (uint64_t)((bits >> j) & 1u) << m;
             float t = (bits >> j) & 1u ? d[j] : 0.0f;
-            if (a.scale_mode == S_MUL) t = __fmul_rn(t, s);
-            else if (a.scale_mode == S_DIV) t = __fdiv_rn(t, s);
+            if (a.scale_mode == SCALE_MUL) t = __fmul_rn(t, s);
+            else if (a.scale_mode == SCALE_DIV) t = __fdiv_rn(t, s);
             const float v = __fmul_rn(t, w);
             const float e = a.elect_weighted ? v : t;
-            if (a.consensus == C_NONE) mixed[j] = __fadd_rn(mixed[j], v);
-            else if (a.consensus == C_SUM) total[j] = __fadd_rn(total[j], e);
-            else if (a.consensus == C_COUNT) total[j] = __fadd_rn(total[j], (float)((e > 0.0f) - (e < 0.0f)));
+            if (a.consensus == CONSENSUS_NONE) mixed[j] = __fadd_rn(mixed[j], v);
+            else if (a.consensus == CONSENSUS_SUM) total[j] = __fadd_rn(total[j], e);
+            else if (a.consensus == CONSENSUS_COUNT) total[j] = __fadd_rn(total[j], (float)((e > 0.0f) - (e < 0.0f)));
         }
     }
-    if (a.consensus == C_GIVEN) {
+    if (a.consensus == CONSENSUS_GIVEN) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) total[j] = i0 + j < a.n && a.sign[i0 + j] > 0 ? 1.0f : -1.0f;
     }
@@ -158,18 +158,18 @@ __global__ void __launch_bounds__(THREADS) merge_kernel(const __grid_constant__ 
         return;
     }
     float div[4] = {0.f, 0.f, 0.f, 0.f};
-    if (a.consensus != C_NONE) {
+    if (a.consensus != CONSENSUS_NONE) {
         for (int m = 0; m < a.K; ++m) {
             float d[4];
             load4<T>(a.xs[m], i0, a.n, a.C, a.strided, a.vec, d);
             const float s = a.scale[m], w = a.weights[m];
-            const float wd = a.divisor == D_COUNT ? 1.0f : w;
+            const float wd = a.divisor == DIVISOR_COUNT ? 1.0f : w;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 float t = a.has_base ? __fsub_rn(d[j], b[j]) : d[j];
                 t = (kept[j] >> m) & 1u ? t : 0.0f;
-                if (a.scale_mode == S_MUL) t = __fmul_rn(t, s);
-                else if (a.scale_mode == S_DIV) t = __fdiv_rn(t, s);
+                if (a.scale_mode == SCALE_MUL) t = __fmul_rn(t, s);
+                else if (a.scale_mode == SCALE_DIV) t = __fdiv_rn(t, s);
                 const float v = __fmul_rn(t, w);
                 const float e = a.elect_weighted ? v : t;
                 const bool agree = total[j] >= 0.0f ? e > 0.0f : e < 0.0f;
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(THREADS) merge_kernel(const __grid_constant__ 
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            if (a.divisor == D_COUNT) div[j] = div[j] < 1.0f ? 1.0f : div[j];
+            if (a.divisor == DIVISOR_COUNT) div[j] = div[j] < 1.0f ? 1.0f : div[j];
             else div[j] = div[j] == 0.0f ? 1.0f : div[j];
         }
     }
@@ -188,8 +188,8 @@ __global__ void __launch_bounds__(THREADS) merge_kernel(const __grid_constant__ 
     for (int j = 0; j < 4; ++j) {
         float r = mixed[j];
         if (a.normalize) {
-            if (a.consensus != C_NONE) r = __fdiv_rn(r, div[j]);
-            else if (a.divisor == D_CONST) r = __fdiv_rn(r, a.const_div);
+            if (a.consensus != CONSENSUS_NONE) r = __fdiv_rn(r, div[j]);
+            else if (a.divisor == DIVISOR_CONST) r = __fdiv_rn(r, a.const_div);
         }
         if (a.lam != 1.0f) r = __fmul_rn(r, a.lam);
         if (a.has_base) r = __fadd_rn(b[j], r);
@@ -352,10 +352,10 @@ __device__ __forceinline__ double block_reduce(double v, bool use_max, ReduceD::
 template <typename T>
 __global__ void __launch_bounds__(THREADS) mask_norms_kernel(const __grid_constant__ NormArgs a) {
     __shared__ ReduceD::TempStorage tmp;
-    const bool use_max = a.norm == N_LINF;
+    const bool use_max = a.norm == NORM_LINF;
     const int64_t groups = (a.n + 3) / 4;
     for (int m = 0; m < a.K; ++m) {
-        if (a.kinds[m] != K_RANGE && a.kinds[m] != K_RANDOM) continue;
+        if (a.kinds[m] != MASK_RANGE && a.kinds[m] != MASK_RANDOM) continue;
         double before = 0.0, after = 0.0;
         for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
              g += (int64_t)gridDim.x * blockDim.x) {
@@ -368,7 +368,7 @@ __global__ void __launch_bounds__(THREADS) mask_norms_kernel(const __grid_consta
             const uint32_t bits = keep_bits(a.kinds[m], m, a.thr, a.probs[m], nullptr, a.seed, i0, a.n, d);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const double v = a.norm == N_L2 ? (double)d[j] * (double)d[j] : fabs((double)d[j]);
+                const double v = a.norm == NORM_L2 ? (double)d[j] * (double)d[j] : fabs((double)d[j]);
                 const double k = (bits >> j) & 1u ? v : 0.0;
                 if (use_max) { before = fmax(before, v); after = fmax(after, k); }
                 else { before += v; after += k; }
@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(THREADS) mask_norms_kernel(const __grid_consta
 template <typename T>
 __global__ void __launch_bounds__(THREADS) della_keep_kernel(const __grid_constant__ DellaArgs a) {
     __shared__ ReduceD::TempStorage tmp;
-    const bool use_max = a.norm == N_LINF;
+    const bool use_max = a.norm == NORM_LINF;
     const float den = (float)(a.L - 1);
     double before = 0.0, after = 0.0;
     for (int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < a.n;
@@ -405,7 +405,7 @@ __global__ void __launch_bounds__(THREADS) della_keep_kernel(const __grid_consta
         const float prob = __fadd_rn(a.c1, __fmul_rn(rn, a.c2));
         const bool keep = fmphilox::random_keep1(a.seed, a.stream_id, i, prob);
         a.keep[i] = keep ? 1 : 0;
-        const double v = a.norm == N_L2 ? (double)d * (double)d : fabs((double)d);
+        const double v = a.norm == NORM_L2 ? (double)d * (double)d : fabs((double)d);
         const double k = keep ? v : 0.0;
         if (use_max) { before = fmax(before, v); after = fmax(after, k); }
         else { before += v; after += k; }
@@ -439,8 +439,8 @@ void launch_merge(const MergeArgs& a, cudaStream_t s) {
 
 template <typename T>
 void merge_out(const MergeArgs& a, cudaStream_t s) {
-    if (a.sign_only || a.out_dtype == F32) launch_merge<T, float>(a, s);
-    else if (a.out_dtype == F16) launch_merge<T, __half>(a, s);
+    if (a.sign_only || a.out_dtype == DTYPE_F32) launch_merge<T, float>(a, s);
+    else if (a.out_dtype == DTYPE_F16) launch_merge<T, __half>(a, s);
     else launch_merge<T, __nv_bfloat16>(a, s);
 }
 
@@ -467,8 +467,8 @@ const char* merge(const MergeArgs& a, void* stream) {
     if (a.K < 1 || a.K > MAX_K) return "fastmerge cuda: K must be in [1, 64]";
     if (a.n <= 0) return nullptr;
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (a.dtype == F32) merge_out<float>(a, s);
-    else if (a.dtype == F16) merge_out<__half>(a, s);
+    if (a.dtype == DTYPE_F32) merge_out<float>(a, s);
+    else if (a.dtype == DTYPE_F16) merge_out<__half>(a, s);
     else merge_out<__nv_bfloat16>(a, s);
     return check(cudaGetLastError());
 }
@@ -476,24 +476,24 @@ const char* merge(const MergeArgs& a, void* stream) {
 const char* select(const SelectArgs& a, void* stream) {
     if (a.Q < 1 || a.Q > MAX_Q) return "fastmerge cuda: 1 to 128 selection queries per call";
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const char* err = a.dtype == F32 ? select_typed<float>(a, s)
-                    : a.dtype == F16 ? select_typed<__half>(a, s) : select_typed<__nv_bfloat16>(a, s);
+    const char* err = a.dtype == DTYPE_F32 ? select_typed<float>(a, s)
+                    : a.dtype == DTYPE_F16 ? select_typed<__half>(a, s) : select_typed<__nv_bfloat16>(a, s);
     return err ? err : check(cudaGetLastError());
 }
 
 const char* mask_norms(const NormArgs& a, void* stream) {
     if (a.K < 1 || a.K > MAX_K) return "fastmerge cuda: K must be in [1, 64]";
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (a.dtype == F32) mask_norms_kernel<float><<<a.blocks, THREADS, 0, s>>>(a);
-    else if (a.dtype == F16) mask_norms_kernel<__half><<<a.blocks, THREADS, 0, s>>>(a);
+    if (a.dtype == DTYPE_F32) mask_norms_kernel<float><<<a.blocks, THREADS, 0, s>>>(a);
+    else if (a.dtype == DTYPE_F16) mask_norms_kernel<__half><<<a.blocks, THREADS, 0, s>>>(a);
     else mask_norms_kernel<__nv_bfloat16><<<a.blocks, THREADS, 0, s>>>(a);
     return check(cudaGetLastError());
 }
 
 const char* della_keep(const DellaArgs& a, void* stream) {
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (a.dtype == F32) della_keep_kernel<float><<<a.blocks, THREADS, 0, s>>>(a);
-    else if (a.dtype == F16) della_keep_kernel<__half><<<a.blocks, THREADS, 0, s>>>(a);
+    if (a.dtype == DTYPE_F32) della_keep_kernel<float><<<a.blocks, THREADS, 0, s>>>(a);
+    else if (a.dtype == DTYPE_F16) della_keep_kernel<__half><<<a.blocks, THREADS, 0, s>>>(a);
     else della_keep_kernel<__nv_bfloat16><<<a.blocks, THREADS, 0, s>>>(a);
     return check(cudaGetLastError());
 }

@@ -11,18 +11,16 @@
 
 #include <cstdint>
 
+#include "abi.h"
+
 namespace fmcuda {
 
-constexpr int MAX_K = 64;           // inputs per merge (keep decisions live in 64-bit masks)
+// The integer codes (DTYPE_*, MASK_*, CONSENSUS_*, DIVISOR_*, SCALE_*, NORM_*) and MAX_K, the
+// inputs per merge (keep decisions live in 64-bit masks): abi.h, generated from fastmerge/abi.py.
+using namespace fm;
+
 constexpr int MAX_Q = 2 * MAX_K;    // selection queries per call (two per range mask)
 constexpr int RADIX_BINS = 2048;    // histogram bins of the widest radix digit (11 bits)
-
-enum DType : int { F32 = 0, F16 = 1, BF16 = 2 };
-enum Kind : int { K_NONE = 0, K_ZERO = 1, K_RANGE = 2, K_RANDOM = 3, K_BYTES = 4 };
-enum Consensus : int { C_NONE = 0, C_SUM = 1, C_COUNT = 2, C_GIVEN = 3 };
-enum Divisor : int { D_NONE = 0, D_WEIGHT = 1, D_COUNT = 2, D_CONST = 3 };
-enum ScaleMode : int { S_NONE = 0, S_MUL = 1, S_DIV = 2 };
-enum Norm : int { N_L1 = 1, N_L2 = 2, N_LINF = 3 };
 
 // A tensor read by logical (row-major) flat index i: at (i / C) * s0 + (i % C) * s1 when
 // `strided`, at i otherwise (C is the last dimension, shared by every input of a call).
@@ -31,17 +29,17 @@ struct View {
     int64_t s0, s1;
 };
 
-// The fused merge pass (semantics: fastmerge/reference.py; codes: fastmerge/gpu.py).
+// The fused merge pass (semantics: fastmerge/reference.py; codes: abi.h).
 struct MergeArgs {
     int K, dtype, out_dtype;
     bool has_base, strided, vec;        // vec: contiguous, 4-element-aligned (vector loads)
     View base;
     View xs[MAX_K];
-    const uint8_t* keeps[MAX_K];        // K_BYTES: one keep byte per element
+    const uint8_t* keeps[MAX_K];        // MASK_BITS: one keep byte per element
     int kinds[MAX_K];
     float weights[MAX_K], probs[MAX_K];
     void* out;                          // out_dtype, contiguous (unused when sign_only)
-    int8_t* sign;                       // C_GIVEN: elected sign (in); sign_only: (out)
+    int8_t* sign;                       // CONSENSUS_GIVEN: elected sign (in); sign_only: (out)
     int32_t* flags;                     // K + 1: non-finite value seen in input m (last: base)
     const int64_t* thr;                 // [K, 4]: T_stop, J_stop, T_start, J_start
     const float* scale;                 // [K]
@@ -72,7 +70,7 @@ struct SelectArgs {
     int64_t* counts;
 };
 
-// Norms of each delta before/after its flat mask (K_RANGE, K_RANDOM; other kinds skipped):
+// Norms of each delta before/after its flat mask (MASK_RANGE, MASK_RANDOM; others skipped):
 // partial [blocks, K, 2] fp64, one row per block, reduced by the caller.
 struct NormArgs {
     int K, dtype, norm, blocks;

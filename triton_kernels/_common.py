@@ -14,18 +14,23 @@ last dimension (``STRIDED``); contiguous tensors use ``i`` directly.
 import triton
 import triton.language as tl
 
+from .. import abi
+
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
 PHILOX_W0 = tl.constexpr(0x9E3779B9)
 PHILOX_W1 = tl.constexpr(0xBB67AE85)
 UNIFORM_SCALE = tl.constexpr(5.9604644775390625e-08)  # 2**-24
 
-# mask kinds (same codes as the cpu backend, plus BYTES: a precomputed uint8 keep mask)
-NONE = tl.constexpr(0)
-ZERO = tl.constexpr(1)
-RANGE = tl.constexpr(2)
-RANDOM = tl.constexpr(3)
-BYTES = tl.constexpr(4)
+# mask kinds and norms: the codes of fastmerge/abi.py (MASK_BITS: here a precomputed uint8
+# keep mask, one byte per element)
+MASK_NONE = tl.constexpr(abi.MASK_NONE)
+MASK_ZERO = tl.constexpr(abi.MASK_ZERO)
+MASK_RANGE = tl.constexpr(abi.MASK_RANGE)
+MASK_RANDOM = tl.constexpr(abi.MASK_RANDOM)
+MASK_BITS = tl.constexpr(abi.MASK_BITS)
+NORM_L2 = tl.constexpr(abi.NORM_L2)
+NORM_LINF = tl.constexpr(abi.NORM_LINF)
 
 
 @triton.jit
@@ -146,7 +151,7 @@ def delta(x, base, i, mask, C, s0, s1, bs0, bs1, HAS_BASE: tl.constexpr, STRIDED
 def flat_keep(d, i, g, col, m, KIND: tl.constexpr, thr, prob, key0, key1):
     """Keep decisions of model ``m``'s flat mask on its ``[G, 4]`` tile of deltas: a top-k range
     (thresholds ``thr[4m .. 4m+3]``) or DARE's Philox drop with keep probability ``prob``."""
-    if KIND == RANGE:
+    if KIND == MASK_RANGE:
         key = mag_key(d)
         keep = in_top(key, i, tl.load(thr + 4 * m), tl.load(thr + 4 * m + 1))
         keep = keep & ~in_top(key, i, tl.load(thr + 4 * m + 2), tl.load(thr + 4 * m + 3))
@@ -159,7 +164,7 @@ def flat_keep(d, i, g, col, m, KIND: tl.constexpr, thr, prob, key0, key1):
 def norm_terms(d, keep, NORM: tl.constexpr):
     """Per-element fp64 terms of a norm before and after masking (L1 and Linf: ``|d|``; L2: ``d**2``)."""
     v = d.to(tl.float64)
-    if NORM == 2:
+    if NORM == NORM_L2:
         v = v * v
     else:
         v = tl.abs(v)
@@ -170,7 +175,7 @@ def norm_terms(d, keep, NORM: tl.constexpr):
 def norm_reduce(v, NORM: tl.constexpr):
     """A tile's partial norm: the max for Linf, the sum otherwise."""
     flat = tl.ravel(v)
-    if NORM == 3:
+    if NORM == NORM_LINF:
         r = tl.max(flat, axis=0)
     else:
         r = tl.sum(flat, axis=0)

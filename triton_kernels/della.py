@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import abi
 from ._common import block_tile, delta, norm_reduce, norm_terms, seed_key, split_seed, uniform_at
 
 
@@ -42,7 +43,7 @@ def _della_keep_kernel(base, x, order, keep, partial, c1, c2, k0, k1, n, L, inne
 def della_keep(base, x, order, *, stream, c1, c2, seed, n, L, inner, C, strides, base_strides,
                strided, norm):
     """``(keep, norms)``: uint8 keep mask in logical order, and fp64 ``[2]`` (norm of d, norm
-    of the kept d; ``norm`` 1 = L1, 2 = L2, 3 = Linf, 0 = L1 (unused))."""
+    of the kept d; ``norm`` an ``abi.NORM_*`` code, NORM_NONE giving L1 (unused))."""
     BLOCK = 1024
     P = triton.cdiv(n, BLOCK)
     keep = torch.empty(n, dtype=torch.uint8, device=x.device)
@@ -54,10 +55,10 @@ def della_keep(base, x, order, *, stream, c1, c2, seed, n, L, inner, C, strides,
         STREAM=stream, NORM=norm, HAS_BASE=base is not None, STRIDED=strided, BLOCK=BLOCK,
         num_warps=4, enable_fp_fusion=False,
     )
-    if norm == 3:
+    if norm == abi.NORM_LINF:
         norms = partial.amax(dim=0)
     else:
         norms = partial.sum(dim=0)
-        if norm == 2:
+        if norm == abi.NORM_L2:
             norms = norms.sqrt()
     return keep, norms

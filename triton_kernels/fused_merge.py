@@ -24,13 +24,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BYTES, RANDOM, RANGE, ZERO, flat_keep, group_tile, load_f32, nonfinite,
-                      seed_key, split_seed, store_as)
+from .. import abi
+from ._common import (MASK_BITS, MASK_RANDOM, MASK_RANGE, MASK_ZERO, flat_keep, group_tile,
+                      load_f32, nonfinite, seed_key, split_seed, store_as)
 
-# plan codes (fastmerge/gpu.py)
-C_NONE, C_SUM, C_COUNT, C_GIVEN = 0, 1, 2, 3
-D_NONE, D_WEIGHT, D_COUNT, D_CONST = 0, 1, 2, 3
-S_NONE, S_MUL, S_DIV = 0, 1, 2
+# plan codes (fastmerge/abi.py)
+CONSENSUS_NONE = tl.constexpr(abi.CONSENSUS_NONE)
+CONSENSUS_SUM = tl.constexpr(abi.CONSENSUS_SUM)
+CONSENSUS_COUNT = tl.constexpr(abi.CONSENSUS_COUNT)
+CONSENSUS_GIVEN = tl.constexpr(abi.CONSENSUS_GIVEN)
+DIVISOR_COUNT = tl.constexpr(abi.DIVISOR_COUNT)
+DIVISOR_CONST = tl.constexpr(abi.DIVISOR_CONST)
+SCALE_MUL = tl.constexpr(abi.SCALE_MUL)
+SCALE_DIV = tl.constexpr(abi.SCALE_DIV)
 
 
 @triton.jit
@@ -60,56 +66,56 @@ def merge_tile(
         tl.store(flags + m, 1, mask=nonfinite(d))
         if HAS_BASE:
             d = d - b
-        if KINDS[m] == ZERO:
+        if KINDS[m] == MASK_ZERO:
             d = zero
-        elif KINDS[m] == RANGE or KINDS[m] == RANDOM:
+        elif KINDS[m] == MASK_RANGE or KINDS[m] == MASK_RANDOM:
             d = tl.where(flat_keep(d, i, g, col, m, KINDS[m], thr, probs[m], key0, key1), d, 0.0)
-        elif KINDS[m] == BYTES:
+        elif KINDS[m] == MASK_BITS:
             kb = tl.load(keeps[m] + i, mask=inb, other=0)
             d = tl.where(kb != 0, d, 0.0)
-        if SCALE_MODE == 1:
+        if SCALE_MODE == SCALE_MUL:
             d = d * tl.load(scale + m)
-        elif SCALE_MODE == 2:
+        elif SCALE_MODE == SCALE_DIV:
             d = tl.math.div_rn(d, zero + tl.load(scale + m))
         v = d * weights[m]
-        if CONSENSUS == 0:
+        if CONSENSUS == CONSENSUS_NONE:
             mixed = mixed + v
         else:
             if ELECT_WEIGHTED:
                 e = v
             else:
                 e = d
-            if CONSENSUS == 1:
+            if CONSENSUS == CONSENSUS_SUM:
                 total = total + e
-            elif CONSENSUS == 2:
+            elif CONSENSUS == CONSENSUS_COUNT:
                 total = total + ((e > 0.0).to(tl.float32) - (e < 0.0).to(tl.float32))
             es = es + (e,)
             vs = vs + (v,)
-    if CONSENSUS == 3:
+    if CONSENSUS == CONSENSUS_GIVEN:
         sg = tl.load(sign + i, mask=inb, other=1)
         total = tl.where(sg > 0, 1.0, -1.0) + zero
     if SIGN_ONLY:
         tl.store(sign + i, tl.where(total >= 0.0, 1, -1).to(tl.int8), mask=inb)
     else:
         div = zero
-        if CONSENSUS != 0:
+        if CONSENSUS != CONSENSUS_NONE:
             positive = total >= 0.0
             for m in tl.static_range(K):
                 e = es[m]
                 agree = tl.where(positive, e > 0.0, e < 0.0)
                 mixed = mixed + tl.where(agree, vs[m], 0.0)
-                if DIVISOR == 2:
+                if DIVISOR == DIVISOR_COUNT:
                     div = div + tl.where(agree, 1.0, 0.0)
                 else:
                     div = div + tl.where(agree, weights[m], 0.0)
-            if DIVISOR == 2:
+            if DIVISOR == DIVISOR_COUNT:
                 div = tl.maximum(div, 1.0)
             else:
                 div = tl.where(div == 0.0, 1.0, div)
         if NORMALIZE:
-            if CONSENSUS != 0:
+            if CONSENSUS != CONSENSUS_NONE:
                 mixed = tl.math.div_rn(mixed, div)
-            elif DIVISOR == 3:
+            elif DIVISOR == DIVISOR_CONST:
                 mixed = tl.math.div_rn(mixed, zero + const_div)
         if APPLY_LAM:
             mixed = mixed * lam
@@ -149,7 +155,7 @@ def launch_args(base, xs, flags, *, kinds, thr, scale, weights, probs, keeps, se
     merge kernel and the fused merge->INT4 kernel (``quant.py``) give them. ``xs``/``base``
     are the input tensors (read in place with ``strides`` when ``strided``); ``thr`` int64
     ``[K, 4]`` and ``scale`` fp32 ``[K]`` live on the device; ``keeps`` holds a uint8 mask per
-    BYTES model (None elsewhere); absent tensors are replaced by ``flags`` (never read)."""
+    MASK_BITS model (None elsewhere); absent tensors are replaced by ``flags`` (never read)."""
     k0, k1 = split_seed(seed)
     return dict(
         base=base if base is not None else flags, xs=tuple(xs),

@@ -10,10 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (RANDOM, RANGE, flat_keep, group_tile, load_base, minus_base, norm_reduce,
-                      norm_terms, seed_key, split_seed)
-
-L1, L2, LINF = 1, 2, 3
+from .. import abi
+from ._common import (MASK_RANDOM, MASK_RANGE, flat_keep, group_tile, load_base, minus_base,
+                      norm_reduce, norm_terms, seed_key, split_seed)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "n", "C"])
@@ -24,7 +23,7 @@ def _mask_norms_kernel(base, xs, thr, probs, partial, bs0, bs1, S0, S1, k0, k1, 
     key0, key1 = seed_key(k0, k1)
     b = load_base(base, i, inb, C, bs0, bs1, HAS_BASE, STRIDED)
     for m in tl.static_range(K):
-        if KINDS[m] == RANGE or KINDS[m] == RANDOM:
+        if KINDS[m] == MASK_RANGE or KINDS[m] == MASK_RANDOM:
             d = minus_base(xs[m], b, i, inb, C, S0[m], S1[m], HAS_BASE, STRIDED)
             keep = flat_keep(d, i, g, col, m, KINDS[m], thr, probs[m], key0, key1)
             v, kept = norm_terms(d, keep, NORM)
@@ -47,7 +46,7 @@ def mask_norms(base, xs, *, kinds, thr, probs, seed, n, C, strides, base_strides
         k0, k1, n, C, K=K, KINDS=tuple(kinds), NORM=norm, HAS_BASE=base is not None,
         STRIDED=strided, G=G, num_warps=4, enable_fp_fusion=False,
     )
-    if norm == LINF:
+    if norm == abi.NORM_LINF:
         return partial.amax(dim=0)
     total = partial.sum(dim=0)
-    return total.sqrt() if norm == L2 else total
+    return total.sqrt() if norm == abi.NORM_L2 else total

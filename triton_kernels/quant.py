@@ -26,14 +26,17 @@ import triton.language as tl
 
 from fastmerge.formats import fp8_scale_shape, int4_outputs
 
+from .. import abi
 from ._common import bf16_bits, nonfinite, seed_key, store_as
 from .fused_merge import groups_per_program, launch_args, merge_tile
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 FP16_TINY = tl.constexpr(5.9604644775390625e-08)  # 2**-24, the smallest fp16 subnormal
 FP32_EPS = tl.constexpr(1.1920928955078125e-07)
-GPTQ, TORCHAO = 0, 1
-VDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# codes (fastmerge/abi.py): the INT4 layout, and the dtype values are rounded to
+QUANT_INT4_GPTQ = tl.constexpr(abi.QUANT_INT4_GPTQ)
+DTYPE_F16 = tl.constexpr(abi.DTYPE_F16)
+DTYPE_BF16 = tl.constexpr(abi.DTYPE_BF16)
 FP8 = {torch.float8_e4m3fn: (3, 7, 448.0), torch.float8_e5m2: (2, 15, 57344.0)}  # mantissa bits, bias, max
 INT4_ELEMS = 2048  # values per program of the standalone INT4 kernel
 TENSOR_CELL = 16384  # values per program of the per-tensor FP8 passes
@@ -47,10 +50,11 @@ def rne(x):
 
 @triton.jit
 def round_to(x, DT: tl.constexpr):
-    """fp32 ``x`` rounded to nearest even in dtype ``DT`` (0 fp32, 1 bf16, 2 fp16), as fp32."""
-    if DT == 1:
+    """fp32 ``x`` rounded to nearest even in dtype ``DT`` (a ``DTYPE_*`` code; fp32: unchanged),
+    as fp32."""
+    if DT == DTYPE_BF16:
         x = (bf16_bits(x) << 16).to(tl.float32, bitcast=True)
-    elif DT == 2:
+    elif DT == DTYPE_F16:
         x = x.to(tl.float16).to(tl.float32)
     return x
 
@@ -80,7 +84,7 @@ def int4_tile(x, rows, rmask, grp, q0, q1, q2, flags, FLAG: tl.constexpr, OUT, I
     mn = tl.min(x, axis=1)
     mx = tl.max(x, axis=1)
     srow = grp.to(tl.int64) * OUT + rows  # [in/GS, out] tensors
-    if LAYOUT == 0:
+    if LAYOUT == QUANT_INT4_GPTQ:
         if SYM:
             amax = tl.maximum(tl.abs(mn), tl.abs(mx))
             amax = tl.where(amax == 0.0, 1.0, amax)
@@ -258,7 +262,7 @@ def quantize_int4(w, cfg):
         R = INT4_ELEMS // G
         _int4_kernel[(triton.cdiv(out_f, R), in_f // G)](
             w, *res.values(), flags, out_f, in_f, R=R, GS=G,
-            LAYOUT=GPTQ if cfg.layout == "gptq" else TORCHAO, SYM=cfg.symmetric,
+            LAYOUT=abi.QUANT_OF_LAYOUT[cfg.layout], SYM=cfg.symmetric,
             num_warps=4, enable_fp_fusion=False)
     return res, flags
 
@@ -302,7 +306,7 @@ def _fp8_cells(w, q, scale, flags, rows, cols, cell, mode, dtype, mb, bias, fmax
     ncb = triton.cdiv(cols, bc)
     _fp8_cell_kernel[(triton.cdiv(rows, br) * ncb,)](
         w, q.view(torch.uint8), scale, flags, rows, cols, br, bc, ncb, fmax, RB=RB, CB=CB,
-        MODE=mode, DT=VDT[dtype], MB=mb, BIAS=bias, SUB=2.0 ** (bias - 1 + mb),
+        MODE=mode, DT=abi.dtype_code(dtype), MB=mb, BIAS=bias, SUB=2.0 ** (bias - 1 + mb),
         MIN_NORMAL=2.0 ** (1 - bias), num_warps=4, enable_fp_fusion=False)
 
 
@@ -318,7 +322,7 @@ def fused_merge_int4(base, xs, cfg, out_dtype, *, n, C, **kw):
     R = max(8, 4 * groups_per_program(K) // G)
     q0, q1, q2 = res.values()
     _merge_int4_kernel[(triton.cdiv(out_f, R), C // G)](
-        q0=q0, q1=q1, q2=q2, OUT=out_f, DT=VDT[out_dtype], R=R, GS=G,
-        LAYOUT=GPTQ if cfg.layout == "gptq" else TORCHAO, SYM=cfg.symmetric,
+        q0=q0, q1=q1, q2=q2, OUT=out_f, DT=abi.dtype_code(out_dtype), R=R, GS=G,
+        LAYOUT=abi.QUANT_OF_LAYOUT[cfg.layout], SYM=cfg.symmetric,
         **launch_args(base, xs, flags, C=C, **kw))
     return res, flags
