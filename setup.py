@@ -5,6 +5,7 @@ build, ``fastmerge._C_avx2`` (AVX2 + F16C), is preferred at import when the CPU 
 features. Neither links against libtorch. ``-ffp-contract=off`` keeps every multiply and add
 separately rounded, as the torch reference and the GPU kernels do.
 """
+import copy
 import os
 import platform
 
@@ -29,6 +30,17 @@ def ext(name, isa, extra):
     )
 
 
+class BuildExt(build_ext):
+    """One object folder per extension: both modules compile the same sources with different
+    flags, and a shared ``build/temp`` lets one build reuse (or, under ``-j``, race with) the
+    other's objects, which once put AVX2 code into the baseline module."""
+
+    def build_extension(self, ext):
+        mine = copy.copy(self)  # not self: under -j the extensions build concurrently
+        mine.build_temp = os.path.join(self.build_temp, ext.name.rpartition(".")[2])
+        build_ext.build_extension(mine, ext)
+
+
 ext_modules = []
 if os.environ.get("FASTMERGE_NO_NATIVE") != "1":
     ext_modules.append(ext("_C", "baseline", []))
@@ -38,13 +50,13 @@ if os.environ.get("FASTMERGE_NO_NATIVE") != "1":
 setup(
     # fastmerge._csrc: the CUDA sources, shipped as data and compiled on first use on a machine
     # with a GPU and a CUDA toolkit (fastmerge/cuda.py), never at install time
-    packages=["fastmerge", "fastmerge.backends", "fastmerge.methods", "fastmerge.integrations", "fastmerge.triton_kernels", "fastmerge.bench",
-              "fastmerge._csrc"],
+    packages=["fastmerge", "fastmerge.backends", "fastmerge.methods", "fastmerge.integrations",
+              "fastmerge.triton_kernels", "fastmerge.bench", "fastmerge._csrc"],
     package_dir={"fastmerge": "fastmerge", "fastmerge.triton_kernels": "triton_kernels",
                  "fastmerge.bench": "bench", "fastmerge._csrc": "csrc"},
     package_data={"fastmerge._csrc": ["cuda_kernels.cu", "cuda_kernels.h", "abi.h", "philox_mask.h",
                                      "cuda_bindings.cpp"]},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": BuildExt},
     zip_safe=False,
 )

@@ -60,3 +60,20 @@ def test_bad_backend_name():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="cuda"):
             fastmerge.ties(torch.zeros(3), [torch.ones(3)], backend="cuda")
+
+
+def test_baseline_native_module_has_no_avx_code():
+    """``fastmerge._C`` must load on any x86-64 CPU: no AVX (ymm) instruction may leak into it
+    from the AVX2 build, which compiles the same sources (setup.py gives each its own objects)."""
+    import glob
+    import platform
+    import shutil
+
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None:
+        pytest.skip("objdump on x86-64 needed to read the module's code")
+    pkg = os.path.dirname(fastmerge.__file__)
+    paths = glob.glob(os.path.join(pkg, "_C.*.so"))
+    if not paths:
+        pytest.skip("the baseline native module is not built")
+    asm = subprocess.run(["objdump", "-d", paths[0]], capture_output=True, text=True, check=True).stdout
+    assert "%ymm" not in asm, "the baseline module contains AVX instructions"
