@@ -35,7 +35,9 @@ class ConfigError(ValueError):
     """A merge configuration fastmerge cannot run (the message says what and where)."""
 
 
-METHODS = R.METHODS  # every registered method (fastmerge/_registry.py)
+# the registered methods whose YAML parameters this config reader maps (fastmerge/_registry.py);
+# mergekit's other methods (fastmerge/methods/) run from Python, and from `fastmerge mergekit`
+METHODS = tuple(m for m in R.METHODS if R.get(m).family in ("gta", "linear", "svd"))
 _FLOAT = ("weight", "density", "gamma", "epsilon", "lambda", "alpha")
 _BOOL = ("normalize", "rescale", "int8_mask")
 SHARED = ("normalize", "rescale", "lambda", "int8_mask", "alpha")

@@ -303,7 +303,10 @@ def _fm(cfg, out, *args, inject=(), trace=None, cwd=None):
         cmd += ["-e", i]
     cmd += [sys.executable, "-m", "fastmerge", "merge", str(cfg), str(out), "--no-progress",
             "--device", "cpu", *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=cwd)
+    # never the checkout as the working directory: `python -m` would import its fastmerge (no
+    # native module in CI, where the installed package has it) ahead of PYTHONPATH
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
+                       cwd=cwd or os.path.dirname(str(out)))
     with open(log) as f:
         text = f.read()
     os.remove(log)
