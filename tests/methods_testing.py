@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from unittest import mock
 
 import pytest
@@ -60,10 +61,15 @@ def fused_matches(name, base, models, *, backend="cpu", out_dtype=None, **params
         return None
     ref = models[0] if base is None else base
     dtype = out_dtype or ref.dtype
+    try:
+        want = method(name).reference(base, models, **params).to(dtype)
+    except ValueError as exc:  # the fused plan refuses the same inputs alike
+        with pytest.raises(type(exc), match=re.escape(str(exc))):
+            fastmerge.merge(name, base, models, backend=backend, out_dtype=dtype, **params)
+        return None
     got = fastmerge.merge(name, base, models, backend=backend, out_dtype=dtype, **params)
     tol = FUSED_FP32 if dtype == torch.float32 else next(
         dict(atol=a, rtol=r, max_frac=FRAC) for d, a, r in DTYPES if d == dtype)
-    want = method(name).reference(base, models, **params).to(dtype)
     try:
         assert_close_frac(got, want, msg=f"{name} fused ({backend}) vs reference", **tol)
     except AssertionError:
@@ -227,5 +233,23 @@ def standard_tests(name, K, *, base=True, **params):
     def test_errors():
         input_errors(name, K, **params)
 
-    return {f.__name__: f for f in (test_contract, test_low_precision_inputs,
-                                    test_non_contiguous, test_errors)}
+    tests = [test_contract, test_low_precision_inputs, test_non_contiguous, test_errors]
+    if "cpu" in getattr(method(name), "KERNELS", ()):
+        @pytest.mark.parametrize("backend", ["cpu", "auto"])
+        @pytest.mark.parametrize("shape", SHAPES + [(0,), (5, 0), (3, 700)],
+                                 ids=SHAPE_IDS + ["empty", "5x0", "3x700"])
+        @pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES], ids=DTYPE_IDS)
+        def test_fused_cpu(backend, shape, dtype):
+            """fastmerge.merge(..., backend=cpu or auto) equals the reference; auto picks cpu
+            (the registry reads the method's KERNELS)."""
+            from fastmerge import _registry, dispatch
+
+            assert "cpu" in _registry.get(name).kernels
+            if backend == "auto":
+                assert dispatch.resolve("auto", torch.device("cpu"), name) == "cpu"
+            b, ms = make_models(shape, K, dtype)
+            got = fused_matches(name, b if base else None, ms, backend=backend, **params)
+            assert got is None or got.dtype == dtype and got.shape == torch.Size(shape)
+
+        tests.append(test_fused_cpu)
+    return {f.__name__: f for f in tests}
