@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "gram.h"
 #include "kernels.h"
 #include "philox_mask.h"
 
@@ -91,4 +92,11 @@ PYBIND11_MODULE(FM_MODULE, m) {
                                     : (char)((fmphilox::random_keep4(seed, stream, i & ~(int64_t)3, prob) >> (i & 3)) & 1u);
         return py::bytes(out);
     });
+    // ---- mergekit's other methods: Gram and linear combinations
+    m.def("gram", &fm::gram, py::call_guard<py::gil_scoped_release>(), py::arg("base"), py::arg("xs"),
+          py::arg("dtype"), py::arg("outer"), py::arg("length"), py::arg("inner"), py::arg("out"),
+          py::arg("nthreads"));
+    m.def("lincomb", &fm::lincomb, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("xs"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("outer"),
+          py::arg("length"), py::arg("inner"), py::arg("coef"), py::arg("delta"), py::arg("nthreads"));
 }

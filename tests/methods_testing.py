@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
+from unittest import mock
 
 import pytest
 import torch
 from conftest import DTYPE_IDS, DTYPES, assert_close_frac, make_models, mergekit_merge
 
+import fastmerge
 from fastmerge._validate import NonFiniteError
 
 FRAC, RTOL, ATOL = 0.001, 1e-4, 1e-6
@@ -46,8 +49,56 @@ def mk_params(params: dict) -> dict:
     return {("weight" if k == "weights" else k): v for k, v in params.items()}
 
 
-def against_mergekit(name, base, models, *, max_frac=FRAC, atol=ATOL, rtol=RTOL, **params):
-    """Our reference and mergekit on the same inputs; returns ours."""
+# the fused kernels against the reference: fp32 round-off (far inside issue 17's rtol 1e-4)
+FUSED_FP32 = dict(atol=1e-6, rtol=2e-5, max_frac=FRAC)
+
+
+def fused_matches(name, base, models, *, backend="cpu", out_dtype=None, **params):
+    """Where the method has fused kernels on ``backend``: ``fastmerge.merge(name, ...,
+    backend=backend)`` equals the reference (both in ``out_dtype``, default the inputs' dtype)
+    within fp32 round-off; returns the fused result (None for a method without kernels)."""
+    if backend not in getattr(method(name), "KERNELS", ()) and backend != "auto":
+        return None
+    ref = models[0] if base is None else base
+    dtype = out_dtype or ref.dtype
+    try:
+        want = method(name).reference(base, models, **params).to(dtype)
+    except ValueError as exc:  # the fused plan refuses the same inputs alike
+        with pytest.raises(type(exc), match=re.escape(str(exc))):
+            fastmerge.merge(name, base, models, backend=backend, out_dtype=dtype, **params)
+        return None
+    got = fastmerge.merge(name, base, models, backend=backend, out_dtype=dtype, **params)
+    tol = FUSED_FP32 if dtype == torch.float32 else next(
+        dict(atol=a, rtol=r, max_frac=FRAC) for d, a, r in DTYPES if d == dtype)
+    try:
+        assert_close_frac(got, want, msg=f"{name} fused ({backend}) vs reference", **tol)
+    except AssertionError:
+        # an ill-conditioned case (cosines near +-1): the fp32 reference is off by more than
+        # fp32 round-off there, so the fused result must then match the reference in float64
+        assert_close_frac(got, reference_fp64(name, base, models, **params).to(dtype),
+                          msg=f"{name} fused ({backend}) vs the float64 reference", **tol)
+    return got
+
+
+def reference_fp64(name, base, models, **params):
+    """The method's reference computed in float64 (its inputs upcast to double, not fp32)."""
+    mod = method(name)
+    fp32_inputs = mod.inputs
+
+    def fp64_inputs(*args):
+        b, ms = fp32_inputs(*args)
+        return (None if b is None else b.double()), [m.double() for m in ms]
+
+    with mock.patch.object(mod, "inputs", fp64_inputs):
+        return mod.reference(base, models, **params)
+
+
+def against_mergekit(name, base, models, *, max_frac=FRAC, atol=ATOL, rtol=RTOL, fused=True,
+                     **params):
+    """Our reference and mergekit on the same inputs, and (unless not ``fused``) the fused
+    kernels, where the method has them, against our reference; returns ours."""
+    if fused:
+        fused_matches(name, base, models, **params)
     got = method(name).reference(base, models, **params)
     expected = mergekit_merge(name, base, models, **mk_params(params))
     assert got.dtype == torch.float32
@@ -67,6 +118,8 @@ def low_precision(name, K, dtype, atol, rtol, *, base=True, max_frac=FRAC, **par
     b = b if base else None
     got = method(name).reference(b, ms, **params)
     assert got.dtype == torch.float32 and got.shape == ms[0].shape
+    fused_matches(name, b, ms, **params)
+    fused_matches(name, b, ms, out_dtype=torch.float32, **params)
     expected = mergekit_merge(name, None if b is None else b.float(), [m.float() for m in ms],
                               **mk_params(params))
     assert_close_frac(got.to(dtype), expected.to(dtype), atol=atol, rtol=rtol, max_frac=max_frac)
@@ -86,12 +139,23 @@ def non_contiguous(name, K, *, base=True, **params):
 
 def input_errors(name, K, **params):
     """The contract's errors: missing or unwanted base, model counts, non-finite values,
-    mismatched shapes, unsupported dtypes; each names the argument."""
+    mismatched shapes, unsupported dtypes; each names the argument. The same from the fused
+    plan on every backend that has one (its kernels flag the non-finite values)."""
     mod = method(name)
+    _input_errors(mod, K, mod.reference, **params)
+    for backend in getattr(mod, "KERNELS", ()):
+        ops = fastmerge.backends.method_ops(backend)
+
+        def fused(b, ms, **p):
+            return mod.fused(ops, b, ms, out_dtype=torch.float32, **p)
+
+        _input_errors(mod, K, fused, **params)
+
+
+def _input_errors(mod, K, ref, **params):
     c = mod.CONTRACT
     b, ms = make_models((5, 7), K)
     base = b if c["base"] != "none" else None
-    ref = mod.reference
     if c["base"] == "required":
         with pytest.raises(ValueError, match="base"):
             ref(None, ms, **params)
@@ -169,5 +233,23 @@ def standard_tests(name, K, *, base=True, **params):
     def test_errors():
         input_errors(name, K, **params)
 
-    return {f.__name__: f for f in (test_contract, test_low_precision_inputs,
-                                    test_non_contiguous, test_errors)}
+    tests = [test_contract, test_low_precision_inputs, test_non_contiguous, test_errors]
+    if "cpu" in getattr(method(name), "KERNELS", ()):
+        @pytest.mark.parametrize("backend", ["cpu", "auto"])
+        @pytest.mark.parametrize("shape", SHAPES + [(0,), (5, 0), (3, 700)],
+                                 ids=SHAPE_IDS + ["empty", "5x0", "3x700"])
+        @pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES], ids=DTYPE_IDS)
+        def test_fused_cpu(backend, shape, dtype):
+            """fastmerge.merge(..., backend=cpu or auto) equals the reference; auto picks cpu
+            (the registry reads the method's KERNELS)."""
+            from fastmerge import _registry, dispatch
+
+            assert "cpu" in _registry.get(name).kernels
+            if backend == "auto":
+                assert dispatch.resolve("auto", torch.device("cpu"), name) == "cpu"
+            b, ms = make_models(shape, K, dtype)
+            got = fused_matches(name, b if base else None, ms, backend=backend, **params)
+            assert got is None or got.dtype == dtype and got.shape == torch.Size(shape)
+
+        tests.append(test_fused_cpu)
+    return {f.__name__: f for f in tests}

@@ -1,4 +1,90 @@
 """The ``cpu`` backend's kernels for the :mod:`fastmerge.methods` methods' ``fused`` plans
 (C++ in ``csrc/``, one file per kernel). Each function takes the validated inputs read in place
-and returns a small host result or the merged tensor in ``out_dtype``."""
+and returns a small host result or the merged tensor in ``out_dtype``.
+
+* :func:`gram` (``csrc/gram.cpp``): one pass, the K x K matrix of the inputs' dot products (of
+  their deltas from ``base`` when given), per vector, in float64.
+* :func:`lincomb` (``csrc/lincomb.cpp``): one pass, ``sum_k c_k x_k + c_b base`` (or of the
+  deltas), fp32 math, rounded once to ``out_dtype``.
+
+A vector is the whole tensor (``along="all"``), each vector along the last dimension
+(``"last"``: the rows of a matrix; a 0-d tensor is one element) or each vector along
+dimension 0 (``"first"``: the columns of a matrix). Inputs that are not contiguous are made
+contiguous once here. Both kernels flag inf/nan per input in the same pass; the first flagged
+input (the base first, then the others in order) raises ``NonFiniteError`` naming it.
+"""
 from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import abi
+from . import _host, _native
+
+# Below this many elements per thread another OpenMP thread costs more than it saves.
+MIN_PER_THREAD = 1 << 17
+ALONG = ("all", "last", "first")
+
+
+def layout(shape, along: str = "all") -> tuple:
+    """``(outer, length, inner)`` of the kernels (csrc/gram.h): ``outer * inner`` vectors of
+    ``length`` elements, vector ``o * inner + i`` at flat indices ``(o * length + l) * inner + i``."""
+    if along not in ALONG:
+        raise ValueError(f"along must be one of {ALONG}, got {along!r}")
+    shape = tuple(shape)
+    if along == "all" or not shape:
+        return 1, math.prod(shape), 1
+    if along == "last":
+        return math.prod(shape[:-1]), shape[-1], 1
+    return 1, shape[0], math.prod(shape[1:])
+
+
+def _prepare(xs, base):
+    xs = [x if x.is_contiguous() else x.contiguous() for x in xs]
+    if base is not None and not base.is_contiguous():
+        base = base.contiguous()
+    n = xs[0].numel()
+    threads = max(1, min(torch.get_num_threads(), n // MIN_PER_THREAD))
+    return xs, base, abi.dtype_code(xs[0].dtype), threads
+
+
+def _raise(flags, names, base) -> None:
+    """The kernel's K + 1 flags (inputs, then base) as ``NonFiniteError``, the base first."""
+    K = len(flags) - 1
+    order = ([K] if base is not None else []) + list(range(K))
+    _host.raise_nonfinite([flags[k] for k in order], [(names + ["base"])[k] for k in order])
+
+
+def gram(xs, names, *, base=None, along: str = "all") -> torch.Tensor:
+    """The float64 Gram matrices ``[nvec, K, K]`` of ``xs`` (of ``x_k - base`` when ``base`` is
+    given): ``G[v, a, b] = <d_a, d_b>`` over vector ``v``. ``names`` name ``xs`` in errors."""
+    xs, base, dt, threads = _prepare(xs, base)
+    outer, length, inner = layout(xs[0].shape, along)
+    K = len(xs)
+    out = torch.empty((outer * inner, K, K), dtype=torch.float64)
+    flags = _native.lib().gram(0 if base is None else base.data_ptr(), [x.data_ptr() for x in xs],
+                               dt, outer, length, inner, out.data_ptr(), threads)
+    _raise(flags, list(names), base)
+    return out
+
+
+def lincomb(xs, names, coef, *, out_dtype, base=None, base_coef=None, delta: bool = False,
+            along: str = "all") -> torch.Tensor:
+    """``sum_k coef[v, k] x_k + base_coef[v] base`` per vector ``v`` (``x_k - base`` for ``x_k``
+    when ``delta``), in fp32, as a new tensor of ``out_dtype``. ``coef``: K values per vector
+    (``[nvec, K]``, or K values for all); ``base_coef``: one per vector or a scalar (required
+    with ``base``)."""
+    xs, base, dt, threads = _prepare(xs, base)
+    outer, length, inner = layout(xs[0].shape, along)
+    K, nvec = len(xs), outer * inner
+    cf = torch.zeros((K + 1, nvec), dtype=torch.float32)
+    cf[:K] = torch.as_tensor(coef, dtype=torch.float64).reshape(-1, K).expand(nvec, K).t()
+    if base is not None:
+        cf[K] = torch.as_tensor(base_coef, dtype=torch.float64).reshape(-1).expand(nvec)
+    out = torch.empty(xs[0].shape, dtype=out_dtype)
+    flags = _native.lib().lincomb(0 if base is None else base.data_ptr(), [x.data_ptr() for x in xs],
+                                  dt, out.data_ptr(), abi.dtype_code(out_dtype), outer, length, inner,
+                                  cf.data_ptr(), bool(delta and base is not None), threads)
+    _raise(flags, list(names), base)
+    return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import struct
 from typing import Optional
 
 import torch
@@ -38,6 +39,14 @@ def inputs(method: str, contract: dict, base, models):
     """Check ``base`` and ``models`` against the method's ``CONTRACT`` (count, base policy,
     dtype, one shape and device, finite values) and return their fp32 upcasts
     ``(base or None, [models])``: the inputs are read once, never modified."""
+    base, models = checked(method, contract, base, models, finite=True)
+    return (None if base is None else base.float()), [m.float() for m in models]
+
+
+def checked(method: str, contract: dict, base, models, *, finite: bool = False):
+    """:func:`inputs`' checks without the upcast: ``(base or None, [models])`` as given. A fused
+    plan leaves the finite check (``finite=False``) to its kernels, which flag inf/nan in the
+    pass that reads the inputs anyway."""
     policy = contract["base"]
     if base is None and policy == "required":
         raise ValueError(f"{method} requires base (the base model's tensor), got None")
@@ -52,8 +61,18 @@ def inputs(method: str, contract: dict, base, models):
                                   else (models[0], "models[0]", models[1:], 1))
     V.check_dtype(ref, ref_name)
     V.same_as(ref, ref_name, rest, "models", start)
-    if base is not None:
-        V.check_finite(base, "base")
-    for k, m in enumerate(models):
-        V.check_finite(m, f"models[{k}]")
-    return (None if base is None else base.float()), [m.float() for m in models]
+    if finite:
+        for t, name in zip([base] + models, ["base"] + model_names(len(models))):
+            if t is not None:
+                V.check_finite(t, name)
+    return base, models
+
+
+def model_names(k: int) -> list:
+    """``models[0]`` .. ``models[k-1]``: the names errors give the non-base inputs."""
+    return [f"models[{i}]" for i in range(k)]
+
+
+def f32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (a reference's fp32 scalar, from a double)."""
+    return struct.unpack("f", struct.pack("f", x))[0]

@@ -7,10 +7,11 @@ import itertools
 import torch
 
 from fastmerge import _validate as V
-from fastmerge.methods._common import inputs
+from fastmerge.methods._common import checked, inputs, model_names
 
 CONTRACT = dict(base="required", min_models=2, max_models=None)
 PARAMS = {"filter_wise": False}
+KERNELS = ("cpu",)
 
 
 def reference(base, models, *, filter_wise=False) -> torch.Tensor:
@@ -42,3 +43,24 @@ def reference(base, models, *, filter_wise=False) -> torch.Tensor:
     t = torch.where(singular, 0.0, K * cos / torch.where(singular, 1.0, denominator))
     average = sum(ms) / K
     return (t * average + (1 - t) * b).reshape(shape)
+
+
+def fused(ops, base, models, *, out_dtype, filter_wise=False) -> torch.Tensor:
+    """:func:`reference` from the kernels ``ops``: one Gram pass of the deltas (whole tensor or
+    per last-dim row) gives every pair's ``cos = clamp(G_jk / max(n_j n_k, 1e-6), -1, 1)`` and
+    so ``t`` per vector (float64), then one pass writes ``sum_k (t / K) m_k + (1 - t) base``."""
+    b, ms = checked("model_stock", CONTRACT, base, models)
+    filter_wise = V.flag(filter_wise, "filter_wise")
+    along = "last" if filter_wise else "all"
+    names = model_names(len(ms))
+    g = ops.gram(ms, names, base=b, along=along)
+    norms = g.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
+    cosines = [(g[:, j, k] / (norms[:, j] * norms[:, k]).clamp(min=1e-6)).clamp(-1, 1)
+               for j, k in itertools.combinations(range(len(ms)), 2)]
+    cos = sum(cosines) / len(cosines)
+    K = len(ms)
+    denominator = 1 + (K - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, K * cos / torch.where(singular, 1.0, denominator))
+    return ops.lincomb(ms, names, (t / K).unsqueeze(1).expand(-1, K), base=b, base_coef=1 - t,
+                       along=along, out_dtype=out_dtype)
