@@ -42,7 +42,7 @@ std::vector<int> lincomb(uint64_t base, const std::vector<uint64_t>& xs, int dt,
     std::vector<int> flags((size_t)K + 1, 0);
     const int64_t n = outer * length * inner, nvec = outer * inner;
     if (n == 0 || K == 0) return flags;
-    advise_huge((void*)out, n * (out_dt == F32 ? 4 : 2));
+    advise_huge((void*)out, n * (out_dt == DTYPE_F32 ? 4 : 2));
     const float* cf = (const float*)coef;
     const int64_t nblocks = (n + GRAM_BLK - 1) / GRAM_BLK;
     const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads > 0 ? nthreads : 1, nblocks));
