@@ -68,7 +68,7 @@ from fastmerge.backends import _gpu as gpu  # noqa: E402
 from fastmerge import peft as FP  # noqa: E402
 from fastmerge.backends.triton import kernels  # noqa: E402
 
-dispatch.resolve = lambda backend, device, op="merge": "triton"
+dispatch.resolve = lambda backend, device, op="merge", grad=False: "triton"
 
 
 def workload():
