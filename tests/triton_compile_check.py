@@ -68,7 +68,15 @@ from fastmerge.backends import _gpu as gpu  # noqa: E402
 from fastmerge import peft as FP  # noqa: E402
 from fastmerge.backends.triton import kernels  # noqa: E402
 
-dispatch.resolve = lambda backend, device, op="merge": "triton"
+dispatch.resolve = lambda backend, device, op="merge", grad=False: "triton"
+# Nothing runs here, so outputs hold whatever memory they got: the drivers' check that a result
+# is finite (an overflow from finite inputs) would read that garbage. Compile-only: no check.
+from fastmerge import _validate, formats  # noqa: E402
+from fastmerge.backends import _host  # noqa: E402
+
+_host.result_flag = lambda out: torch.zeros(1, dtype=torch.int32, device=out.device)
+_validate.check_result = lambda out, inputs, names: None
+formats.check_int4_scale = lambda *args, **kwargs: None
 
 
 def workload():
