@@ -11,7 +11,8 @@ import platform
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-SOURCES = ["csrc/kernels.cpp", "csrc/quant.cpp", "csrc/bindings.cpp"]
+SOURCES = ["csrc/kernels.cpp", "csrc/quant.cpp", "csrc/bindings.cpp",
+           "csrc/nearswap.cpp", "csrc/ram.cpp", "csrc/passthrough.cpp"]
 COMMON = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
 
 

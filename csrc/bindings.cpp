@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "elementwise.h"
 #include "kernels.h"
 #include "philox_mask.h"
 
@@ -91,4 +92,16 @@ PYBIND11_MODULE(FM_MODULE, m) {
                                     : (char)((fmphilox::random_keep4(seed, stream, i & ~(int64_t)3, prob) >> (i & 3)) & 1u);
         return py::bytes(out);
     });
+    // ---- mergekit's other methods: elementwise merges (csrc/elementwise.h)
+    m.def("nearswap", &fm::nearswap, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("model"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("t"),
+          py::arg("nthreads"));
+    m.def("ram_counts", &fm::ram_counts, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("models"), py::arg("dtype"), py::arg("n"), py::arg("epsilon"), py::arg("nthreads"));
+    m.def("ram_merge", &fm::ram_merge, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("models"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"),
+          py::arg("epsilon"), py::arg("lam"), py::arg("nthreads"));
+    m.def("scaled_copy", &fm::scaled_copy, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
+          py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("scale"),
+          py::arg("nthreads"));
 }

@@ -34,10 +34,10 @@ def _model_list(method: str, models, lo: int, hi: Optional[int]) -> list:
     return models
 
 
-def inputs(method: str, contract: dict, base, models):
+def checked(method: str, contract: dict, base, models):
     """Check ``base`` and ``models`` against the method's ``CONTRACT`` (count, base policy,
-    dtype, one shape and device, finite values) and return their fp32 upcasts
-    ``(base or None, [models])``: the inputs are read once, never modified."""
+    dtype, one shape and device) and return them as given, ``(base or None, [models])``. Values
+    are not looked at: a fused kernel detects inf/nan itself, in the pass it makes anyway."""
     policy = contract["base"]
     if base is None and policy == "required":
         raise ValueError(f"{method} requires base (the base model's tensor), got None")
@@ -52,6 +52,13 @@ def inputs(method: str, contract: dict, base, models):
                                   else (models[0], "models[0]", models[1:], 1))
     V.check_dtype(ref, ref_name)
     V.same_as(ref, ref_name, rest, "models", start)
+    return base, models
+
+
+def inputs(method: str, contract: dict, base, models):
+    """:func:`checked`, finite values too, and the fp32 upcasts ``(base or None, [models])``
+    (the references' inputs): the inputs are read once, never modified."""
+    base, models = checked(method, contract, base, models)
     if base is not None:
         V.check_finite(base, "base")
     for k, m in enumerate(models):
