@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "gram.h"
+#include "elementwise.h"
 #include "kernels.h"
 #include "philox_mask.h"
 
@@ -99,4 +100,16 @@ PYBIND11_MODULE(FM_MODULE, m) {
     m.def("lincomb", &fm::lincomb, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
           py::arg("xs"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("outer"),
           py::arg("length"), py::arg("inner"), py::arg("coef"), py::arg("delta"), py::arg("nthreads"));
+    // ---- mergekit's other methods: elementwise merges (csrc/elementwise.h)
+    m.def("nearswap", &fm::nearswap, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("model"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("t"),
+          py::arg("nthreads"));
+    m.def("ram_counts", &fm::ram_counts, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("models"), py::arg("dtype"), py::arg("n"), py::arg("epsilon"), py::arg("nthreads"));
+    m.def("ram_merge", &fm::ram_merge, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("models"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"),
+          py::arg("epsilon"), py::arg("lam"), py::arg("nthreads"));
+    m.def("scaled_copy", &fm::scaled_copy, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
+          py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("scale"),
+          py::arg("nthreads"));
 }

@@ -253,3 +253,103 @@ def standard_tests(name, K, *, base=True, **params):
 
         tests.append(test_fused_cpu)
     return {f.__name__: f for f in tests}
+    return {f.__name__: f for f in (test_contract, test_low_precision_inputs,
+                                    test_non_contiguous, test_errors)}
+
+
+# ---- fused kernels (a method's KERNELS and fused): equal to the reference, cast ----------------
+FUSED_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FUSED_DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+
+def _bits(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def merged_cpu(name, base, models, *, backend="cpu", out_dtype=None, **params):
+    import fastmerge
+
+    return fastmerge.merge(name, base, models, backend=backend, out_dtype=out_dtype, **params)
+
+
+def fused_equals_reference(name, base, models, *, dtype=torch.float32, **params):
+    """``fastmerge.merge(name, ..., backend="cpu")`` on the inputs cast to ``dtype`` gives the
+    bytes of the reference's fp32 result cast to the output dtype (the input dtype, and fp32)."""
+    base = None if base is None else base.to(dtype)
+    models = [m.to(dtype) for m in models]
+    expected = method(name).reference(base, models, **params)
+    for out_dtype in dict.fromkeys((dtype, torch.float32)):
+        got = merged_cpu(name, base, models, out_dtype=out_dtype, **params)
+        want = expected.to(out_dtype)
+        assert got.dtype == out_dtype and got.shape == want.shape
+        if not torch.equal(_bits(got), _bits(want)):
+            diff = (got.double() - want.double()).abs().reshape(-1)
+            i = int(diff.argmax()) if diff.numel() else 0
+            raise AssertionError(f"{name} {dtype}->{out_dtype}: {int((diff > 0).sum())}/{diff.numel()} "
+                                 f"differ; worst at {i}: {got.reshape(-1)[i].item()} vs {want.reshape(-1)[i].item()}")
+    return got
+
+
+def fused_tests(name, K, *, base=True, **params):
+    """The fused kernels' checks every such method's test file runs (bind with
+    ``globals().update(fused_tests(...))``): reference equality on the low-precision dtypes and
+    on non-contiguous views, ``auto`` picking cpu, inf/nan naming the input, thread counts."""
+    import fastmerge
+    from fastmerge import dispatch
+
+    def inputs_of(shape=(37, 53), dtype=torch.float32, seed=0):
+        b, ms = sparse_models(shape, K, 0.5, seed=seed)
+        return (b.to(dtype) if base else None), [m.to(dtype) for m in ms]
+
+    @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=FUSED_DTYPE_IDS)
+    def test_fused_dtypes(dtype):
+        b, ms = inputs_of()
+        fused_equals_reference(name, b, ms, dtype=dtype, **params)
+
+    def test_fused_non_contiguous():
+        b, ms = inputs_of((53, 37))
+        views = [m.t() for m in ms]
+        assert not views[0].is_contiguous()
+        fused_equals_reference(name, None if b is None else b.t(), views, **params)
+
+    def test_fused_is_auto_on_cpu(monkeypatch):
+        assert "cpu" in method(name).KERNELS and fastmerge.backends()["cpu"]["available"]
+        assert dispatch.resolve("auto", torch.device("cpu"), name) == "cpu"
+        calls = []
+        real = method(name).fused
+        monkeypatch.setattr(method(name), "fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+        b, ms = inputs_of()
+        merged_cpu(name, b, ms, backend="auto", **params)
+        merged_cpu(name, b, ms, backend="torch", **params)
+        assert calls == [1]
+
+    def test_fused_nonfinite():
+        b, ms = inputs_of()
+        for k in range(K):
+            bad = [m.clone() for m in ms]
+            bad[k].view(-1)[100] = float("nan") if k % 2 == 0 else float("-inf")
+            with pytest.raises(NonFiniteError, match=rf"models\[{k}\]"):
+                merged_cpu(name, b, bad, **params)
+        if b is not None:
+            bad = b.clone()
+            bad.view(-1)[-1] = float("inf")
+            with pytest.raises(NonFiniteError, match="base"):
+                merged_cpu(name, bad, ms, **params)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+    def test_fused_thread_count(dtype):
+        """Big enough for two threads (fastmerge.backends._native.MIN_PER_THREAD each)."""
+        b, ms = inputs_of((601, 1103), dtype, seed=3)
+        before = torch.get_num_threads()
+        try:
+            outs = []
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                outs.append(_bits(merged_cpu(name, b, ms, **params)))
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(outs[0], outs[1])
+        fused_equals_reference(name, b, ms, dtype=dtype, **params)
+
+    return {f.__name__: f for f in (test_fused_dtypes, test_fused_non_contiguous, test_fused_is_auto_on_cpu,
+                                    test_fused_nonfinite, test_fused_thread_count)}

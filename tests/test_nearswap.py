@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods_testing import SHAPE_IDS, SHAPES, against_mergekit, random_case, standard_tests
+from conftest import make_models
+from methods_testing import (SHAPE_IDS, SHAPES, against_mergekit, fused_equals_reference, fused_tests,
+                             random_case, standard_tests)
 
 from fastmerge.methods import nearswap
 
@@ -45,3 +47,23 @@ def test_t_required():
     a = torch.randn(3)
     with pytest.raises(TypeError, match="t"):
         nearswap.reference(a, [a])
+
+
+# ---- the fused CPU kernel (csrc/nearswap.cpp): the reference's bytes --------------------------
+globals().update(fused_tests("nearswap", 1, t=0.03))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(0,), (0, 5)], ids=SHAPE_IDS + ["empty", "empty2d"])
+@pytest.mark.parametrize("t", [0.0, 1e-3, 0.05, 1.0, -1.0, 100.0, 1e38])
+def test_fused(shape, t):
+    b, ms = make_models(shape, 1)
+    fused_equals_reference("nearswap", b, ms, t=t)
+
+
+@pytest.mark.parametrize("t", [0.0, 1e-7, 1e-6, 3e-6, 1e-4])
+def test_fused_floor_of_the_distance(t):
+    a = torch.zeros(200)
+    b = torch.logspace(-8, -4, 200) * torch.where(torch.arange(200) % 2 == 0, 1.0, -1.0)
+    fused_equals_reference("nearswap", a, [b], t=t)
+    fused_equals_reference("nearswap", b, [a], t=t)
+    fused_equals_reference("nearswap", a, [a.clone()], t=t)  # |a - b| = 0 everywhere

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import mergekit_merge
 from methods_testing import (SHAPE_IDS, SHAPES, against_mergekit, contract_matches_mergekit,
-                             standard_tests)
+                             fused_equals_reference, fused_tests, merged_cpu, standard_tests)
 
 from fastmerge.methods import passthrough
 
@@ -41,3 +41,26 @@ def test_scale_checked():
         passthrough.reference(None, [x], scale=[1.0, 2.0])
     with pytest.raises(TypeError, match="scale"):
         passthrough.reference(None, [x], scale="2")
+
+
+# ---- the fused CPU kernel (csrc/passthrough.cpp): a scaled copy, the reference's bytes -------
+globals().update(fused_tests("passthrough", 1, base=False, scale=0.5))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(0, 5)], ids=SHAPE_IDS + ["empty"])
+@pytest.mark.parametrize("scale", [None, 0.0, 0.5, 2.5, -1.0, [3.0], [None], 1e38])
+def test_fused(shape, scale):
+    fused_equals_reference("passthrough", None, [torch.randn(shape)], scale=scale)
+
+
+def test_fused_scale_none_is_a_copy():
+    x = torch.randn(5, 7)
+    got = merged_cpu("passthrough", None, [x])
+    assert torch.equal(got, x) and got.data_ptr() != x.data_ptr()
+    assert torch.equal(merged_cpu("passthrough", None, [x], out_dtype=torch.bfloat16), x.bfloat16())
+
+
+def test_fused_scale_checked():
+    x = torch.randn(3)
+    with pytest.raises(ValueError, match="scale"):
+        merged_cpu("passthrough", None, [x], scale=[1.0, 2.0])

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_models
-from methods_testing import (SHAPE_IDS, SHAPES, against_mergekit, random_case, sparse_models,
-                             standard_tests)
+from methods_testing import (SHAPE_IDS, SHAPES, against_mergekit, fused_equals_reference, fused_tests,
+                             random_case, sparse_models, standard_tests)
 
 from fastmerge.methods import ram
 
@@ -45,3 +45,20 @@ def test_epsilon_is_a_number():
     b = torch.randn(3)
     with pytest.raises(TypeError, match="epsilon"):
         ram.reference(b, [b], epsilon=None)
+
+
+# ---- the fused CPU kernel (csrc/ram.cpp): the reference's bytes -------------------------------
+globals().update(fused_tests("ram", 3, epsilon=0.03))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(0,), (0, 5)], ids=SHAPE_IDS + ["empty", "empty2d"])
+@pytest.mark.parametrize("K", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("epsilon", EPSILONS)
+def test_fused(shape, K, epsilon):
+    b, ms = sparse_models(shape, K, 0.4)
+    fused_equals_reference("ram", b, ms, epsilon=epsilon)
+
+
+def test_fused_zero_and_negative_deltas():
+    b, ms = make_models((37, 53), 2)
+    fused_equals_reference("ram", b, [b.clone(), ms[0], -ms[1]], epsilon=0.0)

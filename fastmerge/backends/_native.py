@@ -10,6 +10,8 @@ import importlib
 import os
 import warnings
 
+import torch
+
 _native = None
 _error = None
 
@@ -65,3 +67,15 @@ def lib():
 def error():
     """Why the native module is not loaded (None when it is)."""
     return _error
+
+
+# Below this many elements per thread, waking another OpenMP thread costs more than it saves
+# (and on a loaded machine the wake-up can wait a whole scheduler tick): LoRA factors and
+# norm vectors run on one thread.
+MIN_PER_THREAD = 1 << 17
+
+
+def threads(n: int) -> int:
+    """OpenMP threads for a kernel over ``n`` elements: torch's thread count, capped so each
+    thread has at least ``MIN_PER_THREAD`` elements."""
+    return max(1, min(torch.get_num_threads(), n // MIN_PER_THREAD))

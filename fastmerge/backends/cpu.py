@@ -37,14 +37,7 @@ def _lib():
     return _native.lib()
 
 
-# Below this many elements per thread, waking another OpenMP thread costs more than it saves
-# (and on a loaded machine the wake-up can wait a whole scheduler tick): LoRA factors and
-# norm vectors run on one thread.
-MIN_PER_THREAD = 1 << 17
-
-
-def _threads(n: int) -> int:
-    return max(1, min(torch.get_num_threads(), n // MIN_PER_THREAD))
+_threads = _native.threads  # OpenMP threads for n elements (shared with cpu_methods)
 
 
 def _ptrs(tensors):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from fastmerge import _validate as V
-from fastmerge.methods._common import REQUIRED, inputs
+from fastmerge.methods._common import REQUIRED, checked, inputs
 
 CONTRACT = dict(base="required", min_models=1, max_models=1)
 PARAMS = {"t": REQUIRED}
+KERNELS = ("cpu",)
 
 
 def reference(base, models, *, t) -> torch.Tensor:
@@ -26,3 +27,9 @@ def reference(base, models, *, t) -> torch.Tensor:
     t = V.number(t, "t")
     w = (t / (a - b).abs().clamp(min=1e-6)).clamp(0, 1)
     return w * b + (1 - w) * a
+
+
+def fused(ops, base, models, *, out_dtype, t) -> torch.Tensor:
+    """:func:`reference` in one pass over both inputs (``ops.nearswap``), in ``out_dtype``."""
+    a, (b,) = checked("nearswap", CONTRACT, base, models)
+    return ops.nearswap(a, b, t=V.number(t, "t"), out_dtype=out_dtype)

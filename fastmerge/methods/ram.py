@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from fastmerge import _validate as V
-from fastmerge.methods._common import inputs
+from fastmerge.methods._common import checked, inputs
 
 CONTRACT = dict(base="required", min_models=0, max_models=None)
 PARAMS = {"epsilon": 1e-5}
+KERNELS = ("cpu",)
 
 
 def contributions(deltas: list, epsilon: float):
@@ -36,3 +37,9 @@ def reference(base, models, *, epsilon=1e-5) -> torch.Tensor:
     deltas = [m - b for m in ms]
     nz, count = contributions(deltas, epsilon)
     return b + sum(d * n for d, n in zip(deltas, nz)) / count.clamp(min=1)
+
+
+def fused(ops, base, models, *, out_dtype, epsilon=1e-5) -> torch.Tensor:
+    """:func:`reference` in one pass over the inputs (``ops.ram``), in ``out_dtype``."""
+    b, ms = checked("ram", CONTRACT, base, models)
+    return ops.ram(b, ms, epsilon=V.number(epsilon, "epsilon"), out_dtype=out_dtype)

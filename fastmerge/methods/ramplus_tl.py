@@ -5,11 +5,21 @@ from __future__ import annotations
 import torch
 
 from fastmerge import _validate as V
-from fastmerge.methods._common import inputs
+from fastmerge.methods._common import checked, inputs
 from fastmerge.methods.ram import contributions
 
 CONTRACT = dict(base="required", min_models=0, max_models=None)
 PARAMS = {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}
+KERNELS = ("cpu",)
+
+
+def amplification(shared_k: int, unique_k: int, r: float, alpha: float, epsilon: float) -> float:
+    """``lambda_k`` of a model that changes ``shared_k`` elements others change too and
+    ``unique_k`` it alone changes (see :func:`reference`)."""
+    floor = max(unique_k, epsilon)
+    # a model that changes nothing has nothing to amplify (mergekit: 0/0 = nan, see reference)
+    rho = shared_k / floor if floor > 0 else (float("inf") if shared_k else 0.0)
+    return 1 + r * min(max(rho, 0.0), alpha)
 
 
 def reference(base, models, *, r=0.1, alpha=0.2, epsilon=1e-5) -> torch.Tensor:
@@ -38,12 +48,18 @@ def reference(base, models, *, r=0.1, alpha=0.2, epsilon=1e-5) -> torch.Tensor:
     unique, overlap = count == 1, count > 1
     out = b.clone()
     for d, n in zip(deltas, nz):
-        shared_k = int((n & overlap).sum())
-        unique_k = int((n & unique).sum())
-        floor = max(unique_k, epsilon)
-        # a model that changes nothing has nothing to amplify (mergekit: 0/0 = nan, see above)
-        rho = shared_k / floor if floor > 0 else (float("inf") if shared_k else 0.0)
-        lam = 1 + r * min(max(rho, 0.0), alpha)
+        lam = amplification(int((n & overlap).sum()), int((n & unique).sum()), r, alpha, epsilon)
         # elements no model changes have n = 0: the divisor's floor of 1 only avoids 0/0
         out += d * n * torch.where(unique, lam, 1 / count.clamp(min=1))
     return out
+
+
+def fused(ops, base, models, *, out_dtype, r=0.1, alpha=0.2, epsilon=1e-5) -> torch.Tensor:
+    """:func:`reference` in two passes (``ops.ram`` with ``amplify``): the per-model counts,
+    then the merge with the ``lambda_k`` computed from them, in ``out_dtype``."""
+    b, ms = checked("ramplus_tl", CONTRACT, base, models)
+    r, alpha = V.number(r, "r"), V.number(alpha, "alpha")
+    epsilon = V.number(epsilon, "epsilon")
+    return ops.ram(b, ms, epsilon=epsilon, out_dtype=out_dtype,
+                   amplify=lambda shared, unique: [amplification(s, u, r, alpha, epsilon)
+                                                   for s, u in zip(shared, unique)])

@@ -1,0 +1,90 @@
+// Elementwise merges of mergekit's other methods (fastmerge/methods/<name>.py defines each):
+// nearswap.cpp, ram.cpp (ram and ramplus_tl), passthrough.cpp.
+//
+// Every kernel reads its inputs in place (fp32/fp16/bf16, `dt`), computes in fp32 in the
+// reference's operation order (so results are bit-identical to the torch reference), writes
+// the output once, rounded to `out_dt`, and returns one non-finite flag per input: the models
+// in order, then the base. Blocks of EW_BLOCK elements are split statically over the threads;
+// per-element work never depends on the split, so the bytes do not depend on the thread count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace fm {
+
+constexpr int EW_BLOCK = 1024;  // elements per block (thread-private fp32 buffers of this size)
+
+// Threads for n elements: at most the requested count, at least one block each.
+static inline int ew_threads(int requested, int64_t n) {
+    const int64_t blocks = (n + EW_BLOCK - 1) / EW_BLOCK;
+    return (int)std::max<int64_t>(1, std::min<int64_t>(requested > 0 ? requested : 1, blocks));
+}
+
+// 1 if some v[0..n) is inf or nan. Branch-free so it vectorises: an all-ones exponent plus one
+// exponent unit carries into bit 31, every other exponent does not.
+static inline int ew_nonfinite(const float* __restrict v, int n) {
+    uint32_t acc = 0;
+    for (int j = 0; j < n; ++j) acc |= (f2u(v[j]) & 0x7f800000u) + 0x00800000u;
+    return (int)(acc >> 31);
+}
+
+// madvise(MADV_HUGEPAGE) on a fresh output (defined with the task-arithmetic kernels)
+void advise_huge(void* p, int64_t bytes);
+
+// The parallel loop of every kernel here: body(i0, len, scratch, acc) for each block of n
+// elements, statically split over the threads. scratch: a thread's `scratch_floats` floats
+// (64-byte aligned); acc: a thread's `nacc` zeroed integers, summed over the threads into the
+// result (flags are 0/1 and so sum to "seen anywhere"; integer counts are exact in any order).
+template <class Body>
+std::vector<int64_t> ew_parallel(int64_t n, int nthreads, int nacc, int64_t scratch_floats, Body&& body) {
+    std::vector<int64_t> total(nacc, 0);
+    const int64_t nblocks = (n + EW_BLOCK - 1) / EW_BLOCK;
+#pragma omp parallel num_threads(ew_threads(nthreads, n))
+    {
+        std::vector<int64_t> acc(nacc, 0);
+        std::vector<float> buf((size_t)scratch_floats + 16);
+        float* scratch = (float*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; ++b) {
+            const int64_t i0 = b * EW_BLOCK;
+            body(i0, (int)std::min<int64_t>(EW_BLOCK, n - i0), scratch, acc.data());
+        }
+#pragma omp critical
+        for (int m = 0; m < nacc; ++m) total[m] += acc[m];
+    }
+    return total;
+}
+
+// Entries off .. off+k-1 of ew_parallel's sums as 0/1 flags.
+static inline std::vector<int> ew_flags(const std::vector<int64_t>& v, size_t off, size_t k) {
+    std::vector<int> f(k);
+    for (size_t m = 0; m < k; ++m) f[m] = v[off + m] != 0;
+    return f;
+}
+
+// nearswap: w = clamp(t * (1 / max(|a - b|, 1e-6)), 0, 1), out = w b + (1 - w) a with
+// a = base, b = model. Flags: {model, base}.
+std::vector<int> nearswap(uint64_t base, uint64_t model, int dt, uint64_t out, int out_dt, int64_t n,
+                          float t, int nthreads);
+
+// ram / ramplus_tl per-model counts over the tensor: {shared_0, unique_0, shared_1, ...}
+// (nz_k = |m_k - base| > eps, c = sum_k nz_k; shared: nz_k and c > 1, unique: nz_k and c = 1),
+// then the K + 1 flags.
+std::vector<int64_t> ram_counts(uint64_t base, const std::vector<uint64_t>& models, int dt, int64_t n,
+                                float eps, int nthreads);
+
+// ram (lam empty): out = base + (sum_k nz_k d_k) / max(c, 1).
+// ramplus_tl (lam[k] per model): out = base + sum_k (nz_k d_k) ([c = 1] lam_k + [c > 1] / c).
+// Flags: K + 1.
+std::vector<int> ram_merge(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t out,
+                           int out_dt, int64_t n, float eps, const std::vector<float>& lam, int nthreads);
+
+// passthrough: out = scale * x (scale 1 copies x exactly). Flags: {x}.
+std::vector<int> scaled_copy(uint64_t x, int dt, uint64_t out, int out_dt, int64_t n, float scale,
+                             int nthreads);
+
+}  // namespace fm

@@ -1,0 +1,20 @@
+// passthrough (fastmerge/methods/passthrough.py): out = scale * x, rounded once to out_dt.
+// One read of x, one write; scale 1 (mergekit's scale None) is an exact copy.
+#include "elementwise.h"
+
+namespace fm {
+
+std::vector<int> scaled_copy(uint64_t x, int dt, uint64_t out, int out_dt, int64_t n, float scale,
+                             int nthreads) {
+    advise_huge((void*)out, n * (out_dt == DTYPE_F32 ? 4 : 2));
+    const void* src = (const void*)x;
+    auto sums = ew_parallel(n, nthreads, 1, EW_BLOCK, [&](int64_t i0, int len, float* v, int64_t* acc) {
+        load_block(src, dt, i0, len, v);
+        acc[0] |= ew_nonfinite(v, len);
+        for (int j = 0; j < len; ++j) v[j] = v[j] * scale;
+        store_block((void*)out, out_dt, i0, len, v);
+    });
+    return ew_flags(sums, 0, 1);
+}
+
+}  // namespace fm
