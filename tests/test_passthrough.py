@@ -48,7 +48,7 @@ globals().update(fused_tests("passthrough", 1, base=False, scale=0.5))
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(0, 5)], ids=SHAPE_IDS + ["empty"])
-@pytest.mark.parametrize("scale", [None, 0.0, 0.5, 2.5, -1.0, [3.0], [None], 1e38])
+@pytest.mark.parametrize("scale", [None, 0.0, 0.5, 2.5, -1.0, [3.0], [None], 1e30])  # overflow: test_numerics_safety
 def test_fused(shape, scale):
     fused_equals_reference("passthrough", None, [torch.randn(shape)], scale=scale)
 

@@ -19,11 +19,10 @@ import math
 
 import torch
 
+from .. import _validate as V
 from .. import abi
 from . import _host, _native
 
-# Below this many elements per thread another OpenMP thread costs more than it saves.
-MIN_PER_THREAD = 1 << 17
 ALONG = ("all", "last", "first")
 
 
@@ -45,7 +44,7 @@ def _prepare(xs, base):
     if base is not None and not base.is_contiguous():
         base = base.contiguous()
     n = xs[0].numel()
-    threads = max(1, min(torch.get_num_threads(), n // MIN_PER_THREAD))
+    threads = _native.threads(n)
     return xs, base, abi.dtype_code(xs[0].dtype), threads
 
 
@@ -87,16 +86,13 @@ def lincomb(xs, names, coef, *, out_dtype, base=None, base_coef=None, delta: boo
                                   dt, out.data_ptr(), abi.dtype_code(out_dtype), outer, length, inner,
                                   cf.data_ptr(), bool(delta and base is not None), threads)
     _raise(flags, list(names), base)
+    return out
+
 
 # ---- elementwise merges (nearswap, ram, ramplus_tl, passthrough, sce) -----------------------
 # csrc/nearswap.cpp, ram.cpp, passthrough.cpp (declared in csrc/elementwise.h). Each reads its
 # inputs in place (a non-contiguous one is made contiguous first), computes in fp32, writes one
 # tensor in out_dtype and returns a non-finite flag per input: models in order, then base.
-# (this section's imports stand with it, under their own names)
-from .. import _validate as _V  # noqa: E402
-from .. import abi as _abi  # noqa: E402
-from . import _host as _ew_host  # noqa: E402
-from . import _native as _ew_native  # noqa: E402
 
 
 def _ew_prepare(base, models, out_dtype):
@@ -104,20 +100,20 @@ def _ew_prepare(base, models, out_dtype):
     ref = base if base is not None else models[0]
     out = ref.new_empty(ref.shape, dtype=out_dtype)
     contig = [t if t is None or t.is_contiguous() else t.contiguous() for t in [base, *models]]
-    return contig[0], contig[1:], out, out.numel(), _ew_native.lib()
+    return contig[0], contig[1:], out, out.numel(), _native.lib()
 
 
 def _ew_raise(flags, k: int) -> None:
     """``NonFiniteError`` naming the first flagged input (``models[i]`` ..., then ``base``)."""
-    _ew_host.raise_nonfinite(flags, _V.input_names(None, k) + ["base"])
+    _host.raise_nonfinite(flags, V.input_names(None, k) + ["base"])
 
 
 def nearswap(base, model, *, t: float, out_dtype):
     """mergekit's nearswap of ``model`` toward ``base`` (:mod:`fastmerge.methods.nearswap`)."""
     base, (model,), out, n, lib = _ew_prepare(base, [model], out_dtype)
     if n:
-        _ew_raise(lib.nearswap(base.data_ptr(), model.data_ptr(), _abi.dtype_code(base.dtype),
-                               out.data_ptr(), _abi.dtype_code(out_dtype), n, t, _ew_native.threads(n)), 1)
+        _ew_raise(lib.nearswap(base.data_ptr(), model.data_ptr(), abi.dtype_code(base.dtype),
+                               out.data_ptr(), abi.dtype_code(out_dtype), n, t, _native.threads(n)), 1)
     return out
 
 
@@ -131,15 +127,15 @@ def ram(base, models, *, epsilon: float, out_dtype, amplify=None):
     if not models:
         return scaled_copy(base, scale=1.0, out_dtype=out_dtype, name="base")
     base, models, out, n, lib = _ew_prepare(base, models, out_dtype)
-    K, ptrs, dt = len(models), [m.data_ptr() for m in models], _abi.dtype_code(base.dtype)
+    K, ptrs, dt = len(models), [m.data_ptr() for m in models], abi.dtype_code(base.dtype)
     lam = []
     if amplify is not None:
-        res = lib.ram_counts(base.data_ptr(), ptrs, dt, n, epsilon, _ew_native.threads(n)) if n else [0] * (3 * K + 1)
+        res = lib.ram_counts(base.data_ptr(), ptrs, dt, n, epsilon, _native.threads(n)) if n else [0] * (3 * K + 1)
         _ew_raise(res[2 * K:], K)
         lam = list(amplify(res[0:2 * K:2], res[1:2 * K:2]))
     if n:
-        flags = lib.ram_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), _abi.dtype_code(out_dtype), n,
-                              epsilon, lam, _ew_native.threads(n))
+        flags = lib.ram_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), abi.dtype_code(out_dtype), n,
+                              epsilon, lam, _native.threads(n))
         _ew_raise(flags, K)
     return out
 
@@ -148,7 +144,7 @@ def scaled_copy(x, *, scale: float, out_dtype, name: str = "models[0]"):
     """``scale * x`` in ``out_dtype`` (``scale`` 1: an exact copy); inf/nan raise naming ``name``."""
     _, (x,), out, n, lib = _ew_prepare(None, [x], out_dtype)
     if n:
-        flags = lib.scaled_copy(x.data_ptr(), _abi.dtype_code(x.dtype), out.data_ptr(),
-                                _abi.dtype_code(out_dtype), n, scale, _ew_native.threads(n))
-        _ew_host.raise_nonfinite(flags, [name])
+        flags = lib.scaled_copy(x.data_ptr(), abi.dtype_code(x.dtype), out.data_ptr(),
+                                abi.dtype_code(out_dtype), n, scale, _native.threads(n))
+        _host.raise_nonfinite(flags, [name])
     return out
