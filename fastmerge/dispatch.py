@@ -164,7 +164,7 @@ def run_method(name: str, base, models, params: dict, out_dtype, backend):
     else:
         out = spec.reference(base, models, **params).to(out_dtype)
     # the inputs were checked: a non-finite result overflowed (in fp32 or in out_dtype)
-    V.check_result(out, [base, *models], ["base"] + [f"models[{i}]" for i in range(len(models))])
+    V.check_result(out, [base, *models], ["base"] + V.input_names(None, len(models)))
     return out
 
 

@@ -50,8 +50,7 @@ def threshold_without_select(x: torch.Tensor, k: int):
     selection pass runs and so the input is checked here; None for every other k."""
     if k != 0 and k != x.numel():
         return None
-    if not bool(torch.isfinite(x).all()):
-        raise V.NonFiniteError("x")
+    V.check_finite(x, "x")
     if k == 0:
         return torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
     return x.detach().abs().min()

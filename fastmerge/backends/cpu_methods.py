@@ -40,18 +40,18 @@ def layout(shape, along: str = "all") -> tuple:
 
 
 def _prepare(xs, base):
-    xs = [x if x.is_contiguous() else x.contiguous() for x in xs]
-    if base is not None and not base.is_contiguous():
-        base = base.contiguous()
-    n = xs[0].numel()
-    threads = _native.threads(n)
-    return xs, base, abi.dtype_code(xs[0].dtype), threads
+    """Contiguous inputs (``contiguous()`` returns a contiguous tensor itself), their dtype code
+    and the thread count, for every kernel below."""
+    xs = [x.contiguous() for x in xs]
+    base = None if base is None else base.contiguous()
+    return xs, base, abi.dtype_code(xs[0].dtype), _native.threads(xs[0].numel())
 
 
-def _raise(flags, names, base) -> None:
-    """The kernel's K + 1 flags (inputs, then base) as ``NonFiniteError``, the base first."""
+def _raise(flags, names, has_base: bool) -> None:
+    """A kernel's K + 1 flags (inputs, then base) as ``NonFiniteError``, the base first (the
+    order the references check in)."""
     K = len(flags) - 1
-    order = ([K] if base is not None else []) + list(range(K))
+    order = ([K] if has_base else []) + list(range(K))
     _host.raise_nonfinite([flags[k] for k in order], [(names + ["base"])[k] for k in order])
 
 
@@ -64,7 +64,7 @@ def gram(xs, names, *, base=None, along: str = "all") -> torch.Tensor:
     out = torch.empty((outer * inner, K, K), dtype=torch.float64)
     flags = _native.lib().gram(0 if base is None else base.data_ptr(), [x.data_ptr() for x in xs],
                                dt, outer, length, inner, out.data_ptr(), threads)
-    _raise(flags, list(names), base)
+    _raise(flags, list(names), base is not None)
     return out
 
 
@@ -85,27 +85,27 @@ def lincomb(xs, names, coef, *, out_dtype, base=None, base_coef=None, delta: boo
     flags = _native.lib().lincomb(0 if base is None else base.data_ptr(), [x.data_ptr() for x in xs],
                                   dt, out.data_ptr(), abi.dtype_code(out_dtype), outer, length, inner,
                                   cf.data_ptr(), bool(delta and base is not None), threads)
-    _raise(flags, list(names), base)
+    _raise(flags, list(names), base is not None)
     return out
 
 
 # ---- elementwise merges (nearswap, ram, ramplus_tl, passthrough, sce) -----------------------
 # csrc/nearswap.cpp, ram.cpp, passthrough.cpp (declared in csrc/elementwise.h). Each reads its
 # inputs in place (a non-contiguous one is made contiguous first), computes in fp32, writes one
-# tensor in out_dtype and returns a non-finite flag per input: models in order, then base.
+# tensor in out_dtype and returns a non-finite flag per input: models in order, then base
+# (named as :func:`_raise` names them).
 
 
 def _ew_prepare(base, models, out_dtype):
-    """Contiguous inputs, the empty output, its element count and the native module."""
+    """:func:`_prepare`'s inputs, the empty output, its element count and the native module."""
+    models, base, _, _ = _prepare(models, base)
     ref = base if base is not None else models[0]
     out = ref.new_empty(ref.shape, dtype=out_dtype)
-    contig = [t if t is None or t.is_contiguous() else t.contiguous() for t in [base, *models]]
-    return contig[0], contig[1:], out, out.numel(), _native.lib()
+    return base, models, out, out.numel(), _native.lib()
 
 
 def _ew_raise(flags, k: int) -> None:
-    """``NonFiniteError`` naming the first flagged input (``models[i]`` ..., then ``base``)."""
-    _host.raise_nonfinite(flags, V.input_names(None, k) + ["base"])
+    _raise(flags, V.input_names(None, k), True)
 
 
 def nearswap(base, model, *, t: float, out_dtype):
