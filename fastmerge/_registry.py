@@ -56,12 +56,15 @@ class Method:
 _COMMON = ("weights", "lam", "out_dtype", "backend", "quantize")
 _SPARSE = {None: (), "magnitude": ("density", "threshold"), "outliers": ("density", "gamma"),
            "random": ("density", "seed"), "della": ("density", "epsilon", "seed")}
+# defaults that are the method's own rather than fastmerge.merge's (epsilon: DELLA's 0.15 here,
+# RAM's 1e-5 in fastmerge/methods/ram.py)
+_SPARSE_DEFAULTS = {"della": {"epsilon": 0.15}}
 
 
 def _gta(name, consensus, sparsify, normalize, rescale) -> Method:
     params = _COMMON + ("normalize",) + (("rescale",) if sparsify else ()) + _SPARSE[sparsify]
     return Method(name, "gta", params, consensus=consensus, sparsify=sparsify,
-                  normalize=normalize, rescale=rescale)
+                  normalize=normalize, rescale=rescale, defaults=dict(_SPARSE_DEFAULTS.get(sparsify, {})))
 
 
 def _method(module) -> Method:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import warnings
 from typing import Optional, Sequence
 
@@ -132,8 +133,8 @@ def merge(
         raise ValueError(f"alpha scales the SVD merges ({', '.join(R.names('svd'))}); "
                          f"method {method!r} takes lam")
     p = plan(entry, base, args["models"], args["w"], args["dens"], args["lam"], normalize=normalize,
-             rescale=rescale, gamma=gamma, epsilon=0.15 if epsilon is None else epsilon, seed=seed,
-             threshold=threshold)
+             rescale=rescale, gamma=gamma, epsilon=entry.defaults.get("epsilon") if epsilon is None
+             else epsilon, seed=seed, threshold=threshold)
     p.weight_grad = args["wgrad"]
     return B.run(p, base if entry.family == "gta" else None, args["models"], args["dtype"], backend,
                  method, args["qcfg"])
@@ -151,15 +152,11 @@ def _run_svd(entry, base, args, alpha, exact, seed, common_space_fraction, backe
     return merged if qcfg is None else B.quantize(merged, qcfg, None)
 
 
-# merge()'s keyword defaults: a method that does not take one refuses it only when it is given
-_GENERAL_DEFAULTS = dict(density=1.0, lam=1.0, gamma=0.01, exact=False, common_space_fraction=0.8)
-
-
 def _run_method(entry, base, models, given: dict, quantize):
     """A :mod:`fastmerge.methods` method: its parameters (mergekit's names; None or absent means
     the method's default), then the backend's kernel or the reference, cast to ``out_dtype``."""
     out_dtype, backend = given.pop("out_dtype"), given.pop("backend")
-    given = {k: v for k, v in given.items() if v is not None and v != _GENERAL_DEFAULTS.get(k)}
+    given = {k: v for k, v in given.items() if v is not None and v != _merge_defaults().get(k)}
     unknown = [k for k in given if k not in entry.params]
     if unknown:
         raise TypeError(f"{entry.name} takes no argument {unknown[0]!r}; it takes "
@@ -177,6 +174,14 @@ def _run_method(entry, base, models, given: dict, quantize):
     qcfg = formats.config(quantize)
     merged = B.run_method(entry.name, base, models, params, dtype, backend)
     return merged if qcfg is None else B.quantize(merged, qcfg, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_defaults() -> dict:
+    """merge()'s keyword defaults, read off its signature: a method that does not take one of
+    these arguments refuses it only when it is given another value."""
+    return {k: p.default for k, p in inspect.signature(merge).parameters.items()
+            if p.default is not inspect.Parameter.empty and p.default is not None}
 
 
 def _validate(entry, base, models, weights, density, lam, out_dtype, quantize) -> dict:
