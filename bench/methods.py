@@ -62,7 +62,6 @@ def run(shape=(4096, 4096), methods=tuple(CASES), log=print) -> list:
         rows.append(row)
         log(f"{name:<12} {K:>2} {row['ms']:>13.1f} {row['mergekit_ms']:>12.1f} {gbps:>7.2f} "
             f"{row['pct_of_copy_bw']:>9.1f} {row['speedup']:>10.1f}")
-        del base, models
     return rows
 
 
