@@ -2,6 +2,10 @@
 //   w = clamp(t * (1 / max(|a - b|, 1e-6)), 0, 1),  out = w b + (1 - w) a
 // in the torch reference's operations (its t / x is reciprocal(x) * t), so the bytes agree.
 // One read of each input, one write.
+// No FP trap is ever observed here, so the compiler may evaluate both sides of the
+// clamps and selects (if-conversion into blends): without this the loops do not vectorise.
+// Values are unchanged: no fast-math, every operation stays IEEE and separately rounded.
+#pragma GCC optimize("no-trapping-math")
 #include "elementwise.h"
 
 namespace fm {
@@ -18,9 +22,11 @@ std::vector<int> nearswap(uint64_t base, uint64_t model, int dt, uint64_t out, i
         acc[0] |= ew_nonfinite(b, len);
         acc[1] |= ew_nonfinite(a, len);
         for (int j = 0; j < len; ++j) {
+            // torch's clamps as ternaries (no std::min/max references: the loop stays branch-free)
             const float d = std::fabs(a[j] - b[j]);
-            float w = (1.0f / std::max(d, 1e-6f)) * t;
-            w = std::min(std::max(w, 0.0f), 1.0f);
+            float w = (1.0f / (d < 1e-6f ? 1e-6f : d)) * t;
+            w = w < 0.0f ? 0.0f : w;
+            w = 1.0f < w ? 1.0f : w;
             a[j] = w * b[j] + (1.0f - w) * a[j];
         }
         store_block((void*)out, out_dt, i0, len, a);

@@ -1,5 +1,9 @@
 // passthrough (fastmerge/methods/passthrough.py): out = scale * x, rounded once to out_dt.
 // One read of x, one write; scale 1 (mergekit's scale None) is an exact copy.
+// No FP trap is ever observed here, so the compiler may evaluate both sides of the
+// clamps and selects (if-conversion into blends): without this the loops do not vectorise.
+// Values are unchanged: no fast-math, every operation stays IEEE and separately rounded.
+#pragma GCC optimize("no-trapping-math")
 #include "elementwise.h"
 
 namespace fm {

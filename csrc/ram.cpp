@@ -5,6 +5,10 @@
 // ramplus_tl's lam_k comes from per-model counts over the whole tensor (ram_counts: one pass),
 // computed on the host; the merge is a second pass. Sums run in model order in the reference's
 // operations, so the bytes agree with it.
+// No FP trap is ever observed here, so the compiler may evaluate both sides of the
+// clamps and selects (if-conversion into blends): without this the loops do not vectorise.
+// Values are unchanged: no fast-math, every operation stays IEEE and separately rounded.
+#pragma GCC optimize("no-trapping-math")
 #include "elementwise.h"
 
 namespace fm {
