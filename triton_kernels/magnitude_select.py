@@ -47,7 +47,7 @@ def _sample_keys_kernel(base, xs, out, bs0, bs1, S0, S1, n, C, S, M: tl.constexp
         tl.store(out + m * S + s, mag_key(d), mask=valid)
 
 
-@triton.jit(do_not_specialize=["n", "C", "cap"])
+@triton.jit(do_not_specialize=["C", "cap"])
 def _bracket_kernel(base, xs, lo, hi, above_part, count, ckeys, cidx, flag, cap, bs0, bs1, S0,
                     S1, n, C, M: tl.constexpr, Q: tl.constexpr, QM: tl.constexpr,
                     HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, BLK: tl.constexpr):
@@ -72,7 +72,7 @@ def _bracket_kernel(base, xs, lo, hi, above_part, count, ckeys, cidx, flag, cap,
                 tl.store(cidx + q * cap + pos, i, mask=ok)
 
 
-@triton.jit(do_not_specialize=["n", "C", "prefix"])
+@triton.jit(do_not_specialize=["C", "prefix"])
 def _radix_hist_kernel(base, x, hist, flag, prefix, bs0, bs1, s0, s1, n, C, SHIFT: tl.constexpr,
                        PSHIFT: tl.constexpr, NB: tl.constexpr, HAS_BASE: tl.constexpr,
                        STRIDED: tl.constexpr, BLK: tl.constexpr):
@@ -84,7 +84,7 @@ def _radix_hist_kernel(base, x, hist, flag, prefix, bs0, bs1, s0, s1, n, C, SHIF
     tl.atomic_add(hist + tl.arange(0, NB), h.to(tl.int64), mask=h > 0)
 
 
-@triton.jit(do_not_specialize=["n", "C", "T"])
+@triton.jit(do_not_specialize=["C", "T"])
 def _tie_count_kernel(base, x, counts, T, bs0, bs1, s0, s1, n, C, HAS_BASE: tl.constexpr,
                       STRIDED: tl.constexpr, BLK: tl.constexpr):
     i, inb = block_tile(tl.program_id(0), n, BLK)
@@ -92,7 +92,7 @@ def _tie_count_kernel(base, x, counts, T, bs0, bs1, s0, s1, n, C, HAS_BASE: tl.c
     tl.store(counts + tl.program_id(0), tl.sum(eq.to(tl.int64), axis=0))
 
 
-@triton.jit(do_not_specialize=["n", "C", "T", "tile", "need"])
+@triton.jit(do_not_specialize=["C", "T", "tile", "need"])
 def _tie_find_kernel(base, x, out, T, tile, need, bs0, bs1, s0, s1, n, C,
                      HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, BLK: tl.constexpr):
     i, inb = block_tile(tile, n, BLK)

@@ -135,7 +135,7 @@ def int4_tile(x, rows, rmask, grp, q0, q1, q2, flags, FLAG: tl.constexpr, OUT, I
         store_as(q2 + srow, zero, rmask)
 
 
-@triton.jit(do_not_specialize=["OUT", "IN"])
+@triton.jit
 def _int4_kernel(w, q0, q1, q2, flags, OUT, IN, R: tl.constexpr, GS: tl.constexpr,
                  LAYOUT: tl.constexpr, SYM: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
@@ -147,7 +147,7 @@ def _int4_kernel(w, q0, q1, q2, flags, OUT, IN, R: tl.constexpr, GS: tl.constexp
     int4_tile(x, rows, rmask, grp, q0, q1, q2, flags, 1, OUT, IN, R, GS, LAYOUT, SYM)
 
 
-@triton.jit(do_not_specialize=["k0", "k1", "C", "const_div", "lam", "OUT"])
+@triton.jit(do_not_specialize=["k0", "k1", "const_div", "lam"])
 def _merge_int4_kernel(
     base, xs, keeps, sign, flags, thr, scale, weights, probs, bs0, bs1, S0, S1, k0, k1, C,
     const_div, lam, q0, q1, q2, OUT,
