@@ -16,9 +16,9 @@ tensors (how CI tests them without a GPU); the variable must be set before this 
 """
 from .della import della_keep
 from .fused_merge import fused_merge
-from .magnitude_select import select
+from .magnitude_select import select, select_deferred
 from .mask_norms import mask_norms
 from .quant import fp8_codes, fused_merge_int4, quantize_fp8, quantize_int4
 
-__all__ = ["fused_merge", "select", "mask_norms", "della_keep", "quantize_int4", "quantize_fp8",
+__all__ = ["fused_merge", "select", "select_deferred", "mask_norms", "della_keep", "quantize_int4", "quantize_fp8",
            "fp8_codes", "fused_merge_int4"]
