@@ -39,11 +39,11 @@ KEY_MAX = 0x7FFFFFFF
 BLOCK = 4096
 
 
-@triton.jit(do_not_specialize=["n", "C", "S"])
-def _sample_keys_kernel(base, xs, out, bs0, bs1, S0, S1, n, C, S, M: tl.constexpr,
+@triton.jit(do_not_specialize=["n", "C", "S", "A"])
+def _sample_keys_kernel(base, xs, out, bs0, bs1, S0, S1, n, C, S, A, M: tl.constexpr,
                         HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, BLOCK_S: tl.constexpr):
     s, valid = block_tile(tl.program_id(0), S, BLOCK_S)
-    i = (s * n) // S
+    i = (s * A) % n  # a Weyl sequence (sample_step): every row and column, no layout stride
     b = load_base(base, i, valid, C, bs0, bs1, HAS_BASE, STRIDED)
     for m in tl.static_range(M):
         d = minus_base(xs[m], b, i, valid, C, S0[m], S1[m], HAS_BASE, STRIDED)
@@ -139,6 +139,17 @@ def _cand_pick_kernel(ckeys, cidx, qidx, counts, lo, shift, bins, fill, okeys, o
 # ----------------------------------------------------------------------------- host side
 
 
+def sample_step(n: int) -> int:
+    """The sample's stride ``A``: element ``(s * A) mod n`` is sample ``s``. ``A`` is coprime
+    to ``n`` (distinct elements) and near ``n`` times the golden ratio's fraction, so the
+    samples spread evenly over every row and column whatever the layout (``(s * n) // S``
+    took one column in ``n / S`` of a row-major matrix: 32 of 4096 columns at 2048 x 4096)."""
+    a = max(1, round(n * 0.6180339887498949))
+    while math.gcd(a, n) != 1:
+        a += 1
+    return a
+
+
 def _args(base, strided):
     return dict(HAS_BASE=base is not None, STRIDED=strided, enable_fp_fusion=False)
 
@@ -163,7 +174,7 @@ def _bracket(base, xs, strides, base_strides, n, C, strided, qm, qk, out, flag):
     else:
         keys = torch.empty(len(models), SAMPLE, dtype=torch.int32, device=dev)
         _sample_keys_kernel[(triton.cdiv(SAMPLE, 1024),)](
-            b, xs_sel, keys, base_strides[0], base_strides[1], S0, S1, n, C, SAMPLE,
+            b, xs_sel, keys, base_strides[0], base_strides[1], S0, S1, n, C, SAMPLE, sample_step(n),
             M=len(models), BLOCK_S=1024, num_warps=4, **_args(base, strided))
         srt = torch.sort(keys, dim=1, descending=True).values
         rows, hi_at, lo_at, caps = [], [], [], []  # caps: expected candidates, with slack
