@@ -228,6 +228,7 @@ def report(out: str, work: str, script: str) -> int:
         _section(rep, "quant", lambda: _quant(_load(os.path.join(out, "quant.json"))))
         _section(rep, "lowrank", lambda: _lowrank(_load(os.path.join(out, "lowrank.json"))))
     rep["l2"] = _load(os.path.join(work, "l2.json"))
+    rep["review"] = _load(os.path.join(work, "review.json"))
     gpu = rep["device"] if rep["device"] and os.environ.get("DRY_RUN") != "1" else None
     rep["results_file"] = (f"bench/results/gpu_{_slug(gpu)}{'_cuda' if cuda_script else ''}.json" if gpu
                            else "(dry run: nothing to commit)")
@@ -249,6 +250,9 @@ def report(out: str, work: str, script: str) -> int:
             print(f"{key:<7} {json.dumps(rep[key])}")
     for r in (rep["l2"] or {}).get("rows", []):
         print(f"l2     {r['op']:<16} {r['backend']:<7} {r['gbps']:9.1f} GB/s {r['pct_of_copy_bw']:6.1f}% of copy")
+    for r in (rep["review"] or {}).get("rows", []):
+        print(f"review {'ok  ' if r.get('ok') else 'n/a ' if r.get('ok') is None else 'FAIL'} "
+              f"{json.dumps({k: v for k, v in r.items() if k not in ('ok', 'tail')})}")
     print(f"commit the bench JSON ($OUT/bench.json) as {rep['results_file']}")
     return 0
 
