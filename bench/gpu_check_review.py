@@ -163,16 +163,20 @@ def main(argv=None) -> int:
                 fn(b)
         return 0
     rows = []
+
+    def add(new):  # printed as they come: a stage killed at its limit keeps its rows in the log
+        for r in new:
+            print("review", json.dumps(r), flush=True)
+        rows.extend(new)
+
     for b in backends:
         for check in (sync_counts, side_stream, k_exactness, huge):
             try:
-                rows += check(b, dev, a.dry_run)
+                add(check(b, dev, a.dry_run))
             except Exception as exc:  # a failing check is a row, the others still run
-                rows.append({"check": check.__name__, "backend": b, "ok": False, "error": repr(exc)[:400]})
+                add([{"check": check.__name__, "backend": b, "ok": False, "error": repr(exc)[:400]}])
         for tool in [t for t in a.sanitizer.split(",") if t and not a.dry_run]:
-            rows += sanitizer(tool, b)
-    for r in rows:
-        print("review", json.dumps(r))
+            add(sanitizer(tool, b))
     if a.work:
         os.makedirs(a.work, exist_ok=True)
         with open(os.path.join(a.work, "review.json"), "w") as f:
