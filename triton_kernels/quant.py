@@ -268,7 +268,9 @@ def quantize_int4(w, cfg):
         _int4_kernel[(triton.cdiv(out_f, R) * (in_f // G),)](
             w, *res.values(), flags, out_f, in_f, R=R, GS=G,
             LAYOUT=abi.QUANT_OF_LAYOUT[cfg.layout], SYM=cfg.symmetric,
-            num_warps=4, enable_fp_fusion=False)
+            # 4 warps spill registers on the fp32 g64 tile (sm_90, n specialised); 8 warps give
+            # the other tiles' threads one packed word each (scalar stores): 4 there
+            num_warps=8 if w.element_size() == 4 and G == 64 else 4, enable_fp_fusion=False)
     return res, flags
 
 
