@@ -6,8 +6,8 @@ Subcommands:
     fastmerge bench-gpu         the triton and cuda backends vs PEFT/mergekit on a GPU (``--help``)
     fastmerge bench-quant       fastmerge.quant: quantizers, fused merge->quantize, deltas (``--help``)
     fastmerge backends          which backends this machine can run, and why not
-    fastmerge merge CONFIG OUT  merge whole safetensors checkpoints from a mergekit YAML config,
-                                streaming (``fastmerge merge --help``; ``torchrun ... -m
+    fastmerge merge CONFIG OUT  merge whole safetensors checkpoints from a mergekit YAML config
+                                (any method of fastmerge.METHODS), streaming (``fastmerge merge --help``; ``torchrun ... -m
                                 fastmerge merge`` splits the work across processes)
     fastmerge mergekit CONFIG OUT [mergekit-yaml options]
                                 mergekit-yaml with its task-arithmetic family and linear merges

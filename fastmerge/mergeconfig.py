@@ -14,8 +14,19 @@ mergekit's ``evaluate_setting``:
 - ``t`` (the gradient position) is ``i / (L - 1)`` for a tensor of layer ``i`` of ``L`` (1 when
   ``L == 1``), and 0 for tensors outside the layer stack (embeddings, final norm, head).
 
-``slices``/``modules`` (layer surgery) and mergekit's other methods are not fastmerge's: the
-error says to use ``fastmerge mergekit`` for those.
+Every registered method runs (``fastmerge.METHODS``). mergekit's other methods (slerp,
+nuslerp, multislerp, karcher, model_stock, sce, nearswap, arcee_fusion, ram, ramplus_tl,
+passthrough; :mod:`fastmerge.methods`) take their parameters under mergekit's names: ``weight``
+(per model, as ``weights``) and passthrough's ``scale`` (per model) from the model's own
+``parameters`` first, every other one (``t``, ``eps``, ``filter_wise``, ...) from the top-level
+``parameters`` only, as mergekit binds them; required ones (``t``, ``weight``) must resolve for
+every tensor. Which models are inputs follows mergekit's base policies: a method that needs a
+base (slerp, model_stock, ...) merges the listed models other than ``base_model`` onto it; for
+nuslerp, multislerp and karcher ``base_model`` is optional (karcher counts it as one more point
+of the mean, as mergekit does); passthrough takes exactly one model and no other base.
+
+``slices``/``modules`` (layer surgery) are not fastmerge's: the error says to use
+``fastmerge mergekit`` for those.
 """
 from __future__ import annotations
 
@@ -35,9 +46,10 @@ class ConfigError(ValueError):
     """A merge configuration fastmerge cannot run (the message says what and where)."""
 
 
-# the registered methods whose YAML parameters this config reader maps (fastmerge/_registry.py);
-# mergekit's other methods (fastmerge/methods/) run from Python, and from `fastmerge mergekit`
-METHODS = tuple(m for m in R.METHODS if R.get(m).family in ("gta", "linear", "svd"))
+# every registered method (fastmerge/_registry.py): each family's parameters are mapped below
+METHODS = R.METHODS
+# mergekit's per-model parameters of its other methods, under fastmerge's names (-> YAML names)
+_PER_INPUT = {"weights": "weight", "scale": "scale"}
 _FLOAT = ("weight", "density", "gamma", "epsilon", "lambda", "alpha")
 _BOOL = ("normalize", "rescale", "int8_mask")
 SHARED = ("normalize", "rescale", "lambda", "int8_mask", "alpha")
@@ -70,25 +82,52 @@ class MergeConfig:
     source: str = ""  # the YAML text, copied next to the output
 
     @property
+    def uses_base(self) -> bool:
+        """Whether ``base_model`` is read and passed as the merge's base (``linear`` ignores it;
+        passthrough takes its one model as an input, never a base)."""
+        return (self.base is not None and self.method != "linear"
+                and R.get(self.method).base != "none")
+
+    @property
     def inputs(self) -> List[ModelRef]:
         """The models merged onto the base: every listed model except the base itself (mergekit
-        drops the base from the task vectors); ``linear`` merges every listed model."""
-        if self.method == "linear" or self.base is None:
+        drops the base from the task vectors); ``linear`` and passthrough take every listed
+        model."""
+        if not self.uses_base:
             return list(self.models)
-        return [m for m in self.models if os.path.abspath(m.path) != os.path.abspath(self.base)]
+        return [m for m in self.models if not _same(m.path, self.base)]
 
 
-def _validate(name: str, value: Any, where: str) -> Any:
+def _same(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _kind_of(default: Any) -> str:
+    """The value type of a :mod:`fastmerge.methods` parameter, read off its default (no
+    default, or None: a number)."""
+    if isinstance(default, bool):
+        return "bool"
+    return "int" if isinstance(default, int) else "float"
+
+
+def _validate(name: str, value: Any, where: str, kind: Optional[str] = None) -> Any:
     """mergekit's per-parameter type adapter (pydantic lax mode): floats from numbers or
-    numeric strings, bools from bools (and yes/no-like strings)."""
-    if name in _FLOAT:
+    numeric strings, ints from integral numbers, bools from bools (and yes/no-like strings).
+    ``kind`` ("float", "int", "bool") overrides the type known by name."""
+    kind = kind or ("float" if name in _FLOAT else "bool" if name in _BOOL else None)
+    if kind == "int":
+        number = _validate(name, value, where, "float")
+        if not number.is_integer():
+            raise ConfigError(f"{where}: {name} must be an integer, got {value!r}")
+        return int(number)
+    if kind == "float":
         if isinstance(value, bool):
             raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
-    if name in _BOOL:
+    if kind == "bool":
         if isinstance(value, bool):
             return value
         if isinstance(value, (int, float)) and value in (0, 1):
@@ -99,33 +138,34 @@ def _validate(name: str, value: Any, where: str) -> Any:
     return value
 
 
-def evaluate(name: str, setting: Any, tensor: str, t: float, where: str = "parameters") -> Any:
+def evaluate(name: str, setting: Any, tensor: str, t: float, where: str = "parameters",
+             kind: Optional[str] = None) -> Any:
     """Resolve one parameter ``setting`` for ``tensor`` at gradient position ``t`` (mergekit's
     ``evaluate_setting``); None when a list of filters has no match."""
     if isinstance(setting, dict):
         setting = [setting]
     if setting is None or isinstance(setting, (bool, int, float, str)):
-        return None if setting is None else _validate(name, setting, where)
+        return None if setting is None else _validate(name, setting, where, kind)
     if not isinstance(setting, list):
         raise ConfigError(f"{where}: {name} has an unexpected value {setting!r}")
     if not setting:
         return None
     if all(isinstance(e, (bool, int, float, str)) for e in setting):
-        values = [_validate(name, e, where) for e in setting]
+        values = [_validate(name, e, where, kind) for e in setting]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             return values[int(t * (len(values) - 1))]
         scaled = t * (len(values) - 1)
         i0 = int(scaled)
         i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
-        return _validate(name, (1 - frac) * values[i0] + frac * values[i1], where)
+        return _validate(name, (1 - frac) * values[i0] + frac * values[i1], where, kind)
     for cond in setting:
         if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
             raise ConfigError(f"{where}: {name}: a list of conditions must hold only "
                               f"{{filter: ..., value: ...}} entries, got {cond!r}")
         flt = cond.get("filter")
         if flt is None or flt == "*" or (tensor and str(flt) in tensor):
-            return evaluate(name, cond["value"], tensor, t, where)
+            return evaluate(name, cond["value"], tensor, t, where, kind)
     return None
 
 
@@ -187,7 +227,7 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
     if scope not in TOPK_SCOPES:
         raise ConfigError(f"{source_name}: topk_scope must be one of {TOPK_SCOPES}, got {scope!r}")
     base = raw.get("base_model")
-    if base is None and method != "linear":
+    if base is None and R.get(method).base == "required":
         raise ConfigError(f"{source_name}: merge_method {method} needs a base_model")
     tok = raw.get("tokenizer_source")
     if tok is not None and not isinstance(tok, str):
@@ -198,12 +238,31 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
     quant = raw.get("quantize")
     if quant is not None and not isinstance(quant, dict):
         raise ConfigError(f"{source_name}: quantize must be a mapping, e.g. {{format: int4, group_size: 128}}")
-    return MergeConfig(
+    cfg = MergeConfig(
         method=method, base=None if base is None else str(base),
         models=[_model_ref(m, i) for i, m in enumerate(models)], parameters=dict(params),
         dtype=_dtype(raw.get("dtype"), "dtype"), out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
         tokenizer_source=tok, quantize=quant, topk_scope=scope, source=text,
     )
+    _check_count(cfg, source_name)
+    return cfg
+
+
+def _check_count(cfg: MergeConfig, source_name: str) -> None:
+    """mergekit's input count of a method (``fastmerge/methods/<name>.py``'s ``CONTRACT``),
+    checked before any file is opened."""
+    entry = R.get(cfg.method)
+    if entry.family != "method":
+        return
+    n, note = len(cfg.inputs), ""
+    if entry.base == "none" and cfg.base is not None and not any(_same(m.path, cfg.base) for m in cfg.models):
+        n, note = n + 1, " (mergekit counts base_model as one)"  # as mergekit's input contract does
+    lo, hi = entry.min_models, entry.max_models
+    if n < lo or hi is not None and n > hi:
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        besides = " besides base_model" if cfg.uses_base else ""
+        raise ConfigError(f"{source_name}: merge_method {cfg.method} takes {want} model(s){besides}, "
+                          f"got {n}{note}")
 
 
 def load(path: str) -> MergeConfig:
@@ -258,8 +317,41 @@ def _defaults(method: str) -> Dict[str, Any]:
             "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 
 
+def _per_model(cfg: MergeConfig, ref: ModelRef, name: str, tensor: str, t: float, kind=None) -> Any:
+    """A per-model parameter: the model's own ``parameters`` first, then the top-level ones."""
+    for scope, where in ((ref.parameters, f"model {ref.path}"), (cfg.parameters, "parameters")):
+        if name in scope:
+            v = evaluate(name, scope[name], tensor, t, where, kind)
+            if v is not None:
+                return v
+    return None
+
+
+def _resolve_method(cfg: MergeConfig, tensor: str, t: float):
+    """:func:`resolve` for mergekit's other methods: their ``PARAMS`` under mergekit's names."""
+    shared, per_model = {}, [{} for _ in cfg.inputs]
+    for name, default in R.get(cfg.method).defaults.items():
+        required = default is R.REQUIRED
+        if name in _PER_INPUT:
+            for ref, values in zip(cfg.inputs, per_model):
+                v = _per_model(cfg, ref, _PER_INPUT[name], tensor, t, "float")
+                if v is None and required:
+                    raise ConfigError(f"missing required parameter {_PER_INPUT[name]} for {ref.path} "
+                                      f"(tensor {tensor}); mergekit requires it too")
+                values[name] = default if v is None else v
+            continue
+        v = evaluate(name, cfg.parameters.get(name), tensor, t, "parameters", _kind_of(default))
+        if v is None and required:
+            raise ConfigError(f"missing required parameter {name} (tensor {tensor}) in the "
+                              "top-level parameters; mergekit requires it too")
+        shared[name] = default if v is None else v
+    return shared, per_model
+
+
 def resolve(cfg: MergeConfig, tensor: str, t: float) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """(shared parameters, one dict of per-model parameters per input) for ``tensor``."""
+    if R.get(cfg.method).family == "method":
+        return _resolve_method(cfg, tensor, t)
     defaults = _defaults(cfg.method)
     shared = {}
     for name in SHARED:
@@ -269,12 +361,7 @@ def resolve(cfg: MergeConfig, tensor: str, t: float) -> Tuple[Dict[str, Any], Li
     for ref in cfg.inputs:
         values = {}
         for name in PER_MODEL:
-            v = None
-            for scope, where in ((ref.parameters, f"model {ref.path}"), (cfg.parameters, "parameters")):
-                if name in scope:
-                    v = evaluate(name, scope[name], tensor, t, where)
-                    if v is not None:
-                        break
+            v = _per_model(cfg, ref, name, tensor, t)
             if v is None:
                 if name == "weight" and cfg.method not in lowrank.METHODS:
                     raise ConfigError(f"missing required parameter weight for {ref.path} "
@@ -287,6 +374,9 @@ def resolve(cfg: MergeConfig, tensor: str, t: float) -> Tuple[Dict[str, Any], Li
 
 def merge_kwargs(cfg: MergeConfig, shared: dict, per_model: List[dict]) -> Dict[str, Any]:
     """Keyword arguments of :func:`fastmerge.merge` for one tensor."""
+    if R.get(cfg.method).family == "method":
+        return dict(shared, **{name: [p[name] for p in per_model]
+                               for name in _PER_INPUT if name in R.get(cfg.method).defaults})
     kw: Dict[str, Any] = {"weights": [p["weight"] for p in per_model]}
     if cfg.method in lowrank.METHODS:
         kw["alpha"] = shared["alpha"] if shared["alpha"] is not None else shared["lambda"]

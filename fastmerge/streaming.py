@@ -609,7 +609,7 @@ class Merger:
     # ---- setup (every process, identically)
     def _setup(self) -> None:
         cfg, trust = self.cfg, self.options.trust_index
-        self.base = _open(cfg.base, "base_model", trust) if cfg.base is not None and cfg.method != "linear" else None
+        self.base = _open(cfg.base, "base_model", trust) if cfg.uses_base else None
         refs = cfg.inputs
         self.labels = [f"models[{cfg.models.index(r)}]" for r in refs]
         self.inputs = [_open(r.path, label, trust) for r, label in zip(refs, self.labels)]

@@ -66,6 +66,81 @@ def _files_equal(a, b):
 
 # ------------------------------------------------------------------- against mergekit-yaml
 
+def _method_config(root, method, dtype, body):
+    """A YAML of mergekit's other methods over :func:`tiny_llamas`: ``body`` names the models as
+    ``{base}``, ``{m0}``..``{m2}``."""
+    paths = {k: str(root / k) for k in ("base", "m0", "m1", "m2")}
+    path = root / f"{method}-{dtype}-{abs(hash(body))}.yml"
+    path.write_text(f"merge_method: {method}\ndtype: {dtype}\n" + body.format(**paths))
+    return path
+
+
+_M3 = "models:\n  - model: {m0}\n  - model: {m1}\n  - model: {m2}\n"
+# mergekit's other methods, their parameters at every level (gradients, filters, per model)
+METHOD_CONFIGS = {
+    "slerp": "base_model: {base}\nmodels:\n  - model: {base}\n  - model: {m0}\n"
+             "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.3, 1]\n    - value: 0.6\n",
+    "nuslerp": "models:\n  - model: {m0}\n    parameters: {{weight: 0.3}}\n  - model: {m1}\n"
+               "    parameters: {{weight: [0.5, 0.9]}}\nparameters: {{nuslerp_row_wise: true, nuslerp_flatten: false}}\n",
+    "nuslerp-base": "base_model: {base}\nmodels:\n  - model: {m0}\n  - model: {m1}\n"
+                    "parameters: {{weight: 0.5, nuslerp_flatten: false}}\n",
+    "multislerp": "base_model: {base}\nmodels:\n  - model: {m0}\n    parameters: {{weight: 0.2}}\n"
+                  "  - model: {m1}\n    parameters: {{weight: 0.5}}\n  - model: {m2}\n"
+                  "    parameters: {{weight: 0.6}}\nparameters: {{normalize_weights: false}}\n",
+    "karcher": "base_model: {base}\nmodels:\n  - model: {m0}\n  - model: {m1}\nparameters: {{max_iter: 1, tol: 0.0}}\n",
+    "model_stock": "base_model: {base}\n" + _M3 + "parameters:\n  filter_wise: [{{filter: mlp, value: true}}]\n",
+    "sce": "base_model: {base}\n" + _M3 + "parameters: {{select_topk: 0.4}}\n",
+    "nearswap": "base_model: {base}\nmodels:\n  - model: {m0}\nparameters: {{t: 0.01}}\n",
+    "arcee_fusion": "base_model: {base}\nmodels:\n  - model: {m0}\n",
+    "ram": "base_model: {base}\n" + _M3,
+    "ramplus_tl": "base_model: {base}\n" + _M3 + "parameters: {{r: 0.2, alpha: 0.3}}\n",
+    "passthrough": "models:\n  - model: {m1}\n    parameters:\n      scale: [{{filter: norm, value: 0.5}}]\n",
+}
+
+
+@pytest.mark.parametrize("case,dtype", [(c, "float32") for c in METHOD_CONFIGS]
+                         + [("slerp", "bfloat16"), ("model_stock", "bfloat16"), ("ram", "float16")])
+def test_mergekit_methods_match_mergekit_yaml(llamas, tmp_path, case, dtype):
+    """mergekit's other methods from YAML, tensor by tensor against ``mergekit-yaml``: which
+    models are inputs (base policies), parameters at every level, and the method itself."""
+    pytest.importorskip("mergekit")
+    method = case.split("-")[0]
+    cfg = _method_config(llamas, method, dtype, METHOD_CONFIGS[case])
+    _mergekit_yaml(cfg, tmp_path / "mk")
+    assert _merge(cfg, tmp_path / "fm", "--no-copy-tokenizer") == 0
+    assert_folders_match_mergekit(tmp_path / "mk", tmp_path / "fm", method, dtype)
+
+
+def test_mergekit_methods_parameters_resolve_per_tensor():
+    """Every parameter of mergekit's other methods reaches fastmerge.merge under its name, typed
+    as mergekit types it, per tensor (gradient position t, filters), per model where mergekit
+    binds it per model; the ones mergekit reads only from the top level are not taken from a
+    model's own parameters (mergekit ignores them there too)."""
+    text = ("merge_method: ramplus_tl\nbase_model: /b\nmodels:\n  - model: /m0\n    parameters: {r: 0.9}\n"
+            "  - model: /m1\nparameters:\n  r: [0.2, 0.4]\n  alpha: [{filter: mlp, value: 0.3}]\n"
+            "  epsilon: '0.001'\n")
+    cfg = mc.parse(text)
+    assert [m.path for m in cfg.inputs] == ["/m0", "/m1"] and cfg.uses_base
+    assert mc.merge_kwargs(cfg, *mc.resolve(cfg, "model.layers.1.mlp.up.weight", 0.5)) == \
+        {"r": pytest.approx(0.3), "alpha": 0.3, "epsilon": 0.001}
+    assert mc.merge_kwargs(cfg, *mc.resolve(cfg, "model.norm.weight", 0.0)) == \
+        {"r": 0.2, "alpha": 0.2, "epsilon": 0.001}
+    cfg = mc.parse("merge_method: multislerp\nmodels:\n  - model: /m0\n    parameters: {weight: 2}\n"
+                   "  - model: /m1\nparameters: {weight: [1, 3], normalize_weights: 'no', eps: 1e-3}\n")
+    assert not cfg.uses_base and len(cfg.inputs) == 2
+    assert mc.merge_kwargs(cfg, *mc.resolve(cfg, "x", 1.0)) == \
+        {"weights": [2.0, 3.0], "normalize_weights": False, "eps": 1e-3}
+    cfg = mc.parse("merge_method: karcher\nbase_model: /b\nmodels: [/b, /m0]\nparameters: {max_iter: 3.0}\n")
+    assert cfg.uses_base and [m.path for m in cfg.inputs] == ["/m0"]
+    assert mc.merge_kwargs(cfg, *mc.resolve(cfg, "x", 0.0)) == {"max_iter": 3, "tol": 1e-5}
+    cfg = mc.parse("merge_method: passthrough\nbase_model: /m0\nmodels:\n  - model: /m0\n")
+    assert not cfg.uses_base and mc.merge_kwargs(cfg, *mc.resolve(cfg, "x", 0.0)) == {"scale": [None]}
+    with pytest.raises(mc.ConfigError, match="filter_wise must be true or false"):
+        cfg = mc.parse("merge_method: model_stock\nbase_model: /b\nmodels: [/m0, /m1]\n"
+                       "parameters: {filter_wise: 2}\n")
+        mc.resolve(cfg, "x", 0.0)
+
+
 @pytest.mark.parametrize("method,dtype,out_dtype", [
     ("ties", "float32", None), ("ties", "bfloat16", None), ("task_arithmetic", "float32", "bfloat16"),
     ("breadcrumbs_ties", "float32", None), ("linear", "float16", None),
@@ -406,7 +481,18 @@ def test_clear_errors(llamas, tmp_path, capsys, monkeypatch):
     _expect_error(capsys, [tmp_path / "missing.yml", out], "config file not found", "missing.yml")
     _expect_error(capsys, [_write(tmp_path / "bad.yml", "merge_method: [ties\n"), out], "not valid YAML")
     _expect_error(capsys, [_write(tmp_path / "m.yml", good.replace("ties", "slerp")), out],
-                  "slerp", "fastmerge mergekit")
+                  "merge_method slerp takes exactly 1 model(s) besides base_model, got 3")
+    _expect_error(capsys, [_write(tmp_path / "sl.yml", good.replace("ties", "slerp").split("  - model: " + str(llamas / "m1"))[0]), out],
+                  "missing required parameter t", "top-level parameters")
+    _expect_error(capsys, [_write(tmp_path / "ms.yml", good.replace("ties", "model_stock").split("  - model: " + str(llamas / "m1"))[0]), out],
+                  "model_stock takes at least 2 model(s)")
+    _expect_error(capsys, [_write(tmp_path / "nu.yml", good.replace("ties", "nuslerp").replace("weight: 0.5, ", "")
+                                  .split("  - model: " + str(llamas / "m2"))[0]), out],
+                  "missing required parameter weight", str(llamas / "m1"))
+    _expect_error(capsys, [_write(tmp_path / "p.yml", good.replace("ties", "passthrough").split("  - model: " + str(llamas / "m1"))[0]), out],
+                  "passthrough takes exactly 1 model(s), got 2 (mergekit counts base_model as one)")
+    _expect_error(capsys, [_write(tmp_path / "ki.yml", good.replace("ties", "karcher") + "parameters: {max_iter: 2.5}\n"), out],
+                  "max_iter must be an integer")
     _expect_error(capsys, [_write(tmp_path / "s.yml", "merge_method: ties\nslices: []\n"), out], "slices")
     _expect_error(capsys, [_write(tmp_path / "u.yml", good + "frobnicate: 1\n"), out], "unknown keys", "frobnicate")
     _expect_error(capsys, [_write(tmp_path / "nm.yml", good.replace(str(llamas / "m1"), str(tmp_path / "gone"))), out],
