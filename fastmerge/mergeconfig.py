@@ -174,7 +174,7 @@ def _model_ref(entry: Any, i: int) -> ModelRef:
     if isinstance(entry, str):
         return ModelRef(entry)
     if not isinstance(entry, dict) or "model" not in entry:
-        raise ConfigError(f"{where}: each entry needs a `model:` (a local folder)")
+        raise ConfigError(f"{where}: each entry needs a `model:` (a local folder or a hub id)")
     extra = set(entry) - {"model", "parameters"}
     if extra:
         raise ConfigError(f"{where}: unknown keys {sorted(extra)}")

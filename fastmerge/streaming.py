@@ -21,6 +21,7 @@ config's folder. See "Safety guarantees" in the README.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import heapq
@@ -42,7 +43,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from . import _semantics as sem
-from . import api, dispatch, lowrank
+from . import api, dispatch, hub, lowrank
 from . import mergeconfig as mc
 from .safetensors_io import PACKED, Checkpoint, FormatError, Spec, Writer, confined, plan_layout
 
@@ -155,11 +156,26 @@ def assign(jobs: List[Job], world: int) -> List[int]:
 
 # ------------------------------------------------------------------------------ plan
 
+def local_refs(cfg: mc.MergeConfig) -> mc.MergeConfig:
+    """``cfg`` with every model reference it reads as a local folder: hub ids (``org/name``,
+    ``@revision``) resolved through the hub cache, downloading only the files a merge needs
+    (:mod:`fastmerge.hub`). An unused ``base_model`` (``linear``) is not fetched."""
+    found: dict = {}
+
+    def local(ref: str, role: str) -> str:
+        if ref not in found:
+            found[ref] = hub.local_path(ref, role)
+        return found[ref]
+
+    base = local(cfg.base, "base_model") if cfg.uses_base else cfg.base
+    models = [dataclasses.replace(m, path=local(m.path, f"models[{i}]")) for i, m in enumerate(cfg.models)]
+    tok = cfg.tokenizer_source
+    if tok not in (None, "base", "union"):
+        tok = local(tok, "tokenizer_source")
+    return dataclasses.replace(cfg, base=base, models=models, tokenizer_source=tok)
+
+
 def _open(path: str, role: str, trust_index: bool = False) -> Checkpoint:
-    if "://" in path or (not os.path.exists(path) and path.count("/") == 1 and not path.startswith(".")):
-        raise MergeError(f"{role} {path!r} is not a local folder: `fastmerge merge` reads local "
-                         f"checkpoints (download it first, e.g. `huggingface-cli download {path} "
-                         f"--local-dir ./{path.split('/')[-1]}`)")
     try:
         return Checkpoint(path, trust_index=trust_index)
     except FileNotFoundError:
@@ -566,8 +582,8 @@ class Merger:
         self.made_parents: List[str] = []
         self.signals = Signals()
         try:
-            self.cfg = mc.load(config)
-        except mc.ConfigError as exc:
+            self.cfg = local_refs(mc.load(config))
+        except (mc.ConfigError, hub.HubError) as exc:
             raise MergeError(str(exc)) from None
         if options.topk_scope is not None:
             self.cfg.topk_scope = options.topk_scope

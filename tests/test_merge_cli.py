@@ -497,8 +497,10 @@ def test_clear_errors(llamas, tmp_path, capsys, monkeypatch):
     _expect_error(capsys, [_write(tmp_path / "u.yml", good + "frobnicate: 1\n"), out], "unknown keys", "frobnicate")
     _expect_error(capsys, [_write(tmp_path / "nm.yml", good.replace(str(llamas / "m1"), str(tmp_path / "gone"))), out],
                   "models[1] not found", "gone")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     _expect_error(capsys, [_write(tmp_path / "hub.yml", good.replace(str(llamas / "m1"), "meta-llama/Llama-3-8B")), out],
-                  "not a local folder", "huggingface-cli download")
+                  "models[1] 'meta-llama/Llama-3-8B' is not a local folder", "hf download meta-llama/Llama-3-8B")
     _expect_error(capsys, [_write(tmp_path / "w.yml", good.replace("weight: 0.5, ", "")), out],
                   "missing required parameter weight", str(llamas / "m1"))
     _expect_error(capsys, [_write(tmp_path / "dt.yml", good.replace("dtype: float32", "dtype: int3")), out],
