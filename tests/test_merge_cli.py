@@ -111,7 +111,70 @@ def test_mergekit_methods_match_mergekit_yaml(llamas, tmp_path, case, dtype):
     assert_folders_match_mergekit(tmp_path / "mk", tmp_path / "fm", method, dtype)
 
 
-def test_mergekit_methods_parameters_resolve_per_tensor():
+@pytest.fixture(scope="module")
+def llamas4(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return tiny_llamas(tmp_path_factory.mktemp("llamas4"), num_layers=4)
+
+
+def _src(model, start, end, params=None):
+    line = f"    - model: {{{model}}}\n      layer_range: [{start}, {end}]\n"
+    return line + (f"      parameters: {params}\n" if params else "")
+
+
+# `slices` configs of the shapes in mergekit's README: a frankenmerge with overlapping layer
+# ranges, a gradient SLERP over slices, per-source and per-slice parameters
+SLICE_CONFIGS = {
+    "passthrough": "slices:\n  - sources:\n" + _src("m0", 0, 3) + "  - sources:\n" + _src("m1", 1, 4),
+    "slerp": "base_model: {base}\nslices:\n  - sources:\n" + _src("base", 0, 4) + _src("m0", 0, 4)
+             + "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
+             "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\n",
+    "ties": "base_model: {base}\nslices:\n  - sources:\n" + _src("base", 0, 2)
+            + _src("m0", 0, 2, "{{weight: 0.7, density: 0.5}}") + _src("m1", 2, 4, "{{weight: 0.4, density: 0.3}}")
+            + "  - sources:\n" + _src("base", 2, 3) + _src("m1", 0, 1)
+            + "    parameters: {{weight: 0.5, density: 0.6}}\n    residual_weight: 0.3\n",
+}
+
+
+@pytest.mark.parametrize("method,dtype", [(m, "float32") for m in SLICE_CONFIGS]
+                         + [("passthrough", "bfloat16"), ("slerp", "bfloat16")])
+def test_slices_match_mergekit_yaml(llamas4, tmp_path, method, dtype):
+    """``slices``: layers renumbered in order, embeddings from the first slice's sources and
+    the final norm and head from the last's, gradients over each slice's layers, and
+    ``num_hidden_layers`` the output's layer count, tensor by tensor against mergekit-yaml."""
+    pytest.importorskip("mergekit")
+    cfg = _method_config(llamas4, method, dtype, SLICE_CONFIGS[method])
+    _mergekit_yaml(cfg, tmp_path / "mk")
+    assert _merge(cfg, tmp_path / "fm", "--no-copy-tokenizer") == 0
+    assert_folders_match_mergekit(tmp_path / "mk", tmp_path / "fm", method, dtype)
+    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("fm", "mk"))
+    assert ours["num_hidden_layers"] == theirs["num_hidden_layers"] == {"passthrough": 6, "slerp": 4, "ties": 3}[method]
+
+
+def test_slices_errors(llamas4, tmp_path, capsys):
+    out = tmp_path / "out"
+    head = f"merge_method: passthrough\nslices:\n  - sources:\n    - model: {llamas4 / 'm0'}\n"
+    for body, needle in (
+        ("      layer_range: [2, 6]\n", "has 4 layers, layer_range [2, 6] asks for more"),
+        ("      layer_range: [3, 1]\n", "slices[0].sources[0].layer_range must have 0 <= start <= end"),
+        ("      layer_range: 3\n", "layer_range must be two integers"),
+        ("", "slices[0].sources[0] needs a layer_range"),
+        (f"      layer_range: [0, 2]\n    - model: {llamas4 / 'm1'}\n      layer_range: [0, 3]\n",
+         "all sources of a slice must span the same number of layers"),
+        (f"      layer_range: [0, 2]\n    - model: {llamas4 / 'm1'}\n      layer_range: [0, 2]\n",
+         "slices[0]: merge_method passthrough takes exactly 1 model(s), got 2"),
+        (f"      layer_range: [0, 2]\nmodels:\n  - model: {llamas4 / 'm1'}\n", "exactly one of `models` and `slices`"),
+    ):
+        _expect_error(capsys, [_write(tmp_path / "bad.yml", head + body), out], needle)
+    slerp = (f"merge_method: slerp\nbase_model: {llamas4 / 'base'}\nparameters: {{t: 0.5}}\nslices:\n"
+             f"  - sources:\n    - model: {llamas4 / 'm0'}\n      layer_range: [0, 2]\n"
+             f"    - model: {llamas4 / 'm1'}\n      layer_range: [0, 2]\n")
+    _expect_error(capsys, [_write(tmp_path / "nobase.yml", slerp), out], "needs its base_model", "among the slice's sources")
+    _expect_error(capsys, [_write(tmp_path / "mod.yml", "merge_method: ties\nmodules: {}\n"), out], "`modules`", "fastmerge mergekit")
+    assert not out.exists()
+
+
+
     """Every parameter of mergekit's other methods reaches fastmerge.merge under its name, typed
     as mergekit types it, per tensor (gradient position t, filters), per model where mergekit
     binds it per model; the ones mergekit reads only from the top level are not taken from a
@@ -493,7 +556,7 @@ def test_clear_errors(llamas, tmp_path, capsys, monkeypatch):
                   "passthrough takes exactly 1 model(s), got 2 (mergekit counts base_model as one)")
     _expect_error(capsys, [_write(tmp_path / "ki.yml", good.replace("ties", "karcher") + "parameters: {max_iter: 2.5}\n"), out],
                   "max_iter must be an integer")
-    _expect_error(capsys, [_write(tmp_path / "s.yml", "merge_method: ties\nslices: []\n"), out], "slices")
+    _expect_error(capsys, [_write(tmp_path / "s.yml", "merge_method: ties\nslices: []\n"), out], "`slices` must be a non-empty list")
     _expect_error(capsys, [_write(tmp_path / "u.yml", good + "frobnicate: 1\n"), out], "unknown keys", "frobnicate")
     _expect_error(capsys, [_write(tmp_path / "nm.yml", good.replace(str(llamas / "m1"), str(tmp_path / "gone"))), out],
                   "models[1] not found", "gone")
