@@ -97,6 +97,7 @@ class MergeConfig:
     topk_scope: str = "tensor"
     source: str = ""  # the YAML text, copied next to the output
     slices: List[Slice] = field(default_factory=list)  # a `slices:` config (then no models)
+    name: str = ""  # the model card's title (mergekit's `name`)
 
     @property
     def uses_base(self) -> bool:
@@ -292,6 +293,7 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
         models=[_model_ref(m, i) for i, m in enumerate(models)], parameters=dict(params),
         dtype=_dtype(raw.get("dtype"), "dtype"), out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
         tokenizer_source=tok, quantize=quant, topk_scope=scope, source=text, slices=slices,
+        name=str(raw.get("name") or ""),
     )
     for sl in slices or [None]:
         _check_count(cfg, source_name, sl)

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import _semantics as sem
-from . import api, dispatch, hub, lowrank
+from . import api, card, dispatch, hub, lowrank
 from . import layers
 from . import mergeconfig as mc
 from .safetensors_io import PACKED, Checkpoint, FormatError, Spec, Writer, confined, plan_layout
@@ -83,6 +83,9 @@ class Options:
     read_ahead: int = 2
     drop_extra_tensors: bool = False  # mergekit's way: tensors the base lacks are left out
     trust_index: bool = False  # mergekit's way: an index decides, whatever else the shards hold
+    write_model_card: bool = True  # README.md, as mergekit-yaml writes it
+    allow_crimes: bool = False  # mergekit's --allow-crimes: merge models of other architectures
+    shard_params: Optional[int] = None  # mergekit's --out-shard-size: parameters per shard
 
 
 @dataclass
@@ -649,7 +652,8 @@ class Merger:
         self.made_parents: List[str] = []
         self.signals = Signals()
         try:
-            self.cfg = local_refs(mc.load(config))
+            self.written = mc.load(config)  # as written: the model card names its hub ids
+            self.cfg = local_refs(self.written)
         except (mc.ConfigError, hub.HubError) as exc:
             raise MergeError(str(exc)) from None
         if options.topk_scope is not None:
@@ -724,8 +728,12 @@ class Merger:
         self.thresholds = None
         if cfg.topk_scope == "model":
             self._check_model_topk()
+        self._check_architectures()
         specs = [Spec(j.name, j.out_dtype, j.shape) for j in self.jobs]
-        self.layout = plan_layout(specs, self.options.max_shard_bytes)
+        limit = self.options.max_shard_bytes
+        if self.options.shard_params is not None:  # parameters per shard, at the widest output dtype
+            limit = self.options.shard_params * max((j.out_dtype.itemsize for j in self.jobs), default=1)
+        self.layout = plan_layout(specs, limit)
         owner = assign(self.jobs, self.group.world)
         self.mine = [i for i, r in enumerate(owner) if r == self.group.rank]
         if os.path.lexists(self.out) and not self.options.overwrite and not _empty_folder(self.out):
@@ -733,6 +741,26 @@ class Merger:
                     "not empty" if os.path.isdir(self.out) else "a file")
             raise MergeError(f"OUT {self.out} exists and is {kind}; pass --overwrite to replace "
                              "it (it is replaced only once the new merge is complete)")
+
+    def _check_architectures(self) -> None:
+        """mergekit refuses to merge models whose ``config.json`` names other architectures
+        unless ``--allow-crimes``; so does this."""
+        if self.options.allow_crimes:
+            return
+        seen = {}
+        for ck in self.pool:
+            try:
+                with open(os.path.join(ck.folder, "config.json"), encoding="utf-8") as fh:
+                    arch = json.load(fh).get("architectures")
+            except (OSError, ValueError, AttributeError):
+                continue  # no (readable) config: nothing to compare
+            if arch:
+                seen.setdefault(tuple(arch), ck.folder)
+        if len(seen) > 1:
+            (a, fa), (b, fb) = list(seen.items())[:2]
+            raise MergeError(f"the models are of different architectures: {fa} is {'/'.join(a)}, "
+                             f"{fb} is {'/'.join(b)}; pass --allow-crimes to merge them anyway "
+                             "(as mergekit-yaml requires)")
 
     def _check_model_topk(self) -> None:
         if self.cfg.slices:
@@ -948,8 +976,13 @@ class Merger:
                 raise MergeError(f"tokenizer_source {tok!r} is not a local folder")
             for f in TOKENIZER_FILES:
                 self._copy(tok, f)
-        with open(os.path.join(self.tmp, "fastmerge_config.yml"), "w") as fh:
-            fh.write(cfg.source if cfg.source.endswith("\n") else cfg.source + "\n")
+        text = cfg.source if cfg.source.endswith("\n") else cfg.source + "\n"
+        for saved in ("mergekit_config.yml", "fastmerge_config.yml"):  # mergekit's name, and ours
+            with open(os.path.join(self.tmp, saved), "w") as fh:
+                fh.write(text)
+        if self.options.write_model_card:
+            with open(os.path.join(self.tmp, "README.md"), "w", encoding="utf-8") as fh:
+                fh.write(card.model_card(self.written, self.written.name))
         with self.signals.deferred():
             self._commit()
 

@@ -668,3 +668,92 @@ models:
         want = fastmerge.merge("iso_c", base[name], [m0[name], m1[name]], alpha=0.7,
                                seed=streaming.tensor_seed(2, name))
         assert torch.equal(out[name], want), name
+
+
+# ----------------------------------------------- what mergekit-yaml writes, and its options
+
+def test_model_card_and_saved_config(llamas, tmp_path):
+    cfg = llama_config(llamas, "ties", "float32")
+    text = cfg.read_text().replace("merge_method: ties", "name: My Merge\nmerge_method: ties")
+    cfg.write_text(text)
+    assert _merge(cfg, tmp_path / "fm") == 0
+    card = (tmp_path / "fm" / "README.md").read_text()
+    import yaml
+
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == [] and "merge" in meta["tags"] and meta["library_name"] == "transformers"
+    assert "# My Merge" in card and "ties" in card and str(llamas / "base") in card
+    assert all(str(llamas / f"m{k}") in card for k in range(3)) and text in card
+    for saved in ("mergekit_config.yml", "fastmerge_config.yml"):
+        assert (tmp_path / "fm" / saved).read_text() == text
+    assert _merge(cfg, tmp_path / "nocard", "--no-write-model-card") == 0
+    assert not (tmp_path / "nocard" / "README.md").exists()
+
+
+def test_model_card_names_hub_ids(llamas, tmp_path, monkeypatch):
+    from test_hub import COMMITS, _cache_repo
+
+    cache = tmp_path / "cache"
+    _cache_repo(cache, "tiny/base", llamas / "base", COMMITS["base"])
+    _cache_repo(cache, "tiny/m0", llamas / "m0", COMMITS["m0"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _write(tmp_path / "c.yml", f"merge_method: slerp\nbase_model: tiny/base\nparameters: {{t: 0.5}}\n"
+                                     f"models:\n  - model: tiny/m0@main\n  - model: {llamas / 'm1'}\n"
+                                     "  - model: tiny/base\n")
+    cfg.write_text(cfg.read_text().replace(f"  - model: {llamas / 'm1'}\n", ""))
+    assert _merge(cfg, tmp_path / "fm", "--transformers-cache", str(cache)) == 0
+    card = (tmp_path / "fm" / "README.md").read_text()
+    import yaml
+
+    assert sorted(yaml.safe_load(card.split("---\n")[1])["base_model"]) == ["tiny/base", "tiny/m0"]
+    assert "[tiny/m0@main](https://huggingface.co/tiny/m0)" in card
+
+
+def test_mergekit_yaml_command_lines_run_unchanged(llamas, tmp_path, capsys):
+    """mergekit-yaml's options: the ones that mean something here act, the rest are accepted."""
+    cfg = llama_config(llamas, "task_arithmetic", "float32")
+    args = ["--copy-tokenizer", "--lazy-unpickle", "--low-cpu-memory", "--clone-tensors", "--async-write",
+            "--no-multi-gpu", "--trust-remote-code", "--random-seed", "1", "-v", "--quiet",
+            "--safe-serialization", "--out-shard-size", "10K", "-j", "1"]
+    assert _merge(cfg, tmp_path / "fm", *args) == 0
+    shards = sorted(p.name for p in (tmp_path / "fm").glob("*.safetensors"))
+    assert len(shards) > 1  # 10K fp32 parameters per shard: 40 KB shards
+    want = load_folder(llamas / "base")
+    got = load_folder(tmp_path / "fm")
+    assert got.keys() == want.keys()
+    for flag, needle in (("--no-safe-serialization", "writes safetensors only"),
+                         ("--unsafe-truncate-embeddings", "not supported")):
+        assert _merge(cfg, tmp_path / "x", flag) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_mixed_architectures_need_allow_crimes(llamas, tmp_path, capsys):
+    other = tmp_path / "m1-other"
+    shutil.copytree(llamas / "m1", other)
+    conf = json.loads((other / "config.json").read_text())
+    conf["architectures"] = ["MistralForCausalLM"]
+    (other / "config.json").write_text(json.dumps(conf))
+    cfg = _write(tmp_path / "c.yml", llama_config(llamas, "ties", "float32").read_text()
+                 .replace(str(llamas / "m1"), str(other)))
+    _expect_error(capsys, [cfg, tmp_path / "out"], "different architectures", "MistralForCausalLM",
+                  "--allow-crimes")
+    assert _merge(cfg, tmp_path / "out", "--allow-crimes") == 0
+
+
+def test_runs_without_mergekit(llamas4, tmp_path):
+    """`fastmerge merge` never imports mergekit: a slices SLERP and a models TIES run with
+    mergekit made unimportable."""
+    cfgs = [_method_config(llamas4, "slerp", "float32", SLICE_CONFIGS["slerp"]),
+            llama_config(llamas4, "ties", "float32")]
+    code = ("import sys; sys.modules['mergekit'] = None\n"
+            "from fastmerge.cli import main\n"
+            "rc = [main(['merge', c, o, '--no-progress']) for c, o in zip(sys.argv[1::2], sys.argv[2::2])]\n"
+            "assert 'mergekit' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+            "sys.exit(max(rc))\n")
+    outs = [tmp_path / "a", tmp_path / "b"]
+    r = subprocess.run([sys.executable, "-c", code] + [str(x) for pair in zip(cfgs, outs) for x in pair],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all((o / "model.safetensors").exists() for o in outs)
