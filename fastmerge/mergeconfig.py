@@ -98,6 +98,7 @@ class MergeConfig:
     source: str = ""  # the YAML text, copied next to the output
     slices: List[Slice] = field(default_factory=list)  # a `slices:` config (then no models)
     name: str = ""  # the model card's title (mergekit's `name`)
+    chat_template: Optional[str] = None  # "auto" or a Jinja template
 
     @property
     def uses_base(self) -> bool:
@@ -293,11 +294,24 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
         models=[_model_ref(m, i) for i, m in enumerate(models)], parameters=dict(params),
         dtype=_dtype(raw.get("dtype"), "dtype"), out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
         tokenizer_source=tok, quantize=quant, topk_scope=scope, source=text, slices=slices,
-        name=str(raw.get("name") or ""),
+        name=str(raw.get("name") or ""), chat_template=_chat_template(raw.get("chat_template"), source_name),
     )
     for sl in slices or [None]:
         _check_count(cfg, source_name, sl)
     return cfg
+
+
+def _chat_template(value: Any, source_name: str) -> Optional[str]:
+    """mergekit's ``chat_template``: ``auto`` (the template most of the models have) or a Jinja
+    template. mergekit's named templates (``chatml``, ``llama3``, ...) are its own data files:
+    refused with the way out, rather than written wrong."""
+    if value is None or value == "auto":
+        return value
+    if not isinstance(value, str) or len(value) < 20 or "{" not in value:
+        raise ConfigError(f"{source_name}: chat_template must be `auto` or a Jinja template (mergekit's "
+                          f"named templates such as chatml are not bundled with fastmerge: paste the "
+                          f"template's text), got {value!r}")
+    return value
 
 
 def _layer_range(value: Any, where: str) -> Tuple[int, int]:

@@ -974,8 +974,15 @@ class Merger:
             tok = src if cfg.tokenizer_source in (None, "base") else cfg.tokenizer_source
             if not os.path.isdir(tok):
                 raise MergeError(f"tokenizer_source {tok!r} is not a local folder")
+            template = self._chat_template()
             for f in TOKENIZER_FILES:
-                self._copy(tok, f)
+                if template is None or f not in ("chat_template.jinja", "chat_template.json"):
+                    self._copy(tok, f)
+            if template is not None:
+                self._set_chat_template(template)
+        elif cfg.chat_template is not None:
+            self._warn("chat_template is set but the tokenizer is not copied (--no-copy-tokenizer): "
+                       "it is not saved")
         text = cfg.source if cfg.source.endswith("\n") else cfg.source + "\n"
         for saved in ("mergekit_config.yml", "fastmerge_config.yml"):  # mergekit's name, and ours
             with open(os.path.join(self.tmp, saved), "w") as fh:
@@ -985,6 +992,46 @@ class Merger:
                 fh.write(card.model_card(self.written, self.written.name))
         with self.signals.deferred():
             self._commit()
+
+    def _chat_template(self) -> Optional[str]:
+        """The configured chat template; ``auto``: the one most of the models the config names
+        have (their ``chat_template.jinja`` or tokenizer_config.json's), first named on a tie;
+        None when none has one."""
+        wanted = self.cfg.chat_template
+        if wanted != "auto":
+            return wanted
+        found = []
+        for folder in dict.fromkeys(p for _, p in self.cfg.paths()):
+            text = None
+            try:
+                with open(confined(folder, "chat_template.jinja", folder), encoding="utf-8") as fh:
+                    text = fh.read()
+            except (OSError, FormatError):
+                try:
+                    with open(confined(folder, "tokenizer_config.json", folder), encoding="utf-8") as fh:
+                        text = json.load(fh).get("chat_template")
+                except (OSError, FormatError, ValueError, AttributeError):
+                    pass
+            if isinstance(text, list):  # named templates: the default one
+                text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
+            if isinstance(text, str) and text.strip():
+                found.append(text.strip())
+        return max(found, key=found.count) if found else None
+
+    def _set_chat_template(self, template: str) -> None:
+        """The template into the copied tokenizer_config.json (created if there is none)."""
+        path = os.path.join(self.tmp, "tokenizer_config.json")
+        data = {}
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except (ValueError, UnicodeDecodeError):
+                raise MergeError("the copied tokenizer_config.json is not valid JSON") from None
+        data["chat_template"] = template
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
 
     def _commit(self) -> None:
         """The finished temporary folder becomes OUT, in one atomic step where the filesystem

@@ -757,3 +757,27 @@ def test_runs_without_mergekit(llamas4, tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert all((o / "model.safetensors").exists() for o in outs)
+
+
+def test_chat_template(llamas, tmp_path, capsys):
+    """``chat_template``: a Jinja text is written to OUT's tokenizer_config.json; ``auto`` takes
+    the template most of the models have (mergekit's plurality rule); a name is refused."""
+    a = "{% for m in messages %}<A>{{ m['content'] }}{% endfor %}"
+    b = "{% for m in messages %}<B>{{ m['content'] }}{% endfor %}"
+    folders = {}
+    for k, template in (("base", a), ("m0", b), ("m1", b), ("m2", None)):
+        folders[k] = tmp_path / k
+        shutil.copytree(llamas / k, folders[k])
+        conf = {"model_max_length": 64} | ({"chat_template": template} if template else {})
+        (folders[k] / "tokenizer_config.json").write_text(json.dumps(conf))
+    text = llama_config(llamas, "ties", "float32").read_text()
+    for k, f in folders.items():
+        text = text.replace(str(llamas / k), str(f))
+    for setting, want in (("auto", b), (json.dumps(a), a)):
+        cfg = _write(tmp_path / "c.yml", text + f"chat_template: {setting}\n")
+        out = tmp_path / f"out-{len(want)}-{setting[:4]}"
+        assert _merge(cfg, out) == 0
+        got = json.loads((out / "tokenizer_config.json").read_text())
+        assert got == {"model_max_length": 64, "chat_template": want}
+    _expect_error(capsys, [_write(tmp_path / "n.yml", text + "chat_template: chatml\n"), tmp_path / "x"],
+                  "chat_template must be `auto` or a Jinja template", "chatml")
