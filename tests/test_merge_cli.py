@@ -627,15 +627,17 @@ def _run(cmd, cwd):
     return r
 
 
-def test_python_dash_m_and_two_processes_write_the_same_bytes(llamas, tmp_path):
+def test_python_dash_m_and_two_processes_write_the_same_bytes(llamas, llamas4, tmp_path):
     """``python -m fastmerge merge`` (1 process, 2 threads) and ``torchrun --nproc-per-node=2 -m
     fastmerge merge`` (gloo, 1 thread each) write byte-identical folders, sharded, for a
-    deterministic, a random and a whole-model-top-k merge."""
+    deterministic, a random and a whole-model-top-k merge, and a slices frankenmerge."""
     cfg_t = llama_config(llamas, "ties", "float32")
     cfg_d = llama_config(llamas, "dare_ties", "bfloat16")
+    cfg_s = _method_config(llamas4, "passthrough", "float32", SLICE_CONFIGS["passthrough"])
     script = tmp_path / "both.sh"
     lines = []
-    for label, cfg, extra in (("t", cfg_t, []), ("d", cfg_d, []), ("g", cfg_t, ["--topk-scope", "model"])):
+    for label, cfg, extra in (("t", cfg_t, []), ("d", cfg_d, []), ("g", cfg_t, ["--topk-scope", "model"]),
+                              ("s", cfg_s, [])):
         args = [str(cfg), "--max-shard-size", "150KB", "--no-progress", *extra]
         lines.append(" ".join([sys.executable, "-m", "fastmerge", "merge", args[0], str(tmp_path / f"{label}1"), *args[1:]]))
         lines.append(" ".join([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
@@ -643,8 +645,8 @@ def test_python_dash_m_and_two_processes_write_the_same_bytes(llamas, tmp_path):
                                "-m", "fastmerge", "merge", args[0], str(tmp_path / f"{label}2"), *args[1:]]))
     script.write_text("set -e\n" + "\n".join(lines) + "\n")
     r = _run(["bash", str(script)], tmp_path)
-    assert r.stderr.count("on 2 processes") == 3, r.stderr[-2000:]
-    for label in "tdg":
+    assert r.stderr.count("on 2 processes") == 4, r.stderr[-2000:]
+    for label in "tdgs":
         one, two = tmp_path / f"{label}1", tmp_path / f"{label}2"
         assert len([f for f in os.listdir(one) if f.endswith(".safetensors")]) >= 2
         _files_equal(one, two)
