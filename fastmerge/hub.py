@@ -6,8 +6,8 @@ existing local path is fetched with ``huggingface_hub.snapshot_download`` into t
 files a merge reads: the safetensors shards and their index, the configs, and the tokenizer.
 ``HF_HUB_OFFLINE=1`` reads the cache only (no network); so does a failed connection when the
 cache holds the revision, as ``huggingface_hub`` does. A path that starts with ``/``, ``.`` or
-``~`` is always local. ``model+lora`` references are refused with a clear error (not supported
-yet). Every error is one line naming the config entry (``models[1]``, ``base_model``, ...).
+``~`` is always local. (``model+lora`` references are split by :mod:`fastmerge.adapters` and
+each part resolved here.) Every error is one line naming the config entry (``models[1]``, ``base_model``, ...).
 """
 from __future__ import annotations
 
@@ -61,10 +61,6 @@ def local_path(ref: str, role: str) -> str:
     itself when it is not a hub id, else the cached (downloaded if needed) snapshot."""
     if not isinstance(ref, str):
         raise HubError(f"{role}: a model reference must be a string, got {ref!r}")
-    if "+" in ref and not os.path.exists(ref):
-        raise HubError(f"{role} {ref!r}: `model+lora` references (a LoRA applied to a model) are "
-                       "not supported by `fastmerge merge` yet; merge the adapter into the model "
-                       "first (peft's merge_and_unload) or run `fastmerge mergekit`")
     if "://" in ref:
         raise HubError(f"{role} {ref!r} is a URL: give a local folder or a hub id (org/name)")
     if not is_hub_id(ref):

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import _semantics as sem
-from . import api, card, dispatch, hub, lowrank
+from . import adapters, api, card, dispatch, hub, lowrank
 from . import layers
 from . import mergeconfig as mc
 from .safetensors_io import PACKED, Checkpoint, FormatError, Spec, Writer, confined, plan_layout
@@ -172,7 +172,9 @@ def local_refs(cfg: mc.MergeConfig) -> mc.MergeConfig:
 
     def local(ref: str, role: str) -> str:
         if ref not in found:
-            found[ref] = hub.local_path(ref, role)
+            parts = adapters.split(ref)
+            found[ref] = (hub.local_path(ref, role) if parts is None else
+                          f"{hub.local_path(parts[0], role + ' (model)')}+{hub.local_path(parts[1], role + ' (lora)')}")
         return found[ref]
 
     base = local(cfg.base, "base_model") if cfg.uses_base or (cfg.slices and cfg.base) else cfg.base
@@ -187,12 +189,22 @@ def local_refs(cfg: mc.MergeConfig) -> mc.MergeConfig:
     return dataclasses.replace(cfg, base=base, models=models, slices=slices, tokenizer_source=tok)
 
 
+def _model_folder(path: str) -> str:
+    """The model's folder of a reference (of ``model+lora``: the model's)."""
+    parts = adapters.split(path)
+    return path if parts is None else parts[0]
+
+
 def _open(path: str, role: str, trust_index: bool = False) -> Checkpoint:
+    """The checkpoint at ``path``; a ``model+lora`` path: the model read through the adapter."""
+    parts = adapters.split(path)
     try:
-        return Checkpoint(path, trust_index=trust_index)
-    except FileNotFoundError:
-        raise MergeError(f"{role} not found: {path}") from None
-    except FormatError as exc:
+        if parts is None:
+            return Checkpoint(path, trust_index=trust_index)
+        return adapters.LoraCheckpoint(Checkpoint(parts[0], trust_index=trust_index), parts[1])
+    except FileNotFoundError as exc:
+        raise MergeError(f"{role} not found: {exc.filename or exc.args[0] if exc.args else path}") from None
+    except (FormatError, adapters.AdapterError) as exc:
         raise MergeError(f"{role}: {exc}") from None
 
 
@@ -672,7 +684,10 @@ class Merger:
     def _inputs(self) -> List[tuple]:
         """(label, path) of the config and every folder it names: OUT must stay clear of them."""
         cfg = self.cfg
-        found = [("the config", self.config_path)] + cfg.paths()
+        found = [("the config", self.config_path)]
+        for label, path in cfg.paths():  # a model+lora reference: both folders
+            parts = adapters.split(path)
+            found += [(label, path)] if parts is None else [(label, parts[0]), (label, parts[1])]
         if cfg.tokenizer_source not in (None, "base"):
             found.append(("tokenizer_source", cfg.tokenizer_source))
         return found
@@ -949,6 +964,7 @@ class Merger:
             src = cfg.base or cfg.slices[0].sources[0].path
         else:
             src = cfg.base if self.base is not None else cfg.models[0].path
+        src = _model_folder(src)
         for f in COPY_FILES:
             self._copy(src, f)
         conf = os.path.join(self.tmp, "config.json")
@@ -1001,7 +1017,7 @@ class Merger:
         if wanted != "auto":
             return wanted
         found = []
-        for folder in dict.fromkeys(p for _, p in self.cfg.paths()):
+        for folder in dict.fromkeys(_model_folder(p) for _, p in self.cfg.paths()):
             text = None
             try:
                 with open(confined(folder, "chat_template.jinja", folder), encoding="utf-8") as fh:

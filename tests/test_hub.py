@@ -1,7 +1,8 @@
 """Hub ids in ``fastmerge merge`` configs (fastmerge/hub.py), resolved offline from a Hugging Face
 hub cache the test builds in the layout ``huggingface_hub`` writes (``models--org--name/refs``,
 ``snapshots/<commit>``): the same merge as from the local folders, revisions by branch, tag and
-commit, ``HF_HOME`` and ``HF_HUB_CACHE`` read at call time, and one-line errors."""
+commit, ``HF_HOME`` and ``HF_HUB_CACHE`` read at call time, and one-line errors (a
+``model+lora`` reference resolves each part)."""
 from __future__ import annotations
 
 import fnmatch
@@ -82,7 +83,7 @@ def test_local_path_resolution(llamas, cache, tmp_path, monkeypatch):
     ("tiny/absent", ["models[1] 'tiny/absent' is not a local folder and not in the hub cache",
                      "HF_HUB_OFFLINE is set", "hf download tiny/absent"]),
     ("tiny/m0@nope", ["models[1] 'tiny/m0@nope'", "not in the hub cache"]),
-    ("tiny/base+tiny/lora", ["model+lora", "not supported"]),
+    ("tiny/base+tiny/lora", ["models[1] (lora) 'tiny/lora' is not a local folder and not in the hub cache"]),
     ("https://huggingface.co/tiny/m0", ["is a URL"]),
 ])
 def test_errors_are_one_line_and_name_the_entry(llamas, cache, tmp_path, capsys, ref, needles):
