@@ -4,7 +4,7 @@
     python -m bench.integrations adapter  [--size 1024] [--layers 4] [--rank 16] [--json PATH]
     python -m bench.integrations mergekit [--scale 1b|tiny] [--methods ties,dare_ties]
                                           [--workdir DIR] [--json PATH]
-    python -m bench.integrations merge    (same options)
+    python -m bench.integrations merge    (same options; also --methods slerp_slices,passthrough_franken)
 
 ``peft``: ``peft.utils.merge_utils``' functions on K fp32 task tensors, PEFT's own code vs
 ``fastmerge.integrations.peft.patched()``. ``adapter``: ``LoraModel.add_weighted_adapter`` on a
@@ -133,6 +133,30 @@ E2E_PARAMS = {
 }
 
 
+# `slices` configs (issue 18's acceptance): mergekit's classic gradient SLERP over one slice, and
+# a passthrough frankenmerge of two overlapping layer ranges
+SLICE_METHODS = {"slerp_slices": "slerp", "passthrough_franken": "passthrough"}
+
+
+def _e2e_config(method: str, paths: list, layers: int) -> list:
+    """The YAML lines of end-to-end case ``method`` over ``paths`` (base, m0, m1, ...)."""
+    if method == "slerp_slices":
+        return ["merge_method: slerp", f"base_model: {paths[0]}", "dtype: bfloat16", "slices:",
+                "  - sources:", f"    - model: {paths[0]}", f"      layer_range: [0, {layers}]",
+                f"    - model: {paths[1]}", f"      layer_range: [0, {layers}]",
+                "parameters:", "  t:", "    - filter: self_attn", "      value: [0, 0.5, 0.3, 0.7, 1]",
+                "    - filter: mlp", "      value: [1, 0.5, 0.7, 0.3, 0]", "    - value: 0.5"]
+    if method == "passthrough_franken":
+        cut = max(1, layers * 3 // 4)
+        return ["merge_method: passthrough", "dtype: bfloat16", "slices:",
+                "  - sources:", f"    - model: {paths[1]}", f"      layer_range: [0, {cut}]",
+                "  - sources:", f"    - model: {paths[2]}", f"      layer_range: [{layers - cut}, {layers}]"]
+    lines = [f"merge_method: {method}", f"base_model: {paths[0]}", "dtype: bfloat16", "models:"]
+    for p, params in zip(paths[1:], E2E_PARAMS[method]):
+        lines += [f"  - model: {p}", f"    parameters: {params}"]
+    return lines
+
+
 def build_llamas(root: str, scale: str, k: int = 3) -> list:
     """``root/base`` and ``root/m0..m{k-1}``: safetensors checkpoints of a synthetic Llama
     (base ~ N(0, 0.02), fine-tunes = base + N(0, 0.002*(i+1))), bf16, written tensor by tensor
@@ -216,9 +240,7 @@ def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergeki
     rows = []
     for method in methods:
         cfg = os.path.join(workdir, f"{scale}-{method}.yml")
-        lines = [f"merge_method: {method}", f"base_model: {paths[0]}", "dtype: bfloat16", "models:"]
-        for p, params in zip(paths[1:], E2E_PARAMS[method]):
-            lines += [f"  - model: {p}", f"    parameters: {params}"]
+        lines = _e2e_config(method, paths, SCALES[scale]["num_hidden_layers"])
         with open(cfg, "w") as f:
             f.write("\n".join(lines) + "\n")
         extra = {"mergekit-yaml": ["--random-seed", "0", "--no-copy-tokenizer"],
@@ -236,8 +258,9 @@ def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergeki
             outs[who], results[who] = out, (wall, rss)
             print(f"{method:<10} {who:<19} {wall:8.1f} s   peak RSS {rss / 2**30:6.2f} GiB", flush=True)
         (t_mk, rss_mk), (t_fm, rss_fm) = results["mergekit-yaml"], results[name]
+        k = {"slerp_slices": 1, "passthrough_franken": 2}.get(method, 3)
         rows.append({"op": f"e2e {method}", "library": "mergekit", "contender": name, "scale": scale,
-                     "params": SCALES[scale], "dtype": "bfloat16", "k": 3,
+                     "params": SCALES[scale], "dtype": "bfloat16", "k": k, "config": "\n".join(lines),
                      "median_ms": t_mk * 1e3, "patched_ms": t_fm * 1e3, "speedup": t_mk / t_fm,
                      "peak_rss_bytes": {"mergekit-yaml": rss_mk, name: rss_fm},
                      "rss_ratio": rss_fm / rss_mk,
