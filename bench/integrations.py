@@ -11,7 +11,7 @@
 synthetic model of ``--layers`` square Linear layers with three LoRA adapters. ``mergekit``: end to
 end ``mergekit-yaml CONFIG OUT`` vs ``fastmerge mergekit CONFIG OUT`` on a synthetic Llama
 (``1b``: TinyLlama-1.1B's shapes, bf16, written once under ``--workdir``), K=3, each run a fresh
-process timed from start to exit (I/O included) with its peak RSS from ``wait4``; the inputs are
+process timed from start to exit (I/O included) with its peak RSS (getrusage in a fresh helper process, so nothing of this process counts); the inputs are
 read once beforehand so both runs find them in the page cache; the outputs are compared.
 ``merge``: the same, ``mergekit-yaml`` vs ``fastmerge merge CONFIG OUT`` (fastmerge's own
 streaming merge of the same YAML).
@@ -191,20 +191,33 @@ def build_llamas(root: str, scale: str, k: int = 3) -> list:
     return [os.path.join(root, n) for n in names]
 
 
+# Runs one command and reports its wall time and peak RSS. A child forked from this (large)
+# benchmark process would inherit its RSS in ru_maxrss (the count starts at fork, before exec),
+# so every command runs under this small, freshly exec'd Python, whose own children start small.
+_MEASURE = r"""
+import os, resource, subprocess, sys, time
+t0 = time.perf_counter()
+rc = subprocess.call(sys.argv[2:], stdout=subprocess.DEVNULL)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as fh:
+    fh.write(f"{wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024} {rc}")
+"""
+
+
 def _run_timed(cmd: list, env=None) -> tuple:
-    """(wall seconds, peak RSS bytes, returncode) of one child process."""
-    # stderr to a file, not a pipe: nothing reads a pipe while wait4 blocks, so a child writing
+    """(wall seconds, peak RSS bytes, returncode) of one child process, measured by a fresh
+    helper process (see ``_MEASURE``)."""
+    # stderr to a file, not a pipe: nothing reads a pipe while the child runs, so a child writing
     # more than the pipe buffer (progress bars) would stall
-    with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = rc = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r", suffix=".txt") as res:
+        rc = subprocess.call([sys.executable, "-c", _MEASURE, res.name] + cmd, env=env,
+                             stdout=subprocess.DEVNULL, stderr=err)
+        fields = res.read().split()
+        wall, rss, rc = (float(fields[0]), int(fields[1]), int(fields[2])) if len(fields) == 3 else (0.0, 0, rc or 1)
         if rc:
             err.seek(0)
             print(err.read().decode(errors="replace")[-3000:], file=sys.stderr)
-    return wall, usage.ru_maxrss * 1024, rc
+    return wall, rss, rc
 
 
 def _compare(out_a: str, out_b: str) -> dict:
@@ -228,7 +241,7 @@ CONTENDERS = {  # what each e2e mode runs against mergekit-yaml, as a command pr
 
 def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergekit") -> list:
     """``mergekit-yaml CONFIG OUT`` vs the contender of ``mode`` on the same config, each a fresh
-    process timed from start to exit, peak RSS from ``wait4``."""
+    process timed from start to exit, peak RSS measured by a fresh helper process."""
     paths = build_llamas(os.path.join(workdir, f"llama-{scale}"), scale)
     for p in paths:  # page cache: both runs read warm files
         for f in os.listdir(p):
