@@ -79,6 +79,9 @@ METHODS = GTA_METHODS + ("linear",) + tuple(OTHER_METHODS)
 _PER_MODEL = {"weight": "weights", "density": "density", "gamma": "gamma", "epsilon": "epsilon"}
 # methods whose mergekit kernel sees every entry of the group as one input list (no base role)
 _ALL_ENTRIES = ("karcher", "passthrough")
+# methods whose mergekit kernel returns float32 for bf16/fp16 inputs (an fp32 mask or factor
+# multiplies the inputs' dtype): the patched kernel returns the same dtype
+_FP32_RESULT = ("arcee_fusion", "ramplus_tl")
 
 _patch = Patch("mergekit")
 
@@ -195,7 +198,10 @@ def _group_covered(name: str):
 def _group_merge(name: str):
     def merge_group(group, /, **parameters) -> torch.Tensor:
         base, models, entries = _split(name, group)
-        return api.merge(name, base, models, **_group_params(name, group, entries, parameters))
+        params = _group_params(name, group, entries, parameters)
+        if name in _FP32_RESULT:
+            params["out_dtype"] = torch.promote_types(group.entries[0].tensor.dtype, torch.float32)
+        return api.merge(name, base, models, **params)
 
     merge_group.__doc__ = f"mergekit's ``{name}`` kernel as ``fastmerge.merge({name!r}, ...)``."
     return merge_group
