@@ -24,7 +24,7 @@ import torch
 
 from .. import _validate as V
 from .. import formats, philox
-from .._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
+from .._semantics import MaskSpec, Plan, fp32, norm_scale, rows_of, weight_sum_divisor
 
 NAME = "torch"
 
@@ -72,6 +72,8 @@ def keep_mask(d: torch.Tensor, spec: MaskSpec, seed: int, stream: int) -> torch.
         return torch.zeros(d.shape, dtype=torch.bool, device=d.device)
     if spec.kind == "range":
         return range_keep(d.abs(), spec.start, spec.stop)
+    if spec.kind == "given":
+        return spec.keep.reshape(d.shape).to(device=d.device, dtype=torch.bool)
     u = philox.uniform(d.numel(), seed, stream, d.device).reshape(d.shape)
     if spec.kind == "random":
         return u < _f32(spec.p)
@@ -99,7 +101,8 @@ def sparsify(d: torch.Tensor, spec: MaskSpec, rescale, seed: int, stream: int) -
         # DARE / PEFT: divide by the keep probability (0 when everything was dropped).
         return s / _f32(spec.density) if spec.density > 0 else torch.zeros_like(s)
     if rescale in ("l1", "l2", "linf") and spec.kind != "zero":
-        scale = norm_scale(norm_of(d, rescale), norm_of(s, rescale))
+        scale = (norm_scale(norm_of(d, rescale), norm_of(s, rescale)) if spec.factor is None
+                 else fp32(spec.factor))
         if scale is not None:
             s = s * _f32(scale)
     return s

@@ -111,11 +111,13 @@ def _gta_merge_group(self, group, /, **parameters) -> torch.Tensor:
     base, models = group.base.tensor, [e.tensor for e in entries]
     sparsify = REGISTRY[self.method_name].sparsify
     if _patch.options.get("rng") == "torch" and sparsify in ("random", "della"):
-        from ._torch_rng import mergekit_keeps
+        from ._torch_rng import mergekit_keeps, restoring_rng
 
-        keep, factors = mergekit_keeps(sparsify, base, models, kwargs["density"],
-                                       kwargs.get("epsilon"), bool(parameters["rescale"]))
-        return api.merge_with_keep(self.method_name, base, models, keep, factors=factors, **common)
+        with restoring_rng(base.device):  # a refused call falls back to mergekit's own draws
+            keep, factors = mergekit_keeps(sparsify, base, models, kwargs["density"],
+                                           kwargs.get("epsilon"), bool(parameters["rescale"]))
+            return api.merge_with_keep(self.method_name, base, models, keep, factors=factors,
+                                       **common)
     return api.merge(self.method_name, base, models, **common)
 
 
