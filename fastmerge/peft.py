@@ -98,7 +98,8 @@ def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_meth
         elect_weighted=False,
         divisor="count" if consensus else "none",
         normalize=consensus is not None,
-        seed=resolve_seed(seed) if method == "random" and d is not None else 0,
+        # a seed is drawn (from torch's default generator) only for fastmerge's own masks
+        seed=resolve_seed(seed) if method == "random" and d is not None and keep is None else 0,
         names=[f"task_tensors[{i}]" for i in range(len(tasks))],
         weight_grad=V.grad_weights(weights, len(tasks)),
     )
