@@ -68,13 +68,22 @@ def given_scale(spec, base, x, norm: str):
     the input on the host's torch ops: given masks are a compatibility path (a library's own
     random draws), whose ``torch.bernoulli`` call has already read a tensor of this size."""
     from .._semantics import fp32, norm_scale
-    from .torch import norm_of  # the reference's norms
 
     if spec.factor is not None:
         return fp32(spec.factor)
     d = x.to(torch.float32) - base.to(torch.float32) if base is not None else x.to(torch.float32)
     kept = torch.where(spec.keep.reshape(d.shape).to(device=d.device, dtype=torch.bool), d, 0.0)
     return norm_scale(norm_of(d, norm), norm_of(kept, norm))
+
+
+def norm_of(x: torch.Tensor, norm: str) -> float:
+    """The ``l1`` / ``l2`` / ``linf`` norm of ``x`` in double (norm-matching rescale)."""
+    x = x.detach().double()  # a constant factor: no graph through it (and no scalar warning)
+    if norm == "l1":
+        return float(x.abs().sum())
+    if norm == "l2":
+        return float(x.square().sum().sqrt())
+    return float(x.abs().max()) if x.numel() else 0.0
 
 
 _BIT_WEIGHTS = {}

@@ -25,6 +25,7 @@ import torch
 from .. import _validate as V
 from .. import formats, philox
 from .._semantics import MaskSpec, Plan, fp32, norm_scale, rows_of, weight_sum_divisor
+from ._host import norm_of  # the norms of norm-matching rescale (shared with the fused backends)
 
 NAME = "torch"
 
@@ -82,13 +83,6 @@ def keep_mask(d: torch.Tensor, spec: MaskSpec, seed: int, stream: int) -> torch.
     raise ValueError(f"unknown mask kind {spec.kind!r}")
 
 
-def norm_of(x: torch.Tensor, norm: str) -> float:
-    x = x.detach().double()  # a constant factor: no graph through it (and no scalar warning)
-    if norm == "l1":
-        return float(x.abs().sum())
-    if norm == "l2":
-        return float(x.square().sum().sqrt())
-    return float(x.abs().max()) if x.numel() else 0.0
 
 
 def sparsify(d: torch.Tensor, spec: MaskSpec, rescale, seed: int, stream: int) -> torch.Tensor:
