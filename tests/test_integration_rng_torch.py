@@ -210,3 +210,21 @@ def test_merge_with_keep_errors_name_the_argument():
         api.merge_with_keep("dare_ties", base, models, keep, density=[0.5, 1.0])
     with pytest.raises(ValueError, match=r"factors must have one entry per model"):
         api.merge_with_keep("dare_ties", base, models, keep, density=0.5, factors=[1.0])
+
+
+def test_merge_with_keep_on_triton_interpreter():
+    """The GPU driver's keep bytes, in Triton's interpreter (CPU tensors, TRITON_INTERPRET=1),
+    against the torch reference, with a transposed (strided) input read in place."""
+    import fastmerge
+
+    if not fastmerge.backends()["triton"].get("interpreter"):
+        pytest.skip("the Triton interpreter runs only without CUDA (TRITON_INTERPRET=1)")
+    base, models = make_models((12, 10), K=2, seed=8)
+    models[1] = models[1].t().contiguous().t()  # same values, column-major strides
+    g = torch.Generator().manual_seed(1)
+    keep = [torch.rand(base.shape, generator=g) < 0.5 for _ in models]
+    for rescale in (None, "density"):
+        kw = dict(weights=[1.0, 0.5], density=0.5, rescale=rescale)
+        ref = api.merge_with_keep("dare_ties", base, models, keep, factors=[None, 1.5], backend="torch", **kw)
+        got = api.merge_with_keep("dare_ties", base, models, keep, factors=[None, 1.5], backend="triton", **kw)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
