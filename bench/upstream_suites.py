@@ -67,9 +67,13 @@ def _extract(dist: str, version: str, workdir: pathlib.Path) -> None:
         tar.extractall(workdir, filter="data")
 
 
-def run_one(suite: str, mode: str, workdir: pathlib.Path, extra: list) -> dict:
+def run_one(suite: str, mode: str, workdir: pathlib.Path, extra: list, common=None) -> dict:
     dist, version, args = SUITES[suite]
     root = sdist(dist, version, workdir)
+    if suite == "mergekit" and common is not None:
+        # the sdist's missing test helpers, from a file the user supplies (mergekit's git)
+        (root / "tests" / "common.py").write_text(pathlib.Path(common).read_text())
+        (root / "tests" / "__init__.py").touch()
     out = workdir / f"result_{suite}_{mode}.json"
     out.unlink(missing_ok=True)
     env = dict(os.environ, FM_UPSTREAM_LIB=suite, FM_UPSTREAM_MODE=mode, FM_UPSTREAM_OUT=str(out),
@@ -114,6 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of: " + ", ".join(MODES))
     ap.add_argument("--workdir", default="/tmp/fastmerge-upstream", help="sdists, logs and per-run results")
     ap.add_argument("--json", default=None, help="write the rows and metadata here")
+    ap.add_argument("--mergekit-common", default=None, metavar="PATH",
+                    help="a tests/common.py for mergekit's suite (its sdist lacks the file, so 6 of "
+                         "its test modules cannot be collected without one); use a --workdir of "
+                         "its own, the file is written into the extracted sdist")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     a = ap.parse_args(argv)
     suites, modes = a.suites.split(","), a.modes.split(",")
@@ -123,17 +131,18 @@ def main(argv=None) -> int:
             ap.error(f"{what}: unknown {bad[0]!r}; choose from {', '.join(allowed)}")
     workdir = pathlib.Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, meta = [], _meta()  # the commit and versions under test, read before the first run
     for suite in suites:
         for mode in modes:
-            row = run_one(suite, mode, workdir, a.pytest_args)
+            row = run_one(suite, mode, workdir, a.pytest_args, a.mergekit_common)
+            row["mergekit_common"] = a.mergekit_common if suite == "mergekit" else None
             rows.append(row)
             c = row.get("counts", {})
             print(f"{suite:9s} {mode:9s} passed {c.get('passed', '?'):>4} failed {c.get('failed', '?'):>3} "
                   f"skipped {c.get('skipped', '?'):>3} error {c.get('error', '?'):>3}  "
                   f"fused calls {row.get('fastmerge_fused_calls', '?'):>6}  {row['wall_s']:7.1f} s", flush=True)
             if a.json:  # after every run: a long session that ends early keeps what it measured
-                pathlib.Path(a.json).write_text(json.dumps({"meta": _meta(), "rows": rows}, indent=1))
+                pathlib.Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 
 
