@@ -207,3 +207,35 @@ def test_patch_replaces_every_method_revertibly():
     for name, original in originals.items():
         assert registry.get(name).implementation is original, name
     assert set(fm_mk.METHODS) >= set(fastmerge.METHODS) - {"tsv", "iso_c", "iso_cts"}
+
+
+@pytest.mark.parametrize("method", [m for m in CASES if not fused_here(m)] or ["sce"])
+def test_methods_without_a_kernel_here_map_mergekits_parameters(method, monkeypatch):
+    """A method whose fused kernel has not landed stays mergekit's; forced through fastmerge
+    (its reference, via ``fastmerge.merge``), the patch's parameter and dtype mapping must
+    still give mergekit's result."""
+    calls = []
+    real = dispatch.run_method
+
+    def spy(name, *args, **kwargs):
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(fm_mk, "fused_can_take", lambda *a, **k: True)
+    monkeypatch.setattr(dispatch, "run_method", spy)
+    for dtype in (torch.float32, torch.bfloat16):
+        tensors, bi = _inputs(method, (37, 53))
+        low = [t.to(dtype) for t in tensors]
+        for params in CASES[method][2]:
+            calls.clear()
+            expected = merge_tensors([t.float() for t in low], method, parameters=params, base_index=bi)
+            with fm_mk.patched():
+                actual = merge_tensors(low, method, parameters=params, base_index=bi)
+            assert calls == [method]
+            assert actual.dtype == merge_tensors(low, method, parameters=params, base_index=bi).dtype
+            if dtype == torch.float32:
+                assert_close_frac(actual, expected, atol=ATOL, rtol=RTOL, max_frac=FRAC, msg=method)
+            else:
+                _, atol, rtol = next(d for d in DTYPES if d[0] == torch.bfloat16)
+                assert_close_frac(actual.to(dtype), expected.to(dtype), atol=atol, rtol=rtol,
+                                  max_frac=0.01, msg=method)
