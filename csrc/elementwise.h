@@ -53,10 +53,18 @@ std::vector<int64_t> ew_parallel(int64_t n, int nthreads, int nacc, int64_t scra
             const int64_t i0 = b * EW_BLOCK;
             body(i0, (int)std::min<int64_t>(EW_BLOCK, n - i0), scratch, acc.data());
         }
+        stream_fence();  // the kernels stream their output (stream_block)
 #pragma omp critical
         for (int m = 0; m < nacc; ++m) total[m] += acc[m];
     }
     return total;
+}
+
+// Elements i0 .. i0+n-1 of an input as fp32: in place for fp32, else converted into buf.
+static inline const float* ew_row(const void* p, int dt, int64_t i0, int n, float* buf) {
+    if (dt == DTYPE_F32) return (const float*)p + i0;
+    load_block(p, dt, i0, n, buf);
+    return buf;
 }
 
 // Entries off .. off+k-1 of ew_parallel's sums as 0/1 flags.

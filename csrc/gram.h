@@ -87,4 +87,45 @@ static inline void merge_flags(std::vector<int>& flags, const InputBlock& in) {
     for (size_t k = 0; k < flags.size(); ++k) flags[k] |= (int)in.bad[k];
 }
 
+// One block of n elements of every input, as fp32 rows x[k] (fp32 inputs read in place, others
+// converted into the thread's buffer) and the base's row b (null without a base).
+struct RowBlock {
+    RowBlock(uint64_t base, const std::vector<uint64_t>& xs, int dt)
+        : base_((const void*)base), dt_(dt), K((int)xs.size()), buf((size_t)(K + 1) * GRAM_BLK),
+          x((size_t)K), bad((size_t)K + 1, 0u) {
+        for (uint64_t p : xs) xs_.push_back((const void*)p);
+    }
+    const float* row(const void* p, int slot, int64_t i0, int n) {
+        if (dt_ == DTYPE_F32) return (const float*)p + i0;
+        float* d = buf.data() + (size_t)slot * GRAM_BLK;
+        load_block(p, dt_, i0, n, d);
+        return d;
+    }
+    void load(int64_t i0, int n) {
+        b = nullptr;
+        if (base_) {
+            b = row(base_, K, i0, n);
+            bad[K] |= any_nonfinite(b, n);
+        }
+        for (int k = 0; k < K; ++k) {
+            x[k] = row(xs_[k], k, i0, n);
+            bad[k] |= any_nonfinite(x[k], n);
+        }
+    }
+
+    const void* base_;
+    std::vector<const void*> xs_;
+    int dt_;
+    int K;
+    std::vector<float> buf;
+    std::vector<const float*> x;
+    const float* b = nullptr;
+    std::vector<uint32_t> bad;
+};
+
+// The flags of every thread's RowBlock, OR-ed (order-independent).
+static inline void merge_row_flags(std::vector<int>& flags, const RowBlock& in) {
+    for (size_t k = 0; k < flags.size(); ++k) flags[k] |= (int)in.bad[k];
+}
+
 }  // namespace fm

@@ -100,7 +100,7 @@ std::vector<int> ram_merge(uint64_t base, const std::vector<uint64_t>& models, i
             }
             for (int j = 0; j < len; ++j) o[j] = bb[j] + o[j] / std::max(c[j], 1.0f);
         }
-        store_block((void*)out, out_dt, i0, len, o);
+        stream_block((void*)out, out_dt, i0, len, o);
     });
     return ew_flags(sums, 0, K + 1);
 }
