@@ -75,7 +75,8 @@ static inline std::vector<int> ew_flags(const std::vector<int64_t>& v, size_t of
 }
 
 // nearswap: w = clamp(t * (1 / max(|a - b|, 1e-6)), 0, 1), out = w b + (1 - w) a with
-// a = base, b = model. Flags: {model, base}.
+// a = base, b = model. Flags: {model, base, result} (result: some fp32 output value, before
+// the rounding to out_dt, is inf or nan; likewise the last flag of ram_merge and scaled_copy).
 std::vector<int> nearswap(uint64_t base, uint64_t model, int dt, uint64_t out, int out_dt, int64_t n,
                           float t, int nthreads);
 
@@ -87,11 +88,11 @@ std::vector<int64_t> ram_counts(uint64_t base, const std::vector<uint64_t>& mode
 
 // ram (lam empty): out = base + (sum_k nz_k d_k) / max(c, 1).
 // ramplus_tl (lam[k] per model): out = base + sum_k (nz_k d_k) ([c = 1] lam_k + [c > 1] / c).
-// Flags: K + 1.
+// Flags: K + 1, then the result's.
 std::vector<int> ram_merge(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t out,
                            int out_dt, int64_t n, float eps, const std::vector<float>& lam, int nthreads);
 
-// passthrough: out = scale * x (scale 1 copies x exactly). Flags: {x}.
+// passthrough: out = scale * x (scale 1 copies x exactly). Flags: {x, result}.
 std::vector<int> scaled_copy(uint64_t x, int dt, uint64_t out, int out_dt, int64_t n, float scale,
                              int nthreads);
 

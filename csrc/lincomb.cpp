@@ -71,6 +71,7 @@ void lincomb_rows(uint64_t base, const std::vector<uint64_t>& xs, int dt, uint64
         RowBlock in(base, xs, dt);
         std::vector<float> c((size_t)K);
         alignas(64) float res[GRAM_BLK];
+        uint32_t out_bad = 0;
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
             const int64_t i0 = blk * GRAM_BLK;
@@ -85,11 +86,15 @@ void lincomb_rows(uint64_t base, const std::vector<uint64_t>& xs, int dt, uint64
                 else combine_run<false>(in, j, m, c.data(), cb, res);
                 j += m;
             }
+            out_bad |= any_nonfinite(res, len);
             stream_block((void*)out, out_dt, i0, len, res);
         }
         stream_fence();
 #pragma omp critical(fm_lincomb_flags)
-        merge_row_flags(flags, in);
+        {
+            merge_row_flags(flags, in);
+            flags[K + 1] |= (int)out_bad;
+        }
     }
 }
 
@@ -99,7 +104,7 @@ std::vector<int> lincomb(uint64_t base, const std::vector<uint64_t>& xs, int dt,
                          int out_dt, int64_t outer, int64_t length, int64_t inner, uint64_t coef,
                          bool delta, int nthreads) {
     const int K = (int)xs.size();
-    std::vector<int> flags((size_t)K + 1, 0);
+    std::vector<int> flags((size_t)K + 2, 0);
     const int64_t n = outer * length * inner, nvec = outer * inner;
     if (n == 0 || K == 0) return flags;
     advise_huge((void*)out, n * (out_dt == DTYPE_F32 ? 4 : 2));
@@ -115,6 +120,7 @@ std::vector<int> lincomb(uint64_t base, const std::vector<uint64_t>& xs, int dt,
         InputBlock in(base, xs, dt, delta);
         std::vector<const float*> c((size_t)K);
         alignas(64) float res[GRAM_BLK];
+        uint32_t out_bad = 0;
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
             const int64_t i0 = blk * GRAM_BLK;
@@ -139,10 +145,14 @@ std::vector<int> lincomb(uint64_t base, const std::vector<uint64_t>& xs, int dt,
                 else combine<1>(in, j, m, c.data(), cb, res);
                 j += m;
             }
+            out_bad |= any_nonfinite(res, len);
             store_block((void*)out, out_dt, i0, len, res);
         }
 #pragma omp critical(fm_lincomb_flags)
-        merge_flags(flags, in);
+        {
+            merge_flags(flags, in);
+            flags[K + 1] |= (int)out_bad;
+        }
     }
     return flags;
 }
