@@ -4,8 +4,9 @@
 // Every kernel reads its inputs in place (fp32/fp16/bf16, `dt`), computes in fp32 in the
 // reference's operation order (so results are bit-identical to the torch reference), writes
 // the output once, rounded to `out_dt`, and returns one non-finite flag per input: the models
-// in order, then the base. Blocks of EW_BLOCK elements are split statically over the threads;
-// per-element work never depends on the split, so the bytes do not depend on the thread count.
+// in order, then the base. Blocks of EW_BLOCK elements are handed out dynamically (eight at a time:
+// a preempted thread on a shared machine does not hold up the others); per-element work never
+// depends on the split, so the bytes do not depend on the thread count or the schedule.
 #pragma once
 
 #include <algorithm>
@@ -36,7 +37,7 @@ static inline int ew_nonfinite(const float* __restrict v, int n) {
 void advise_huge(void* p, int64_t bytes);
 
 // The parallel loop of every kernel here: body(i0, len, scratch, acc) for each block of n
-// elements, statically split over the threads. scratch: a thread's `scratch_floats` floats
+// elements, split dynamically over the threads. scratch: a thread's `scratch_floats` floats
 // (64-byte aligned); acc: a thread's `nacc` zeroed integers, summed over the threads into the
 // result (flags are 0/1 and so sum to "seen anywhere"; integer counts are exact in any order).
 template <class Body>
@@ -48,7 +49,7 @@ std::vector<int64_t> ew_parallel(int64_t n, int nthreads, int nacc, int64_t scra
         std::vector<int64_t> acc(nacc, 0);
         std::vector<float> buf((size_t)scratch_floats + 16);
         float* scratch = (float*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
         for (int64_t b = 0; b < nblocks; ++b) {
             const int64_t i0 = b * EW_BLOCK;
             body(i0, (int)std::min<int64_t>(EW_BLOCK, n - i0), scratch, acc.data());

@@ -8,8 +8,9 @@
 //    in lane order at the chunk's end and the chunks in chunk order at the end;
 //  * vectors along dim 0 (inner > 1): each column's sum runs over l in order, and a thread
 //    owns whole columns.
-// So the Gram does not depend on the thread count or on the ISA build (no FMA contraction:
-// setup.py builds with -ffp-contract=off).
+// So the Gram does not depend on the thread count, on the (dynamic) schedule, which hands out
+// whole chunks or column blocks, or on the ISA build: setup.py builds with -ffp-contract=off,
+// and the AVX2 loop's explicit fma of an exact product rounds as a multiply then an add do.
 #include "gram.h"
 
 #include <algorithm>
@@ -138,7 +139,7 @@ void gram_rows(uint64_t base, const std::vector<uint64_t>& xs, int dt, int64_t o
     {
         RowBlock in(base, xs, dt);
         std::vector<double> acc((size_t)P * LANES);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; ++it) {
             const int64_t o = it / nch, c = it % nch;
             const int64_t l0 = c * GRAM_CHUNK, l1 = std::min(length, l0 + GRAM_CHUNK);
@@ -177,7 +178,7 @@ void gram_cols(uint64_t base, const std::vector<uint64_t>& xs, int dt, int64_t o
     {
         InputBlock in(base, xs, dt, true);
         std::vector<double> acc((size_t)P * COL_BLOCK);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; ++it) {
             const int64_t o = it / ncb, i0 = (it % ncb) * COL_BLOCK;
             const int w = (int)std::min<int64_t>(COL_BLOCK, inner - i0);

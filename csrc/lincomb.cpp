@@ -72,7 +72,7 @@ void lincomb_rows(uint64_t base, const std::vector<uint64_t>& xs, int dt, uint64
         std::vector<float> c((size_t)K);
         alignas(64) float res[GRAM_BLK];
         uint32_t out_bad = 0;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
             const int64_t i0 = blk * GRAM_BLK;
             const int len = (int)std::min<int64_t>(GRAM_BLK, n - i0);
@@ -121,7 +121,7 @@ std::vector<int> lincomb(uint64_t base, const std::vector<uint64_t>& xs, int dt,
         std::vector<const float*> c((size_t)K);
         alignas(64) float res[GRAM_BLK];
         uint32_t out_bad = 0;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
             const int64_t i0 = blk * GRAM_BLK;
             const int len = (int)std::min<int64_t>(GRAM_BLK, n - i0);
