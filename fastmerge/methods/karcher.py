@@ -11,6 +11,7 @@ from fastmerge.methods._common import checked, inputs, model_names
 CONTRACT = dict(base="optional", min_models=0, max_models=None)
 PARAMS = {"max_iter": 10, "tol": 1e-5}
 KERNELS = ("cpu",)
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from fastmerge.methods._common import checked, inputs
 CONTRACT = dict(base="none", min_models=1, max_models=1)
 PARAMS = {"scale": None}
 KERNELS = ("cpu",)
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 
 def reference(base, models, *, scale=None) -> torch.Tensor:
