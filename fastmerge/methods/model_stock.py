@@ -11,7 +11,7 @@ from fastmerge.methods._common import checked, inputs, model_names
 
 CONTRACT = dict(base="required", min_models=2, max_models=None)
 PARAMS = {"filter_wise": False}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
 
 
 def reference(base, models, *, filter_wise=False) -> torch.Tensor:

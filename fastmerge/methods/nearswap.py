@@ -9,7 +9,7 @@ from fastmerge.methods._common import REQUIRED, checked, inputs
 
 CONTRACT = dict(base="required", min_models=1, max_models=1)
 PARAMS = {"t": REQUIRED}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
 
 
 def reference(base, models, *, t) -> torch.Tensor:
