@@ -1,0 +1,254 @@
+"""The Triton kernels of mergekit's other methods (``triton_kernels/gram.py``, ``lincomb.py``,
+``nearswap.py``, ``ram.py``, ``passthrough.py``, driven by ``backends/triton_methods.py``) in
+Triton's interpreter on small CPU tensors: against the ``cpu`` backend's C++ kernels (bit for
+bit for the elementwise passes; the Gram within its documented float64 bound) and against the
+torch references, on the three layouts, odd shapes, 1-D, 0-d, empty and non-contiguous inputs,
+fp32/bf16/fp16, and inf/nan naming the right input. The same kernels are compiled for sm_80 and
+sm_90 in ``triton_compile_check.py``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_match
+from methods_testing import fused_matches, sparse_models
+
+import fastmerge
+from fastmerge import backends
+from fastmerge._validate import NonFiniteError
+
+INFO = fastmerge.backends()["triton"]
+pytestmark = pytest.mark.skipif(
+    not INFO.get("interpreter") or not fastmerge.backends()["cpu"]["available"],
+    reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest without CUDA) and the "
+           f"cpu backend: triton here: {INFO['reason']}")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_IDS = ["fp32", "bf16", "fp16"]
+ALONG = ["all", "last", "first"]
+SHAPES = [(37, 53), (3, 700), (129,), (), (0,), (5, 0), (4, 3, 5)]
+SHAPE_IDS = ["37x53", "3x700", "1d", "0d", "empty", "5x0", "3d"]
+
+
+def ops():
+    return backends.method_ops("triton"), backends.method_ops("cpu")
+
+
+def inputs(shape, K, dtype=torch.float32, seed=0, contiguous=True):
+    g = torch.Generator().manual_seed(seed)
+    if not contiguous:  # transposed views of the wanted shape
+        shape = tuple(reversed(shape))
+    base = torch.randn(shape, generator=g)
+    ms = [base + 0.05 * (k + 1) * torch.randn(shape, generator=g) for k in range(K)]
+    if not contiguous:
+        base, ms = base.t(), [m.t() for m in ms]
+    return base.to(dtype), [m.to(dtype) for m in ms]
+
+
+def bits(t):
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def gram_bound(xs, base, along):
+    """The float64 Gram of the fp32 deltas (exact products, summed by torch) and the bound of a float64 sum of ``n`` exact
+    products in any order: ``n * 2**-53 * sum |d_a d_b|`` (we allow that, not a tighter one)."""
+    from fastmerge.backends.cpu_methods import layout
+
+    d = [(x.float() - (0 if base is None else base.float())).double() for x in xs]  # fp32 deltas
+    outer, length, inner = layout(d[0].shape, along)
+    D = torch.stack([t.reshape(outer, length, inner) for t in d], -1).permute(0, 2, 1, 3)
+    D = D.reshape(outer * inner, length, len(xs))
+    exact = D.transpose(1, 2) @ D
+    bound = length * 2.0 ** -53 * (D.abs().transpose(1, 2) @ D.abs())
+    return exact, bound
+
+
+@pytest.mark.parametrize("along", ALONG)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_gram_matches_cpu_and_reference(shape, along):
+    T, C = ops()
+    for dtype, has_base in ((torch.float32, True), (torch.bfloat16, False), (torch.float16, True)):
+        base, xs = inputs(shape, 3, dtype, seed=1)
+        base = base if has_base else None
+        got = T.gram(xs, ["a", "b", "c"], base=base, along=along)
+        want = C.gram(xs, ["a", "b", "c"], base=base, along=along)
+        exact, bound = gram_bound(xs, base, along)
+        assert got.dtype == torch.float64 and got.shape == want.shape and got.device.type == "cpu"
+        assert torch.equal(got, got.transpose(1, 2))
+        assert ((got - exact).abs() <= bound).all(), (dtype, (got - exact).abs().max())
+        assert ((got - want).abs() <= 2 * bound).all(), (dtype, (got - want).abs().max())
+
+
+def test_gram_non_contiguous_and_many_pairs():
+    """Transposed views equal their copies; K = 6 (21 pairs) runs in two pair launches."""
+    T, C = ops()
+    base, xs = inputs((23, 41), 6, seed=2, contiguous=False)
+    assert not xs[0].is_contiguous()
+    names = [f"x{k}" for k in range(6)]
+    for along in ALONG:
+        got = T.gram(xs, names, base=base, along=along)
+        again = T.gram([x.contiguous() for x in xs], names, base=base.contiguous(), along=along)
+        assert torch.equal(got, again)
+        exact, bound = gram_bound(xs, base, along)
+        assert ((got - exact).abs() <= bound).all()
+        assert ((got - C.gram(xs, names, base=base, along=along)).abs() <= 2 * bound).all()
+
+
+@pytest.mark.parametrize("along", ALONG)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_lincomb_bytes_equal_cpu(shape, along):
+    T, C = ops()
+    g = torch.Generator().manual_seed(3)
+    from fastmerge.backends.cpu_methods import layout
+
+    outer, _, inner = layout(shape, along)
+    nvec = outer * inner
+    for dtype, out_dtype, base_kind in ((torch.float32, torch.float32, "delta"),
+                                        (torch.bfloat16, torch.bfloat16, "plain"),
+                                        (torch.float16, torch.float32, "none"),
+                                        (torch.bfloat16, torch.float16, "delta")):
+        base, xs = inputs(shape, 3, dtype, seed=4)
+        coef = torch.randn(nvec, 3, generator=g, dtype=torch.float64)
+        bc = torch.randn(nvec, generator=g, dtype=torch.float64)
+        kw = dict(out_dtype=out_dtype, along=along)
+        if base_kind != "none":
+            kw.update(base=base, base_coef=bc, delta=base_kind == "delta")
+        got = T.lincomb(xs, ["a", "b", "c"], coef, **kw)
+        want = C.lincomb(xs, ["a", "b", "c"], coef, **kw)
+        assert got.dtype == out_dtype and got.shape == torch.Size(shape)
+        assert torch.equal(bits(got), bits(want)), (dtype, out_dtype, base_kind)
+        # and the readable formula in fp32 (c rounded to fp32 first, as both kernels do)
+        if got.numel() and base_kind == "none":
+            ref = sum(c.float() * x.float() for c, x in zip(_per_element(coef, shape, along), xs))
+            torch.testing.assert_close(got, ref.to(out_dtype), atol=1e-5, rtol=1e-5)
+
+
+def _per_element(coef, shape, along):
+    """Coefficient k broadcast to each element of its vector (for the readable formula)."""
+    from fastmerge.backends.cpu_methods import layout
+
+    outer, length, inner = layout(shape, along)
+    return [coef[:, k].float().reshape(outer, 1, inner).expand(outer, length, inner).reshape(shape)
+            for k in range(coef.shape[1])]
+
+
+def test_lincomb_scalars_and_non_contiguous():
+    T, C = ops()
+    base, xs = inputs((29, 31), 2, torch.bfloat16, seed=5, contiguous=False)
+    for kw in (dict(), dict(base=base, base_coef=0.0), dict(base=base, base_coef=1.0, delta=True)):
+        got = T.lincomb(xs, ["a", "b"], [0.3, -1.7], out_dtype=torch.bfloat16, **kw)
+        want = C.lincomb(xs, ["a", "b"], [0.3, -1.7], out_dtype=torch.bfloat16, **kw)
+        assert torch.equal(bits(got), bits(want)), kw
+
+
+ELEMENTWISE = {
+    "nearswap": lambda o, b, ms, od: o.nearswap(b, ms[0], t=0.02, out_dtype=od),
+    "ram": lambda o, b, ms, od: o.ram(b, ms, epsilon=1e-3, out_dtype=od),
+    "ramplus": lambda o, b, ms, od: o.ram(b, ms, epsilon=1e-3, out_dtype=od,
+                                          amplify=lambda s, u: [1 + 0.1 * min(x / max(y, 1e-5), 0.2)
+                                                                for x, y in zip(s, u)]),
+    "scaled_copy": lambda o, b, ms, od: o.scaled_copy(ms[0], scale=0.37, out_dtype=od),
+    "copy": lambda o, b, ms, od: o.scaled_copy(ms[0], scale=1.0, out_dtype=od),
+    "ram_no_models": lambda o, b, ms, od: o.ram(b, [], epsilon=1e-3, out_dtype=od),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("kernel", list(ELEMENTWISE))
+def test_elementwise_bytes_equal_cpu(kernel, dtype):
+    T, C = ops()
+    fn = ELEMENTWISE[kernel]
+    for shape, seed in (((37, 53), 0), ((1031,), 1), ((), 2), ((0,), 3), ((2, 0, 3), 4)):
+        b, ms = sparse_models(shape, 3, 0.5, seed=seed)
+        b, ms = b.to(dtype), [m.to(dtype) for m in ms]
+        for od in dict.fromkeys((dtype, torch.float32, torch.bfloat16)):
+            got, want = fn(T, b, ms, od), fn(C, b, ms, od)
+            assert got.dtype == od and got.shape == torch.Size(shape)
+            assert torch.equal(bits(got), bits(want)), (shape, od)
+    b, ms = sparse_models((41, 19), 3, 0.5, seed=5)
+    views = [m.t() for m in ms]
+    assert torch.equal(bits(fn(T, b.t(), views, dtype)), bits(fn(C, b.t(), views, dtype)))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_nonfinite_names_the_input():
+    """Each kernel flags inf/nan per input in its pass; the base is named first, then the
+    models in order (cpu_methods' order)."""
+    T, _ = ops()
+    b, ms = sparse_models((19, 23), 3, 0.5, seed=6)
+    calls = {
+        "gram": lambda b, ms: T.gram(ms, ["models[0]", "models[1]", "models[2]"], base=b, along="first"),
+        "lincomb": lambda b, ms: T.lincomb(ms, ["models[0]", "models[1]", "models[2]"], [1.0, 2.0, 3.0],
+                                           base=b, base_coef=1.0, delta=True, out_dtype=torch.float32),
+        "ram": lambda b, ms: T.ram(b, ms, epsilon=1e-3, out_dtype=torch.float32),
+        "ramplus": lambda b, ms: T.ram(b, ms, epsilon=1e-3, out_dtype=torch.float32,
+                                       amplify=lambda s, u: [1.0] * len(s)),
+    }
+    for name, fn in calls.items():
+        for k, bad_value in ((2, float("nan")), (0, float("-inf")), (1, float("inf"))):
+            bad = [m.clone() for m in ms]
+            bad[k].view(-1)[7 * k + 3] = bad_value
+            with pytest.raises(NonFiniteError, match=rf"models\[{k}\]"):
+                fn(b, bad)
+        bb = b.clone()
+        bb.view(-1)[-1] = float("nan")
+        bad = [m.clone() for m in ms]
+        bad[1].view(-1)[0] = float("inf")
+        with pytest.raises(NonFiniteError, match="base"):
+            fn(bb, bad)
+    x = ms[0].to(torch.bfloat16).clone()
+    x[3, 4] = float("inf")
+    with pytest.raises(NonFiniteError, match="models"):
+        T.scaled_copy(x, scale=1.0, out_dtype=torch.bfloat16, name="models")
+    with pytest.raises(NonFiniteError, match=r"models\[0\]"):
+        T.nearswap(b, x.float(), t=0.1, out_dtype=torch.float32)
+
+
+METHODS = [
+    ("slerp", 1, True, dict(t=0.3)),
+    ("nuslerp", 2, True, dict(weights=[0.3, 0.7])),
+    ("nuslerp", 2, True, dict(weights=[0.6, 0.4], nuslerp_flatten=False)),
+    ("nuslerp", 2, False, dict(weights=[0.6, 0.4], nuslerp_flatten=False, nuslerp_row_wise=True)),
+    ("multislerp", 3, True, dict(weights=[0.3, 0.5, 0.2])),
+    ("karcher", 3, False, dict()),
+    ("model_stock", 3, True, dict()),
+    ("model_stock", 3, True, dict(filter_wise=True)),
+    ("nearswap", 1, True, dict(t=0.05)),
+    ("ram", 3, True, dict(epsilon=0.03)),
+    ("ramplus_tl", 3, True, dict(epsilon=0.03)),
+    ("passthrough", 1, False, dict(scale=0.5)),
+]
+EXACT = ("nearswap", "ram", "ramplus_tl", "passthrough")  # no Gram pass: the cpu bytes
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("name,K,with_base,params", METHODS,
+                         ids=[f"{m[0]}-{i}" for i, m in enumerate(METHODS)])
+def test_methods_on_triton(name, K, with_base, params, dtype):
+    """fastmerge.merge(..., backend="triton") against backend="cpu" (bytes, or 1 ulp where a
+    Gram feeds the coefficients) and against the torch reference (methods_testing's tolerance)."""
+    from fastmerge import _registry
+
+    assert {"cpu", "triton", "cuda"} <= set(_registry.get(name).kernels)
+    for shape in ((37, 53), (129,)):
+        b, ms = sparse_models(shape, K, 0.5, seed=7) if name.startswith("ram") else inputs(shape, K, seed=7)
+        b = b.to(dtype) if with_base else None
+        ms = [m.to(dtype) for m in ms]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = fastmerge.merge(name, b, ms, backend="triton", **params)
+            want = fastmerge.merge(name, b, ms, backend="cpu", **params)
+            fused_matches(name, b, ms, backend="triton", **params)
+        if name in EXACT:
+            assert torch.equal(bits(got), bits(want)), shape
+        else:
+            assert_match(got, want, f"{name} {shape}")
+
+
+def test_cuda_delegates_to_triton():
+    assert backends.method_ops("cuda") is backends.method_ops("triton")
+    assert fastmerge.backends()["cuda"]["delegates"] == {"methods": "triton"}
+    with pytest.raises(ValueError, match="torch"):
+        backends.method_ops("torch")
