@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
 ALONG = ["all", "last", "first"]
-SHAPES = [(37, 53), (3, 700), (129,), (), (0,), (5, 0), (4, 3, 5)]
-SHAPE_IDS = ["37x53", "3x700", "1d", "0d", "empty", "5x0", "3d"]
+SHAPES = [(13, 37), (3, 700), (129,), (), (0,), (5, 0), (4, 3, 5)]
+SHAPE_IDS = ["13x37", "3x700", "1d", "0d", "empty", "5x0", "3d"]
 
 
 def ops():
@@ -84,7 +84,7 @@ def test_gram_matches_cpu_and_reference(shape, along):
 def test_gram_non_contiguous_and_many_pairs():
     """Transposed views equal their copies; K = 6 (21 pairs) runs in two pair launches."""
     T, C = ops()
-    base, xs = inputs((23, 41), 6, seed=2, contiguous=False)
+    base, xs = inputs((9, 13), 6, seed=2, contiguous=False)
     assert not xs[0].is_contiguous()
     names = [f"x{k}" for k in range(6)]
     for along in ALONG:
@@ -160,7 +160,7 @@ ELEMENTWISE = {
 def test_elementwise_bytes_equal_cpu(kernel, dtype):
     T, C = ops()
     fn = ELEMENTWISE[kernel]
-    for shape, seed in (((37, 53), 0), ((1031,), 1), ((), 2), ((0,), 3), ((2, 0, 3), 4)):
+    for shape, seed in (((19, 53), 0), ((1031,), 1), ((), 2), ((0,), 3), ((2, 0, 3), 4)):
         b, ms = sparse_models(shape, 3, 0.5, seed=seed)
         b, ms = b.to(dtype), [m.to(dtype) for m in ms]
         for od in dict.fromkeys((dtype, torch.float32, torch.bfloat16)):
@@ -232,7 +232,7 @@ def test_methods_on_triton(name, K, with_base, params, dtype):
     from fastmerge import _registry
 
     assert {"cpu", "triton", "cuda"} <= set(_registry.get(name).kernels)
-    for shape in ((37, 53), (129,)):
+    for shape in ((37, 53), (129,)) if dtype == torch.float32 else ((19, 23),):
         b, ms = sparse_models(shape, K, 0.5, seed=7) if name.startswith("ram") else inputs(shape, K, seed=7)
         b = b.to(dtype) if with_base else None
         ms = [m.to(dtype) for m in ms]
