@@ -159,7 +159,10 @@ def run_method(name: str, base, models, params: dict, out_dtype, backend):
     ref = base if base is not None else models[0]
     chosen = resolve(backend, ref.device, name, V.needs_grad([base, *models]))
     spec = getattr(methods, name)
-    if chosen in _registry.get(name).kernels:  # the method's fused plan on that backend's kernels
+    kernels = _registry.get(name).kernels
+    if chosen == "cuda" and _backends.module("triton").version() is None:
+        kernels = ()  # cuda runs these methods on the Triton kernels: without Triton, the reference
+    if chosen in kernels:  # the method's fused plan on that backend's kernels
         out = spec.fused(_backends.method_ops(chosen), base, models, out_dtype=out_dtype, **params)
     else:
         out = spec.reference(base, models, **params).to(out_dtype)

@@ -4,7 +4,8 @@ Triton's interpreter on small CPU tensors: against the ``cpu`` backend's C++ ker
 bit for the elementwise passes; the Gram within its documented float64 bound) and against the
 torch references, on the three layouts, odd shapes, 1-D, 0-d, empty and non-contiguous inputs,
 fp32/bf16/fp16, and inf/nan naming the right input. The same kernels are compiled for sm_80 and
-sm_90 in ``triton_compile_check.py``.
+sm_90 in ``triton_compile_check.py``. On a machine with CUDA the same tests run the compiled
+kernels on the GPU (inputs built on the CPU, moved to the device for the triton calls).
 """
 from __future__ import annotations
 
@@ -20,10 +21,32 @@ from fastmerge import backends
 from fastmerge._validate import NonFiniteError
 
 INFO = fastmerge.backends()["triton"]
+DEV = torch.device("cpu" if INFO.get("interpreter") else "cuda")
 pytestmark = pytest.mark.skipif(
-    not INFO.get("interpreter") or not fastmerge.backends()["cpu"]["available"],
-    reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest without CUDA) and the "
-           f"cpu backend: triton here: {INFO['reason']}")
+    not INFO["available"] or not fastmerge.backends()["cpu"]["available"],
+    reason="needs the triton backend (a GPU, or the interpreter: TRITON_INTERPRET=1, set by conftest "
+           f"without CUDA) and the cpu backend: triton here: {INFO['reason']}")
+
+
+def _to_dev(x):
+    if isinstance(x, torch.Tensor) and x.dtype != torch.float64:  # float64: host coefficients
+        return x.to(DEV)
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor):
+        return [_to_dev(t) for t in x]
+    return x
+
+
+class _OnDevice:
+    """``triton_methods`` with tensor arguments moved to ``DEV`` and results back to the CPU."""
+
+    def __getattr__(self, name):
+        fn = getattr(backends.method_ops("triton"), name)
+
+        def call(*args, **kw):
+            out = fn(*[_to_dev(a) for a in args], **{k: _to_dev(v) for k, v in kw.items()})
+            assert out.device.type == ("cpu" if name == "gram" else DEV.type)
+            return out.cpu()
+        return call
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
@@ -33,7 +56,7 @@ SHAPE_IDS = ["13x37", "3x700", "1d", "0d", "empty", "5x0", "3d"]
 
 
 def ops():
-    return backends.method_ops("triton"), backends.method_ops("cpu")
+    return _OnDevice(), backends.method_ops("cpu")
 
 
 def inputs(shape, K, dtype=torch.float32, seed=0, contiguous=True):
@@ -238,9 +261,10 @@ def test_methods_on_triton(name, K, with_base, params, dtype):
         ms = [m.to(dtype) for m in ms]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = fastmerge.merge(name, b, ms, backend="triton", **params)
+            got = fastmerge.merge(name, _to_dev(b), _to_dev(ms), backend="triton", **params).cpu()
             want = fastmerge.merge(name, b, ms, backend="cpu", **params)
-            fused_matches(name, b, ms, backend="triton", **params)
+            if DEV.type == "cpu":
+                fused_matches(name, b, ms, backend="triton", **params)
         if name in EXACT:
             assert torch.equal(bits(got), bits(want)), shape
         else:
