@@ -100,7 +100,11 @@ def status() -> dict:
     methods run on the Triton kernels, see :func:`method_ops`).
     """
     out = {name: module(name).status() for name in NAMES}
-    out["cuda"] = dict(out["cuda"], delegates={"methods": "triton"})
+    cuda = dict(out["cuda"], delegates={"methods": "triton"})
+    if cuda["available"]:
+        cuda["reason"] += ("; mergekit's other methods (slerp, nuslerp, multislerp, karcher, "
+                           "model_stock, nearswap, ram, ramplus_tl, passthrough) run on the triton kernels")
+    out["cuda"] = cuda
     return out
 
 
