@@ -276,3 +276,29 @@ def test_cuda_delegates_to_triton():
     assert fastmerge.backends()["cuda"]["delegates"] == {"methods": "triton"}
     with pytest.raises(ValueError, match="torch"):
         backends.method_ops("torch")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow warnings in the interpreter
+def test_result_overflow_flagged_in_kernel():
+    """Finite inputs whose result is inf/nan as stored (in fp32, or only after the rounding to
+    fp16/bf16) raise the overflow error from the kernel's own result flag."""
+    T, _ = ops()
+    assert backends.method_ops("triton").RESULT_CHECKED
+    x = torch.full((7, 9), 3.0e38)
+    cases = [
+        lambda: T.scaled_copy(x, scale=2.0, out_dtype=torch.float32),
+        lambda: T.scaled_copy(torch.full((5,), 3.397e38), scale=1.0, out_dtype=torch.bfloat16),  # rounds up to inf
+        lambda: T.scaled_copy(torch.full((300,), 7.0e4), scale=1.0, out_dtype=torch.float16),
+        lambda: T.lincomb([x, x], ["a", "b"], [1.0, 1.0], out_dtype=torch.float32),
+        lambda: T.lincomb([x[:, :1], x[:, :1]], ["a", "b"], torch.ones(7, 2, dtype=torch.float64),
+                          out_dtype=torch.float32, along="last"),
+        lambda: T.ram(-x, [x, x], epsilon=1e-5, out_dtype=torch.float32),  # x - (-x) overflows
+        lambda: T.nearswap(torch.full((5,), 1.0e5), torch.full((5,), 2.0e5), t=1.0, out_dtype=torch.float16),
+    ]
+    for i, fn in enumerate(cases):
+        with pytest.raises(NonFiniteError, match="overflow") as exc:
+            fn()
+        assert exc.value.overflow, i
+    # at the edge, still finite: no error
+    assert T.scaled_copy(torch.full((5,), 3.38e38), scale=1.0, out_dtype=torch.bfloat16).isfinite().all()
+    assert T.scaled_copy(torch.full((5,), 6.5e4), scale=1.0, out_dtype=torch.float16).isfinite().all()

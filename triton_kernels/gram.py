@@ -29,15 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import bad_bits
+
 PAIRS_PER_LAUNCH = 15
 NUM_WARPS = 4
-EXP_MASK = tl.constexpr(0x7F800000)
-
-
-@triton.jit
-def bad_bits(x):
-    """1 where fp32 ``x`` is inf or nan (all-ones exponent), as int32."""
-    return ((x.to(tl.int32, bitcast=True) & EXP_MASK) == EXP_MASK).to(tl.int32)
 
 
 @triton.jit

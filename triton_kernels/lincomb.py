@@ -13,14 +13,14 @@ are a 1-D grid (axis 0 only, no 65535 limit); indices are int64.
 
 Coefficients: K fp32 scalar arguments when there is one vector (no device copy), else a fp32
 device tensor ``[K + 1, nvec]`` (row K: the base's). Non-finite inputs are flagged per input
-(int32 ``[K + 1]``: inputs, then base) in the same pass.
+in the same pass, and so is a non-finite result as stored (after the rounding to the output
+dtype): int32 ``[K + 2]``, inputs, base, result.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import store_as
-from .gram import bad_bits
+from ._common import bad_bits, store_checked
 
 TILE = 1024
 
@@ -70,7 +70,7 @@ def _lincomb_kernel(base, xs, out, flags, cf, cs, cb, R, C, nvec, length, inner,
             r = r + cb * b
         else:
             r = r + _coef(cf, cs, K, row, col, nvec, length, inner, mask, SCALAR, COLS) * b
-    store_as(out + off, r, mask)
+    tl.store(flags + K + 1, 1, mask=store_checked(out + off, r, mask) > 0)
 
 
 def _pow2(n: int) -> int:
@@ -81,10 +81,11 @@ def lincomb(base, xs, out, *, outer: int, length: int, inner: int, coef=None, sc
             base_scalar: float = 0.0, delta: bool = False):
     """Launch the pass into ``out`` (contiguous, of the inputs' shape; inputs contiguous).
     ``scalars``: K Python floats (one vector), with ``base_scalar``; else ``coef``, the fp32
-    device tensor ``[K + 1, outer * inner]``. Returns the int32 device flags ``[K + 1]``."""
+    device tensor ``[K + 1, outer * inner]``. Returns the int32 device flags ``[K + 2]``: inputs,
+    base, then the result (a stored value is inf/nan, after the rounding to ``out``'s dtype)."""
     K = len(xs)
     dev = xs[0].device
-    flags = torch.zeros(K + 1, dtype=torch.int32, device=dev)
+    flags = torch.zeros(K + 2, dtype=torch.int32, device=dev)
     n = outer * length * inner
     if n == 0 or K == 0:
         return flags

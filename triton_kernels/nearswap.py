@@ -5,14 +5,14 @@ b = the model::
 
 in fp32 with the C++ kernel's (and the torch reference's) operations: an IEEE division
 (``div_rn``), no FMA contraction, the clamps as selects, so the bytes agree. One read of each
-input, one write; flags ``{model, base}`` in the same pass. Flat 1-D grid, int64 indices.
+input, one write; flags ``{model, base, result}`` in the same pass (result: a value stored,
+after the rounding to the output dtype, is inf/nan). Flat 1-D grid, int64 indices.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import block_tile, store_as
-from .gram import bad_bits
+from ._common import bad_bits, block_tile, store_checked
 
 BLOCK = 1024
 
@@ -28,13 +28,13 @@ def _nearswap_kernel(base, model, out, flags, n, t, BLK: tl.constexpr):
     w = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), tl.where(d < 1e-6, 1e-6, d)) * t
     w = tl.where(w < 0.0, 0.0, w)
     w = tl.where(1.0 < w, 1.0, w)
-    store_as(out + i, w * b + (1.0 - w) * a, inb)
+    tl.store(flags + 2, 1, mask=store_checked(out + i, w * b + (1.0 - w) * a, inb) > 0)
 
 
 def nearswap(base, model, out, *, n: int, t: float):
     """Launch over ``n`` elements of the contiguous ``base``, ``model`` into ``out``; returns
-    the int32 device flags ``[model, base]``."""
-    flags = torch.zeros(2, dtype=torch.int32, device=base.device)
+    the int32 device flags ``[model, base, result]`` (result: a stored value is inf/nan)."""
+    flags = torch.zeros(3, dtype=torch.int32, device=base.device)
     if n:
         _nearswap_kernel[(triton.cdiv(n, BLOCK),)](base, model, out, flags, n, float(t), BLK=BLOCK,
                                                    num_warps=4, enable_fp_fusion=False)

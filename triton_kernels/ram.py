@@ -10,15 +10,15 @@ ramplus_tl's ``lam_k`` come from per-model counts over the whole tensor (``ram_c
 ``shared_k = #(nz_k and c > 1)``, ``unique_k = #(nz_k and c = 1)``; per-program int32 partials
 summed on the device in int64, exact in any order), computed on the host, then the merge pass.
 Each pass reads every input once; the K deltas of a block stay in registers (fewer elements per
-program as K grows). Flags ``[K + 1]`` (models, then base) in each pass. Flat 1-D grid, int64
+program as K grows). Flags ``[K + 1]`` (models, then base) in each pass, and the merge's result flag (a value
+stored, after the rounding to the output dtype, is inf/nan). Flat 1-D grid, int64
 indices.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import block_tile, store_as
-from .gram import bad_bits
+from ._common import bad_bits, block_tile, store_checked
 
 
 def block_size(K: int) -> int:
@@ -73,7 +73,7 @@ def _ram_merge_kernel(base, models, out, flags, n, eps, lam, K: tl.constexpr, PL
             d = ds[k]
             o = o + d * (tl.abs(d) > eps).to(tl.float32)
         o = b + tl.math.div_rn(o, cm)
-    store_as(out + i, o, inb)
+    tl.store(flags + K + 1, 1, mask=store_checked(out + i, o, inb) > 0)
 
 
 def ram_counts(base, models, *, n: int, eps: float):
@@ -94,9 +94,9 @@ def ram_counts(base, models, *, n: int, eps: float):
 
 def ram_merge(base, models, out, *, n: int, eps: float, lam=()):
     """The merge pass into ``out`` (``lam`` empty: ram; one float per model: ramplus_tl).
-    Returns the int32 device flags ``[K + 1]``."""
+    Returns the int32 device flags ``[K + 2]``: models, base, result (a stored value is inf/nan)."""
     K = len(models)
-    flags = torch.zeros(K + 1, dtype=torch.int32, device=base.device)
+    flags = torch.zeros(K + 2, dtype=torch.int32, device=base.device)
     if n:
         BLK = block_size(K)
         plus = len(lam) > 0

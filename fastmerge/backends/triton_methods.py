@@ -11,6 +11,12 @@ device->host read (the Gram with its flags, a merge's flags, RAM+'s counts with 
 and per-vector coefficients one host->device copy (none for a single vector: they are kernel
 arguments).
 
+Every function here that returns a merged tensor has checked it (``RESULT_CHECKED``, read by
+dispatch where it supports skipping its own pass over the output): the kernels flag a value
+that is inf/nan *as stored* (after the rounding to the output dtype) in the pass that writes
+it. The inputs are named first; a non-finite result from finite inputs raises
+``NonFiniteError`` saying the merge overflowed.
+
 Results: the elementwise kernels and :func:`lincomb` give the cpu backend's bytes (same fp32
 operations in the same order, no FMA contraction, IEEE divisions). :func:`gram` sums the same
 exact float64 products in another order (see ``triton_kernels/gram.py``): it agrees with the
@@ -28,6 +34,9 @@ from .cpu_methods import layout
 from .triton import kernels
 
 
+RESULT_CHECKED = True
+
+
 def _contiguous(xs, base):
     return [x.contiguous() for x in xs], (None if base is None else base.contiguous())
 
@@ -37,6 +46,12 @@ def _raise(flags, names, has_base: bool) -> None:
     K = len(flags) - 1
     order = ([K] if has_base else []) + list(range(K))
     _host.raise_nonfinite([flags[k] for k in order], [(list(names) + ["base"])[k] for k in order])
+
+
+def _check_out(flag) -> None:
+    """After the inputs' flags: the kernel's result flag (a stored value is inf/nan)."""
+    if flag:
+        raise V.NonFiniteError(V.MERGED, overflow=True)
 
 
 def _view(outer: int, length: int, inner: int):
@@ -88,8 +103,9 @@ def lincomb(xs, names, coef, *, out_dtype, base=None, base_coef=None, delta: boo
     elif nvec > 1:
         kw.update(coef=cf.to(dev))
     with _device(dev):
-        flags = kernels().lincomb(base, xs, out, **kw)
-    _raise(flags.tolist(), names, base is not None)
+        flags = kernels().lincomb(base, xs, out, **kw).tolist()
+    _raise(flags[:K + 1], names, base is not None)
+    _check_out(flags[K + 1])
     return out
 
 
@@ -100,7 +116,10 @@ def _ew(base, models, out_dtype):
 
 
 def _ew_raise(flags, k: int) -> None:
-    _raise(flags, V.input_names(None, k), True)
+    """Models' and base's flags; a (k + 2)-th entry is the result's (:func:`_check_out`)."""
+    _raise(flags[:k + 1], V.input_names(None, k), True)
+    if len(flags) > k + 1:
+        _check_out(flags[k + 1])
 
 
 def nearswap(base, model, *, t: float, out_dtype):
@@ -139,5 +158,7 @@ def scaled_copy(x, *, scale: float, out_dtype, name: str = "models[0]"):
     if n:
         with _device(x.device):
             flags = kernels().scaled_copy(x, out, n=n, scale=scale)
-        _host.raise_nonfinite(flags.tolist(), [name])
+        flags = flags.tolist()
+        _host.raise_nonfinite(flags[:1], [name])
+        _check_out(flags[1])
     return out
