@@ -302,3 +302,80 @@ def test_result_overflow_flagged_in_kernel():
     # at the edge, still finite: no error
     assert T.scaled_copy(torch.full((5,), 3.38e38), scale=1.0, out_dtype=torch.bfloat16).isfinite().all()
     assert T.scaled_copy(torch.full((5,), 6.5e4), scale=1.0, out_dtype=torch.float16).isfinite().all()
+
+
+# ---- sce (triton_kernels/sce.py; triton_methods.sce, cpu_methods.sce's signature) -----------
+
+def _sce_inputs(shape, K, dtype, seed):
+    b, ms = sparse_models(shape, K, 0.6, seed=seed)
+    return b.to(dtype), [m.to(dtype) for m in ms]
+
+
+@pytest.mark.parametrize("K", [1, 3, 5])
+def test_sce_variance_and_top_k_are_the_reference_selection(K):
+    """The variance pass gives torch.var's bytes (Welford in double), and the exact top-k on it
+    keeps the reference's elements (ties to the lowest index: bf16 inputs make many ties)."""
+    from fastmerge.backends.triton import kernels
+    from fastmerge.backends.triton_methods import _sce_threshold
+    from fastmerge.methods.sce import select_mask
+
+    b, ms = _sce_inputs((37, 53), K, torch.bfloat16, seed=K)
+    deltas = [m.float() - b.float() for m in ms]
+    bd, md = _to_dev(b), _to_dev(ms)
+    var, res = kernels().sce_variance(bd, md, n=b.numel())
+    want = torch.var(torch.stack(deltas), dim=0, unbiased=False).reshape(-1)
+    assert torch.equal(var.cpu(), want) and res.tolist()[0] == int(torch.count_nonzero(want))
+    for topk in (0.3, 0.77):
+        mode, v, thr = _sce_threshold(kernels(), bd, md, b.numel(), topk)
+        keep = select_mask(deltas, topk).reshape(-1)
+        if not keep.any():
+            assert mode == 2
+            continue
+        T, J = thr.tolist()
+        key = v.cpu().view(torch.int32).long() & 0x7FFFFFFF
+        i = torch.arange(key.numel())
+        assert torch.equal((key > T) | ((key == T) & (i <= J)), keep), topk
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_sce_matches_reference(dtype):
+    """Within fp32 round-off of the reference (the weights come from float64 energies where the
+    reference's fp32 mean rounds differently), on odd shapes, 1-D, 0-d, empty, K = 1 and none."""
+    from fastmerge.methods.sce import reference
+
+    T, _ = ops()
+    for shape, K, seed in (((37, 53), 3, 0), ((129,), 2, 1), ((), 3, 2), ((0,), 2, 3), ((7, 5), 1, 4),
+                           ((9, 11), 0, 5)):
+        b, ms = _sce_inputs(shape, max(K, 1), dtype, seed)
+        ms = ms[:K]
+        for topk in (1.0, 0.4, 0.0, 0.95):
+            got = T.sce(b, ms, select_topk=topk, out_dtype=dtype)
+            want = reference(b, ms, select_topk=topk).to(dtype)
+            _sce_close(got, want, dtype, f"{shape} K={K} topk={topk}")
+    b, ms = _sce_inputs((19, 23), 3, dtype, 6)
+    views = [m.t() for m in ms]
+    _sce_close(T.sce(b.t(), views, select_topk=0.5, out_dtype=torch.float32),
+               reference(b.t(), views, select_topk=0.5), torch.float32, "non-contiguous")
+
+
+def _sce_close(got, want, dtype, what):
+    """fp32 round-off of the weights, then at most one rounding step of ``dtype``."""
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 * torch.finfo(dtype).eps,
+                               msg=what)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_sce_nonfinite_names_the_input():
+    T, _ = ops()
+    b, ms = _sce_inputs((19, 23), 3, torch.float32, 7)
+    for topk in (1.0, 0.5):
+        for k in range(3):
+            bad = [m.clone() for m in ms]
+            bad[k][2, k] = float("nan")
+            with pytest.raises(NonFiniteError, match=rf"models\[{k}\]"):
+                T.sce(b, bad, select_topk=topk, out_dtype=torch.float32)
+        bb = b.clone()
+        bb[0, 0] = float("inf")
+        with pytest.raises(NonFiniteError, match="base"):
+            T.sce(bb, ms, select_topk=topk, out_dtype=torch.float32)

@@ -173,6 +173,21 @@ def methods_workload():
     T.gram(xs, names, base=xs[0], along="all")                       # K = 8: 36 pairs, 3 launches
     T.ram(xs[0], xs[1:], epsilon=1e-5, out_dtype=torch.float32)      # K = 7 deltas live
     T.ram(xs[0], xs[1:] * 3, epsilon=1e-5, out_dtype=torch.float32)  # K = 21
+    # sce: the variance pass, the energy pass and the merge in each mode (the top-k selection
+    # on the variances is magnitude_select's, compiled above); K = 3 on every dtype, K = 21
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        b, ms = xs[0].to(dtype), [x.to(dtype) for x in xs[1:4]]
+        for topk in (1.0, 0.0):
+            T.sce(b, ms, select_topk=topk, out_dtype=dtype)
+    ks = kernels()
+    var, _ = ks.sce_variance(xs[0], xs[1:4], n=xs[0].numel())
+    ks.sce_variance(xs[0], xs[1:] * 3, n=xs[0].numel())
+    thr = torch.zeros(2, dtype=torch.int64)
+    ks.sce_energy(xs[0], xs[1:4], n=xs[0].numel(), mode=1, var=var, thr=thr)
+    ks.sce_merge(xs[0], xs[1:4], torch.empty_like(xs[0]), n=xs[0].numel(), w=[0.3, 0.3, 0.4], mode=1,
+                 var=var, thr=thr)
+    ks.sce_merge(xs[0], xs[1:] * 3, torch.empty_like(xs[0]), n=xs[0].numel(), w=[0.05] * 21, mode=1,
+                 var=var, thr=thr)
 
 
 def main() -> int:

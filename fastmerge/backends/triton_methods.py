@@ -25,6 +25,8 @@ their small float64 math.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from .. import _validate as V
@@ -161,4 +163,55 @@ def scaled_copy(x, *, scale: float, out_dtype, name: str = "models[0]"):
         flags = flags.tolist()
         _host.raise_nonfinite(flags[:1], [name])
         _check_out(flags[1])
+    return out
+
+
+# ---- merges after a selection over the whole tensor (sce) ------------------------------------
+# triton_kernels/sce.py; the function and its arguments are cpu_methods.sce's (issue17-sce-arcee).
+
+SCE_ALL, SCE_BITS, SCE_NONE = 0, 1, 2
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _sce_threshold(ks, base, models, n: int, select_topk: float):
+    """``(mode, var, thr)`` of ``0 < select_topk < 1``: the variances, and the exact top-k
+    threshold ``(T, J)`` on the device (``k = int(nonzero * select_topk)`` in fp32, torch's)."""
+    var, res = ks.sce_variance(base, models, n=n)
+    res = res.tolist()  # the one read of this pass: nonzero count and flags
+    _ew_raise(res[1:], len(models))
+    k = int(_f32(_f32(float(res[0])) * _f32(select_topk)))
+    if k == 0:
+        return SCE_NONE, None, None
+    if k >= n:  # every element: the top set key > 0 or (key == 0 and i <= n)
+        return SCE_BITS, var, torch.tensor([0, n], dtype=torch.int64, device=var.device)
+    tj = ks.select(None, [var], qm=[0], qk=[k], n=n, C=n, strides=[(n, 1)], base_strides=(n, 1),
+                   strided=False)
+    return SCE_BITS, var, tj[0]
+
+
+def sce(base, models, *, select_topk: float, out_dtype):
+    """SCE's merge (:mod:`fastmerge.methods.sce`), as ``cpu_methods.sce``; no models: the base in
+    ``out_dtype``. ``0 < select_topk < 1``: a variance pass and the exact top-k first; then
+    the energies (one read with their flags), ``w`` on the host in fp32 as the reference
+    computes it, and the merge pass."""
+    if not models:
+        return scaled_copy(base, scale=1.0, out_dtype=out_dtype, name="base")
+    base, models, out, n = _ew(base, models, out_dtype)
+    if n == 0:
+        return out
+    K, ks = len(models), kernels()
+    with _device(base.device):
+        mode, var, thr = (SCE_ALL if select_topk >= 1 else SCE_NONE), None, None
+        if 0 < select_topk < 1:
+            mode, var, thr = _sce_threshold(ks, base, models, n, select_topk)
+        res = ks.sce_energy(base, models, n=n, mode=mode, var=var, thr=thr).tolist()
+        _ew_raise([int(f) for f in res[K:]], K)
+        energy = torch.tensor([s / n if mode != SCE_NONE else 0.0 for s in res[:K]], dtype=torch.float32)
+        total = float(energy.sum())
+        w = torch.full_like(energy, 1 / K) if abs(total) < 1e-6 else energy / total
+        flags = ks.sce_merge(base, models, out, n=n, w=w.tolist(), mode=mode, var=var, thr=thr)
+        _ew_raise(flags.tolist(), K)
     return out
