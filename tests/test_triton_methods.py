@@ -379,3 +379,52 @@ def test_sce_nonfinite_names_the_input():
         bb[0, 0] = float("inf")
         with pytest.raises(NonFiniteError, match="base"):
             T.sce(bb, ms, select_topk=topk, out_dtype=torch.float32)
+
+
+# ---- arcee_fusion (triton_kernels/arcee_fusion.py; cpu_methods.arcee_fusion's signature) -----
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_arcee_fusion_matches_reference(dtype):
+    """The importance within fp32 round-off of the reference's, and the merge equal to the
+    reference's but for elements whose importance lies within round-off of the threshold (at
+    most 0.1%; none in the interpreter, whose exp and log are numpy's): rows longer than one
+    block (3x1500), odd shapes, 1-D, 0-d, empty, non-contiguous."""
+    from conftest import assert_close_frac
+
+    from fastmerge.backends.triton import kernels
+    from fastmerge.methods.arcee_fusion import importance, reference
+
+    T, _ = ops()
+    g = torch.Generator().manual_seed(8)
+    for shape in ((37, 53), (3, 1500), (129,), (), (0,), (4, 3, 5)):
+        b = torch.randn(shape, generator=g)
+        m = (b + 0.3 * torch.randn(shape, generator=g)).to(dtype)
+        b = b.to(dtype)
+        got = T.arcee_fusion(b, m, out_dtype=dtype)
+        want = reference(b, [m]).to(dtype)
+        assert got.dtype == dtype and got.shape == torch.Size(shape)
+        assert_close_frac(got, want, atol=0, rtol=0, max_frac=0.001, msg=str(shape))
+        if b.numel():
+            length = shape[-1] if shape else 1
+            s, _ = kernels().arcee_importance(_to_dev(b), _to_dev(m), rows=b.numel() // length, length=length)
+            torch.testing.assert_close(s.cpu().reshape(shape), importance(m.float(), b.float()),
+                                       rtol=1e-4, atol=1e-7)
+    b = torch.randn(23, 19, generator=g).to(dtype)
+    m = (b.float() + 0.3 * torch.randn(23, 19, generator=g)).to(dtype)
+    assert_close_frac(T.arcee_fusion(b.t(), m.t(), out_dtype=torch.float32),
+                      reference(b.t(), [m.t()]), atol=0, rtol=0, max_frac=0.001)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_arcee_fusion_nonfinite_names_the_input():
+    T, _ = ops()
+    b = torch.randn(9, 11)
+    m = b + 0.1
+    bad = m.clone()
+    bad[4, 5] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"models\[0\]"):
+        T.arcee_fusion(b, bad, out_dtype=torch.float32)
+    bb = b.clone()
+    bb[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="base"):
+        T.arcee_fusion(bb, bad, out_dtype=torch.float32)

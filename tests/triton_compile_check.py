@@ -188,6 +188,10 @@ def methods_workload():
                  var=var, thr=thr)
     ks.sce_merge(xs[0], xs[1:] * 3, torch.empty_like(xs[0]), n=xs[0].numel(), w=[0.05] * 21, mode=1,
                  var=var, thr=thr)
+    # arcee_fusion: the row pass (short and multi-block rows) and the merge, each dtype
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        T.arcee_fusion(xs[0].to(dtype), xs[1].to(dtype), out_dtype=dtype)
+    ks.arcee_importance(xs[0], xs[1], rows=1, length=xs[0].numel())
 
 
 def main() -> int:

@@ -166,8 +166,9 @@ def scaled_copy(x, *, scale: float, out_dtype, name: str = "models[0]"):
     return out
 
 
-# ---- merges after a selection over the whole tensor (sce) ------------------------------------
-# triton_kernels/sce.py; the function and its arguments are cpu_methods.sce's (issue17-sce-arcee).
+# ---- merges after a selection over the whole tensor (sce, arcee_fusion) ----------------------
+# triton_kernels/sce.py, arcee_fusion.py; the functions and their arguments are cpu_methods'
+# (issue17-sce-arcee).
 
 SCE_ALL, SCE_BITS, SCE_NONE = 0, 1, 2
 
@@ -214,4 +215,26 @@ def sce(base, models, *, select_topk: float, out_dtype):
         w = torch.full_like(energy, 1 / K) if abs(total) < 1e-6 else energy / total
         flags = ks.sce_merge(base, models, out, n=n, w=w.tolist(), mode=mode, var=var, thr=thr)
         _ew_raise(flags.tolist(), K)
+    return out
+
+
+def arcee_fusion(base, model, *, out_dtype):
+    """Arcee Fusion's merge (:mod:`fastmerge.methods.arcee_fusion`), as ``cpu_methods.arcee_fusion``:
+    one row pass for the rows' KL and the importance ``s``, its three order statistics by
+    ``torch.kthvalue`` on the device (read once with the flags), the threshold in fp32 on the
+    host as the reference computes it, one merge pass."""
+    base, (model,), out, n = _ew(base, [model], out_dtype)
+    if n == 0:
+        return out
+    length = base.shape[-1] if base.dim() else 1
+    ks = kernels()
+    with _device(base.device):
+        s, flags = ks.arcee_importance(base, model, rows=n // length, length=length)
+        ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
+        vals = torch.stack([torch.kthvalue(s, r + 1).values for r in ranks])
+        res = torch.cat([flags.to(torch.float64), vals.to(torch.float64)]).tolist()
+        _ew_raise([int(f) for f in res[:2]], 1)
+        q1, median, q3 = (torch.tensor(v, dtype=torch.float32) for v in res[2:])
+        thr = float(median + 1.5 * (q3 - q1))
+        _ew_raise(ks.arcee_merge(base, model, s, out, n=n, thr=thr).tolist(), 1)
     return out
