@@ -160,7 +160,10 @@ def run_method(name: str, base, models, params: dict, out_dtype, backend):
     chosen = resolve(backend, ref.device, name, V.needs_grad([base, *models]))
     spec = getattr(methods, name)
     checked = False
-    if chosen in _registry.get(name).kernels:  # the method's fused plan on that backend's kernels
+    kernels = _registry.get(name).kernels
+    if chosen == "cuda" and _backends.module("triton").version() is None:
+        kernels = ()  # cuda runs these methods on the Triton kernels: without Triton, the reference
+    if chosen in kernels:  # the method's fused plan on that backend's kernels
         ops = _backends.method_ops(chosen)
         out = spec.fused(ops, base, models, out_dtype=out_dtype, **params)
         # the plan returns its last kernel's output, and those kernels flag a non-finite result
