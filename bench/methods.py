@@ -27,6 +27,8 @@ CASES = {
     "multislerp": (3, dict(weights=[0.3, 0.5, 0.2])),
     "karcher": (3, dict()),
     "model_stock": (3, dict()),
+    "sce": (3, dict(select_topk=0.5)),
+    "arcee_fusion": (1, dict()),
 }
 
 

@@ -13,6 +13,7 @@
 #pragma GCC optimize("no-trapping-math")
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <tuple>
 
 #include "elementwise.h"
@@ -73,7 +74,18 @@ inline uint32_t order_key(float v) {
 
 inline float key_value(uint32_t k) { return u2f((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k); }
 
-inline double lanes_sum(const double* a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+// sum of v[0..len) over 16 fp32 lanes, combined in a fixed order (torch's own row sums are fp32)
+inline float lane_sum(const float* __restrict v, int len) {
+    float a[16];
+    for (int l = 0; l < 16; ++l) a[l] = 0.0f;
+    int j = 0;
+    for (; j + 16 <= len; j += 16)
+        for (int l = 0; l < 16; ++l) a[l] += v[j + l];
+    for (; j < len; ++j) a[j & 15] += v[j];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) a[l] += a[l + w];
+    return a[0];
+}
 
 struct Row {
     const void* base;
@@ -84,7 +96,7 @@ struct Row {
 
 // kl of the row starting at element r0 (its chunks loaded into x = m, y = b); flags {model, base}
 float row_kl(const Row& in, int64_t r0, float* __restrict x, float* __restrict y, float* __restrict ex,
-             float* __restrict ey, int64_t* flags) {
+             float* __restrict ey, float* __restrict term, int64_t* flags) {
     const int64_t L = in.L;
     float mx = -INFINITY, my = -INFINITY;
     for (int64_t c = 0; c < L; c += EW_BLOCK) {
@@ -93,9 +105,21 @@ float row_kl(const Row& in, int64_t r0, float* __restrict x, float* __restrict y
         load_block(in.base, in.dt, r0 + c, len, y);
         flags[0] |= ew_nonfinite(x, len);
         flags[1] |= ew_nonfinite(y, len);
-        for (int j = 0; j < len; ++j) {
-            mx = x[j] > mx ? x[j] : mx;
-            my = y[j] > my ? y[j] : my;
+        float lx[8], ly[8];
+        for (int l = 0; l < 8; ++l) { lx[l] = mx; ly[l] = my; }
+        int j = 0;
+        for (; j + 8 <= len; j += 8)
+            for (int l = 0; l < 8; ++l) {
+                lx[l] = x[j + l] > lx[l] ? x[j + l] : lx[l];
+                ly[l] = y[j + l] > ly[l] ? y[j + l] : ly[l];
+            }
+        for (; j < len; ++j) {
+            lx[0] = x[j] > lx[0] ? x[j] : lx[0];
+            ly[0] = y[j] > ly[0] ? y[j] : ly[0];
+        }
+        for (int l = 0; l < 8; ++l) {
+            mx = lx[l] > mx ? lx[l] : mx;
+            my = ly[l] > my ? ly[l] : my;
         }
     }
     if (flags[0] | flags[1]) return 0.0f;
@@ -104,18 +128,16 @@ float row_kl(const Row& in, int64_t r0, float* __restrict x, float* __restrict y
         const int len = (int)std::min<int64_t>(EW_BLOCK, L - c);
         load_block(in.model, in.dt, r0 + c, len, x);
         load_block(in.base, in.dt, r0 + c, len, y);
-        double ax[8] = {0, 0, 0, 0, 0, 0, 0, 0}, ay[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         float* __restrict px = ex ? ex + c : x;
         float* __restrict py = ey ? ey + c : y;
         for (int j = 0; j < len; ++j) {
             px[j] = exp_neg(x[j] - mx);
             py[j] = exp_neg(y[j] - my);
         }
-        for (int j = 0; j < len; ++j) { ax[j & 7] += (double)px[j]; ay[j & 7] += (double)py[j]; }
-        sx += lanes_sum(ax);
-        sy += lanes_sum(ay);
+        sx += lane_sum(px, len);
+        sy += lane_sum(py, len);
     }
-    const float fx = (float)sx, fy = (float)sy;
+    const float fx = 1.0f / (float)sx, fy = 1.0f / (float)sy;  // softmax: exps times 1 / sum
     double kl = 0.0;
     for (int64_t c = 0; c < L; c += EW_BLOCK) {
         const int len = (int)std::min<int64_t>(EW_BLOCK, L - c);
@@ -126,12 +148,11 @@ float row_kl(const Row& in, int64_t r0, float* __restrict x, float* __restrict y
             load_block(in.base, in.dt, r0 + c, len, y);
             for (int j = 0; j < len; ++j) { x[j] = exp_neg(x[j] - mx); y[j] = exp_neg(y[j] - my); }
         }
-        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int j = 0; j < len; ++j) {
-            const float p = px[j] / fx + 1e-8f, q = py[j] / fy + 1e-8f;
-            a[j & 7] += (double)(p * log_pos(p / q));
+            const float p = px[j] * fx + 1e-8f, q = py[j] * fy + 1e-8f;
+            term[j] = p * log_pos(p / q);
         }
-        kl += lanes_sum(a);
+        kl += lane_sum(term, len);
     }
     return (float)kl;
 }
@@ -148,8 +169,9 @@ std::tuple<std::vector<float>, std::vector<int>> arcee_select(uint64_t base, uin
     const int64_t n = rows * L;
     const Row in{(const void*)base, (const void*)model, dt, L};
     float* klp = (float*)kl_ptr;
-    std::vector<uint16_t> key16((size_t)n);
-    advise_huge(key16.data(), n * 2);
+    std::unique_ptr<uint16_t[]> key16_buf(new uint16_t[(size_t)n]);  // every entry written below
+    uint16_t* key16 = key16_buf.get();
+    advise_huge(key16, n * 2);
     const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(ew_threads(nthreads, n), rows));
     std::vector<int64_t> hist((size_t)65536 * nt, 0), fl((size_t)2 * nt, 0);
 #pragma omp parallel num_threads(nt)
@@ -158,24 +180,25 @@ std::tuple<std::vector<float>, std::vector<int>> arcee_select(uint64_t base, uin
 #ifdef _OPENMP
         t = omp_get_thread_num();
 #endif
-        std::vector<float> buf(2 * EW_BLOCK + (L <= ROW_BUFFER ? 2 * L : 0) + 16);
+        std::vector<float> buf(3 * EW_BLOCK + (L <= ROW_BUFFER ? 2 * L : 0) + 16);
         float* x = buf.data();
         float* y = x + EW_BLOCK;
-        float* ex = L <= ROW_BUFFER ? y + EW_BLOCK : nullptr;
+        float* term = y + EW_BLOCK;
+        float* ex = L <= ROW_BUFFER ? term + EW_BLOCK : nullptr;
         float* ey = ex ? ex + L : nullptr;
         std::vector<uint32_t> h(65536, 0);
         int64_t counted = 0;
         int64_t* f = fl.data() + 2 * t;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
-            const float kl = row_kl(in, r * L, x, y, ex, ey, f);
+            const float kl = row_kl(in, r * L, x, y, ex, ey, term, f);
             klp[r] = kl;
             if (f[0] | f[1]) continue;
             for (int64_t c = 0; c < L; c += EW_BLOCK) {
                 const int len = (int)std::min<int64_t>(EW_BLOCK, L - c);
                 load_block(in.model, dt, r * L + c, len, x);
                 load_block(in.base, dt, r * L + c, len, y);
-                uint16_t* __restrict k16 = key16.data() + r * L + c;
+                uint16_t* __restrict k16 = key16 + r * L + c;
                 for (int j = 0; j < len; ++j) k16[j] = (uint16_t)(order_key(std::fabs(x[j] - y[j]) * kl) >> 16);
                 for (int j = 0; j < len; ++j) h[k16[j]]++;
                 counted += len;
@@ -222,13 +245,14 @@ std::tuple<std::vector<float>, std::vector<int>> arcee_select(uint64_t base, uin
         for (int64_t blk = 0; blk < nb; ++blk) {
             const int64_t i0 = blk * EW_BLOCK;
             const int len = (int)std::min<int64_t>(EW_BLOCK, n - i0);
-            const uint16_t* __restrict k16 = key16.data() + i0;
+            const uint16_t* __restrict k16 = key16 + i0;
             for (int j0 = 0; j0 < len; j0 += 64) {
                 const int e = std::min(len, j0 + 64);
                 int any = 0;
                 for (int j = j0; j < e; ++j) any |= (k16[j] == b0) | (k16[j] == b1) | (k16[j] == b2);
                 if (!any) continue;
                 for (int j = j0; j < e; ++j) {
+                    if (k16[j] != b0 && k16[j] != b1 && k16[j] != b2) continue;
                     const int64_t i = i0 + j;
                     const float s = std::fabs(load_one(in.model, dt, i) - load_one(in.base, dt, i)) * klp[i / L];
                     const uint32_t k = order_key(s);
