@@ -91,6 +91,18 @@ double sumsq(const float* __restrict d, const float* __restrict w, int len) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+// bit l of the result: v[l] != 0, for l < cnt (cnt <= 64)
+inline uint64_t pack64(const float* __restrict v, int cnt) {
+    uint64_t r = 0;
+    int l = 0;
+#ifdef __AVX2__
+    for (; l + 8 <= cnt; l += 8)
+        r |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + l), _mm256_setzero_ps(), _CMP_NEQ_UQ)) << l;
+#endif
+    for (; l < cnt; ++l) r |= (uint64_t)(v[l] != 0.0f) << l;
+    return r;
+}
+
 int nthreads_for(int requested, int64_t n) { return ew_threads(requested, n); }
 
 int64_t nblocks_of(int64_t n) { return (n + EW_BLOCK - 1) / EW_BLOCK; }
@@ -188,13 +200,9 @@ Pass1 pass1(const SceIn& in, int64_t n, float lo, float hi, uint64_t* bits, uint
             if (!store) r.ec[(size_t)b * K + k] = nc ? sumsq(d, wc, len) : 0.0;
         }
         for (int w = 0; w < (len + 63) / 64; ++w) {  // i0 is a multiple of 64
-            uint64_t wb = 0, wt = 0;
-            for (int l = 0; l < 64 && w * 64 + l < len; ++l) {
-                wb |= (uint64_t)(wa[w * 64 + l] != 0.0f) << l;
-                wt |= (uint64_t)(wc[w * 64 + l] != 0.0f) << l;
-            }
-            bits[i0 / 64 + w] = wb;
-            if (tie_bits) tie_bits[i0 / 64 + w] = wt;
+            const int cnt = std::min(64, len - w * 64);
+            bits[i0 / 64 + w] = pack64(wa + w * 64, cnt);
+            if (tie_bits) tie_bits[i0 / 64 + w] = pack64(wc + w * 64, cnt);
         }
         if (store && nc) {
             if ((int64_t)tc[t].size() + nc > cap) return;  // the total is over cap too
