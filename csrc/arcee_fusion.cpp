@@ -8,7 +8,9 @@
 // then one scan of those 16-bit keys recomputes s where the key is in a bin holding one of the
 // three order statistics, and selects them exactly among those few. arcee_merge: one pass.
 // Sums are per chunk of EW_BLOCK elements in double, chunks in order, one thread per row: no
-// result depends on the thread count. exp and log are polynomial (Cephes' expf/logf, about 1
+// result depends on the thread count. (Rows are spread over the threads, so a 1-D tensor, one
+// row, runs on one thread; its exps are recomputed past ROW_BUFFER elements.) Where every s
+// falls into one 16-bit bin (identical tensors: all 0), the scan keeps all n keys. exp and log are polynomial (Cephes' expf/logf, about 1
 // ulp), so s differs from torch's by round-off, not more.
 #pragma GCC optimize("no-trapping-math")
 #include <algorithm>
