@@ -169,3 +169,57 @@ def scaled_copy(x, *, scale: float, out_dtype, name: str = "models[0]"):
         _host.raise_nonfinite(flags[:1], [name])
         _check_out(out, flags[1])
     return out
+
+
+# ---- merges after a selection over the whole tensor (sce, arcee_fusion) ----------------------
+# csrc/sce.cpp, arcee_fusion.cpp (declared in csrc/selection.h): a reduction pass that also
+# selects exactly (sce's top-k variances, arcee's quartiles), a few scalars on the host computed
+# as the references compute them, then one merge pass.
+
+
+def sce(base, models, *, select_topk: float, out_dtype):
+    """SCE's merge (:mod:`fastmerge.methods.sce`); no models: the base in ``out_dtype``.
+
+    The pass sums each model's energy ``sum d_k^2`` (of the kept elements when ``0 <
+    select_topk < 1``, whose keep bits it writes); ``w`` follows from the energies as the
+    reference computes it, in fp32; the merge pass applies it."""
+    if not models:
+        return scaled_copy(base, scale=1.0, out_dtype=out_dtype, name="base")
+    base, models, out, n, lib = _ew_prepare(base, models, out_dtype)
+    if n == 0:
+        return out
+    K, ptrs, dt, nt = len(models), [m.data_ptr() for m in models], abi.dtype_code(base.dtype), _native.threads(n)
+    bits = torch.empty(0, dtype=torch.int64)
+    if 0 < select_topk < 1:
+        bits = torch.empty((n + 63) // 64, dtype=torch.int64)
+        k, sums, flags = lib.sce_select(base.data_ptr(), ptrs, dt, n, select_topk, bits.data_ptr(), nt)
+        mode = 1 if k else 2
+    else:  # all kept, or (select_topk <= 0) none: the pass then only checks the inputs
+        sums, flags = lib.sce_energy(base.data_ptr(), ptrs, dt, n, nt)
+        mode = 0 if select_topk >= 1 else 2
+    _ew_raise(flags, K)
+    energy = torch.tensor([s / n if mode != 2 else 0.0 for s in sums], dtype=torch.float32)
+    total = float(energy.sum())
+    w = torch.full_like(energy, 1 / K) if abs(total) < 1e-6 else energy / total
+    lib.sce_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), abi.dtype_code(out_dtype), n, w.tolist(), mode,
+                  bits.data_ptr(), nt)
+    return out
+
+
+def arcee_fusion(base, model, *, out_dtype):
+    """Arcee Fusion's merge (:mod:`fastmerge.methods.arcee_fusion`): one pass for the rows' KL
+    and the exact quartiles of the importance, the threshold in fp32 on the host, one merge."""
+    base, (model,), out, n, lib = _ew_prepare(base, [model], out_dtype)
+    if n == 0:
+        return out
+    length = base.shape[-1] if base.dim() else 1
+    rows, dt, nt = n // length, abi.dtype_code(base.dtype), _native.threads(n)
+    kl = torch.empty(rows, dtype=torch.float32)
+    ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
+    values, flags = lib.arcee_select(base.data_ptr(), model.data_ptr(), dt, rows, length, ranks, kl.data_ptr(), nt)
+    _ew_raise(flags, 1)
+    q1, median, q3 = (torch.tensor(v, dtype=torch.float32) for v in values)
+    thr = float(median + 1.5 * (q3 - q1))
+    lib.arcee_merge(base.data_ptr(), model.data_ptr(), dt, out.data_ptr(), abi.dtype_code(out_dtype), rows, length,
+                    kl.data_ptr(), thr, nt)
+    return out
