@@ -8,7 +8,7 @@ from fastmerge.methods._common import checked, inputs
 
 CONTRACT = dict(base="required", min_models=1, max_models=1)
 PARAMS = {}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
 
 
 def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from fastmerge.methods._common import checked, inputs
 
 CONTRACT = dict(base="required", min_models=0, max_models=None)
 PARAMS = {"int8_mask": False, "select_topk": 1.0}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
 
 
 def select_mask(deltas: list, select_topk: float) -> torch.Tensor:
