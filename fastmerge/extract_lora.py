@@ -426,11 +426,11 @@ class Extractor(Merger):
     def run(self) -> dict:
         t0 = time.perf_counter()
         summary = super().run()
-        mods = [self.jobs[i] for i in self.mine if self.jobs[i].kind != "save"]
-        summary.update(seconds=time.perf_counter() - t0, modules=len(mods),
+        lora = [(j, r) for j, r in zip(self.jobs, self.ranks) if j.kind != "save"]
+        summary.update(seconds=time.perf_counter() - t0, modules=len(lora),
                        saved=sum(j.kind == "save" for j in self.jobs),
-                       ranks={j.name: j.info["rank"] for j in mods},
-                       energy={j.name: j.info["energy"] for j in mods})
+                       ranks={j.name: r for j, r in lora},  # every process's modules
+                       energy={j.name: j.info["energy"] for j, _ in lora if j.info})  # this one's
         return summary
 
 
