@@ -90,7 +90,8 @@ def _warm(*folders) -> None:
                     pass
 
 
-def errors(base: str, ft: str, out: str, rank: int, optimum: dict) -> dict:
+def errors(base: str, ft: str, out: str, rank: int, optimum: dict, gram_dtype=torch.float64,
+           log: bool = False) -> dict:
     """``module -> (‖ΔW − B A‖_F, rank)`` for every LoRA module in the adapter ``out``; fills
     ``optimum[module]`` (Eckart-Young, from the fp64 Gram matrix's eigenvalues) when missing."""
     from safetensors import safe_open
@@ -109,10 +110,12 @@ def errors(base: str, ft: str, out: str, rank: int, optimum: dict) -> dict:
             b = fa.get_tensor(k.replace("lora_A", "lora_B")).float()
             res[mod] = (float((d - b @ a).norm()), a.shape[0])
             if mod not in optimum:
-                d64 = d.double()
-                gram = d64 @ d64.T if d.shape[0] <= d.shape[1] else d64.T @ d64
-                lam = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+                dg = d.to(gram_dtype)
+                gram = dg @ dg.T if d.shape[0] <= d.shape[1] else dg.T @ dg
+                lam = torch.linalg.eigvalsh(gram).double().flip(0).clamp_min(0)
                 optimum[mod] = float((lam[rank:].sum()).sqrt())
+            if log:
+                print(f"  {mod}: error / optimum {res[mod][0] / optimum[mod]:.4f}", flush=True)
     return res
 
 
@@ -167,6 +170,30 @@ def _save(out: str, meta: dict, rows: list) -> None:
     print(f"wrote {out}", flush=True)
 
 
+def check_only(args) -> int:
+    """Error / optimum for every LoRA module of an existing adapter, added to the JSON."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    optimum: dict = {}
+    errs = errors(*args.check, args.rank, optimum, gram_dtype=torch.float32, log=True)
+    ratios = {m: e / optimum[m] if optimum[m] > 0 else 1.0 for m, (e, _) in errs.items()}
+    row = {"adapter": args.check[2], "rank": args.rank, "modules": len(errs),
+           "ranks": sorted({v[1] for v in errs.values()}), "worst_error_ratio": max(ratios.values()),
+           "worst_module": max(ratios, key=ratios.get),
+           "median_error_ratio": sorted(ratios.values())[len(ratios) // 2],
+           "optimum": "eigvalsh of the fp32 Gram matrix of each delta", "check_seconds": time.perf_counter() - t0}
+    print(f"{len(errs)} modules: worst {row['worst_error_ratio']:.4f} ({row['worst_module']}), "
+          f"median {row['median_error_ratio']:.4f}", flush=True)
+    out = args.out or os.path.join(RESULTS, f"extract_lora_{args.scale}.json")
+    data = json.load(open(out)) if os.path.exists(out) else {"meta": {}, "rows": []}
+    data.setdefault("checks", []).append(row)
+    with open(out, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench/extract_lora.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=sorted(SCALES), default="1b")
@@ -178,7 +205,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--workdir", default="/tmp/fastmerge-bench-extract")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/extract_lora_<scale>.json)")
+    ap.add_argument("--check", nargs=3, metavar=("BASE", "FT", "ADAPTER"), default=None,
+                    help="only the error check of one adapter (fp32 Gram matrices, one line per "
+                         "module), merged into the JSON's 'checks'")
     args = ap.parse_args(argv)
+    if args.check:
+        return check_only(args)
     torch.set_num_threads(1)  # the untimed error check; the timed tools run in their own processes
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     layers = args.layers or SCALES[args.scale]["num_hidden_layers"]
