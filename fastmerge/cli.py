@@ -6,8 +6,8 @@ Subcommands:
     fastmerge bench-gpu         the triton and cuda backends vs PEFT/mergekit on a GPU (``--help``)
     fastmerge bench-quant       fastmerge.quant: quantizers, fused merge->quantize, deltas (``--help``)
     fastmerge backends          which backends this machine can run, and why not
-    fastmerge merge CONFIG OUT  merge whole safetensors checkpoints from a mergekit YAML config,
-                                streaming (``fastmerge merge --help``; ``torchrun ... -m
+    fastmerge merge CONFIG OUT  merge whole safetensors checkpoints from a mergekit YAML config
+                                (any method of fastmerge.METHODS), streaming (``fastmerge merge --help``; ``torchrun ... -m
                                 fastmerge merge`` splits the work across processes)
     fastmerge mergekit CONFIG OUT [mergekit-yaml options]
                                 mergekit-yaml with its task-arithmetic family and linear merges
@@ -115,6 +115,74 @@ def parse_size(text: str) -> int:
     return int(value * _SIZE_UNITS[unit])
 
 
+def parse_count(text: str) -> int:
+    """A parameter count as mergekit writes it: ``5B``, ``500M``, ``10K`` or an integer."""
+    t = text.strip().upper().replace(" ", "")
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale != 1 else t)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value * scale < 1:
+        raise argparse.ArgumentTypeError(f"bad parameter count {text!r}: use e.g. 5B, 500M or 1000000")
+    return int(value * scale)
+
+
+_NO_OPS = ("lazy-unpickle", "low-cpu-memory", "read-to-gpu", "multi-gpu", "async-write",
+           "clone-tensors", "trust-remote-code")
+
+
+def _mergekit_options(p) -> None:
+    """``mergekit-yaml``'s options, so that its command lines run unchanged."""
+    g = p.add_argument_group("mergekit-yaml options")
+    g.add_argument("--out-shard-size", type=parse_count, default=None, metavar="N",
+                   help="parameters per output shard, as mergekit counts them (e.g. 5B); "
+                        "overrides --max-shard-size")
+    g.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the tokenizer files to OUT (default: yes)")
+    g.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                   help="write a README.md model card describing the merge (default: yes)")
+    g.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
+                   help="merge models whose config.json names different architectures")
+    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None,
+                   help="same as --device cuda")
+    g.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="same as --no-progress")
+    g.add_argument("--transformers-cache", default=None, metavar="DIR",
+                   help="the Hugging Face hub cache hub ids are read from (sets HF_HUB_CACHE)")
+    g.add_argument("-j", "--num-threads", type=int, default=None, metavar="N",
+                   help="CPU threads of the merge kernels (default: torch's)")
+    g.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
+                   help="fastmerge always writes safetensors; --no-safe-serialization is refused")
+    g.add_argument("--unsafe-truncate-embeddings", action=argparse.BooleanOptionalAction,
+                   default=False, help="not supported (an error): align vocabularies instead")
+    for flag in _NO_OPS:
+        g.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                       help=argparse.SUPPRESS)
+    g.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    g.add_argument("--lora-merge-cache", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--lora-merge-dtype", default=None, help=argparse.SUPPRESS)
+
+
+def _mergekit_args(args) -> Optional[str]:
+    """Apply mergekit-yaml's options to ``args``; an error message for one fastmerge refuses."""
+    if not args.safe_serialization:
+        return "--no-safe-serialization: fastmerge writes safetensors only"
+    if args.unsafe_truncate_embeddings:
+        return ("--unsafe-truncate-embeddings is not supported: merge models of one vocabulary "
+                "(or use `fastmerge mergekit`)")
+    if args.cuda:
+        args.device = "cuda"
+    if args.quiet:
+        args.no_progress = True
+    if args.transformers_cache:
+        os.environ["HF_HUB_CACHE"] = args.transformers_cache
+    if args.num_threads is not None and args.num_threads < 1:
+        return f"--num-threads must be at least 1, got {args.num_threads}"
+    return None
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``fastmerge merge: error: argument --x: ...``), exit code 2."""
 
@@ -147,7 +215,6 @@ def _merge_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT (folder, file or symlink) in one atomic swap once "
                         "the new merge is complete; the previous OUT is then deleted")
-    p.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--read-ahead", type=int, default=2, metavar="N",
                    help="tensors read ahead of the one being merged (default 2)")
@@ -159,6 +226,10 @@ def _merge_parser(sub) -> None:
                         "in other shards and tensors the index does not list, as mergekit does "
                         "(default: an index that disagrees with its shards is an error)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    _mergekit_options(p)
+    p.epilog = ("mergekit-yaml's other options are accepted: --lazy-unpickle, --low-cpu-memory, "
+                "--read-to-gpu, --multi-gpu, --async-write, --clone-tensors, --trust-remote-code "
+                "(no effect: fastmerge always streams one tensor at a time and never runs model code).")
 
 
 def _one_line(text: str) -> str:
@@ -168,17 +239,35 @@ def _one_line(text: str) -> str:
 def _cmd_merge(args, rest) -> int:
     """Every failure is one line on stderr and a non-zero exit code: 1 for an error, 128 +
     the signal for an interruption. ``--debug`` prints the traceback first."""
-    import traceback
-
     from .streaming import Interrupted, MergeError, merge_checkpoints
+
+    problem = _mergekit_args(args)
+    if problem:
+        print(f"fastmerge merge: error: {problem}", file=sys.stderr)
+        return 2
+    import torch
+
+    threads = torch.get_num_threads()
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    try:
+        return _merge_and_report(args, merge_checkpoints, Interrupted, MergeError)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _merge_and_report(args, merge_checkpoints, Interrupted, MergeError) -> int:
+    import traceback
 
     try:
         summary = merge_checkpoints(
             args.config, args.out, device=args.device, backend=args.backend,
             max_shard_bytes=args.max_shard_size, seed=args.random_seed, topk_scope=args.topk_scope,
-            overwrite=args.overwrite, copy_tokenizer=not args.no_copy_tokenizer,
+            overwrite=args.overwrite, copy_tokenizer=args.copy_tokenizer,
             progress=not args.no_progress, read_ahead=max(0, args.read_ahead),
-            drop_extra_tensors=args.drop_extra_tensors, trust_index=args.trust_index)
+            drop_extra_tensors=args.drop_extra_tensors, trust_index=args.trust_index,
+            write_model_card=args.write_model_card, allow_crimes=args.allow_crimes,
+            shard_params=args.out_shard_size)
     except BaseException as exc:  # noqa: BLE001 - every path ends in one line
         if args.debug:
             traceback.print_exc()

@@ -12,6 +12,12 @@ A vector is the whole tensor (``along="all"``), each vector along the last dimen
 dimension 0 (``"first"``: the columns of a matrix). Inputs that are not contiguous are made
 contiguous once here. Both kernels flag inf/nan per input in the same pass; the first flagged
 input (the base first, then the others in order) raises ``NonFiniteError`` naming it.
+
+Every function here that returns a merged tensor has checked it (``RESULT_CHECKED``): the
+kernel flags an inf/nan result in the pass that writes it, so no pass over the output follows
+(``V.check_result``'s ``aminmax``); only an fp16/bf16 output, whose rounding can overflow past
+the fp32 value the kernel saw, is scanned here. Inputs are named first: a non-finite result
+from finite inputs raises ``NonFiniteError`` saying the merge overflowed.
 """
 from __future__ import annotations
 
@@ -45,6 +51,16 @@ def _prepare(xs, base):
     xs = [x.contiguous() for x in xs]
     base = None if base is None else base.contiguous()
     return xs, base, abi.dtype_code(xs[0].dtype), _native.threads(xs[0].numel())
+
+
+RESULT_CHECKED = True
+
+
+def _check_out(out: torch.Tensor, flag) -> None:
+    """After the inputs' flags: ``flag`` (the kernel's: an fp32 result was inf/nan) raises the
+    overflow error; an fp16/bf16 ``out`` is scanned (its rounding may overflow)."""
+    if flag or (out.dtype != torch.float32 and not V.all_finite(out)):
+        raise V.NonFiniteError(V.MERGED, overflow=True)
 
 
 def _raise(flags, names, has_base: bool) -> None:
@@ -85,7 +101,8 @@ def lincomb(xs, names, coef, *, out_dtype, base=None, base_coef=None, delta: boo
     flags = _native.lib().lincomb(0 if base is None else base.data_ptr(), [x.data_ptr() for x in xs],
                                   dt, out.data_ptr(), abi.dtype_code(out_dtype), outer, length, inner,
                                   cf.data_ptr(), bool(delta and base is not None), threads)
-    _raise(flags, list(names), base is not None)
+    _raise(flags[:K + 1], list(names), base is not None)
+    _check_out(out, flags[K + 1])
     return out
 
 
@@ -104,8 +121,11 @@ def _ew_prepare(base, models, out_dtype):
     return base, models, out, out.numel(), _native.lib()
 
 
-def _ew_raise(flags, k: int) -> None:
-    _raise(flags, V.input_names(None, k), True)
+def _ew_raise(flags, k: int, out=None) -> None:
+    """The inputs' flags (models, then base), then with ``out`` the result's (:func:`_check_out`)."""
+    _raise(flags[:k + 1], V.input_names(None, k), True)
+    if out is not None:
+        _check_out(out, flags[k + 1])
 
 
 def nearswap(base, model, *, t: float, out_dtype):
@@ -113,7 +133,7 @@ def nearswap(base, model, *, t: float, out_dtype):
     base, (model,), out, n, lib = _ew_prepare(base, [model], out_dtype)
     if n:
         _ew_raise(lib.nearswap(base.data_ptr(), model.data_ptr(), abi.dtype_code(base.dtype),
-                               out.data_ptr(), abi.dtype_code(out_dtype), n, t, _native.threads(n)), 1)
+                               out.data_ptr(), abi.dtype_code(out_dtype), n, t, _native.threads(n)), 1, out)
     return out
 
 
@@ -136,7 +156,7 @@ def ram(base, models, *, epsilon: float, out_dtype, amplify=None):
     if n:
         flags = lib.ram_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), abi.dtype_code(out_dtype), n,
                               epsilon, lam, _native.threads(n))
-        _ew_raise(flags, K)
+        _ew_raise(flags, K, out)
     return out
 
 
@@ -146,5 +166,6 @@ def scaled_copy(x, *, scale: float, out_dtype, name: str = "models[0]"):
     if n:
         flags = lib.scaled_copy(x.data_ptr(), abi.dtype_code(x.dtype), out.data_ptr(),
                                 abi.dtype_code(out_dtype), n, scale, _native.threads(n))
-        _host.raise_nonfinite(flags, [name])
+        _host.raise_nonfinite(flags[:1], [name])
+        _check_out(out, flags[1])
     return out
