@@ -310,8 +310,8 @@ def _extract_parser(sub) -> None:
                     "Streaming, module by module; `torchrun --nproc-per-node=N -m fastmerge "
                     "extract-lora ...` splits the modules across processes. OUT appears only "
                     "when complete.")
-    p.add_argument("base", help="base model: a local folder of safetensors")
-    p.add_argument("finetuned", help="fine-tuned model: a local folder of safetensors")
+    p.add_argument("base", help="base model: a local folder of safetensors or a hub id (org/name[@rev])")
+    p.add_argument("finetuned", help="fine-tuned model: a local folder or a hub id")
     p.add_argument("out", help="adapter folder to create (replaced only with --overwrite)")
     p.add_argument("--rank", type=int, default=None, metavar="R",
                    help="LoRA rank (with --rank-fraction: the largest rank)")

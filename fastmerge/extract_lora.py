@@ -16,7 +16,8 @@ written as PEFT writes a LoRA adapter: ``base_model.model.M.lora_A.weight`` (``r
 * every other module with weights (norms, convolutions, GPT-2's Conv1D) is saved whole in
   ``modules_to_save`` under its last name component, as are the modules ``--save-module`` names.
 
-Which module is a Linear or an Embedding is read from the model's class on the meta device
+BASE and FINETUNED are local folders or hub ids, resolved as ``fastmerge merge`` resolves its
+models (:mod:`fastmerge.hub`). Which module is a Linear or an Embedding is read from the model's class on the meta device
 (``config.json``'s ``architectures``, as mergekit does) when transformers has it, else from the
 tensor names and shapes (2-D ``*.weight``; embeddings by name).
 
@@ -42,7 +43,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import lowrank
+from . import hub, lowrank
 from .safetensors_io import Checkpoint, FormatError, Layout, Spec, Writer, plan_layout
 from .streaming import (Group, Merger, MergeError, Signals, _device, _Progress, assign, check_out,
                         tensor_seed)
@@ -214,11 +215,16 @@ def plan(base: Checkpoint, ft: Checkpoint, opts: ExtractOptions, warn) -> List[M
 
 # ------------------------------------------------------------------------------- run
 
+def _local(ref: str, role: str) -> str:
+    """A local folder, or a hub id (``org/name[@revision]``) resolved through the hub cache
+    as ``fastmerge merge`` resolves its models (:func:`fastmerge.hub.local_path`)."""
+    try:
+        return hub.local_path(ref, role)
+    except hub.HubError as exc:
+        raise MergeError(str(exc)) from None
+
+
 def _open(path: str, role: str, trust_index: bool) -> Checkpoint:
-    if "://" in path or (not os.path.exists(path) and path.count("/") == 1 and not path.startswith(".")):
-        raise MergeError(f"{role} {path!r} is not a local folder: `fastmerge extract-lora` reads "
-                         f"local checkpoints, as `fastmerge merge` does (download it first, e.g. "
-                         f"`huggingface-cli download {path} --local-dir ./{path.split('/')[-1]}`)")
     try:
         return Checkpoint(path, trust_index=trust_index)
     except FileNotFoundError:
@@ -256,13 +262,15 @@ class Extractor(Merger):
     def __init__(self, base: str, finetuned: str, out: str, options: ExtractOptions):
         _check(options)
         self.options = options
-        self.base_path, self.ft_path = base, finetuned
+        self.base_path = _local(base, "BASE")
+        self.ft_path = _local(finetuned, "FINETUNED")
+        self.base_ref = base  # as given: adapter_config.json's base_model_name_or_path
         self.tmp: Optional[str] = None
         self.tmp_created = False
         self.committed = False
         self.made_parents: List[str] = []
         self.signals = Signals()
-        self.out = check_out(out, [("BASE", base), ("FINETUNED", finetuned)],
+        self.out = check_out(out, [("BASE", self.base_path), ("FINETUNED", self.ft_path)],
                              [("the working directory", os.getcwd())])
         self.device = _device(options.device)
         self.dtype = _DTYPES.get(options.dtype)
@@ -274,9 +282,12 @@ class Extractor(Merger):
 
     def _setup(self) -> None:
         trust = self.options.trust_index
+        self.pool = []
         self.base = _open(self.base_path, "BASE", trust)
+        self.pool.append(self.base)
         ft = _open(self.ft_path, "FINETUNED", trust)
         self.inputs = [ft]
+        self.pool = [self.base, ft]  # closed by Merger._cleanup
         self.jobs = plan(self.base, ft, self.options, self._warn)
         owner = assign(self.jobs, self.group.world)
         self.mine = [i for i, r in enumerate(owner) if r == self.group.rank]
@@ -397,7 +408,7 @@ class Extractor(Merger):
             task = "CAUSAL_LM" if arch.endswith("ForCausalLM") else None
         except (OSError, ValueError, AttributeError):
             pass
-        return {"base_model_name_or_path": self.base_path, "peft_type": "LORA", "task_type": task,
+        return {"base_model_name_or_path": self.base_ref, "peft_type": "LORA", "task_type": task,
                 "r": r_max, "lora_alpha": r_max, "rank_pattern": other, "alpha_pattern": other,
                 "target_modules": targets, "modules_to_save": save or None, "use_rslora": False,
                 "lora_dropout": 0.0, "bias": "none",

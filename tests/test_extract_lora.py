@@ -269,15 +269,16 @@ def _err(capsys, *argv):
     return rc, err[-1] if err else ""
 
 
-def test_cli_errors(llama, tmp_path, capsys):
+def test_cli_errors(llama, tmp_path, capsys, monkeypatch):
     base, ft = llama
     out = tmp_path / "out"
     rc, line = _err(capsys, base, ft, out)
     assert rc == 1 and "--rank" in line
     rc, line = _err(capsys, tmp_path / "nope", ft, out, "--rank", "4")
     assert rc == 1 and "BASE not found" in line and "nope" in line
-    rc, line = _err(capsys, base, "org/model", out, "--rank", "4")
-    assert rc == 1 and "FINETUNED 'org/model' is not a local folder" in line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id is resolved through the cache only
+    rc, line = _err(capsys, base, "no-such-org/no-such-model", out, "--rank", "4")
+    assert rc == 1 and "FINETUNED 'no-such-org/no-such-model' is not a local folder" in line
     rc, line = _err(capsys, base, ft, out, "--rank", "0")
     assert rc == 1 and "--rank 0" in line
     rc, line = _err(capsys, base, ft, out, "--rank-fraction", "1.5")
