@@ -9,7 +9,8 @@ written as PEFT writes a LoRA adapter: ``base_model.model.M.lora_A.weight`` (``r
 ``PeftModel.from_pretrained(base, OUT)`` computes with ``W_base + B A``. What mergekit's
 ``mergekit-extract-lora`` (0.1.5) does with the rest, this does too:
 
-* a linear module's bias delta goes to ``lora_B.bias`` (and ``lora_bias: true``);
+* a linear module's bias delta goes to ``lora_B.bias`` (and ``lora_bias: true``; then the
+  linear modules without a bias get a zero ``lora_B.bias``, every key PEFT expects);
 * embeddings and the output embedding (``lm_head``) are saved whole in ``modules_to_save``,
   unless ``--embed-lora``: then an embedding gets ``lora_embedding_A`` (``r × vocab``) and
   ``lora_embedding_B`` (``dim × r``) from the SVD of ``ΔWᵀ``, and ``lm_head`` is a linear one;
@@ -91,6 +92,7 @@ class Module:
     in_bytes: int = 0
     shape: tuple = ()
     bias: Optional[str] = None  # lora: the bias tensor whose delta goes to lora_B.bias
+    zero_bias: bool = False  # lora without a bias where others have one: lora_B.bias = 0
     out: Dict[str, torch.Tensor] = field(default_factory=dict)  # output name -> tensor
     info: dict = field(default_factory=dict)
 
@@ -204,6 +206,11 @@ def plan(base: Checkpoint, ft: Checkpoint, opts: ExtractOptions, warn) -> List[M
                      2 * sum(ft.entries[t].nbytes for t in reads), tuple(ft.entries[weight].shape))
         job.bias = reads[1] if len(reads) > 1 else None
         jobs.append(job)
+    # PEFT's lora_bias gives every adapted Linear a lora_B bias: zeros where the layer has none,
+    # written out so that PEFT finds every key it expects
+    if any(j.bias is not None for j in jobs if j.kind == "lora"):
+        for j in jobs:
+            j.zero_bias = j.kind == "lora" and j.bias is None
     if unknown:
         warn(f"{len(unknown)} module(s) the model class lacks, classified by shape: "
              f"{', '.join(unknown[:3])}")
@@ -343,6 +350,8 @@ class Extractor(Merger):
         if job.bias is not None:
             db = self._load(ft, job.bias).float() - self._load(base, job.bias).float()
             job.out[f"{stem}B.bias"] = db.to(self.dtype or ft.entries[job.bias].dtype).cpu()
+        if job.zero_bias:
+            job.out[f"{stem}B.bias"] = torch.zeros(job.shape[0], dtype=self.dtype or ft.entries[w].dtype)
         job.info = info
 
     # ---- the adapter file: every process learns every rank, rank 0 lays out the file
@@ -364,8 +373,8 @@ class Extractor(Merger):
             stem = PREFIX + job.name + (".lora_embedding_" if job.kind == "embedding" else ".lora_")
             suffix = "" if job.kind == "embedding" else ".weight"
             specs += [Spec(f"{stem}A{suffix}", wdt, (rank, n)), Spec(f"{stem}B{suffix}", wdt, (m, rank))]
-            if job.bias is not None:
-                specs.append(Spec(f"{stem}B.bias", dt or ft.entries[job.bias].dtype, (m,)))
+            if job.bias is not None or job.zero_bias:
+                specs.append(Spec(f"{stem}B.bias", dt or ft.entries[job.bias or job.tensors[0]].dtype, (m,)))
         one = plan_layout(specs, 1 << 62)
         self.layout = Layout([(ADAPTER_FILE,) + tuple(one.files[0][1:])], one.place)
 
