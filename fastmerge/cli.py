@@ -12,6 +12,9 @@ Subcommands:
     fastmerge mergekit CONFIG OUT [mergekit-yaml options]
                                 mergekit-yaml with its task-arithmetic family and linear merges
                                 running on fastmerge (same YAML, same output layout)
+    fastmerge extract-lora BASE FINETUNED OUT --rank R
+                                a PEFT LoRA adapter from a full fine-tune (randomized SVD per
+                                linear module; ``fastmerge extract-lora --help``)
 
 Heavy imports happen inside the subcommand that needs them, so ``fastmerge --help`` is instant.
 """
@@ -295,6 +298,113 @@ def _merge_and_report(args, merge_checkpoints, Interrupted, MergeError) -> int:
     return 0
 
 
+def _extract_parser(sub) -> None:
+    p = sub.add_parser(
+        "extract-lora", help="a PEFT LoRA adapter from a full fine-tune (extract-lora --help)",
+        description="Extract a PEFT LoRA adapter from a full fine-tune: per 2-D linear module, "
+                    "the top-R singular directions of W_finetuned - W_base (randomized SVD; "
+                    "--exact: full SVD), written as adapter_config.json + "
+                    "adapter_model.safetensors, which peft.PeftModel.from_pretrained loads. "
+                    "Norms, biases of non-linear modules, embeddings and lm_head (unless "
+                    "--embed-lora) go to modules_to_save whole, as mergekit-extract-lora does. "
+                    "Streaming, module by module; `torchrun --nproc-per-node=N -m fastmerge "
+                    "extract-lora ...` splits the modules across processes. OUT appears only "
+                    "when complete.")
+    p.add_argument("base", help="base model: a local folder of safetensors or a hub id (org/name[@rev])")
+    p.add_argument("finetuned", help="fine-tuned model: a local folder or a hub id")
+    p.add_argument("out", help="adapter folder to create (replaced only with --overwrite)")
+    p.add_argument("--rank", type=int, default=None, metavar="R",
+                   help="LoRA rank (with --rank-fraction: the largest rank)")
+    p.add_argument("--rank-fraction", type=float, default=None, metavar="F",
+                   help="per module, the smallest rank whose singular directions hold F (0 < F "
+                        "<= 1) of ||delta||_F^2, at most --rank (without --rank: a full SVD)")
+    p.add_argument("--sv-epsilon", type=float, default=0.0, metavar="E",
+                   help="drop singular values <= E (mergekit's --sv-epsilon; default 0)")
+    p.add_argument("--exact", action="store_true", help="full SVD (torch.linalg.svd) per module")
+    p.add_argument("--no-distribute-scale", action="store_true",
+                   help="B = U, A = S Vh (default, as mergekit: B = U sqrt(S), A = sqrt(S) Vh)")
+    p.add_argument("--embed-lora", action="store_true",
+                   help="LoRA for the embeddings and lm_head too (default: modules_to_save)")
+    p.add_argument("--save-module", action="append", default=[], metavar="NAME",
+                   help="save this module (full path or last name component) whole; repeatable")
+    p.add_argument("-i", "--include-regex", action="append", default=[], metavar="RE",
+                   help="extract only modules matching one of these regexes; repeatable")
+    p.add_argument("-e", "--exclude-regex", action="append", default=[], metavar="RE",
+                   help="skip modules matching this regex; repeatable")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype of the LoRA factors (default: the fine-tune's)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if present), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the randomized SVD's sketch (hashed with each tensor's name)")
+    p.add_argument("--oversample", type=int, default=None, metavar="P",
+                   help="randomized SVD: extra sketch columns (default max(10, R/10))")
+    p.add_argument("--n-iter", type=int, default=None, metavar="Q",
+                   help="randomized SVD: power iterations (default 2)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT in one atomic swap once the adapter is complete")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trust-index", action="store_true",
+                   help="read each tensor from the shard its index names, as mergekit does")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _one_line_errors(prog: str, debug: bool, call) -> tuple:
+    """``(0, call())``, or ``(exit code, None)`` after one line on stderr (``--debug``: the
+    traceback first)."""
+    import traceback
+
+    from .streaming import Interrupted, MergeError
+
+    try:
+        return 0, call()
+    except BaseException as exc:  # noqa: BLE001 - every path ends in one line
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, SystemExit):
+            raise
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"{prog}: interrupted; the output folder was not written", file=sys.stderr)
+            return 130, None
+        if isinstance(exc, Interrupted):
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return exc.code, None
+        if isinstance(exc, MergeError):
+            if int(os.environ.get("RANK", "0")) == 0 or "another process" not in str(exc):
+                print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+            return 1, None
+        if isinstance(exc, OSError):
+            what = f": {exc.filename}" if exc.filename is not None else ""
+            print(f"{prog}: error: {_one_line(exc.strerror or exc)}{what}", file=sys.stderr)
+            return 1, None
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        print(f"{prog}: internal error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 1, None
+
+
+def _cmd_extract_lora(args, rest) -> int:
+    def call():
+        from .extract_lora import extract_lora_checkpoints
+
+        return extract_lora_checkpoints(
+            args.base, args.finetuned, args.out, rank=args.rank, rank_fraction=args.rank_fraction,
+            sv_epsilon=args.sv_epsilon, exact=args.exact,
+            distribute_scale=not args.no_distribute_scale, embed_lora=args.embed_lora,
+            save_modules=tuple(args.save_module), include=tuple(args.include_regex),
+            exclude=tuple(args.exclude_regex), dtype=args.dtype, device=args.device,
+            seed=args.seed, oversample=args.oversample, n_iter=args.n_iter,
+            overwrite=args.overwrite, progress=not args.no_progress, trust_index=args.trust_index)
+
+    code, summary = _one_line_errors("fastmerge extract-lora", args.debug, call)
+    if code == 0 and summary["rank"] == 0:
+        ranks = sorted(set(summary["ranks"].values()))
+        shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        print(f"fastmerge extract-lora: {summary['modules']} LoRA modules ({shown}), "
+              f"{summary['saved']} saved whole -> {summary['out']} "
+              f"({summary['bytes_written'] / 1e9:.2f} GB) in {summary['seconds']:.1f} s"
+              + (f" on {summary['world']} processes" if summary["world"] > 1 else ""), file=sys.stderr)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fastmerge",
@@ -317,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "delta compression) (bench-quant --help)")
     sub.add_parser("backends", help="list the backends available here, and why not")
     _merge_parser(sub)
+    _extract_parser(sub)
     sub.add_parser("mergekit", add_help=False,
                    help="mergekit-yaml CONFIG OUT [options] with merges on fastmerge (mergekit --help)")
     return parser
@@ -324,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"bench": _cmd_bench, "bench-lowrank": _cmd_bench_lowrank, "bench-gpu": _cmd_bench_gpu,
             "bench-quant": _cmd_bench_quant, "backends": _cmd_backends, "mergekit": _cmd_mergekit,
-            "merge": _cmd_merge}
+            "merge": _cmd_merge, "extract-lora": _cmd_extract_lora}
 # subcommands that take the rest of the command line as is
 PASSTHROUGH = ("bench", "bench-lowrank", "bench-gpu", "bench-quant", "mergekit")
 
