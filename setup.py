@@ -16,7 +16,8 @@ from setuptools import setup
 # mergekit's other methods (fastmerge/methods/)
 SOURCES = ["csrc/magnitude_select.cpp", "csrc/mask_norms.cpp", "csrc/della.cpp", "csrc/fused_merge.cpp",
            "csrc/quant.cpp", "csrc/bindings.cpp", "csrc/gram.cpp", "csrc/lincomb.cpp",
-           "csrc/nearswap.cpp", "csrc/ram.cpp", "csrc/passthrough.cpp"]
+           "csrc/nearswap.cpp", "csrc/ram.cpp", "csrc/passthrough.cpp", "csrc/sce.cpp",
+           "csrc/arcee_fusion.cpp"]
 COMMON = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
 
 

@@ -4,14 +4,14 @@
     python -m bench.integrations adapter  [--size 1024] [--layers 4] [--rank 16] [--json PATH]
     python -m bench.integrations mergekit [--scale 1b|tiny] [--methods ties,dare_ties]
                                           [--workdir DIR] [--json PATH]
-    python -m bench.integrations merge    (same options)
+    python -m bench.integrations merge    (same options; also --methods slerp_slices,passthrough_franken)
 
 ``peft``: ``peft.utils.merge_utils``' functions on K fp32 task tensors, PEFT's own code vs
 ``fastmerge.integrations.peft.patched()``. ``adapter``: ``LoraModel.add_weighted_adapter`` on a
 synthetic model of ``--layers`` square Linear layers with three LoRA adapters. ``mergekit``: end to
 end ``mergekit-yaml CONFIG OUT`` vs ``fastmerge mergekit CONFIG OUT`` on a synthetic Llama
 (``1b``: TinyLlama-1.1B's shapes, bf16, written once under ``--workdir``), K=3, each run a fresh
-process timed from start to exit (I/O included) with its peak RSS from ``wait4``; the inputs are
+process timed from start to exit (I/O included) with its peak RSS (getrusage in a fresh helper process, so nothing of this process counts); the inputs are
 read once beforehand so both runs find them in the page cache; the outputs are compared.
 ``merge``: the same, ``mergekit-yaml`` vs ``fastmerge merge CONFIG OUT`` (fastmerge's own
 streaming merge of the same YAML).
@@ -133,6 +133,30 @@ E2E_PARAMS = {
 }
 
 
+# `slices` configs (issue 18's acceptance): mergekit's classic gradient SLERP over one slice, and
+# a passthrough frankenmerge of two overlapping layer ranges
+SLICE_METHODS = {"slerp_slices": "slerp", "passthrough_franken": "passthrough"}
+
+
+def _e2e_config(method: str, paths: list, layers: int) -> list:
+    """The YAML lines of end-to-end case ``method`` over ``paths`` (base, m0, m1, ...)."""
+    if method == "slerp_slices":
+        return ["merge_method: slerp", f"base_model: {paths[0]}", "dtype: bfloat16", "slices:",
+                "  - sources:", f"    - model: {paths[0]}", f"      layer_range: [0, {layers}]",
+                f"    - model: {paths[1]}", f"      layer_range: [0, {layers}]",
+                "parameters:", "  t:", "    - filter: self_attn", "      value: [0, 0.5, 0.3, 0.7, 1]",
+                "    - filter: mlp", "      value: [1, 0.5, 0.7, 0.3, 0]", "    - value: 0.5"]
+    if method == "passthrough_franken":
+        cut = max(1, layers * 3 // 4)
+        return ["merge_method: passthrough", "dtype: bfloat16", "slices:",
+                "  - sources:", f"    - model: {paths[1]}", f"      layer_range: [0, {cut}]",
+                "  - sources:", f"    - model: {paths[2]}", f"      layer_range: [{layers - cut}, {layers}]"]
+    lines = [f"merge_method: {method}", f"base_model: {paths[0]}", "dtype: bfloat16", "models:"]
+    for p, params in zip(paths[1:], E2E_PARAMS[method]):
+        lines += [f"  - model: {p}", f"    parameters: {params}"]
+    return lines
+
+
 def build_llamas(root: str, scale: str, k: int = 3) -> list:
     """``root/base`` and ``root/m0..m{k-1}``: safetensors checkpoints of a synthetic Llama
     (base ~ N(0, 0.02), fine-tunes = base + N(0, 0.002*(i+1))), bf16, written tensor by tensor
@@ -167,20 +191,33 @@ def build_llamas(root: str, scale: str, k: int = 3) -> list:
     return [os.path.join(root, n) for n in names]
 
 
+# Runs one command and reports its wall time and peak RSS. A child forked from this (large)
+# benchmark process would inherit its RSS in ru_maxrss (the count starts at fork, before exec),
+# so every command runs under this small, freshly exec'd Python, whose own children start small.
+_MEASURE = r"""
+import os, resource, subprocess, sys, time
+t0 = time.perf_counter()
+rc = subprocess.call(sys.argv[2:], stdout=subprocess.DEVNULL)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as fh:
+    fh.write(f"{wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024} {rc}")
+"""
+
+
 def _run_timed(cmd: list, env=None) -> tuple:
-    """(wall seconds, peak RSS bytes, returncode) of one child process."""
-    # stderr to a file, not a pipe: nothing reads a pipe while wait4 blocks, so a child writing
+    """(wall seconds, peak RSS bytes, returncode) of one child process, measured by a fresh
+    helper process (see ``_MEASURE``)."""
+    # stderr to a file, not a pipe: nothing reads a pipe while the child runs, so a child writing
     # more than the pipe buffer (progress bars) would stall
-    with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = rc = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r", suffix=".txt") as res:
+        rc = subprocess.call([sys.executable, "-c", _MEASURE, res.name] + cmd, env=env,
+                             stdout=subprocess.DEVNULL, stderr=err)
+        fields = res.read().split()
+        wall, rss, rc = (float(fields[0]), int(fields[1]), int(fields[2])) if len(fields) == 3 else (0.0, 0, rc or 1)
         if rc:
             err.seek(0)
             print(err.read().decode(errors="replace")[-3000:], file=sys.stderr)
-    return wall, usage.ru_maxrss * 1024, rc
+    return wall, rss, rc
 
 
 def _compare(out_a: str, out_b: str) -> dict:
@@ -204,7 +241,7 @@ CONTENDERS = {  # what each e2e mode runs against mergekit-yaml, as a command pr
 
 def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergekit") -> list:
     """``mergekit-yaml CONFIG OUT`` vs the contender of ``mode`` on the same config, each a fresh
-    process timed from start to exit, peak RSS from ``wait4``."""
+    process timed from start to exit, peak RSS measured by a fresh helper process."""
     paths = build_llamas(os.path.join(workdir, f"llama-{scale}"), scale)
     for p in paths:  # page cache: both runs read warm files
         for f in os.listdir(p):
@@ -216,9 +253,7 @@ def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergeki
     rows = []
     for method in methods:
         cfg = os.path.join(workdir, f"{scale}-{method}.yml")
-        lines = [f"merge_method: {method}", f"base_model: {paths[0]}", "dtype: bfloat16", "models:"]
-        for p, params in zip(paths[1:], E2E_PARAMS[method]):
-            lines += [f"  - model: {p}", f"    parameters: {params}"]
+        lines = _e2e_config(method, paths, SCALES[scale]["num_hidden_layers"])
         with open(cfg, "w") as f:
             f.write("\n".join(lines) + "\n")
         extra = {"mergekit-yaml": ["--random-seed", "0", "--no-copy-tokenizer"],
@@ -236,8 +271,9 @@ def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergeki
             outs[who], results[who] = out, (wall, rss)
             print(f"{method:<10} {who:<19} {wall:8.1f} s   peak RSS {rss / 2**30:6.2f} GiB", flush=True)
         (t_mk, rss_mk), (t_fm, rss_fm) = results["mergekit-yaml"], results[name]
+        k = {"slerp_slices": 1, "passthrough_franken": 2}.get(method, 3)
         rows.append({"op": f"e2e {method}", "library": "mergekit", "contender": name, "scale": scale,
-                     "params": SCALES[scale], "dtype": "bfloat16", "k": 3,
+                     "params": SCALES[scale], "dtype": "bfloat16", "k": k, "config": "\n".join(lines),
                      "median_ms": t_mk * 1e3, "patched_ms": t_fm * 1e3, "speedup": t_mk / t_fm,
                      "peak_rss_bytes": {"mergekit-yaml": rss_mk, name: rss_fm},
                      "rss_ratio": rss_fm / rss_mk,

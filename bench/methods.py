@@ -1,77 +1,78 @@
-"""mergekit's other methods on the fused cpu kernels, against mergekit in the same run (issue 17's
-acceptance: >= 5x mergekit's ``merge_tensors``, >= 35% of the copy bandwidth).
+"""mergekit's other methods (fastmerge/methods/: slerp, nuslerp, multislerp, karcher,
+model_stock, sce, nearswap, arcee_fusion, ram, ramplus_tl, passthrough) in ``fastmerge bench``.
 
-    PYTHONPATH=. python -m bench.methods [--shape 4096 4096] [--methods slerp karcher]
+Each is timed in :mod:`bench.suite`'s run, as ``fastmerge.merge(method, ...)`` on every fastmerge
+backend and as mergekit 0.1.5's ``merge_tensors`` (same inputs, same run), with the suite's
+columns: median ms, GB/s of the bytes the merge must move (each input read once, the output
+written once: :func:`bytes_in`), % of the copy bandwidth measured in that run, and the speedup
+over mergekit. A method takes K models as it allows, up to 3 (``CASES``), whatever ``--k`` says;
+its rows carry that K. Issue 17's acceptance reads these rows on 4096x4096 fp32: >= 5x mergekit
+(target 20x) and >= 35% of the copy bandwidth::
 
-Each row: fastmerge ``merge(method, backend="cpu")`` and mergekit 0.1.5's ``merge_tensors`` on
-the same fp32 inputs (base + K models, K as the method takes, up to 3), median seconds (timing
-policy and copy bandwidth from :mod:`bench.suite`: ``dst.copy_(src)``, read + write), GB/s of
-the bytes the merge must move (each input read once, the output written once), its % of the
-copy bandwidth, and the speedup over mergekit. (The fused plans read each input twice: a Gram
-pass and a combination pass.)
+    fastmerge bench --shapes 4096x4096 --dtypes float32 --methods slerp,nuslerp,...,passthrough
+
+A method the registry lists no fused kernel for on a backend (sce and arcee_fusion, until their
+C++ kernels land) runs its torch reference there: its row is still measured, and says so in
+``path`` (``fused`` or ``reference``).
+
+``passthrough`` copies its one tensor (scaled when ``scale`` is given); mergekit's returns the
+input itself, so a speedup over it is meaningless: read its % of copy bandwidth instead.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-
-import torch
+import functools
 
 import fastmerge
-from bench.suite import copy_bandwidth, cpu_name, time_fn
 
-# method -> (non-base models K, parameters under fastmerge's names)
+# method -> (K non-base models, takes a base, parameters under fastmerge's names). Values suit
+# the suite's data (base N(0, 0.02), models base + N(0, 0.002)): the thresholds (t, epsilon)
+# sit inside the deltas' range so that every branch of the merge is taken.
 CASES = {
-    "slerp": (1, dict(t=0.3)),
-    "nuslerp": (2, dict(weights=[0.4, 0.6])),
-    "multislerp": (3, dict(weights=[0.3, 0.5, 0.2])),
-    "karcher": (3, dict()),
-    "model_stock": (3, dict()),
+    "slerp": (1, True, dict(t=0.3)),
+    "nuslerp": (2, True, dict(weights=[0.4, 0.6])),
+    "multislerp": (3, True, dict(weights=[0.3, 0.5, 0.2])),
+    "karcher": (3, True, dict()),
+    "model_stock": (3, True, dict()),
+    "sce": (3, True, dict(select_topk=0.5)),
+    "nearswap": (1, True, dict(t=0.002)),
+    "arcee_fusion": (1, True, dict()),
+    "ram": (3, True, dict(epsilon=0.002)),
+    "ramplus_tl": (3, True, dict(epsilon=0.002)),
+    "passthrough": (1, False, dict()),
 }
+METHODS = tuple(m for m in CASES if m in fastmerge.METHODS)
+MAX_K = max(k for k, _, _ in CASES.values())
 
 
-def _mergekit(name, base, models, params):
-    from mergekit.merge_methods import merge_tensors
-
-    mk = {("weight" if k == "weights" else k): v for k, v in params.items()}
-    with torch.no_grad():
-        return merge_tensors([base, *models], name, parameters=mk, base_index=0)
+def k_of(method: str) -> int:
+    return CASES[method][0]
 
 
-def run(shape=(4096, 4096), methods=tuple(CASES), log=print) -> list:
-    copy = copy_bandwidth()
-    log(f"{cpu_name()}, {torch.get_num_threads()} torch threads; copy bandwidth {copy:.2f} GB/s "
-        f"(dst.copy_(src), 256 MiB fp32, read + write); shape {shape[0]}x{shape[1]} fp32")
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    log(f"{'method':<12} {'K':>2} {'fastmerge ms':>13} {'mergekit ms':>12} {'GB/s':>7} "
-        f"{'% copy BW':>9} {'x mergekit':>10}")
-    for name in methods:
-        K, params = CASES[name]
-        base = torch.randn(shape, generator=g)
-        models = [base + 0.05 * torch.randn(shape, generator=g) for _ in range(K)]
-        ours = time_fn(lambda: fastmerge.merge(name, base, models, backend="cpu", **params),
-                       warmup=1, min_reps=5, min_time=0.5)
-        theirs = time_fn(lambda: _mergekit(name, base, models, params), warmup=1, min_reps=3,
-                         min_time=0.5, max_time=5.0)
-        t, tm = statistics.median(ours), statistics.median(theirs)
-        nbytes = (K + 2) * base.numel() * 4
-        gbps = nbytes / t / 1e9
-        row = dict(method=name, k=K, ms=1e3 * t, mergekit_ms=1e3 * tm, gbps=gbps,
-                   pct_of_copy_bw=100 * gbps / copy, speedup=tm / t)
-        rows.append(row)
-        log(f"{name:<12} {K:>2} {row['ms']:>13.1f} {row['mergekit_ms']:>12.1f} {gbps:>7.2f} "
-            f"{row['pct_of_copy_bw']:>9.1f} {row['speedup']:>10.1f}")
-    return rows
+def bytes_in(method: str) -> int:
+    """Inputs the merge reads (the base counts when the method takes one)."""
+    k, has_base, _ = CASES[method]
+    return k + int(has_base)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", type=int, nargs=2, default=[4096, 4096])
-    p.add_argument("--methods", nargs="+", default=list(CASES), choices=list(CASES))
-    a = p.parse_args(argv)
-    run(tuple(a.shape), a.methods)
+def path(method: str, backend: str) -> str:
+    """``fused`` when the registry lists a fused kernel of ``method`` for ``backend``, else
+    ``reference`` (the method's torch reference runs there)."""
+    from fastmerge import _registry
+
+    return "fused" if backend in _registry.get(method).kernels else "reference"
 
 
-if __name__ == "__main__":
-    main()
+def fastmerge_case(method: str, base, models, backend: str):
+    k, has_base, params = CASES[method]
+    return functools.partial(fastmerge.merge, method, base if has_base else None, list(models[:k]),
+                             backend=backend, **params)
+
+
+def mergekit_case(merge_tensors, method: str, base, models):
+    """mergekit's ``merge_tensors`` on the same inputs: fastmerge's ``weights`` is its per-model
+    ``weight``; the base is tensor 0 (``base_index=0``) when the method takes one."""
+    k, has_base, params = CASES[method]
+    mk = {("weight" if n == "weights" else n): v for n, v in params.items()}
+    if not has_base:
+        return functools.partial(merge_tensors, list(models[:k]), method, parameters=mk)
+    return functools.partial(merge_tensors, [base, *models[:k]], method, parameters=mk, base_index=0)

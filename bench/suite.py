@@ -36,16 +36,20 @@ import torch
 
 import fastmerge
 
+from . import methods as other_methods
+
 # Order of the table: the methods people use most first.
 MERGE_METHODS = tuple(m for m in (
     "ties", "dare_ties", "task_arithmetic", "della", "dare_linear", "breadcrumbs_ties",
     "della_linear", "breadcrumbs", "linear",
 ) if m in fastmerge.METHODS)
 PEFT_METHODS = ("ties", "dare_ties", "task_arithmetic")
-ALL_OPS = tuple(dict.fromkeys(MERGE_METHODS + PEFT_METHODS))
+# mergekit's other methods (bench/methods.py): each with its own K (up to 3) and parameters
+OTHER_METHODS = other_methods.METHODS
+ALL_OPS = tuple(dict.fromkeys(MERGE_METHODS + PEFT_METHODS + OTHER_METHODS))
 # mergekit references run by default (the reference libraries are slow); any other method
 # mergekit knows gets its reference too when it is named explicitly in ``methods``.
-MERGEKIT_DEFAULT_REFS = ("ties", "dare_ties", "della", "task_arithmetic")
+MERGEKIT_DEFAULT_REFS = ("ties", "dare_ties", "della", "task_arithmetic") + OTHER_METHODS
 MERGEKIT_METHODS = MERGE_METHODS  # mergekit 0.1.5 registers all of these names
 NO_DENSITY = ("task_arithmetic", "linear")  # methods that do not sparsify
 BACKENDS = ("cpu", "triton", "cuda", "torch")  # fastmerge backends, fast ones first
@@ -365,10 +369,15 @@ def _peft_case(impl, method, tasks, weights_t, density, seed=None, backend=None)
 def bytes_moved(op: str, api: str, numel: int, k: int, in_dtype, out_dtype) -> int:
     """Bytes the op cannot avoid moving: every input read once, the output written once.
     mergekit-style: K models + the base (``linear`` does not read the base); PEFT-style:
-    K task tensors. The output counts with its own dtype (PEFT promotes to the weights' dtype)."""
+    K task tensors; mergekit's other methods: their own K models, plus the base when they take
+    one (bench/methods.py). The output counts with its own dtype (PEFT promotes to the weights'
+    dtype)."""
     isz = torch.empty((), dtype=in_dtype).element_size()
     osz = torch.empty((), dtype=out_dtype).element_size()
-    n_in = k + 1 if api == "mergekit" and op != "linear" else k
+    if op in OTHER_METHODS:
+        n_in = other_methods.bytes_in(op)
+    else:
+        n_in = k + 1 if api == "mergekit" and op != "linear" else k
     return n_in * numel * isz + numel * osz
 
 
@@ -448,8 +457,11 @@ def tier_backends(tier: Tier, backends: list, explicit: bool) -> list:
 
 
 def _cases(tier: Tier, dev: str, backends: list, explicit_backends: bool, methods: list,
-           explicit_methods: bool, refs: dict, inputs, k: int, density: float, seed: int) -> list:
-    base, models, tasks = inputs
+           explicit_methods: bool, refs: dict, inputs, k: int, density: float, seed: int,
+           others: bool = True) -> list:
+    """The cases of one shape/dtype/K; mergekit's other methods (their own K) when ``others``."""
+    base, all_models, tasks = inputs
+    models = all_models
     models = models[:k]
     tasks = tasks[:k] if tasks is not None else None
     weights = [1.0 / k] * k
@@ -467,6 +479,14 @@ def _cases(tier: Tier, dev: str, backends: list, explicit_backends: bool, method
             out.append(Case(op, "mergekit", "mergekit", _mergekit_case(mk, op, base, models, weights, density), True))
         for b in bks:
             out.append(Case(op, "mergekit", b, _merge_case(op, base, models, weights, density, seed, b),
+                            b in SLOW_BACKENDS))
+    for op in methods if others else ():  # mergekit's other methods, each with its own K
+        if op not in OTHER_METHODS:
+            continue
+        if mk is not None:
+            out.append(Case(op, "mergekit", "mergekit", other_methods.mergekit_case(mk, op, base, all_models), True))
+        for b in bks:
+            out.append(Case(op, "mergekit", b, other_methods.fastmerge_case(op, base, all_models, b),
                             b in SLOW_BACKENDS))
     for op in methods:  # PEFT-style API
         if op not in PEFT_METHODS:
@@ -503,12 +523,17 @@ def make_cases(shape=(1024, 1024), dtype=torch.float32, k: int = DEFAULT_K,
     ref_libs = _references() if refs else {}
     if _placeholders:
         e = torch.empty(0)
-        inputs, numel = (e, [e] * k, [e] * k), 0
+        inputs, numel = (e, [e] * _models_needed(ops, k), [e] * k), 0
     else:
-        inputs = _inputs(tuple(shape), dtype, k, "cpu", seed, tasks=True)
+        inputs = _inputs(tuple(shape), dtype, _models_needed(ops, k), "cpu", seed, tasks=True)
         numel = inputs[0].numel()
     return _cases(tier, "cpu", backends, True, ops, methods is not None, ref_libs, inputs, k,
                   density, seed), numel
+
+
+def _models_needed(methods, kmax: int) -> int:
+    """Models to generate: the largest K asked for, and every other method's own K."""
+    return max([kmax] + [other_methods.k_of(m) for m in methods if m in OTHER_METHODS])
 
 
 def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, backends=None,
@@ -595,7 +620,7 @@ def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, ba
     for tier in plan:
         for dev in devices:
             for dtype in dtypes:
-                kmax = max(ks)
+                kmax = _models_needed(methods, max(ks))
                 # Build the case list on placeholders first: skip the (big) inputs if empty.
                 probe = _cases(tier, dev, bks, explicit_backends, methods, explicit_methods,
                                ref_libs, (torch.empty(0), [torch.empty(0)] * kmax, [torch.empty(0)] * kmax),
@@ -615,7 +640,8 @@ def run(quick: bool = False, shapes=None, dtypes=None, ks=None, methods=None, ba
                 for k in ks:
                     ref_ms = {}
                     cases = [(c, None) for c in _cases(tier, dev, bks, explicit_backends, methods,
-                                                       explicit_methods, ref_libs, inputs, k, density, seed)]
+                                                       explicit_methods, ref_libs, inputs, k, density, seed,
+                                                       others=k == ks[0])]
                     if extra_cases is not None:
                         tb = [b for b in tier_backends(tier, bks, explicit_backends) if BACKEND_DEVICE[b] == dev]
                         cases += extra_cases(tier.shape, dev, dtype, inputs, k, tb)
@@ -682,6 +708,9 @@ def _measure(case: Case, dev, dname, shape, dtype, k, density, numel, timing, sy
     first = time.perf_counter() - t0
     out_dtype = out.dtype
     del out
+    other = case.op in OTHER_METHODS
+    if other:
+        k = other_methods.k_of(case.op)
     warmup = 0 if first > timing["max_time"] else max(0, timing["warmup"] - 1)
     times = (timer or time_fn)(case.fn, warmup, timing["min_reps"], timing["min_time"],
                                max_time=timing["max_time"], sync=sync)
@@ -698,10 +727,11 @@ def _measure(case: Case, dev, dname, shape, dtype, k, density, numel, timing, sy
         "op": case.op, "api": case.api, "backend": case.backend, "device": dname,
         "torch_device": dev, "shape": list(shape), "dtype": _dtype_name(dtype),
         "out_dtype": _dtype_name(out_dtype), "k": k,
-        "density": None if case.op in NO_DENSITY else density,
+        "density": None if case.op in NO_DENSITY or other else density,
         "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "reps": len(times),
         "bytes": nbytes, "gbps": gbps, "pct_of_copy_bw": 100.0 * gbps / copy,
         "speedup_vs": speedup,
+        **({"path": other_methods.path(case.op, case.backend)} if other and not case.is_ref else {}),
     }
 
 

@@ -64,9 +64,12 @@ def test_merge(benchmark, cases, op, api, backend):
     else:
         out = benchmark(case.fn)
     assert isinstance(out, torch.Tensor) and out.shape == SHAPE
-    nbytes = suite.bytes_moved(op, api, numel, K, DTYPE, out.dtype)
+    other = op in suite.OTHER_METHODS  # mergekit's other methods run at their own K
+    k = suite.other_methods.k_of(op) if other else K
+    nbytes = suite.bytes_moved(op, api, numel, k, DTYPE, out.dtype)
     benchmark.extra_info.update(op=op, api=api, backend=backend, shape=list(SHAPE), dtype=DTYPE_STR,
-                                k=K, density=None if op in suite.NO_DENSITY else DENSITY, bytes=nbytes)
+                                k=k, density=None if other or op in suite.NO_DENSITY else DENSITY,
+                                bytes=nbytes)
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["gbps"] = nbytes / stats.stats.median / 1e9

@@ -9,6 +9,7 @@
 
 #include "gram.h"
 #include "elementwise.h"
+#include "selection.h"
 #include "kernels.h"
 #include "philox_mask.h"
 
@@ -112,4 +113,19 @@ PYBIND11_MODULE(FM_MODULE, m) {
     m.def("scaled_copy", &fm::scaled_copy, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
           py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("scale"),
           py::arg("nthreads"));
+    // ---- mergekit's other methods: a selection over the whole tensor, then the merge (csrc/selection.h)
+    m.def("sce_energy", &fm::sce_energy, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("models"), py::arg("dtype"), py::arg("n"), py::arg("nthreads"));
+    m.def("sce_select", &fm::sce_select, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("models"), py::arg("dtype"), py::arg("n"), py::arg("select_topk"), py::arg("bits"),
+          py::arg("nthreads"));
+    m.def("sce_merge", &fm::sce_merge, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("models"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("w"),
+          py::arg("mode"), py::arg("bits"), py::arg("nthreads"));
+    m.def("arcee_select", &fm::arcee_select, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("model"), py::arg("dtype"), py::arg("rows"), py::arg("length"), py::arg("ranks"), py::arg("kl"),
+          py::arg("nthreads"));
+    m.def("arcee_merge", &fm::arcee_merge, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("model"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("rows"),
+          py::arg("length"), py::arg("kl"), py::arg("thr"), py::arg("nthreads"));
 }

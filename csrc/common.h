@@ -288,4 +288,27 @@ inline void advise_huge(void* p, int64_t bytes) {
 #endif
 }
 
+// store_block with non-temporal stores for an fp32 destination aligned to 32 bytes (a merge's
+// fresh output is written once and not read back: streaming it skips the read-for-ownership of
+// every line); other dtypes and alignments store as store_block does. Same values either way.
+// A thread that streams calls stream_fence() before its stores must be visible to others.
+static inline void stream_block(void* p, int dt, int64_t i0, int n, const float* __restrict src) {
+#ifdef __AVX__
+    float* d = (float*)p + i0;
+    if (dt == DTYPE_F32 && ((uintptr_t)d & 31) == 0) {
+        int j = 0;
+        for (; j + 8 <= n; j += 8) _mm256_stream_ps(d + j, _mm256_loadu_ps(src + j));
+        for (; j < n; ++j) d[j] = src[j];
+        return;
+    }
+#endif
+    store_block(p, dt, i0, n, src);
+}
+
+static inline void stream_fence() {
+#ifdef __AVX__
+    _mm_sfence();
+#endif
+}
+
 }  // namespace fm

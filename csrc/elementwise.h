@@ -4,8 +4,9 @@
 // Every kernel reads its inputs in place (fp32/fp16/bf16, `dt`), computes in fp32 in the
 // reference's operation order (so results are bit-identical to the torch reference), writes
 // the output once, rounded to `out_dt`, and returns one non-finite flag per input: the models
-// in order, then the base. Blocks of EW_BLOCK elements are split statically over the threads;
-// per-element work never depends on the split, so the bytes do not depend on the thread count.
+// in order, then the base. Blocks of EW_BLOCK elements are handed out dynamically (eight at a time:
+// a preempted thread on a shared machine does not hold up the others); per-element work never
+// depends on the split, so the bytes do not depend on the thread count or the schedule.
 #pragma once
 
 #include <algorithm>
@@ -36,7 +37,7 @@ static inline int ew_nonfinite(const float* __restrict v, int n) {
 void advise_huge(void* p, int64_t bytes);
 
 // The parallel loop of every kernel here: body(i0, len, scratch, acc) for each block of n
-// elements, statically split over the threads. scratch: a thread's `scratch_floats` floats
+// elements, split dynamically over the threads. scratch: a thread's `scratch_floats` floats
 // (64-byte aligned); acc: a thread's `nacc` zeroed integers, summed over the threads into the
 // result (flags are 0/1 and so sum to "seen anywhere"; integer counts are exact in any order).
 template <class Body>
@@ -48,15 +49,23 @@ std::vector<int64_t> ew_parallel(int64_t n, int nthreads, int nacc, int64_t scra
         std::vector<int64_t> acc(nacc, 0);
         std::vector<float> buf((size_t)scratch_floats + 16);
         float* scratch = (float*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
         for (int64_t b = 0; b < nblocks; ++b) {
             const int64_t i0 = b * EW_BLOCK;
             body(i0, (int)std::min<int64_t>(EW_BLOCK, n - i0), scratch, acc.data());
         }
+        stream_fence();  // the kernels stream their output (stream_block)
 #pragma omp critical
         for (int m = 0; m < nacc; ++m) total[m] += acc[m];
     }
     return total;
+}
+
+// Elements i0 .. i0+n-1 of an input as fp32: in place for fp32, else converted into buf.
+static inline const float* ew_row(const void* p, int dt, int64_t i0, int n, float* buf) {
+    if (dt == DTYPE_F32) return (const float*)p + i0;
+    load_block(p, dt, i0, n, buf);
+    return buf;
 }
 
 // Entries off .. off+k-1 of ew_parallel's sums as 0/1 flags.
@@ -67,7 +76,8 @@ static inline std::vector<int> ew_flags(const std::vector<int64_t>& v, size_t of
 }
 
 // nearswap: w = clamp(t * (1 / max(|a - b|, 1e-6)), 0, 1), out = w b + (1 - w) a with
-// a = base, b = model. Flags: {model, base}.
+// a = base, b = model. Flags: {model, base, result} (result: some fp32 output value, before
+// the rounding to out_dt, is inf or nan; likewise the last flag of ram_merge and scaled_copy).
 std::vector<int> nearswap(uint64_t base, uint64_t model, int dt, uint64_t out, int out_dt, int64_t n,
                           float t, int nthreads);
 
@@ -79,11 +89,11 @@ std::vector<int64_t> ram_counts(uint64_t base, const std::vector<uint64_t>& mode
 
 // ram (lam empty): out = base + (sum_k nz_k d_k) / max(c, 1).
 // ramplus_tl (lam[k] per model): out = base + sum_k (nz_k d_k) ([c = 1] lam_k + [c > 1] / c).
-// Flags: K + 1.
+// Flags: K + 1, then the result's.
 std::vector<int> ram_merge(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t out,
                            int out_dt, int64_t n, float eps, const std::vector<float>& lam, int nthreads);
 
-// passthrough: out = scale * x (scale 1 copies x exactly). Flags: {x}.
+// passthrough: out = scale * x (scale 1 copies x exactly). Flags: {x, result}.
 std::vector<int> scaled_copy(uint64_t x, int dt, uint64_t out, int out_dt, int64_t n, float scale,
                              int nthreads);
 

@@ -31,7 +31,8 @@ std::vector<int> gram(uint64_t base, const std::vector<uint64_t>& xs, int dt, in
 
 // out = sum_k c_k[v] x_k + c_base[v] base (delta: sum_k c_k[v] (x_k - base) + c_base[v] base),
 // in fp32, rounded once to out_dt. coef: float32, (K + 1) rows of outer * inner (one value per
-// vector; row K is the base's, read only when base != 0). Returns the K + 1 non-finite flags.
+// vector; row K is the base's, read only when base != 0). Returns the K + 1 non-finite flags,
+// then one more: some fp32 result (before the rounding to out_dt) is inf or nan.
 std::vector<int> lincomb(uint64_t base, const std::vector<uint64_t>& xs, int dt, uint64_t out,
                          int out_dt, int64_t outer, int64_t length, int64_t inner, uint64_t coef,
                          bool delta, int nthreads);
@@ -82,9 +83,50 @@ struct InputBlock {
     std::vector<uint32_t> bad;
 };
 
-// The flags of every thread's InputBlock, OR-ed (order-independent).
+// The flags of every thread's InputBlock, OR-ed (order-independent) into flags[0 .. K].
 static inline void merge_flags(std::vector<int>& flags, const InputBlock& in) {
-    for (size_t k = 0; k < flags.size(); ++k) flags[k] |= (int)in.bad[k];
+    for (size_t k = 0; k < in.bad.size(); ++k) flags[k] |= (int)in.bad[k];
+}
+
+// One block of n elements of every input, as fp32 rows x[k] (fp32 inputs read in place, others
+// converted into the thread's buffer) and the base's row b (null without a base).
+struct RowBlock {
+    RowBlock(uint64_t base, const std::vector<uint64_t>& xs, int dt)
+        : base_((const void*)base), dt_(dt), K((int)xs.size()), buf((size_t)(K + 1) * GRAM_BLK),
+          x((size_t)K), bad((size_t)K + 1, 0u) {
+        for (uint64_t p : xs) xs_.push_back((const void*)p);
+    }
+    const float* row(const void* p, int slot, int64_t i0, int n) {
+        if (dt_ == DTYPE_F32) return (const float*)p + i0;
+        float* d = buf.data() + (size_t)slot * GRAM_BLK;
+        load_block(p, dt_, i0, n, d);
+        return d;
+    }
+    void load(int64_t i0, int n) {
+        b = nullptr;
+        if (base_) {
+            b = row(base_, K, i0, n);
+            bad[K] |= any_nonfinite(b, n);
+        }
+        for (int k = 0; k < K; ++k) {
+            x[k] = row(xs_[k], k, i0, n);
+            bad[k] |= any_nonfinite(x[k], n);
+        }
+    }
+
+    const void* base_;
+    std::vector<const void*> xs_;
+    int dt_;
+    int K;
+    std::vector<float> buf;
+    std::vector<const float*> x;
+    const float* b = nullptr;
+    std::vector<uint32_t> bad;
+};
+
+// The flags of every thread's RowBlock, OR-ed (order-independent).
+static inline void merge_row_flags(std::vector<int>& flags, const RowBlock& in) {
+    for (size_t k = 0; k < in.bad.size(); ++k) flags[k] |= (int)in.bad[k];
 }
 
 }  // namespace fm

@@ -15,10 +15,9 @@ std::vector<int> nearswap(uint64_t base, uint64_t model, int dt, uint64_t out, i
     advise_huge((void*)out, n * (out_dt == DTYPE_F32 ? 4 : 2));
     const void* pa = (const void*)base;
     const void* pb = (const void*)model;
-    auto sums = ew_parallel(n, nthreads, 2, 2 * EW_BLOCK, [&](int64_t i0, int len, float* a, int64_t* acc) {
-        float* __restrict b = a + EW_BLOCK;
-        load_block(pa, dt, i0, len, a);
-        load_block(pb, dt, i0, len, b);
+    auto sums = ew_parallel(n, nthreads, 3, 3 * EW_BLOCK, [&](int64_t i0, int len, float* o, int64_t* acc) {
+        const float* __restrict a = ew_row(pa, dt, i0, len, o + EW_BLOCK);
+        const float* __restrict b = ew_row(pb, dt, i0, len, o + 2 * EW_BLOCK);
         acc[0] |= ew_nonfinite(b, len);
         acc[1] |= ew_nonfinite(a, len);
         for (int j = 0; j < len; ++j) {
@@ -27,11 +26,12 @@ std::vector<int> nearswap(uint64_t base, uint64_t model, int dt, uint64_t out, i
             float w = (1.0f / (d < 1e-6f ? 1e-6f : d)) * t;
             w = w < 0.0f ? 0.0f : w;
             w = 1.0f < w ? 1.0f : w;
-            a[j] = w * b[j] + (1.0f - w) * a[j];
+            o[j] = w * b[j] + (1.0f - w) * a[j];
         }
-        store_block((void*)out, out_dt, i0, len, a);
+        acc[2] |= ew_nonfinite(o, len);
+        stream_block((void*)out, out_dt, i0, len, o);
     });
-    return ew_flags(sums, 0, 2);
+    return ew_flags(sums, 0, 3);
 }
 
 }  // namespace fm

@@ -12,13 +12,14 @@ std::vector<int> scaled_copy(uint64_t x, int dt, uint64_t out, int out_dt, int64
                              int nthreads) {
     advise_huge((void*)out, n * (out_dt == DTYPE_F32 ? 4 : 2));
     const void* src = (const void*)x;
-    auto sums = ew_parallel(n, nthreads, 1, EW_BLOCK, [&](int64_t i0, int len, float* v, int64_t* acc) {
-        load_block(src, dt, i0, len, v);
+    auto sums = ew_parallel(n, nthreads, 2, 2 * EW_BLOCK, [&](int64_t i0, int len, float* o, int64_t* acc) {
+        const float* __restrict v = ew_row(src, dt, i0, len, o + EW_BLOCK);
         acc[0] |= ew_nonfinite(v, len);
-        for (int j = 0; j < len; ++j) v[j] = v[j] * scale;
-        store_block((void*)out, out_dt, i0, len, v);
+        for (int j = 0; j < len; ++j) o[j] = v[j] * scale;
+        acc[1] |= ew_nonfinite(o, len);
+        stream_block((void*)out, out_dt, i0, len, o);
     });
-    return ew_flags(sums, 0, 1);
+    return ew_flags(sums, 0, 2);
 }
 
 }  // namespace fm

@@ -76,7 +76,7 @@ std::vector<int> ram_merge(uint64_t base, const std::vector<uint64_t>& models, i
     const bool plus = !lam.empty();
     const RamBlock rb{(const void*)base, models, dt, eps};
     advise_huge((void*)out, n * (out_dt == DTYPE_F32 ? 4 : 2));
-    auto sums = ew_parallel(n, nthreads, K + 1, RamBlock::floats(K) + EW_BLOCK,
+    auto sums = ew_parallel(n, nthreads, K + 2, RamBlock::floats(K) + EW_BLOCK,
                             [&](int64_t i0, int len, float* s, int64_t* acc) {
         rb.load(i0, len, s, acc);
         const float* __restrict bb = s;
@@ -100,9 +100,10 @@ std::vector<int> ram_merge(uint64_t base, const std::vector<uint64_t>& models, i
             }
             for (int j = 0; j < len; ++j) o[j] = bb[j] + o[j] / std::max(c[j], 1.0f);
         }
-        store_block((void*)out, out_dt, i0, len, o);
+        acc[K + 1] |= ew_nonfinite(o, len);
+        stream_block((void*)out, out_dt, i0, len, o);
     });
-    return ew_flags(sums, 0, K + 1);
+    return ew_flags(sums, 0, K + 2);
 }
 
 }  // namespace fm

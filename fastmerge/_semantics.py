@@ -12,7 +12,7 @@ broken by lowest flat index.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -33,7 +33,11 @@ class MaskSpec:
 
     kind: ``none`` (kept whole), ``zero`` (dropped whole), ``range`` (keep priority positions
     ``start <= pos < stop``), ``random`` (keep with probability ``p``), ``della`` (keep with
-    probability ``c1 + rn * c2`` from the row rank, see :mod:`fastmerge.philox`).
+    probability ``c1 + rn * c2`` from the row rank, see :mod:`fastmerge.philox`), ``given``
+    (keep where the bool tensor ``keep`` is True: a random mask drawn by the caller, e.g. with
+    a library's own ``torch.bernoulli`` calls; ``density`` is its keep probability).
+    factor: ``given`` masks only: the norm-matching factor of a norm ``rescale`` as the caller
+    computed it (None: from the norms, as for every other mask).
     """
 
     kind: str
@@ -43,6 +47,14 @@ class MaskSpec:
     c1: float = 0.0
     c2: float = 0.0
     density: float = 1.0
+    keep: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    factor: Optional[float] = None
+
+
+def given_mask(keep: torch.Tensor, density: float, factor: Optional[float] = None) -> MaskSpec:
+    """A random mask drawn by the caller: keep where ``keep`` (a bool tensor of the input's
+    shape); ``density`` is the probability it was drawn with (DARE's ``1/density`` rescale)."""
+    return MaskSpec("given", p=fp32(density), density=density, keep=keep, factor=factor)
 
 
 @dataclass
@@ -68,7 +80,7 @@ class Plan:
     @property
     def needs_norms(self) -> bool:
         return self.rescale in ("l1", "l2", "linf") and any(
-            m.kind in ("range", "random", "della") for m in self.masks
+            m.kind in ("range", "random", "della", "given") for m in self.masks
         )
 
 

@@ -185,3 +185,23 @@ def input_names(names, k: int) -> list:
     """The names error messages give a merge's K inputs: ``names`` when given (the CLI passes
     tensor and model names), else ``models[i]``."""
     return list(names) if names is not None else [f"models[{i}]" for i in range(k)]
+
+
+def keep_masks(keep, models: Sequence[torch.Tensor], name: str = "keep") -> list:
+    """Caller-drawn keep masks: one entry per model, None or a bool tensor with that model's
+    shape on its device. Returns them as a list."""
+    if isinstance(keep, torch.Tensor) or not isinstance(keep, (list, tuple)):
+        raise TypeError(f"{name} must be a list of one bool tensor (or None) per model, got "
+                        f"{type(keep).__name__}")
+    if len(keep) != len(models):
+        raise ValueError(f"{name} must have one entry per model ({len(models)}), got {len(keep)}")
+    for k, (mask, model) in enumerate(zip(keep, models)):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{name}[{k}] must be a bool tensor or None, got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != model.shape or mask.device != model.device:
+            raise ValueError(f"{name}[{k}] has shape {tuple(mask.shape)} on {mask.device}; model {k} "
+                             f"is {tuple(model.shape)} on {model.device}")
+    return list(keep)

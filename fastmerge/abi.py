@@ -54,7 +54,7 @@ CONSENSUS_OF_PLAN = {None: CONSENSUS_NONE, "sum": CONSENSUS_SUM, "count": CONSEN
 NORM_OF_PLAN = {None: NORM_NONE, "l1": NORM_L1, "l2": NORM_L2, "linf": NORM_LINF}
 # MaskSpec.kind -> mask code: DELLA's keeps always come from a pass before the merge
 MASK_OF_SPEC = {"none": MASK_NONE, "zero": MASK_ZERO, "range": MASK_RANGE, "random": MASK_RANDOM,
-                "della": MASK_BITS}
+                "della": MASK_BITS, "given": MASK_BITS}
 QUANT_OF_LAYOUT = {"gptq": QUANT_INT4_GPTQ, "torchao": QUANT_INT4_TORCHAO, "fp8": QUANT_FP8}
 GRANULARITY_OF = {"tensor": GRANULARITY_TENSOR, "row": GRANULARITY_ROW, "block": GRANULARITY_BLOCK}
 FP8_FORMAT_OF = {"e4m3fn": FP8_FORMAT_E4M3FN, "e5m2": FP8_FORMAT_E5M2}

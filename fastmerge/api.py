@@ -140,6 +140,47 @@ def merge(
                  method, args["qcfg"])
 
 
+def merge_with_keep(method: str, base: torch.Tensor, models: Sequence[torch.Tensor], keep, *,
+                    factors=None, weights=None, density=1.0, lam: float = 1.0,
+                    normalize: Optional[bool] = None, rescale=None, epsilon=None,
+                    out_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
+    """:func:`merge` for a random method (``dare_ties, dare_linear, della, della_linear``) with
+    its random keep masks drawn by the caller instead of fastmerge's Philox stream.
+
+    ``keep``: one entry per model: a bool tensor of the models' shape (True = kept), or None
+    where the method draws nothing for that model (its density keeps all, or with DELLA
+    drops all). ``factors``: optional per-model norm-matching factors for ``rescale`` (as the
+    caller's library computed them, so that its rounding is reproduced), None entries (or
+    ``factors=None``) computed from the norms as :func:`merge` does. Everything else (the
+    rescale, weights, sign election, disjoint sum, normalization) is :func:`merge`'s, fused.
+    The integrations' ``patch(rng="torch")`` draws the masks with the library's own
+    ``torch.bernoulli`` calls and passes them here."""
+    entry = R.get(method)
+    if entry.family != "gta" or entry.sparsify not in ("random", "della"):
+        raise ValueError(f"keep masks replace the random masks of dare_ties, dare_linear, della and "
+                         f"della_linear, not of method {method!r}")
+    args = _validate(entry, base, models, weights, density, lam, out_dtype, None)
+    K = len(args["models"])
+    keep = V.keep_masks(keep, args["models"], "keep")
+    factors = [None] * K if factors is None else list(factors)
+    if len(factors) != K:
+        raise ValueError(f"factors must have one entry per model ({K}), got {len(factors)}")
+    p = plan(entry, base, args["models"], args["w"], args["dens"], args["lam"], normalize=normalize,
+             rescale=rescale, epsilon=entry.defaults.get("epsilon") if epsilon is None else epsilon,
+             seed=0)
+    masks = []
+    for k, (spec, mask, factor) in enumerate(zip(p.masks, keep, factors)):
+        drawn = spec.kind in ("random", "della")
+        if drawn != (mask is not None):
+            raise ValueError(f"keep[{k}] must be {'a bool tensor' if drawn else 'None'}: model {k}'s "
+                             f"density {args['dens'][k]} {'draws' if drawn else 'draws no'} random mask")
+        masks.append(sem.given_mask(mask, args["dens"][k], None if factor is None else V.number(factor, f"factors[{k}]"))
+                     if drawn else spec)
+    p.masks = masks
+    p.weight_grad = args["wgrad"]
+    return B.run(p, base, args["models"], args["dtype"], backend, method)
+
+
 def _run_svd(entry, base, args, alpha, exact, seed, common_space_fraction, backend):
     if alpha is not None and args["lam"] != 1.0:
         raise ValueError("give either alpha or lam for an SVD merge, not both (they are the same scale)")

@@ -670,3 +670,91 @@ def merge(method: str, base: torch.Tensor, models: Sequence[torch.Tensor], *, we
         return torch.add(bf, tau, alpha=alpha).to(out_dtype)
 
     return _finite_merge(compute, [base, *models], ["base", *V.input_names(None, len(models))])
+
+
+# ----------------------------------------------------------------------------- LoRA extraction
+
+
+def _extraction_rank(s: torch.Tensor, total: float, cap: int, rank_fraction, sv_epsilon: float) -> int:
+    """The kept rank: ``cap``, or fewer where ``rank_fraction`` of the energy ``‖ΔW‖_F²`` is
+    reached sooner (the smallest ``r`` with ``Σ_{i≤r} σ_i² ≥ fraction·‖ΔW‖_F²``), or where
+    singular values fall to ``sv_epsilon`` and below. At least 1 (PEFT needs ``r ≥ 1``)."""
+    r = cap
+    if rank_fraction is not None and total > 0:
+        cum = torch.cumsum(s.double() ** 2, 0)
+        reached = torch.nonzero(cum >= rank_fraction * total * (1 - 1e-12))
+        if reached.numel():
+            r = min(r, int(reached[0, 0]) + 1)
+    if sv_epsilon > 0:
+        r = min(r, int((s > sv_epsilon).sum()))
+    return max(1, min(r, s.numel()) if s.numel() else 1)
+
+
+def extract_lora(base: torch.Tensor, finetuned: torch.Tensor, rank: Optional[int] = None, *,
+                 rank_fraction: Optional[float] = None, sv_epsilon: float = 0.0, exact: bool = False,
+                 distribute_scale: bool = True, out_dtype: Optional[torch.dtype] = None,
+                 oversample: Optional[int] = None, n_iter: Optional[int] = None,
+                 seed: Optional[int] = None, return_info: bool = False):
+    """LoRA factors of one fine-tuned matrix: ``B A ≈ ΔW = finetuned − base`` at rank ``r``.
+
+    ``ΔW ≈ U_r diag(S_r) Vh_r`` is the top-``r`` SVD of the delta (:func:`svd_lowrank`: the
+    randomized SVD, or ``torch.linalg.svd`` with ``exact=True``), so ``‖ΔW − B A‖_F`` is within
+    :func:`svd_lowrank`'s factor of the Eckart-Young optimum ``(Σ_{i>r} σ_i²)^½``. As
+    ``mergekit-extract-lora`` does, ``distribute_scale`` (default) splits the singular values
+    evenly: ``B = U_r diag(√S_r)``, ``A = diag(√S_r) Vh_r`` (else ``B = U_r``, ``A = diag(S_r) Vh_r``).
+    In PEFT's layout (``lora_alpha = r``, scaling 1) the adapted weight is ``W_base + B A``.
+
+    Rank: ``rank`` is the largest ``r`` (default ``min(m, n)``); ``rank_fraction`` keeps the
+    smallest ``r`` whose components hold that fraction of ``‖ΔW‖_F²`` (capped by ``rank``; the
+    energy of the SVD computed at ``rank``); ``sv_epsilon`` drops singular values ``≤`` it
+    (mergekit's ``--sv-epsilon``). At least one of ``rank`` and ``rank_fraction`` is needed.
+
+    Args:
+        base, finetuned: ``(m, n)`` float tensors of one shape (a Linear's ``(out, in)``).
+        out_dtype: the factors' dtype (default ``finetuned``'s); the SVD runs in fp32 (fp64
+            for fp64 input). seed, oversample, n_iter: as :func:`svd_lowrank`.
+        return_info: also return ``{"rank", "energy", "residual"}``: the kept fraction of
+            ``‖ΔW‖_F²`` and ``‖ΔW − B A‖_F`` from ``‖ΔW‖_F² − Σ_{i≤r} S_i²`` (exact in exact
+            arithmetic: ``B A`` is an orthogonal projection of ``ΔW``).
+
+    Returns:
+        ``(B, A)`` of shapes ``(m, r)`` and ``(r, n)``, or ``(B, A, info)``.
+    """
+    base, finetuned = _matrix(base, "base"), _matrix(finetuned, "finetuned")
+    if base.dim() != 2 or finetuned.shape != base.shape:
+        raise ValueError(f"base and finetuned must be matrices of one shape (m, n), got "
+                         f"{tuple(base.shape)} and {tuple(finetuned.shape)}")
+    if base.device != finetuned.device:
+        raise ValueError(f"base is on {base.device}, finetuned on {finetuned.device}")
+    m, n = base.shape
+    if rank is None and rank_fraction is None:
+        raise ValueError("give rank (the largest LoRA rank) or rank_fraction (or both)")
+    cap = min(m, n) if rank is None else min(V.integer(rank, "rank", 1), min(m, n))
+    if rank_fraction is not None:
+        rank_fraction = V.number(rank_fraction, "rank_fraction")
+        if not 0 < rank_fraction <= 1:
+            raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
+    sv_epsilon = V.number(sv_epsilon, "sv_epsilon")
+    if sv_epsilon < 0:
+        raise ValueError(f"sv_epsilon must be >= 0, got {sv_epsilon}")
+    distribute_scale = V.flag(distribute_scale, "distribute_scale")
+    out_dtype = finetuned.dtype if out_dtype is None else out_dtype
+    wd = torch.float64 if torch.float64 in (base.dtype, finetuned.dtype) else torch.float32
+    delta = finetuned.to(wd) - base.to(wd)
+    _finite(delta, "finetuned - base")
+    u, s, vh = svd_lowrank(delta, cap, oversample=oversample, n_iter=n_iter, exact=exact, seed=seed)
+    total = float(delta.double().square().sum()) if (return_info or rank_fraction is not None) else 0.0
+    r = _extraction_rank(s, total, cap, rank_fraction, sv_epsilon)
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    if distribute_scale:
+        root = s.sqrt()
+        b, a = u * root, root[:, None] * vh
+    else:
+        b, a = u, s[:, None] * vh
+    b, a = b.to(out_dtype).contiguous(), a.to(out_dtype).contiguous()
+    if not return_info:
+        return b, a
+    kept = float(s.double().square().sum())
+    info = {"rank": r, "energy": kept / total if total > 0 else 1.0,
+            "residual": math.sqrt(max(total - kept, 0.0))}
+    return b, a, info

@@ -14,13 +14,23 @@ mergekit's ``evaluate_setting``:
 - ``t`` (the gradient position) is ``i / (L - 1)`` for a tensor of layer ``i`` of ``L`` (1 when
   ``L == 1``), and 0 for tensors outside the layer stack (embeddings, final norm, head).
 
-``slices``/``modules`` (layer surgery) and mergekit's other methods are not fastmerge's: the
-error says to use ``fastmerge mergekit`` for those.
+Every registered method runs (``fastmerge.METHODS``). mergekit's other methods (slerp,
+nuslerp, multislerp, karcher, model_stock, sce, nearswap, arcee_fusion, ram, ramplus_tl,
+passthrough; :mod:`fastmerge.methods`) take their parameters under mergekit's names: ``weight``
+(per model, as ``weights``) and passthrough's ``scale`` (per model) from the model's own
+``parameters`` first, every other one (``t``, ``eps``, ``filter_wise``, ...) from the top-level
+``parameters`` only, as mergekit binds them; required ones (``t``, ``weight``) must resolve for
+every tensor. Which models are inputs follows mergekit's base policies: a method that needs a
+base (slerp, model_stock, ...) merges the listed models other than ``base_model`` onto it; for
+nuslerp, multislerp and karcher ``base_model`` is optional (karcher counts it as one more point
+of the mean, as mergekit does); passthrough takes exactly one model and no other base.
+
+``slices``/``modules`` (layer surgery) are not fastmerge's: the error says to use
+``fastmerge mergekit`` for those.
 """
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -28,16 +38,17 @@ import torch
 
 from . import _registry as R
 from . import _semantics as sem
-from . import lowrank
+from . import layers, lowrank
 
 
 class ConfigError(ValueError):
     """A merge configuration fastmerge cannot run (the message says what and where)."""
 
 
-# the registered methods whose YAML parameters this config reader maps (fastmerge/_registry.py);
-# mergekit's other methods (fastmerge/methods/) run from Python, and from `fastmerge mergekit`
-METHODS = tuple(m for m in R.METHODS if R.get(m).family in ("gta", "linear", "svd"))
+# every registered method (fastmerge/_registry.py): each family's parameters are mapped below
+METHODS = R.METHODS
+# mergekit's per-model parameters of its other methods, under fastmerge's names (-> YAML names)
+_PER_INPUT = {"weights": "weight", "scale": "scale"}
 _FLOAT = ("weight", "density", "gamma", "epsilon", "lambda", "alpha")
 _BOOL = ("normalize", "rescale", "int8_mask")
 SHARED = ("normalize", "rescale", "lambda", "int8_mask", "alpha")
@@ -46,7 +57,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float": torch.float32, "half": torch.float16}
 TOPK_SCOPES = ("tensor", "model")
-_KNOWN = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+_KNOWN = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
           "tokenizer_source", "quantize", "topk_scope", "name", "chat_template"}
 
 
@@ -54,6 +65,23 @@ _KNOWN = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dt
 class ModelRef:
     path: str
     parameters: Dict[str, Any] = field(default_factory=dict)
+    layer_range: Optional[Tuple[int, int]] = None  # a slice's source: layers [start, end)
+
+
+@dataclass
+class Slice:
+    """One entry of ``slices``: its ``sources`` (models with a ``layer_range`` each, all of one
+    length), an optional ``base_model`` of its own, and ``parameters`` between the sources'
+    own and the top-level ones. ``residual_weight`` is accepted and, as in mergekit 0.1.5,
+    unused."""
+    sources: List[ModelRef]
+    base: Optional[str] = None
+    parameters: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        start, end = self.sources[0].layer_range
+        return end - start
 
 
 @dataclass
@@ -68,27 +96,83 @@ class MergeConfig:
     quantize: Optional[dict] = None
     topk_scope: str = "tensor"
     source: str = ""  # the YAML text, copied next to the output
+    slices: List[Slice] = field(default_factory=list)  # a `slices:` config (then no models)
+    name: str = ""  # the model card's title (mergekit's `name`)
+    chat_template: Optional[str] = None  # "auto" or a Jinja template
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether ``base_model`` is read and passed as the merge's base (``linear`` ignores it;
+        passthrough takes its one model as an input, never a base)."""
+        return self.base_of() is not None
 
     @property
     def inputs(self) -> List[ModelRef]:
         """The models merged onto the base: every listed model except the base itself (mergekit
-        drops the base from the task vectors); ``linear`` merges every listed model."""
-        if self.method == "linear" or self.base is None:
-            return list(self.models)
-        return [m for m in self.models if os.path.abspath(m.path) != os.path.abspath(self.base)]
+        drops the base from the task vectors); ``linear`` and passthrough take every listed
+        model."""
+        return self.inputs_of()
+
+    def base_of(self, sl: Optional[Slice] = None) -> Optional[str]:
+        """The base the merge of ``sl`` (default: the ``models`` list) reads, or None: the
+        slice's ``base_model``, else the config's, when the method takes a base; in a slice, a
+        base that is not among its sources is none for a method that does not need one."""
+        base = (sl.base if sl is not None else None) or self.base
+        if base is None or self.method == "linear" or R.get(self.method).base == "none":
+            return None
+        if sl is not None and not any(_same(s.path, base) for s in sl.sources):
+            return None
+        return base
+
+    def inputs_of(self, sl: Optional[Slice] = None) -> List[ModelRef]:
+        refs = self.models if sl is None else sl.sources
+        base = self.base_of(sl)
+        return list(refs) if base is None else [m for m in refs if not _same(m.path, base)]
+
+    def base_source(self, sl: Slice) -> Optional[ModelRef]:
+        base = self.base_of(sl)
+        return None if base is None else next(s for s in sl.sources if _same(s.path, base))
+
+    def paths(self) -> List[Tuple[str, str]]:
+        """(label, path) of every model folder the config names."""
+        found = [("base_model", self.base)] if self.base is not None else []
+        found += [(f"models[{i}]", m.path) for i, m in enumerate(self.models)]
+        for i, sl in enumerate(self.slices):
+            found += [(f"slices[{i}].base_model", sl.base)] if sl.base is not None else []
+            found += [(f"slices[{i}].sources[{j}]", m.path) for j, m in enumerate(sl.sources)]
+        return found
 
 
-def _validate(name: str, value: Any, where: str) -> Any:
+def _same(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _kind_of(default: Any) -> str:
+    """The value type of a :mod:`fastmerge.methods` parameter, read off its default (no
+    default, or None: a number)."""
+    if isinstance(default, bool):
+        return "bool"
+    return "int" if isinstance(default, int) else "float"
+
+
+def _validate(name: str, value: Any, where: str, kind: Optional[str] = None) -> Any:
     """mergekit's per-parameter type adapter (pydantic lax mode): floats from numbers or
-    numeric strings, bools from bools (and yes/no-like strings)."""
-    if name in _FLOAT:
+    numeric strings, ints from integral numbers, bools from bools (and yes/no-like strings).
+    ``kind`` ("float", "int", "bool") overrides the type known by name."""
+    kind = kind or ("float" if name in _FLOAT else "bool" if name in _BOOL else None)
+    if kind == "int":
+        number = _validate(name, value, where, "float")
+        if not number.is_integer():
+            raise ConfigError(f"{where}: {name} must be an integer, got {value!r}")
+        return int(number)
+    if kind == "float":
         if isinstance(value, bool):
             raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
-    if name in _BOOL:
+    if kind == "bool":
         if isinstance(value, bool):
             return value
         if isinstance(value, (int, float)) and value in (0, 1):
@@ -99,43 +183,44 @@ def _validate(name: str, value: Any, where: str) -> Any:
     return value
 
 
-def evaluate(name: str, setting: Any, tensor: str, t: float, where: str = "parameters") -> Any:
+def evaluate(name: str, setting: Any, tensor: str, t: float, where: str = "parameters",
+             kind: Optional[str] = None) -> Any:
     """Resolve one parameter ``setting`` for ``tensor`` at gradient position ``t`` (mergekit's
     ``evaluate_setting``); None when a list of filters has no match."""
     if isinstance(setting, dict):
         setting = [setting]
     if setting is None or isinstance(setting, (bool, int, float, str)):
-        return None if setting is None else _validate(name, setting, where)
+        return None if setting is None else _validate(name, setting, where, kind)
     if not isinstance(setting, list):
         raise ConfigError(f"{where}: {name} has an unexpected value {setting!r}")
     if not setting:
         return None
     if all(isinstance(e, (bool, int, float, str)) for e in setting):
-        values = [_validate(name, e, where) for e in setting]
+        values = [_validate(name, e, where, kind) for e in setting]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             return values[int(t * (len(values) - 1))]
         scaled = t * (len(values) - 1)
         i0 = int(scaled)
         i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
-        return _validate(name, (1 - frac) * values[i0] + frac * values[i1], where)
+        return _validate(name, (1 - frac) * values[i0] + frac * values[i1], where, kind)
     for cond in setting:
         if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
             raise ConfigError(f"{where}: {name}: a list of conditions must hold only "
                               f"{{filter: ..., value: ...}} entries, got {cond!r}")
         flt = cond.get("filter")
         if flt is None or flt == "*" or (tensor and str(flt) in tensor):
-            return evaluate(name, cond["value"], tensor, t, where)
+            return evaluate(name, cond["value"], tensor, t, where, kind)
     return None
 
 
-def _model_ref(entry: Any, i: int) -> ModelRef:
-    where = f"models[{i}]"
+def _model_ref(entry: Any, i: int, where: Optional[str] = None, more: tuple = ()) -> ModelRef:
+    where = where or f"models[{i}]"
     if isinstance(entry, str):
         return ModelRef(entry)
     if not isinstance(entry, dict) or "model" not in entry:
-        raise ConfigError(f"{where}: each entry needs a `model:` (a local folder)")
-    extra = set(entry) - {"model", "parameters"}
+        raise ConfigError(f"{where}: each entry needs a `model:` (a local folder or a hub id)")
+    extra = set(entry) - {"model", "parameters", *more}
     if extra:
         raise ConfigError(f"{where}: unknown keys {sorted(extra)}")
     params = entry.get("parameters") or {}
@@ -165,10 +250,12 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
         raise ConfigError(f"{source_name} is not valid YAML: {problem}{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source_name}: expected a mapping with merge_method, base_model, models")
-    if "slices" in raw or "modules" in raw:
-        raise ConfigError(f"{source_name}: `slices`/`modules` (layer surgery) are not supported by "
-                          "`fastmerge merge`; run it with `fastmerge mergekit CONFIG OUT` (mergekit "
-                          "with fastmerge's kernels) instead")
+    if "modules" in raw:
+        raise ConfigError(f"{source_name}: `modules` (per-module slices) are not supported by "
+                          "`fastmerge merge` yet; run it with `fastmerge mergekit CONFIG OUT` "
+                          "(mergekit with fastmerge's kernels) instead")
+    if ("slices" in raw) == ("models" in raw):
+        raise ConfigError(f"{source_name}: give exactly one of `models` and `slices`")
     unknown = set(raw) - _KNOWN
     if unknown:
         raise ConfigError(f"{source_name}: unknown keys {sorted(unknown)} (known: {sorted(_KNOWN)})")
@@ -177,9 +264,12 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
         raise ConfigError(f"{source_name}: merge_method {method!r} is not supported by `fastmerge merge` "
                           f"(supported: {', '.join(METHODS)}); for mergekit's other methods run "
                           "`fastmerge mergekit CONFIG OUT`")
-    models = raw.get("models")
-    if not isinstance(models, list) or not models:
+    models = raw.get("models", [])
+    if "models" in raw and (not isinstance(models, list) or not models):
         raise ConfigError(f"{source_name}: `models` must be a non-empty list")
+    slices = raw.get("slices", [])
+    if "slices" in raw and (not isinstance(slices, list) or not slices):
+        raise ConfigError(f"{source_name}: `slices` must be a non-empty list")
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{source_name}: `parameters` must be a mapping")
@@ -187,7 +277,8 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
     if scope not in TOPK_SCOPES:
         raise ConfigError(f"{source_name}: topk_scope must be one of {TOPK_SCOPES}, got {scope!r}")
     base = raw.get("base_model")
-    if base is None and method != "linear":
+    slices = [_slice(sl, i) for i, sl in enumerate(slices)]
+    if R.get(method).base == "required" and base is None and not all(sl.base for sl in slices or [None]):
         raise ConfigError(f"{source_name}: merge_method {method} needs a base_model")
     tok = raw.get("tokenizer_source")
     if tok is not None and not isinstance(tok, str):
@@ -198,12 +289,90 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
     quant = raw.get("quantize")
     if quant is not None and not isinstance(quant, dict):
         raise ConfigError(f"{source_name}: quantize must be a mapping, e.g. {{format: int4, group_size: 128}}")
-    return MergeConfig(
+    cfg = MergeConfig(
         method=method, base=None if base is None else str(base),
         models=[_model_ref(m, i) for i, m in enumerate(models)], parameters=dict(params),
         dtype=_dtype(raw.get("dtype"), "dtype"), out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
-        tokenizer_source=tok, quantize=quant, topk_scope=scope, source=text,
+        tokenizer_source=tok, quantize=quant, topk_scope=scope, source=text, slices=slices,
+        name=str(raw.get("name") or ""), chat_template=_chat_template(raw.get("chat_template"), source_name),
     )
+    for sl in slices or [None]:
+        _check_count(cfg, source_name, sl)
+    return cfg
+
+
+def _chat_template(value: Any, source_name: str) -> Optional[str]:
+    """mergekit's ``chat_template``: ``auto`` (the template most of the models have) or a Jinja
+    template. mergekit's named templates (``chatml``, ``llama3``, ...) are its own data files:
+    refused with the way out, rather than written wrong."""
+    if value is None or value == "auto":
+        return value
+    if not isinstance(value, str) or len(value) < 20 or "{" not in value:
+        raise ConfigError(f"{source_name}: chat_template must be `auto` or a Jinja template (mergekit's "
+                          f"named templates such as chatml are not bundled with fastmerge: paste the "
+                          f"template's text), got {value!r}")
+    return value
+
+
+def _layer_range(value: Any, where: str) -> Tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"{where}.layer_range must be two integers [start, end], got {value!r}")
+    start, end = value
+    if not 0 <= start <= end:
+        raise ConfigError(f"{where}.layer_range must have 0 <= start <= end, got {list(value)}")
+    return start, end
+
+
+def _slice(entry: Any, i: int) -> Slice:
+    where = f"slices[{i}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+        raise ConfigError(f"{where}: each slice needs `sources`, a non-empty list of "
+                          "{model: ..., layer_range: [start, end]}")
+    extra = set(entry) - {"sources", "base_model", "parameters", "residual_weight"}
+    if extra:
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)}")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}.parameters must be a mapping")
+    sources = []
+    for j, src in enumerate(entry["sources"]):
+        ref = _model_ref(src, j, f"{where}.sources[{j}]", ("layer_range",))
+        if not isinstance(src, dict) or "layer_range" not in src:
+            raise ConfigError(f"{where}.sources[{j}] needs a layer_range: [start, end]")
+        ref.layer_range = _layer_range(src["layer_range"], f"{where}.sources[{j}]")
+        sources.append(ref)
+    lengths = {end - start for start, end in (s.layer_range for s in sources)}
+    if len(lengths) != 1:
+        raise ConfigError(f"{where}: all sources of a slice must span the same number of layers, "
+                          f"got {[list(s.layer_range) for s in sources]}")
+    base = entry.get("base_model")
+    return Slice(sources, None if base is None else str(base), dict(params))
+
+
+def _check_count(cfg: MergeConfig, source_name: str, sl: Optional[Slice] = None) -> None:
+    """mergekit's input count of a method (``fastmerge/methods/<name>.py``'s ``CONTRACT``) for
+    the models list or one slice, and a slice's base among its sources, checked before any
+    file is opened."""
+    entry = R.get(cfg.method)
+    where = source_name if sl is None else f"{source_name}: slices[{cfg.slices.index(sl)}]"
+    base = (sl.base if sl is not None else None) or cfg.base
+    if (sl is not None and entry.base == "required" and cfg.method != "linear"
+            and not any(_same(s.path, base) for s in sl.sources)):
+        raise ConfigError(f"{where}: merge_method {cfg.method} needs its base_model {base} among "
+                          "the slice's sources (with the layer_range to read), as mergekit does")
+    if entry.family != "method":
+        return
+    refs = cfg.models if sl is None else sl.sources
+    n, note = len(cfg.inputs_of(sl)), ""
+    if sl is None and entry.base == "none" and cfg.base is not None and not any(_same(m.path, cfg.base) for m in refs):
+        n, note = n + 1, " (mergekit counts base_model as one)"  # as mergekit's input contract does
+    lo, hi = entry.min_models, entry.max_models
+    if n < lo or hi is not None and n > hi:
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        besides = " besides base_model" if cfg.base_of(sl) is not None else ""
+        raise ConfigError(f"{where}: merge_method {cfg.method} takes {want} model(s){besides}, "
+                          f"got {n}{note}")
 
 
 def load(path: str) -> MergeConfig:
@@ -224,7 +393,6 @@ def load(path: str) -> MergeConfig:
 
 # ------------------------------------------------------------------ layers and parameters
 
-_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block))\.(\d+)\.")
 
 
 def layer_positions(names: List[str]) -> Dict[str, float]:
@@ -233,7 +401,7 @@ def layer_positions(names: List[str]) -> Dict[str, float]:
     found: Dict[str, Tuple[str, int]] = {}
     count: Dict[str, int] = {}
     for n in names:
-        m = _LAYER.match(n)
+        m = layers.LAYER.match(n)
         if m:
             found[n] = (m.group(1), int(m.group(2)))
             count[m.group(1)] = max(count.get(m.group(1), 0), int(m.group(2)) + 1)
@@ -258,23 +426,69 @@ def _defaults(method: str) -> Dict[str, Any]:
             "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 
 
-def resolve(cfg: MergeConfig, tensor: str, t: float) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """(shared parameters, one dict of per-model parameters per input) for ``tensor``."""
+def _scopes(cfg: MergeConfig, sl: Optional[Slice], ref: Optional[ModelRef] = None) -> list:
+    """(parameters, where) from the highest precedence down, as mergekit's ``parameter_sources``:
+    the model's (slice source's) own, the slice's, the top-level ones."""
+    found = [] if ref is None else [(ref.parameters, f"model {ref.path}")]
+    if sl is not None:
+        found.append((sl.parameters, f"slices[{cfg.slices.index(sl)}].parameters"))
+    return found + [(cfg.parameters, "parameters")]
+
+
+def _lookup(scopes: list, name: str, tensor: str, t: float, kind=None) -> Any:
+    for scope, where in scopes:
+        if name in scope:
+            v = evaluate(name, scope[name], tensor, t, where, kind)
+            if v is not None:
+                return v
+    return None
+
+
+def _per_model(cfg: MergeConfig, ref: ModelRef, name: str, tensor: str, t: float, kind=None,
+               sl: Optional[Slice] = None) -> Any:
+    """A per-model parameter: the model's own ``parameters`` first, then the slice's, then the
+    top-level ones."""
+    return _lookup(_scopes(cfg, sl, ref), name, tensor, t, kind)
+
+
+def _resolve_method(cfg: MergeConfig, tensor: str, t: float, sl: Optional[Slice] = None):
+    """:func:`resolve` for mergekit's other methods: their ``PARAMS`` under mergekit's names."""
+    refs = cfg.inputs_of(sl)
+    shared, per_model = {}, [{} for _ in refs]
+    for name, default in R.get(cfg.method).defaults.items():
+        required = default is R.REQUIRED
+        if name in _PER_INPUT:
+            for ref, values in zip(refs, per_model):
+                v = _per_model(cfg, ref, _PER_INPUT[name], tensor, t, "float", sl)
+                if v is None and required:
+                    raise ConfigError(f"missing required parameter {_PER_INPUT[name]} for {ref.path} "
+                                      f"(tensor {tensor}); mergekit requires it too")
+                values[name] = default if v is None else v
+            continue
+        v = _lookup(_scopes(cfg, sl), name, tensor, t, _kind_of(default))
+        if v is None and required:
+            raise ConfigError(f"missing required parameter {name} (tensor {tensor}) in the "
+                              "top-level parameters; mergekit requires it too")
+        shared[name] = default if v is None else v
+    return shared, per_model
+
+
+def resolve(cfg: MergeConfig, tensor: str, t: float,
+            sl: Optional[Slice] = None) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """(shared parameters, one dict of per-model parameters per input) for ``tensor`` (of the
+    models list, or of slice ``sl``)."""
+    if R.get(cfg.method).family == "method":
+        return _resolve_method(cfg, tensor, t, sl)
     defaults = _defaults(cfg.method)
     shared = {}
     for name in SHARED:
-        v = evaluate(name, cfg.parameters.get(name), tensor, t)
+        v = _lookup(_scopes(cfg, sl), name, tensor, t)
         shared[name] = defaults.get(name) if v is None else v
     per_model = []
-    for ref in cfg.inputs:
+    for ref in cfg.inputs_of(sl):
         values = {}
         for name in PER_MODEL:
-            v = None
-            for scope, where in ((ref.parameters, f"model {ref.path}"), (cfg.parameters, "parameters")):
-                if name in scope:
-                    v = evaluate(name, scope[name], tensor, t, where)
-                    if v is not None:
-                        break
+            v = _per_model(cfg, ref, name, tensor, t, sl=sl)
             if v is None:
                 if name == "weight" and cfg.method not in lowrank.METHODS:
                     raise ConfigError(f"missing required parameter weight for {ref.path} "
@@ -287,6 +501,9 @@ def resolve(cfg: MergeConfig, tensor: str, t: float) -> Tuple[Dict[str, Any], Li
 
 def merge_kwargs(cfg: MergeConfig, shared: dict, per_model: List[dict]) -> Dict[str, Any]:
     """Keyword arguments of :func:`fastmerge.merge` for one tensor."""
+    if R.get(cfg.method).family == "method":
+        return dict(shared, **{name: [p[name] for p in per_model]
+                               for name in _PER_INPUT if name in R.get(cfg.method).defaults})
     kw: Dict[str, Any] = {"weights": [p["weight"] for p in per_model]}
     if cfg.method in lowrank.METHODS:
         kw["alpha"] = shared["alpha"] if shared["alpha"] is not None else shared["lambda"]

@@ -57,8 +57,8 @@ _FUNCTIONS = {("none", False): "task_arithmetic", ("magnitude", False): "magnitu
 
 
 def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_method,
-           seed, backend) -> torch.Tensor:
-    if C.compiling():  # torch.compile: the opaque custom op (fastmerge/library.py)
+           seed, backend, keep=None) -> torch.Tensor:
+    if C.compiling() and keep is None:  # torch.compile: the opaque custom op (fastmerge/library.py)
         if not isinstance(weights, torch.Tensor):
             w = C.floats(weights)
             weights = torch.tensor(w if isinstance(weights, (list, tuple)) else w[0])
@@ -81,8 +81,15 @@ def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_meth
         masks = [sem.MaskSpec("none")] * len(tasks)
     elif method == "magnitude":
         masks = [sem.magnitude_mask(d, n, convention="peft")] * len(tasks)
-    else:
+    elif keep is None:
         masks = [sem.random_mask(d)] * len(tasks)
+    else:  # drawn by the caller (PEFT's own torch.bernoulli calls under patch(rng="torch"))
+        keep = V.keep_masks(keep, tasks, "keep")
+        if any(k is None for k in keep):
+            raise TypeError("keep must hold one bool tensor per task tensor (no None)")
+        masks = [sem.given_mask(k, d) for k in keep]
+    if keep is not None and (method != "random" or d is None):
+        raise ValueError("keep masks apply to random pruning with density < 1 only")
     plan = sem.Plan(
         masks=masks,
         weights=w,
@@ -91,7 +98,8 @@ def _merge(task_tensors, weights, density, method: str, rescale: bool, sign_meth
         elect_weighted=False,
         divisor="count" if consensus else "none",
         normalize=consensus is not None,
-        seed=resolve_seed(seed) if method == "random" and d is not None else 0,
+        # a seed is drawn (from torch's default generator) only for fastmerge's own masks
+        seed=resolve_seed(seed) if method == "random" and d is not None and keep is None else 0,
         names=[f"task_tensors[{i}]" for i in range(len(tasks))],
         weight_grad=V.grad_weights(weights, len(tasks)),
     )
@@ -117,16 +125,21 @@ def ties(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float
 
 
 def dare_linear(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float, *,
-                seed: Optional[int] = None, backend=None) -> torch.Tensor:
-    """DARE (arXiv:2311.03099): ``sum_k w_k (mask_k * t_k) / density``."""
-    return _merge(task_tensors, weights, density, "random", True, None, seed, backend)
+                seed: Optional[int] = None, backend=None, keep=None) -> torch.Tensor:
+    """DARE (arXiv:2311.03099): ``sum_k w_k (mask_k * t_k) / density``.
+
+    ``keep``: optional masks drawn by the caller (one bool tensor per task tensor, True = kept)
+    in place of the Philox draws; the rest of the merge is the same."""
+    return _merge(task_tensors, weights, density, "random", True, None, seed, backend, keep)
 
 
 def dare_ties(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float,
               majority_sign_method: Literal["total", "frequency"] = "total", *,
-              seed: Optional[int] = None, backend=None) -> torch.Tensor:
-    """DARE drop-and-rescale followed by TIES's election and disjoint merge (PEFT order)."""
-    return _merge(task_tensors, weights, density, "random", True, majority_sign_method, seed, backend)
+              seed: Optional[int] = None, backend=None, keep=None) -> torch.Tensor:
+    """DARE drop-and-rescale followed by TIES's election and disjoint merge (PEFT order);
+    ``keep`` as in :func:`dare_linear`."""
+    return _merge(task_tensors, weights, density, "random", True, majority_sign_method, seed, backend,
+                  keep)
 
 
 def magnitude_based_pruning(tensor: torch.Tensor, density: float, *, backend=None) -> torch.Tensor:

@@ -21,6 +21,7 @@ config's folder. See "Safety guarantees" in the README.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import heapq
@@ -37,12 +38,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from . import _semantics as sem
-from . import api, dispatch, lowrank
+from . import adapters, api, card, dispatch, hub, lowrank
+from . import layers
 from . import mergeconfig as mc
 from .safetensors_io import PACKED, Checkpoint, FormatError, Spec, Writer, confined, plan_layout
 
@@ -81,6 +83,9 @@ class Options:
     read_ahead: int = 2
     drop_extra_tensors: bool = False  # mergekit's way: tensors the base lacks are left out
     trust_index: bool = False  # mergekit's way: an index decides, whatever else the shards hold
+    write_model_card: bool = True  # README.md, as mergekit-yaml writes it
+    allow_crimes: bool = False  # mergekit's --allow-crimes: merge models of other architectures
+    shard_params: Optional[int] = None  # mergekit's --out-shard-size: parameters per shard
 
 
 @dataclass
@@ -92,6 +97,10 @@ class Job:
     kind: str  # merge | copy
     kwargs: Dict[str, Any] = field(default_factory=dict)
     in_bytes: int = 0
+    # the inputs: (checkpoint index in the merger's pool, tensor name there), the base first
+    # when has_base; a copy job reads srcs[0]
+    srcs: List[Tuple[int, str]] = field(default_factory=list)
+    has_base: bool = False
 
     @property
     def numel(self) -> int:
@@ -155,16 +164,47 @@ def assign(jobs: List[Job], world: int) -> List[int]:
 
 # ------------------------------------------------------------------------------ plan
 
+def local_refs(cfg: mc.MergeConfig) -> mc.MergeConfig:
+    """``cfg`` with every model reference it reads as a local folder: hub ids (``org/name``,
+    ``@revision``) resolved through the hub cache, downloading only the files a merge needs
+    (:mod:`fastmerge.hub`). An unused ``base_model`` (``linear``) is not fetched."""
+    found: dict = {}
+
+    def local(ref: str, role: str) -> str:
+        if ref not in found:
+            parts = adapters.split(ref)
+            found[ref] = (hub.local_path(ref, role) if parts is None else
+                          f"{hub.local_path(parts[0], role + ' (model)')}+{hub.local_path(parts[1], role + ' (lora)')}")
+        return found[ref]
+
+    base = local(cfg.base, "base_model") if cfg.uses_base or (cfg.slices and cfg.base) else cfg.base
+    models = [dataclasses.replace(m, path=local(m.path, f"models[{i}]")) for i, m in enumerate(cfg.models)]
+    slices = [dataclasses.replace(
+        sl, base=None if sl.base is None else local(sl.base, f"slices[{i}].base_model"),
+        sources=[dataclasses.replace(m, path=local(m.path, f"slices[{i}].sources[{j}]"))
+                 for j, m in enumerate(sl.sources)]) for i, sl in enumerate(cfg.slices)]
+    tok = cfg.tokenizer_source
+    if tok not in (None, "base", "union"):
+        tok = local(tok, "tokenizer_source")
+    return dataclasses.replace(cfg, base=base, models=models, slices=slices, tokenizer_source=tok)
+
+
+def _model_folder(path: str) -> str:
+    """The model's folder of a reference (of ``model+lora``: the model's)."""
+    parts = adapters.split(path)
+    return path if parts is None else parts[0]
+
+
 def _open(path: str, role: str, trust_index: bool = False) -> Checkpoint:
-    if "://" in path or (not os.path.exists(path) and path.count("/") == 1 and not path.startswith(".")):
-        raise MergeError(f"{role} {path!r} is not a local folder: `fastmerge merge` reads local "
-                         f"checkpoints (download it first, e.g. `huggingface-cli download {path} "
-                         f"--local-dir ./{path.split('/')[-1]}`)")
+    """The checkpoint at ``path``; a ``model+lora`` path: the model read through the adapter."""
+    parts = adapters.split(path)
     try:
-        return Checkpoint(path, trust_index=trust_index)
-    except FileNotFoundError:
-        raise MergeError(f"{role} not found: {path}") from None
-    except FormatError as exc:
+        if parts is None:
+            return Checkpoint(path, trust_index=trust_index)
+        return adapters.LoraCheckpoint(Checkpoint(parts[0], trust_index=trust_index), parts[1])
+    except FileNotFoundError as exc:
+        raise MergeError(f"{role} not found: {exc.filename or exc.args[0] if exc.args else path}") from None
+    except (FormatError, adapters.AdapterError) as exc:
         raise MergeError(f"{role}: {exc}") from None
 
 
@@ -199,46 +239,104 @@ def plan(cfg: mc.MergeConfig, base: Optional[Checkpoint], inputs: List[Checkpoin
         warn(f"left out {len(dropped)} tensor(s) that {who[0]} lacks (--drop-extra-tensors): "
              f"{_some(sorted(dropped))}")
     positions = mc.layer_positions(names)
+    srcs = list(range(len(everyone)))
+    return [_job(cfg, name, [(who[k], everyone[k], k, name) for k in srcs], base is not None,
+                 positions[name], seed) for name in names]
+
+
+def _job(cfg: mc.MergeConfig, name: str, inputs: list, has_base: bool, t: float, seed: int,
+         sl: Optional[mc.Slice] = None) -> Job:
+    """The job writing tensor ``name`` from ``inputs`` (label, checkpoint, pool index, tensor
+    name), the base first when ``has_base``, its parameters at gradient position ``t`` (of
+    slice ``sl``): shapes and dtypes checked, the working dtype chosen."""
+    entries = [(label, ck.entries[n]) for label, ck, _, n in inputs]
+    srcs = [(i, n) for _, _, i, n in inputs]
+    e0 = entries[0][1]
+    for label, e in entries:
+        if e.shape != e0.shape:
+            raise MergeError(f"shape mismatch for tensor {name}: {entries[0][0]} has {list(e0.shape)}, "
+                             f"{label} has {list(e.shape)}")
+    dtypes = {e.dtype for _, e in entries}
+    in_bytes = sum(e.nbytes for _, e in entries)
+    if dtypes & PACKED:
+        raise MergeError(f"tensor {name} holds packed 4-bit values (F4): fastmerge cannot merge it")
+    if not all(d.is_floating_point for d in dtypes):
+        if len(dtypes) != 1:
+            raise MergeError(f"dtype mismatch for tensor {name}: {sorted(map(str, dtypes))}")
+        return Job(name, e0.shape, e0.dtype, e0.dtype, "copy", in_bytes=in_bytes, srcs=srcs[:1])
+    if cfg.dtype is not None:
+        dtype = cfg.dtype
+    elif len(dtypes) == 1:
+        dtype = dtypes.pop()
+    else:
+        raise MergeError(f"dtype mismatch for tensor {name}: the models hold "
+                         f"{', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))}; "
+                         "set `dtype:` in the config to merge them in one dtype")
+    if dtype not in _DTYPE_NAMES:
+        raise MergeError(f"tensor {name} is {dtype}; fastmerge merges float32, float16 and "
+                         "bfloat16: set `dtype: float32` (or bfloat16) in the config")
+    try:
+        shared, per_model = mc.resolve(cfg, name, t, sl)
+    except mc.ConfigError as exc:
+        raise MergeError(str(exc)) from None
+    kwargs = mc.merge_kwargs(cfg, shared, per_model)
     # seeded: DARE/DELLA's masks and the SVD methods' sketches
-    random = (cfg.method in lowrank.METHODS
-              or sem.MERGEKIT_METHODS.get(cfg.method, (None, None))[1] in ("random", "della"))
-    jobs = []
-    for name in names:
-        e0 = ref.entries[name]
-        for ck, label in zip(everyone, who):
-            e = ck.entries[name]
-            if e.shape != e0.shape:
-                raise MergeError(f"shape mismatch for tensor {name}: {who[0]} has {list(e0.shape)}, "
-                                 f"{label} has {list(e.shape)}")
-        dtypes = {ck.entries[name].dtype for ck in everyone}
-        in_bytes = sum(ck.entries[name].nbytes for ck in everyone)
-        if dtypes & PACKED:
-            raise MergeError(f"tensor {name} holds packed 4-bit values (F4): fastmerge cannot merge it")
-        if not all(d.is_floating_point for d in dtypes):
-            if len(dtypes) != 1:
-                raise MergeError(f"dtype mismatch for tensor {name}: {sorted(map(str, dtypes))}")
-            jobs.append(Job(name, e0.shape, e0.dtype, e0.dtype, "copy", in_bytes=in_bytes))
-            continue
-        if cfg.dtype is not None:
-            dtype = cfg.dtype
-        elif len(dtypes) == 1:
-            dtype = dtypes.pop()
-        else:
-            raise MergeError(f"dtype mismatch for tensor {name}: the models hold "
-                             f"{', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))}; "
-                             "set `dtype:` in the config to merge them in one dtype")
-        if dtype not in _DTYPE_NAMES:
-            raise MergeError(f"tensor {name} is {dtype}; fastmerge merges float32, float16 and "
-                             "bfloat16: set `dtype: float32` (or bfloat16) in the config")
+    if (cfg.method in lowrank.METHODS
+            or sem.MERGEKIT_METHODS.get(cfg.method, (None, None))[1] in ("random", "della")):
+        kwargs["seed"] = tensor_seed(seed, name)
+    return Job(name, e0.shape, dtype, cfg.out_dtype or dtype, "merge", kwargs, in_bytes,
+               srcs=srcs, has_base=has_base)
+
+
+def plan_slices(cfg: mc.MergeConfig, pool: List[Checkpoint], index: Dict[str, int],
+                seed: int) -> Tuple[List[Job], int]:
+    """The jobs of a ``slices`` config and its output layer count. ``pool``: the opened
+    checkpoints, ``index``: folder -> position in ``pool``. Layer ``i`` of a slice (``i`` from
+    0 to its length ``L``) merges layer ``start + i`` of each source into output layer
+    ``o + i``, ``o`` the layers of the slices before it, at gradient position ``i / (L - 1)``
+    (1 when ``L == 1``); the tensors before the layer stack come from the first slice's
+    sources and those after it from the last slice's, at position 0, as mergekit plans them
+    (fastmerge/layers.py derives which are which from the names)."""
+    stacks = {}
+    for folder, i in index.items():
         try:
-            shared, per_model = mc.resolve(cfg, name, positions[name])
-        except mc.ConfigError as exc:
+            stacks[folder] = layers.Stack(pool[i].names(), folder)
+        except ValueError as exc:
             raise MergeError(str(exc)) from None
-        kwargs = mc.merge_kwargs(cfg, shared, per_model)
-        if random:
-            kwargs["seed"] = tensor_seed(seed, name)
-        jobs.append(Job(name, e0.shape, dtype, cfg.out_dtype or dtype, "merge", kwargs, in_bytes))
-    return jobs
+    jobs, out_layer = [], 0
+
+    def unit(sl, pairs, out_name, t):
+        base = cfg.base_source(sl)
+        srcs = ([base] if base is not None else []) + cfg.inputs_of(sl)
+        inputs = []
+        for ref in srcs:
+            n = pairs(ref)
+            ck = pool[index[ref.path]]
+            if n not in ck.entries:
+                raise MergeError(f"{ref.path} lacks tensor {n} (slices[{cfg.slices.index(sl)}])")
+            inputs.append((ref.path, ck, index[ref.path], n))
+        jobs.append(_job(cfg, out_name, inputs, base is not None, t, seed, sl))
+
+    first, last = cfg.slices[0], cfg.slices[-1]
+    lead = stacks[first.sources[0].path]
+    for name in lead.pre:
+        unit(first, lambda ref, n=name: n, name, 0.0)
+    for sl in cfg.slices:
+        L = sl.length
+        for i in range(L):
+            t = i / (L - 1) if L > 1 else 1.0
+            for ref in sl.sources:
+                stack = stacks[ref.path]
+                if ref.layer_range[0] + i >= stack.count:
+                    raise MergeError(f"slices[{cfg.slices.index(sl)}]: {ref.path} has {stack.count} "
+                                     f"layers, layer_range {list(ref.layer_range)} asks for more")
+            for rest in stacks[sl.sources[0].path].layers.get(sl.sources[0].layer_range[0] + i, []):
+                unit(sl, lambda ref, r=rest: stacks[ref.path].name(ref.layer_range[0] + i, r),
+                     lead.name(out_layer, rest), t)
+            out_layer += 1
+    for name in stacks[last.sources[0].path].post:
+        unit(last, lambda ref, n=name: n, name, 0.0)
+    return jobs, out_layer
 
 
 # --------------------------------------------------------------- whole-model thresholds
@@ -566,8 +664,9 @@ class Merger:
         self.made_parents: List[str] = []
         self.signals = Signals()
         try:
-            self.cfg = mc.load(config)
-        except mc.ConfigError as exc:
+            self.written = mc.load(config)  # as written: the model card names its hub ids
+            self.cfg = local_refs(self.written)
+        except (mc.ConfigError, hub.HubError) as exc:
             raise MergeError(str(exc)) from None
         if options.topk_scope is not None:
             self.cfg.topk_scope = options.topk_scope
@@ -586,8 +685,9 @@ class Merger:
         """(label, path) of the config and every folder it names: OUT must stay clear of them."""
         cfg = self.cfg
         found = [("the config", self.config_path)]
-        found += [("base_model", cfg.base)] if cfg.base is not None else []
-        found += [(f"models[{i}]", m.path) for i, m in enumerate(cfg.models)]
+        for label, path in cfg.paths():  # a model+lora reference: both folders
+            parts = adapters.split(path)
+            found += [(label, path)] if parts is None else [(label, parts[0]), (label, parts[1])]
         if cfg.tokenizer_source not in (None, "base"):
             found.append(("tokenizer_source", cfg.tokenizer_source))
         return found
@@ -607,23 +707,48 @@ class Merger:
             print(f"fastmerge merge: warning: {message}", file=sys.stderr)
 
     # ---- setup (every process, identically)
-    def _setup(self) -> None:
+    def _open_all(self) -> None:
+        """``pool``: every checkpoint the merge reads, each opened once. A ``models`` config:
+        the base (when the method reads one), then the inputs; a ``slices`` config: each folder
+        its slices name, in order of first mention."""
         cfg, trust = self.cfg, self.options.trust_index
-        self.base = _open(cfg.base, "base_model", trust) if cfg.base is not None and cfg.method != "linear" else None
+        self.base, self.inputs, self.pool, self.out_layers = None, [], [], None
+        if cfg.slices:
+            index: Dict[str, int] = {}
+            opened: Dict[str, int] = {}
+            for i, sl in enumerate(cfg.slices):
+                for j, src in enumerate(sl.sources):
+                    folder = os.path.abspath(src.path)
+                    if folder not in opened:
+                        opened[folder] = len(self.pool)
+                        self.pool.append(_open(src.path, f"slices[{i}].sources[{j}]", trust))
+                    index[src.path] = opened[folder]
+            self.jobs, self.out_layers = plan_slices(cfg, self.pool, index, self.options.seed)
+            return
+        self.base = _open(cfg.base, "base_model", trust) if cfg.uses_base else None
         refs = cfg.inputs
         self.labels = [f"models[{cfg.models.index(r)}]" for r in refs]
         self.inputs = [_open(r.path, label, trust) for r, label in zip(refs, self.labels)]
+        self.pool = ([self.base] if self.base is not None else []) + self.inputs
         if not self.inputs:
             raise MergeError("nothing to merge: `models` lists only the base model")
         self.jobs = plan(cfg, self.base, self.inputs, self.labels, self.options.seed,
                          self.options.drop_extra_tensors, self._warn)
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self._open_all()
         if not self.jobs:
             raise MergeError("nothing to merge: the models hold no tensors")
         self.thresholds = None
         if cfg.topk_scope == "model":
             self._check_model_topk()
+        self._check_architectures()
         specs = [Spec(j.name, j.out_dtype, j.shape) for j in self.jobs]
-        self.layout = plan_layout(specs, self.options.max_shard_bytes)
+        limit = self.options.max_shard_bytes
+        if self.options.shard_params is not None:  # parameters per shard, at the widest output dtype
+            limit = self.options.shard_params * max((j.out_dtype.itemsize for j in self.jobs), default=1)
+        self.layout = plan_layout(specs, limit)
         owner = assign(self.jobs, self.group.world)
         self.mine = [i for i, r in enumerate(owner) if r == self.group.rank]
         if os.path.lexists(self.out) and not self.options.overwrite and not _empty_folder(self.out):
@@ -632,7 +757,30 @@ class Merger:
             raise MergeError(f"OUT {self.out} exists and is {kind}; pass --overwrite to replace "
                              "it (it is replaced only once the new merge is complete)")
 
+    def _check_architectures(self) -> None:
+        """mergekit refuses to merge models whose ``config.json`` names other architectures
+        unless ``--allow-crimes``; so does this."""
+        if self.options.allow_crimes:
+            return
+        seen = {}
+        for ck in self.pool:
+            try:
+                with open(os.path.join(ck.folder, "config.json"), encoding="utf-8") as fh:
+                    arch = json.load(fh).get("architectures")
+            except (OSError, ValueError, AttributeError):
+                continue  # no (readable) config: nothing to compare
+            if arch:
+                seen.setdefault(tuple(arch), ck.folder)
+        if len(seen) > 1:
+            (a, fa), (b, fb) = list(seen.items())[:2]
+            raise MergeError(f"the models are of different architectures: {fa} is {'/'.join(a)}, "
+                             f"{fb} is {'/'.join(b)}; pass --allow-crimes to merge them anyway "
+                             "(as mergekit-yaml requires)")
+
     def _check_model_topk(self) -> None:
+        if self.cfg.slices:
+            raise MergeError("topk_scope: model (FusionBench's whole-model TIES trimming) takes a "
+                             "`models` config, not `slices`")
         if self.cfg.method != "ties":
             raise MergeError(f"topk_scope: model (FusionBench's whole-model TIES trimming) applies "
                              f"to merge_method ties, not {self.cfg.method}")
@@ -689,8 +837,7 @@ class Merger:
 
     # ---- the streaming pass
     def _merge_all(self) -> None:
-        jobs, mine, base, inputs = self.jobs, self.mine, self.base, self.inputs
-        everyone = ([base] if base is not None else []) + inputs
+        jobs, mine, pool = self.jobs, self.mine, self.pool
         writer = Writer(self.tmp, self.layout)
         q: "queue.Queue" = queue.Queue(maxsize=2)
         failure: List[BaseException] = []
@@ -717,25 +864,28 @@ class Merger:
         loader = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-reader")
 
         # two sets of K+1 read buffers: the reader fills one while the merge reads the other
-        cap = max((c.entries[jobs[i].name].nbytes for c in everyone for i in mine), default=0)
+        cap = max((pool[c].entries[n].nbytes for i in mine for c, n in jobs[i].srcs), default=0)
+        width = max((len(jobs[i].srcs) for i in mine), default=0)
         sets: List[List[torch.Tensor]] = [[], []]
 
         def load(pos):
             job = jobs[mine[pos]]
             bufs = sets[pos % 2]
             if not bufs:
-                bufs.extend(torch.empty(cap, dtype=torch.uint8, pin_memory=cuda) for _ in everyone)
+                bufs.extend(torch.empty(cap, dtype=torch.uint8, pin_memory=cuda) for _ in range(width))
             if cuda:
                 stream.synchronize()  # the copies out of this set, two tensors ago, are done
             if job.kind == "copy":
-                return None, [(base or inputs[0]).read(job.name, bufs[0]).clone()]
-            xs = [_stage(c.read(job.name, buf), job.dtype, self.device, stream) for c, buf in zip(everyone, bufs)]
-            return (xs[0], xs[1:]) if base is not None else (None, xs)
+                c, n = job.srcs[0]
+                return None, [pool[c].read(n, bufs[0]).clone()]
+            xs = [_stage(pool[c].read(n, buf), job.dtype, self.device, stream)
+                  for (c, n), buf in zip(job.srcs, bufs)]
+            return (xs[0], xs[1:]) if job.has_base else (None, xs)
 
         def prefetch(pos):
             for i in mine[pos:pos + self.options.read_ahead]:
-                for c in everyone:
-                    c.prefetch(jobs[i].name)
+                for c, n in jobs[i].srcs:
+                    pool[c].prefetch(n)
 
         bar = _Progress(len(mine), self.options.progress and self.group.rank == 0)
         done = False
@@ -810,7 +960,11 @@ class Merger:
     def _finish(self) -> None:
         """Rank 0: config, tokenizer and the merge config next to the weights; then the commit."""
         cfg = self.cfg
-        src = cfg.base if self.base is not None else cfg.models[0].path
+        if cfg.slices:  # mergekit: the base model's config, else a source's
+            src = cfg.base or cfg.slices[0].sources[0].path
+        else:
+            src = cfg.base if self.base is not None else cfg.models[0].path
+        src = _model_folder(src)
         for f in COPY_FILES:
             self._copy(src, f)
         conf = os.path.join(self.tmp, "config.json")
@@ -826,6 +980,9 @@ class Merger:
                 for key in ("torch_dtype", "dtype"):
                     if key in data:
                         data[key] = name
+            key = layers.num_layers_key(data) if isinstance(data, dict) else None
+            if self.out_layers is not None and key is not None:
+                data[key] = self.out_layers  # a frankenmerge's layer count
             with open(conf, "w") as fh:
                 json.dump(data, fh, indent=2, sort_keys=True)
                 fh.write("\n")
@@ -833,12 +990,64 @@ class Merger:
             tok = src if cfg.tokenizer_source in (None, "base") else cfg.tokenizer_source
             if not os.path.isdir(tok):
                 raise MergeError(f"tokenizer_source {tok!r} is not a local folder")
+            template = self._chat_template()
             for f in TOKENIZER_FILES:
-                self._copy(tok, f)
-        with open(os.path.join(self.tmp, "fastmerge_config.yml"), "w") as fh:
-            fh.write(cfg.source if cfg.source.endswith("\n") else cfg.source + "\n")
+                if template is None or f not in ("chat_template.jinja", "chat_template.json"):
+                    self._copy(tok, f)
+            if template is not None:
+                self._set_chat_template(template)
+        elif cfg.chat_template is not None:
+            self._warn("chat_template is set but the tokenizer is not copied (--no-copy-tokenizer): "
+                       "it is not saved")
+        text = cfg.source if cfg.source.endswith("\n") else cfg.source + "\n"
+        for saved in ("mergekit_config.yml", "fastmerge_config.yml"):  # mergekit's name, and ours
+            with open(os.path.join(self.tmp, saved), "w") as fh:
+                fh.write(text)
+        if self.options.write_model_card:
+            with open(os.path.join(self.tmp, "README.md"), "w", encoding="utf-8") as fh:
+                fh.write(card.model_card(self.written, self.written.name))
         with self.signals.deferred():
             self._commit()
+
+    def _chat_template(self) -> Optional[str]:
+        """The configured chat template; ``auto``: the one most of the models the config names
+        have (their ``chat_template.jinja`` or tokenizer_config.json's), first named on a tie;
+        None when none has one."""
+        wanted = self.cfg.chat_template
+        if wanted != "auto":
+            return wanted
+        found = []
+        for folder in dict.fromkeys(_model_folder(p) for _, p in self.cfg.paths()):
+            text = None
+            try:
+                with open(confined(folder, "chat_template.jinja", folder), encoding="utf-8") as fh:
+                    text = fh.read()
+            except (OSError, FormatError):
+                try:
+                    with open(confined(folder, "tokenizer_config.json", folder), encoding="utf-8") as fh:
+                        text = json.load(fh).get("chat_template")
+                except (OSError, FormatError, ValueError, AttributeError):
+                    pass
+            if isinstance(text, list):  # named templates: the default one
+                text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
+            if isinstance(text, str) and text.strip():
+                found.append(text.strip())
+        return max(found, key=found.count) if found else None
+
+    def _set_chat_template(self, template: str) -> None:
+        """The template into the copied tokenizer_config.json (created if there is none)."""
+        path = os.path.join(self.tmp, "tokenizer_config.json")
+        data = {}
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except (ValueError, UnicodeDecodeError):
+                raise MergeError("the copied tokenizer_config.json is not valid JSON") from None
+        data["chat_template"] = template
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
 
     def _commit(self) -> None:
         """The finished temporary folder becomes OUT, in one atomic step where the filesystem
@@ -923,9 +1132,8 @@ class Merger:
                     os.rmdir(d)
                 except OSError:
                     break
-        for c in ([getattr(self, "base", None)] + list(getattr(self, "inputs", []))):
-            if c is not None:
-                c.close()
+        for c in getattr(self, "pool", []):
+            c.close()
         self.group.close()
 
     def run(self) -> dict:

@@ -218,12 +218,12 @@ def bernoulli_as_fastmerge(monkeypatch, k):
 
 # ---------------------------------------------------------------- tiny Llama checkpoints
 
-def tiny_llamas(root):
-    """``root/base`` and ``root/m0..m2``: tiny random Llama checkpoints (fp32 safetensors), the
-    fine-tunes ``base + 0.01 (k+1) N(0, 1)``."""
+def tiny_llamas(root, num_layers: int = 2):
+    """``root/base`` and ``root/m0..m2``: tiny random Llama checkpoints (fp32 safetensors) of
+    ``num_layers`` layers, the fine-tunes ``base + 0.01 (k+1) N(0, 1)``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=num_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg)

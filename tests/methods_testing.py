@@ -143,13 +143,20 @@ def input_errors(name, K, **params):
     plan on every backend that has one (its kernels flag the non-finite values)."""
     mod = method(name)
     _input_errors(mod, K, mod.reference, **params)
-    for backend in getattr(mod, "KERNELS", ()):
+    for backend in cpu_tensor_backends(getattr(mod, "KERNELS", ())):
         ops = fastmerge.backends.method_ops(backend)
 
         def fused(b, ms, **p):
             return mod.fused(ops, b, ms, out_dtype=torch.float32, **p)
 
         _input_errors(mod, K, fused, **params)
+
+
+def cpu_tensor_backends(kernels) -> list:
+    """The backends of a method's ``KERNELS`` whose kernels run on CPU tensors here: ``cpu``, and
+    ``triton`` in its interpreter (``cuda`` runs these methods on triton's kernels)."""
+    run = ["cpu"] + (["triton"] if fastmerge.backends()["triton"].get("interpreter") else [])
+    return [b for b in kernels if b in run]
 
 
 def _input_errors(mod, K, ref, **params):

@@ -155,8 +155,7 @@ def test_methods_derive_from_the_registry():
     from fastmerge import lowrank, mergeconfig
 
     assert set(lowrank.METHODS) == set(_registry.names("svd"))
-    assert set(mergeconfig.METHODS) == {m for m in _registry.METHODS
-                                        if _registry.get(m).family in ("gta", "linear", "svd")}
+    assert mergeconfig.METHODS == _registry.METHODS  # fastmerge merge's YAML takes every method
 
 
 @pytest.mark.parametrize("name", B.NAMES)

@@ -39,3 +39,34 @@ def test_bench_json_rows_and_plots(tmp_path, capsys):
             if s is not None:  # the ratio of the two medians of this run
                 assert s == pytest.approx(refs[(r["op"], lib)] / r["median_ms"], rel=1e-6)
     assert (plots / "gbps.png").stat().st_size > 1000 and (plots / "speedup.png").stat().st_size > 1000
+
+
+def test_bench_other_methods_rows(tmp_path):
+    """mergekit's other methods in ``fastmerge bench``: each method's row at its own K, next to
+    mergekit's in the same run, bytes as bench/methods.py counts them, the fused/reference path."""
+    pytest.importorskip("mergekit")
+    from fastmerge import backends
+    from fastmerge.bench import methods as M
+
+    if not backends.module("cpu").status()["available"]:
+        pytest.skip("native CPU module not built: no cpu rows")
+
+    names = ["slerp", "karcher", "sce", "passthrough"]
+    path = tmp_path / "m.json"
+    assert cli(["bench", "--quick", "--shapes", "64x48", "--methods", ",".join(names),
+                "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    assert {r["op"] for r in rows} == set(names)
+    for r in rows:
+        assert FIELDS <= set(r), FIELDS - set(r)
+        assert r["k"] == M.k_of(r["op"]) and r["shape"] == [64, 48]
+        assert r["bytes"] == (M.bytes_in(r["op"]) + 1) * 64 * 48 * 4
+        assert r["pct_of_copy_bw"] == pytest.approx(100 * r["gbps"] / data["meta"]["copy_gbps"], rel=1e-6)
+    ref = {r["op"]: r["median_ms"] for r in rows if r["backend"] == "mergekit"}
+    ours = [r for r in rows if r["backend"] == "cpu"]
+    assert set(ref) == set(names) and {r["op"] for r in ours} == set(names)
+    for r in ours:
+        assert r["speedup_vs"]["mergekit"] == pytest.approx(ref[r["op"]] / r["median_ms"], rel=1e-6)
+        assert r["path"] == M.path(r["op"], "cpu")
+    assert {r["op"]: r["path"] for r in ours}["slerp"] == "fused"

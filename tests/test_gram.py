@@ -163,3 +163,40 @@ def test_layout():
     assert C.layout((0, 5), "last") == (0, 5, 1)
     with pytest.raises(ValueError, match="along"):
         C.layout((3,), "rows")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_lincomb_flags_an_overflowing_result(out_dtype):
+    """Finite inputs, a result past the output dtype's range: the kernel's result flag (fp32) or
+    the scan of a rounded fp16/bf16 output raises the overflow error (no check_result pass)."""
+    x = torch.full((3, 700), 2.0)
+    big = {torch.float32: 3e38, torch.float16: 1e5, torch.bfloat16: 3e38}[out_dtype]
+    with pytest.raises(NonFiniteError, match="overflow"):
+        C.lincomb([x], ["x"], [big], out_dtype=out_dtype)
+    assert torch.equal(C.lincomb([x], ["x"], [0.5], out_dtype=out_dtype), torch.ones(3, 700, dtype=out_dtype))
+
+
+def test_gram_same_bits_on_both_isa_builds():
+    """The AVX2 module's register-blocked fma loop and the baseline module's generic loop give
+    the same Gram, bit for bit, at every thread count (exact products, one summation order)."""
+    import importlib
+
+    from fastmerge import abi
+    mods = []
+    for name in ("fastmerge._C", "fastmerge._C_avx2"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    if len(mods) < 2:
+        pytest.skip("needs both native builds")
+    base, xs = _inputs((70001,), 4)
+    for b in (base, None):
+        outs = []
+        for m in mods:
+            for nt in (1, 2, 3):
+                out = torch.empty(1, 4, 4, dtype=torch.float64)
+                m.gram(0 if b is None else b.data_ptr(), [x.data_ptr() for x in xs], abi.dtype_code(torch.float32),
+                       1, 70001, 1, out.data_ptr(), nt)
+                outs.append(out)
+        assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -29,7 +29,7 @@ import fastmerge.integrations.mergekit as fm_mk  # noqa: E402
 
 GTA_ORIGINAL = GeneralizedTaskArithmeticMerge.__dict__["merge_group"]
 LINEAR_ORIGINAL = linear_merge.implementation
-GTA_METHODS = [m for m in fm_mk.METHODS if m != "linear"]
+GTA_METHODS = list(fm_mk.GTA_METHODS)
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 

@@ -66,6 +66,144 @@ def _files_equal(a, b):
 
 # ------------------------------------------------------------------- against mergekit-yaml
 
+def _method_config(root, method, dtype, body):
+    """A YAML of mergekit's other methods over :func:`tiny_llamas`: ``body`` names the models as
+    ``{base}``, ``{m0}``..``{m2}``."""
+    paths = {k: str(root / k) for k in ("base", "m0", "m1", "m2")}
+    path = root / f"{method}-{dtype}-{abs(hash(body))}.yml"
+    path.write_text(f"merge_method: {method}\ndtype: {dtype}\n" + body.format(**paths))
+    return path
+
+
+_M3 = "models:\n  - model: {m0}\n  - model: {m1}\n  - model: {m2}\n"
+# mergekit's other methods, their parameters at every level (gradients, filters, per model)
+METHOD_CONFIGS = {
+    "slerp": "base_model: {base}\nmodels:\n  - model: {base}\n  - model: {m0}\n"
+             "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.3, 1]\n    - value: 0.6\n",
+    "nuslerp": "models:\n  - model: {m0}\n    parameters: {{weight: 0.3}}\n  - model: {m1}\n"
+               "    parameters: {{weight: [0.5, 0.9]}}\nparameters: {{nuslerp_row_wise: true, nuslerp_flatten: false}}\n",
+    "nuslerp-base": "base_model: {base}\nmodels:\n  - model: {m0}\n  - model: {m1}\n"
+                    "parameters: {{weight: 0.5, nuslerp_flatten: false}}\n",
+    "multislerp": "base_model: {base}\nmodels:\n  - model: {m0}\n    parameters: {{weight: 0.2}}\n"
+                  "  - model: {m1}\n    parameters: {{weight: 0.5}}\n  - model: {m2}\n"
+                  "    parameters: {{weight: 0.6}}\nparameters: {{normalize_weights: false}}\n",
+    "karcher": "base_model: {base}\nmodels:\n  - model: {m0}\n  - model: {m1}\nparameters: {{max_iter: 1, tol: 0.0}}\n",
+    "model_stock": "base_model: {base}\n" + _M3 + "parameters:\n  filter_wise: [{{filter: mlp, value: true}}]\n",
+    "sce": "base_model: {base}\n" + _M3 + "parameters: {{select_topk: 0.4}}\n",
+    "nearswap": "base_model: {base}\nmodels:\n  - model: {m0}\nparameters: {{t: 0.01}}\n",
+    "arcee_fusion": "base_model: {base}\nmodels:\n  - model: {m0}\n",
+    "ram": "base_model: {base}\n" + _M3,
+    "ramplus_tl": "base_model: {base}\n" + _M3 + "parameters: {{r: 0.2, alpha: 0.3}}\n",
+    "passthrough": "models:\n  - model: {m1}\n    parameters:\n      scale: [{{filter: norm, value: 0.5}}]\n",
+}
+
+
+@pytest.mark.parametrize("case,dtype", [(c, "float32") for c in METHOD_CONFIGS]
+                         + [("slerp", "bfloat16"), ("model_stock", "bfloat16"), ("ram", "float16")])
+def test_mergekit_methods_match_mergekit_yaml(llamas, tmp_path, case, dtype):
+    """mergekit's other methods from YAML, tensor by tensor against ``mergekit-yaml``: which
+    models are inputs (base policies), parameters at every level, and the method itself."""
+    pytest.importorskip("mergekit")
+    method = case.split("-")[0]
+    cfg = _method_config(llamas, method, dtype, METHOD_CONFIGS[case])
+    _mergekit_yaml(cfg, tmp_path / "mk")
+    assert _merge(cfg, tmp_path / "fm", "--no-copy-tokenizer") == 0
+    assert_folders_match_mergekit(tmp_path / "mk", tmp_path / "fm", method, dtype)
+
+
+@pytest.fixture(scope="module")
+def llamas4(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return tiny_llamas(tmp_path_factory.mktemp("llamas4"), num_layers=4)
+
+
+def _src(model, start, end, params=None):
+    line = f"    - model: {{{model}}}\n      layer_range: [{start}, {end}]\n"
+    return line + (f"      parameters: {params}\n" if params else "")
+
+
+# `slices` configs of the shapes in mergekit's README: a frankenmerge with overlapping layer
+# ranges, a gradient SLERP over slices, per-source and per-slice parameters
+SLICE_CONFIGS = {
+    "passthrough": "slices:\n  - sources:\n" + _src("m0", 0, 3) + "  - sources:\n" + _src("m1", 1, 4),
+    "slerp": "base_model: {base}\nslices:\n  - sources:\n" + _src("base", 0, 4) + _src("m0", 0, 4)
+             + "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
+             "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\n",
+    "ties": "base_model: {base}\nslices:\n  - sources:\n" + _src("base", 0, 2)
+            + _src("m0", 0, 2, "{{weight: 0.7, density: 0.5}}") + _src("m1", 2, 4, "{{weight: 0.4, density: 0.3}}")
+            + "  - sources:\n" + _src("base", 2, 3) + _src("m1", 0, 1)
+            + "    parameters: {{weight: 0.5, density: 0.6}}\n    residual_weight: 0.3\n",
+}
+
+
+@pytest.mark.parametrize("method,dtype", [(m, "float32") for m in SLICE_CONFIGS]
+                         + [("passthrough", "bfloat16"), ("slerp", "bfloat16")])
+def test_slices_match_mergekit_yaml(llamas4, tmp_path, method, dtype):
+    """``slices``: layers renumbered in order, embeddings from the first slice's sources and
+    the final norm and head from the last's, gradients over each slice's layers, and
+    ``num_hidden_layers`` the output's layer count, tensor by tensor against mergekit-yaml."""
+    pytest.importorskip("mergekit")
+    cfg = _method_config(llamas4, method, dtype, SLICE_CONFIGS[method])
+    _mergekit_yaml(cfg, tmp_path / "mk")
+    assert _merge(cfg, tmp_path / "fm", "--no-copy-tokenizer") == 0
+    assert_folders_match_mergekit(tmp_path / "mk", tmp_path / "fm", method, dtype)
+    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("fm", "mk"))
+    assert ours["num_hidden_layers"] == theirs["num_hidden_layers"] == {"passthrough": 6, "slerp": 4, "ties": 3}[method]
+
+
+def test_slices_errors(llamas4, tmp_path, capsys):
+    out = tmp_path / "out"
+    head = f"merge_method: passthrough\nslices:\n  - sources:\n    - model: {llamas4 / 'm0'}\n"
+    for body, needle in (
+        ("      layer_range: [2, 6]\n", "has 4 layers, layer_range [2, 6] asks for more"),
+        ("      layer_range: [3, 1]\n", "slices[0].sources[0].layer_range must have 0 <= start <= end"),
+        ("      layer_range: 3\n", "layer_range must be two integers"),
+        ("", "slices[0].sources[0] needs a layer_range"),
+        (f"      layer_range: [0, 2]\n    - model: {llamas4 / 'm1'}\n      layer_range: [0, 3]\n",
+         "all sources of a slice must span the same number of layers"),
+        (f"      layer_range: [0, 2]\n    - model: {llamas4 / 'm1'}\n      layer_range: [0, 2]\n",
+         "slices[0]: merge_method passthrough takes exactly 1 model(s), got 2"),
+        (f"      layer_range: [0, 2]\nmodels:\n  - model: {llamas4 / 'm1'}\n", "exactly one of `models` and `slices`"),
+    ):
+        _expect_error(capsys, [_write(tmp_path / "bad.yml", head + body), out], needle)
+    slerp = (f"merge_method: slerp\nbase_model: {llamas4 / 'base'}\nparameters: {{t: 0.5}}\nslices:\n"
+             f"  - sources:\n    - model: {llamas4 / 'm0'}\n      layer_range: [0, 2]\n"
+             f"    - model: {llamas4 / 'm1'}\n      layer_range: [0, 2]\n")
+    _expect_error(capsys, [_write(tmp_path / "nobase.yml", slerp), out], "needs its base_model", "among the slice's sources")
+    _expect_error(capsys, [_write(tmp_path / "mod.yml", "merge_method: ties\nmodules: {}\n"), out], "`modules`", "fastmerge mergekit")
+    assert not out.exists()
+
+
+
+    """Every parameter of mergekit's other methods reaches fastmerge.merge under its name, typed
+    as mergekit types it, per tensor (gradient position t, filters), per model where mergekit
+    binds it per model; the ones mergekit reads only from the top level are not taken from a
+    model's own parameters (mergekit ignores them there too)."""
+    text = ("merge_method: ramplus_tl\nbase_model: /b\nmodels:\n  - model: /m0\n    parameters: {r: 0.9}\n"
+            "  - model: /m1\nparameters:\n  r: [0.2, 0.4]\n  alpha: [{filter: mlp, value: 0.3}]\n"
+            "  epsilon: '0.001'\n")
+    cfg = mc.parse(text)
+    assert [m.path for m in cfg.inputs] == ["/m0", "/m1"] and cfg.uses_base
+    assert mc.merge_kwargs(cfg, *mc.resolve(cfg, "model.layers.1.mlp.up.weight", 0.5)) == \
+        {"r": pytest.approx(0.3), "alpha": 0.3, "epsilon": 0.001}
+    assert mc.merge_kwargs(cfg, *mc.resolve(cfg, "model.norm.weight", 0.0)) == \
+        {"r": 0.2, "alpha": 0.2, "epsilon": 0.001}
+    cfg = mc.parse("merge_method: multislerp\nmodels:\n  - model: /m0\n    parameters: {weight: 2}\n"
+                   "  - model: /m1\nparameters: {weight: [1, 3], normalize_weights: 'no', eps: 1e-3}\n")
+    assert not cfg.uses_base and len(cfg.inputs) == 2
+    assert mc.merge_kwargs(cfg, *mc.resolve(cfg, "x", 1.0)) == \
+        {"weights": [2.0, 3.0], "normalize_weights": False, "eps": 1e-3}
+    cfg = mc.parse("merge_method: karcher\nbase_model: /b\nmodels: [/b, /m0]\nparameters: {max_iter: 3.0}\n")
+    assert cfg.uses_base and [m.path for m in cfg.inputs] == ["/m0"]
+    assert mc.merge_kwargs(cfg, *mc.resolve(cfg, "x", 0.0)) == {"max_iter": 3, "tol": 1e-5}
+    cfg = mc.parse("merge_method: passthrough\nbase_model: /m0\nmodels:\n  - model: /m0\n")
+    assert not cfg.uses_base and mc.merge_kwargs(cfg, *mc.resolve(cfg, "x", 0.0)) == {"scale": [None]}
+    with pytest.raises(mc.ConfigError, match="filter_wise must be true or false"):
+        cfg = mc.parse("merge_method: model_stock\nbase_model: /b\nmodels: [/m0, /m1]\n"
+                       "parameters: {filter_wise: 2}\n")
+        mc.resolve(cfg, "x", 0.0)
+
+
 @pytest.mark.parametrize("method,dtype,out_dtype", [
     ("ties", "float32", None), ("ties", "bfloat16", None), ("task_arithmetic", "float32", "bfloat16"),
     ("breadcrumbs_ties", "float32", None), ("linear", "float16", None),
@@ -406,13 +544,26 @@ def test_clear_errors(llamas, tmp_path, capsys, monkeypatch):
     _expect_error(capsys, [tmp_path / "missing.yml", out], "config file not found", "missing.yml")
     _expect_error(capsys, [_write(tmp_path / "bad.yml", "merge_method: [ties\n"), out], "not valid YAML")
     _expect_error(capsys, [_write(tmp_path / "m.yml", good.replace("ties", "slerp")), out],
-                  "slerp", "fastmerge mergekit")
-    _expect_error(capsys, [_write(tmp_path / "s.yml", "merge_method: ties\nslices: []\n"), out], "slices")
+                  "merge_method slerp takes exactly 1 model(s) besides base_model, got 3")
+    _expect_error(capsys, [_write(tmp_path / "sl.yml", good.replace("ties", "slerp").split("  - model: " + str(llamas / "m1"))[0]), out],
+                  "missing required parameter t", "top-level parameters")
+    _expect_error(capsys, [_write(tmp_path / "ms.yml", good.replace("ties", "model_stock").split("  - model: " + str(llamas / "m1"))[0]), out],
+                  "model_stock takes at least 2 model(s)")
+    _expect_error(capsys, [_write(tmp_path / "nu.yml", good.replace("ties", "nuslerp").replace("weight: 0.5, ", "")
+                                  .split("  - model: " + str(llamas / "m2"))[0]), out],
+                  "missing required parameter weight", str(llamas / "m1"))
+    _expect_error(capsys, [_write(tmp_path / "p.yml", good.replace("ties", "passthrough").split("  - model: " + str(llamas / "m1"))[0]), out],
+                  "passthrough takes exactly 1 model(s), got 2 (mergekit counts base_model as one)")
+    _expect_error(capsys, [_write(tmp_path / "ki.yml", good.replace("ties", "karcher") + "parameters: {max_iter: 2.5}\n"), out],
+                  "max_iter must be an integer")
+    _expect_error(capsys, [_write(tmp_path / "s.yml", "merge_method: ties\nslices: []\n"), out], "`slices` must be a non-empty list")
     _expect_error(capsys, [_write(tmp_path / "u.yml", good + "frobnicate: 1\n"), out], "unknown keys", "frobnicate")
     _expect_error(capsys, [_write(tmp_path / "nm.yml", good.replace(str(llamas / "m1"), str(tmp_path / "gone"))), out],
                   "models[1] not found", "gone")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     _expect_error(capsys, [_write(tmp_path / "hub.yml", good.replace(str(llamas / "m1"), "meta-llama/Llama-3-8B")), out],
-                  "not a local folder", "huggingface-cli download")
+                  "models[1] 'meta-llama/Llama-3-8B' is not a local folder", "hf download meta-llama/Llama-3-8B")
     _expect_error(capsys, [_write(tmp_path / "w.yml", good.replace("weight: 0.5, ", "")), out],
                   "missing required parameter weight", str(llamas / "m1"))
     _expect_error(capsys, [_write(tmp_path / "dt.yml", good.replace("dtype: float32", "dtype: int3")), out],
@@ -476,15 +627,17 @@ def _run(cmd, cwd):
     return r
 
 
-def test_python_dash_m_and_two_processes_write_the_same_bytes(llamas, tmp_path):
+def test_python_dash_m_and_two_processes_write_the_same_bytes(llamas, llamas4, tmp_path):
     """``python -m fastmerge merge`` (1 process, 2 threads) and ``torchrun --nproc-per-node=2 -m
     fastmerge merge`` (gloo, 1 thread each) write byte-identical folders, sharded, for a
-    deterministic, a random and a whole-model-top-k merge."""
+    deterministic, a random and a whole-model-top-k merge, and a slices frankenmerge."""
     cfg_t = llama_config(llamas, "ties", "float32")
     cfg_d = llama_config(llamas, "dare_ties", "bfloat16")
+    cfg_s = _method_config(llamas4, "passthrough", "float32", SLICE_CONFIGS["passthrough"])
     script = tmp_path / "both.sh"
     lines = []
-    for label, cfg, extra in (("t", cfg_t, []), ("d", cfg_d, []), ("g", cfg_t, ["--topk-scope", "model"])):
+    for label, cfg, extra in (("t", cfg_t, []), ("d", cfg_d, []), ("g", cfg_t, ["--topk-scope", "model"]),
+                              ("s", cfg_s, [])):
         args = [str(cfg), "--max-shard-size", "150KB", "--no-progress", *extra]
         lines.append(" ".join([sys.executable, "-m", "fastmerge", "merge", args[0], str(tmp_path / f"{label}1"), *args[1:]]))
         lines.append(" ".join([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
@@ -492,8 +645,8 @@ def test_python_dash_m_and_two_processes_write_the_same_bytes(llamas, tmp_path):
                                "-m", "fastmerge", "merge", args[0], str(tmp_path / f"{label}2"), *args[1:]]))
     script.write_text("set -e\n" + "\n".join(lines) + "\n")
     r = _run(["bash", str(script)], tmp_path)
-    assert r.stderr.count("on 2 processes") == 3, r.stderr[-2000:]
-    for label in "tdg":
+    assert r.stderr.count("on 2 processes") == 4, r.stderr[-2000:]
+    for label in "tdgs":
         one, two = tmp_path / f"{label}1", tmp_path / f"{label}2"
         assert len([f for f in os.listdir(one) if f.endswith(".safetensors")]) >= 2
         _files_equal(one, two)
@@ -517,3 +670,116 @@ models:
         want = fastmerge.merge("iso_c", base[name], [m0[name], m1[name]], alpha=0.7,
                                seed=streaming.tensor_seed(2, name))
         assert torch.equal(out[name], want), name
+
+
+# ----------------------------------------------- what mergekit-yaml writes, and its options
+
+def test_model_card_and_saved_config(llamas, tmp_path):
+    cfg = llama_config(llamas, "ties", "float32")
+    text = cfg.read_text().replace("merge_method: ties", "name: My Merge\nmerge_method: ties")
+    cfg.write_text(text)
+    assert _merge(cfg, tmp_path / "fm") == 0
+    card = (tmp_path / "fm" / "README.md").read_text()
+    import yaml
+
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == [] and "merge" in meta["tags"] and meta["library_name"] == "transformers"
+    assert "# My Merge" in card and "ties" in card and str(llamas / "base") in card
+    assert all(str(llamas / f"m{k}") in card for k in range(3)) and text in card
+    for saved in ("mergekit_config.yml", "fastmerge_config.yml"):
+        assert (tmp_path / "fm" / saved).read_text() == text
+    assert _merge(cfg, tmp_path / "nocard", "--no-write-model-card") == 0
+    assert not (tmp_path / "nocard" / "README.md").exists()
+
+
+def test_model_card_names_hub_ids(llamas, tmp_path, monkeypatch):
+    from test_hub import COMMITS, _cache_repo
+
+    cache = tmp_path / "cache"
+    _cache_repo(cache, "tiny/base", llamas / "base", COMMITS["base"])
+    _cache_repo(cache, "tiny/m0", llamas / "m0", COMMITS["m0"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _write(tmp_path / "c.yml", f"merge_method: slerp\nbase_model: tiny/base\nparameters: {{t: 0.5}}\n"
+                                     f"models:\n  - model: tiny/m0@main\n  - model: {llamas / 'm1'}\n"
+                                     "  - model: tiny/base\n")
+    cfg.write_text(cfg.read_text().replace(f"  - model: {llamas / 'm1'}\n", ""))
+    assert _merge(cfg, tmp_path / "fm", "--transformers-cache", str(cache)) == 0
+    card = (tmp_path / "fm" / "README.md").read_text()
+    import yaml
+
+    assert sorted(yaml.safe_load(card.split("---\n")[1])["base_model"]) == ["tiny/base", "tiny/m0"]
+    assert "[tiny/m0@main](https://huggingface.co/tiny/m0)" in card
+
+
+def test_mergekit_yaml_command_lines_run_unchanged(llamas, tmp_path, capsys):
+    """mergekit-yaml's options: the ones that mean something here act, the rest are accepted."""
+    cfg = llama_config(llamas, "task_arithmetic", "float32")
+    args = ["--copy-tokenizer", "--lazy-unpickle", "--low-cpu-memory", "--clone-tensors", "--async-write",
+            "--no-multi-gpu", "--trust-remote-code", "--random-seed", "1", "-v", "--quiet",
+            "--safe-serialization", "--out-shard-size", "10K", "-j", "1"]
+    assert _merge(cfg, tmp_path / "fm", *args) == 0
+    shards = sorted(p.name for p in (tmp_path / "fm").glob("*.safetensors"))
+    assert len(shards) > 1  # 10K fp32 parameters per shard: 40 KB shards
+    want = load_folder(llamas / "base")
+    got = load_folder(tmp_path / "fm")
+    assert got.keys() == want.keys()
+    for flag, needle in (("--no-safe-serialization", "writes safetensors only"),
+                         ("--unsafe-truncate-embeddings", "not supported")):
+        assert _merge(cfg, tmp_path / "x", flag) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_mixed_architectures_need_allow_crimes(llamas, tmp_path, capsys):
+    other = tmp_path / "m1-other"
+    shutil.copytree(llamas / "m1", other)
+    conf = json.loads((other / "config.json").read_text())
+    conf["architectures"] = ["MistralForCausalLM"]
+    (other / "config.json").write_text(json.dumps(conf))
+    cfg = _write(tmp_path / "c.yml", llama_config(llamas, "ties", "float32").read_text()
+                 .replace(str(llamas / "m1"), str(other)))
+    _expect_error(capsys, [cfg, tmp_path / "out"], "different architectures", "MistralForCausalLM",
+                  "--allow-crimes")
+    assert _merge(cfg, tmp_path / "out", "--allow-crimes") == 0
+
+
+def test_runs_without_mergekit(llamas4, tmp_path):
+    """`fastmerge merge` never imports mergekit: a slices SLERP and a models TIES run with
+    mergekit made unimportable."""
+    cfgs = [_method_config(llamas4, "slerp", "float32", SLICE_CONFIGS["slerp"]),
+            llama_config(llamas4, "ties", "float32")]
+    code = ("import sys; sys.modules['mergekit'] = None\n"
+            "from fastmerge.cli import main\n"
+            "rc = [main(['merge', c, o, '--no-progress']) for c, o in zip(sys.argv[1::2], sys.argv[2::2])]\n"
+            "assert 'mergekit' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+            "sys.exit(max(rc))\n")
+    outs = [tmp_path / "a", tmp_path / "b"]
+    r = subprocess.run([sys.executable, "-c", code] + [str(x) for pair in zip(cfgs, outs) for x in pair],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all((o / "model.safetensors").exists() for o in outs)
+
+
+def test_chat_template(llamas, tmp_path, capsys):
+    """``chat_template``: a Jinja text is written to OUT's tokenizer_config.json; ``auto`` takes
+    the template most of the models have (mergekit's plurality rule); a name is refused."""
+    a = "{% for m in messages %}<A>{{ m['content'] }}{% endfor %}"
+    b = "{% for m in messages %}<B>{{ m['content'] }}{% endfor %}"
+    folders = {}
+    for k, template in (("base", a), ("m0", b), ("m1", b), ("m2", None)):
+        folders[k] = tmp_path / k
+        shutil.copytree(llamas / k, folders[k])
+        conf = {"model_max_length": 64} | ({"chat_template": template} if template else {})
+        (folders[k] / "tokenizer_config.json").write_text(json.dumps(conf))
+    text = llama_config(llamas, "ties", "float32").read_text()
+    for k, f in folders.items():
+        text = text.replace(str(llamas / k), str(f))
+    for setting, want in (("auto", b), (json.dumps(a), a)):
+        cfg = _write(tmp_path / "c.yml", text + f"chat_template: {setting}\n")
+        out = tmp_path / f"out-{len(want)}-{setting[:4]}"
+        assert _merge(cfg, out) == 0
+        got = json.loads((out / "tokenizer_config.json").read_text())
+        assert got == {"model_max_length": 64, "chat_template": want}
+    _expect_error(capsys, [_write(tmp_path / "n.yml", text + "chat_template: chatml\n"), tmp_path / "x"],
+                  "chat_template must be `auto` or a Jinja template", "chatml")

@@ -190,7 +190,7 @@ def test_fallback_without_renameat2(setup, monkeypatch):
     (out / "keep.txt").write_text("old")
     monkeypatch.setattr(streaming, "renameat2", lambda src, dst, flags: False)
     assert merge(cfg, out, "--overwrite") == 0
-    assert sorted(os.listdir(out)) == ["config.json", "fastmerge_config.yml", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "fastmerge_config.yml", "mergekit_config.yml", "model.safetensors"]
     assert sorted(os.listdir(tmp)) == ["cfg", "models", "out"]
     assert merge(cfg, tmp / "new") == 0 and (tmp / "new" / "model.safetensors").is_file()
 

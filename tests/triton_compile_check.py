@@ -125,6 +125,7 @@ def workload():
         for layout in Q.LAYOUTS:
             fastmerge.ties(b128, [b128] * 3, density=0.3, quantize=Q.Int4Config(G, layout=layout))
             fastmerge.dare_ties(b128, [b128] * 16, density=0.3, seed=1, quantize=Q.Int4Config(G, layout=layout))
+    methods_workload()
     # the radix fallback and the tie scan, which a compile-only run never reaches by itself
     ms = kernels().magnitude_select
     _, bst, xs, sts, C, strided = gpu.layout(b16, m16)
@@ -146,6 +147,53 @@ def workload():
     ms._cand_pick_kernel[(1, 1)](ckeys, cidx, *one.values(), torch.zeros(1, dtype=torch.int32),
                                  torch.zeros(1, dtype=torch.int64), ckeys, cidx, 64, 64, BLK=ms.BLOCK,
                                  num_warps=8, enable_fp_fusion=False)
+
+
+def methods_workload():
+    """mergekit's other methods (triton_kernels/gram.py .. passthrough.py, through
+    backends/triton_methods.py): every layout of the Gram and the linear combination, the pair
+    launches of a large K, each elementwise kernel on each dtype."""
+    from fastmerge.backends import method_ops
+
+    T = method_ops("triton")
+    g = torch.Generator().manual_seed(1)
+    names = [f"x{k}" for k in range(8)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        base = torch.randn(37, 53, generator=g).to(dtype)
+        xs = [torch.randn(37, 53, generator=g).to(dtype) for _ in range(3)]
+        for along in ("all", "last", "first"):
+            T.gram(xs, names[:3], base=base, along=along)
+            T.gram(xs[:2], names[:2], along=along)
+            nvec = {"all": 1, "last": 37, "first": 53}[along]
+            for kw in (dict(), dict(base=base, base_coef=[0.5] * nvec, delta=True)):
+                T.lincomb(xs, names[:3], [[0.1, 0.2, 0.3]] * nvec, out_dtype=dtype, along=along, **kw)
+        T.nearswap(base, xs[0], t=0.1, out_dtype=dtype)
+        T.ram(base, xs, epsilon=1e-5, out_dtype=dtype)
+        T.ram(base, xs, epsilon=1e-5, out_dtype=torch.float32, amplify=lambda s, u: [1.1] * len(s))
+        T.scaled_copy(xs[0], scale=0.5, out_dtype=torch.bfloat16)
+    xs = [torch.randn(37, 53, generator=g) for _ in range(8)]
+    T.gram(xs, names, base=xs[0], along="all")                       # K = 8: 36 pairs, 3 launches
+    T.ram(xs[0], xs[1:], epsilon=1e-5, out_dtype=torch.float32)      # K = 7 deltas live
+    T.ram(xs[0], xs[1:] * 3, epsilon=1e-5, out_dtype=torch.float32)  # K = 21
+    # sce: the variance pass, the energy pass and the merge in each mode (the top-k selection
+    # on the variances is magnitude_select's, compiled above); K = 3 on every dtype, K = 21
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        b, ms = xs[0].to(dtype), [x.to(dtype) for x in xs[1:4]]
+        for topk in (1.0, 0.0):
+            T.sce(b, ms, select_topk=topk, out_dtype=dtype)
+    ks = kernels()
+    var, _ = ks.sce_variance(xs[0], xs[1:4], n=xs[0].numel())
+    ks.sce_variance(xs[0], xs[1:] * 3, n=xs[0].numel())
+    thr = torch.zeros(2, dtype=torch.int64)
+    ks.sce_energy(xs[0], xs[1:4], n=xs[0].numel(), mode=1, var=var, thr=thr)
+    ks.sce_merge(xs[0], xs[1:4], torch.empty_like(xs[0]), n=xs[0].numel(), w=[0.3, 0.3, 0.4], mode=1,
+                 var=var, thr=thr)
+    ks.sce_merge(xs[0], xs[1:] * 3, torch.empty_like(xs[0]), n=xs[0].numel(), w=[0.05] * 21, mode=1,
+                 var=var, thr=thr)
+    # arcee_fusion: the row pass (short and multi-block rows) and the merge, each dtype
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        T.arcee_fusion(xs[0].to(dtype), xs[1].to(dtype), out_dtype=dtype)
+    ks.arcee_importance(xs[0], xs[1], rows=1, length=xs[0].numel())
 
 
 def main() -> int:

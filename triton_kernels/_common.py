@@ -244,3 +244,32 @@ def split_seed(seed: int):
     """The seed's two 32-bit halves as signed int32 values (one kernel signature for every seed)."""
     lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
     return (lo - (1 << 32) if lo >= 1 << 31 else lo), (hi - (1 << 32) if hi >= 1 << 31 else hi)
+
+
+# ---- mergekit's other methods (gram.py, lincomb.py, nearswap.py, ram.py, passthrough.py) ----
+
+EXP_BITS = tl.constexpr(0x7F800000)
+
+
+@triton.jit
+def bad_bits(x):
+    """1 where fp32 ``x`` is inf or nan (all-ones exponent), as int32: OR-able across a pass."""
+    return ((x.to(tl.int32, bitcast=True) & EXP_BITS) == EXP_BITS).to(tl.int32)
+
+
+@triton.jit
+def store_checked(ptr, x, mask):
+    """:func:`store_as`, returning 1 (int32) when a value stored is inf or nan *after* the
+    rounding to ``ptr``'s dtype (an fp16/bf16 overflow counts), else 0."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = bf16_bits(x)
+        tl.store(ptr, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        bad = ((bits & 0x7F80) == 0x7F80).to(tl.int32)
+    elif ptr.dtype.element_ty == tl.float16:
+        h = x.to(tl.float16)
+        tl.store(ptr, h, mask=mask)
+        bad = bad_bits(h.to(tl.float32))
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+        bad = bad_bits(x)
+    return tl.max(tl.ravel(tl.where(mask, bad, 0)), axis=0)

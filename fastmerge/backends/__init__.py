@@ -77,11 +77,17 @@ def module(name: str):
 
 def method_ops(name: str):
     """The kernels backend ``name`` offers the :mod:`fastmerge.methods` methods' ``fused`` plans
-    (``backends/<name>_methods.py``: Gram passes, linear combinations, elementwise merges)."""
+    (``backends/<name>_methods.py``: Gram passes, linear combinations, elementwise merges).
+    ``cuda`` delegates them to the Triton kernels (``triton_methods``): the CUDA extension has
+    none of its own."""
     if name == "cpu":
         from . import cpu_methods
 
         return cpu_methods
+    if name in ("triton", "cuda"):
+        from . import triton_methods
+
+        return triton_methods
     raise ValueError(f"backend {name!r} has no kernels for mergekit's other methods")
 
 
@@ -89,9 +95,17 @@ def status() -> dict:
     """Which backends this machine can run, and why not where it cannot.
 
     Returns ``{name: {"available": bool, "reason": str}}``; the ``triton`` entry also carries
-    ``"interpreter": True`` when it runs in Triton's interpreter (CPU tensors, tests only).
+    ``"interpreter": True`` when it runs in Triton's interpreter (CPU tensors, tests only), and
+    the ``cuda`` entry ``"delegates"``: the ops it hands to another backend (mergekit's other
+    methods run on the Triton kernels, see :func:`method_ops`).
     """
-    return {name: module(name).status() for name in NAMES}
+    out = {name: module(name).status() for name in NAMES}
+    cuda = dict(out["cuda"], delegates={"methods": "triton"})
+    if cuda["available"]:
+        cuda["reason"] += ("; mergekit's other methods (slerp, nuslerp, multislerp, karcher, "
+                           "model_stock, nearswap, ram, ramplus_tl, passthrough) run on the triton kernels")
+    out["cuda"] = cuda
+    return out
 
 
 class _CallablePackage(types.ModuleType):

@@ -152,6 +152,9 @@ def _merge_args(ks, plan: Plan, base, inputs, exact=False):
     thr, missed = thresholds(ks, base, bst, xs, sts, C, strided, masks, n, exact)
     keeps, norms = della_keeps(ks, base, bst, xs, sts, C, strided, masks, plan.seed,
                                abi.NORM_OF_PLAN[norm] if norm else None, inputs[0].shape)
+    for m, spec in enumerate(masks):  # drawn by the caller: one keep byte per element
+        if spec.kind == "given":
+            keeps[m] = spec.keep.reshape(-1).to(device=dev, dtype=torch.uint8).contiguous()
     probs = [m.p for m in masks]
     scale_mode = abi.SCALE_NONE
     scale = torch.ones(K, dtype=torch.float32, device=dev)
@@ -171,6 +174,10 @@ def _merge_args(ks, plan: Plan, base, inputs, exact=False):
         ok = applies & (before >= NORM_EPS) & (after >= NORM_EPS)
         # fp32(|d| / |keep * d|), the double ratio rounded once (reference: norm_scale)
         scale = torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
+        for m, spec in enumerate(masks):
+            if spec.kind == "given":
+                f = _host.given_scale(spec, base, inputs[m], norm)
+                scale[m] = 1.0 if f is None else f
     wsum = weight_sum_divisor(plan)
     return base, xs, dict(
         kinds=kinds, thr=thr, scale=scale, weights=plan.weights, probs=probs,

@@ -59,3 +59,47 @@ def threshold_without_select(x: torch.Tensor, k: int):
 def sign_input(sign: torch.Tensor) -> torch.Tensor:
     """``disjoint_merge``'s sign as the kernels read it: contiguous int8 (+1 / -1)."""
     return (sign if sign.dtype == torch.int8 else (sign > 0).to(torch.int8)).contiguous()
+
+
+def given_scale(spec, base, x, norm: str):
+    """The norm-matching factor of a ``given`` mask (``MaskSpec.factor`` when the caller gave
+    one), or None (no rescale: a norm below ``NORM_EPS``), as the reference computes it: double
+    norms of the fp32 delta before and after the mask, their ratio rounded to fp32. A pass over
+    the input on the host's torch ops: given masks are a compatibility path (a library's own
+    random draws), whose ``torch.bernoulli`` call has already read a tensor of this size."""
+    from .._semantics import fp32, norm_scale
+
+    if spec.factor is not None:
+        return fp32(spec.factor)
+    d = x.to(torch.float32) - base.to(torch.float32) if base is not None else x.to(torch.float32)
+    kept = torch.where(spec.keep.reshape(d.shape).to(device=d.device, dtype=torch.bool), d, 0.0)
+    return norm_scale(norm_of(d, norm), norm_of(kept, norm))
+
+
+def norm_of(x: torch.Tensor, norm: str) -> float:
+    """The ``l1`` / ``l2`` / ``linf`` norm of ``x`` in double (norm-matching rescale)."""
+    x = x.detach().double()  # a constant factor: no graph through it (and no scalar warning)
+    if norm == "l1":
+        return float(x.abs().sum())
+    if norm == "l2":
+        return float(x.square().sum().sqrt())
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+_BIT_WEIGHTS = {}
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """A bool keep mask as the CPU kernels' bit mask: int64 words, element ``i`` at bit
+    ``i & 63`` of word ``i >> 6`` (``MASK_BITS``; see csrc/masks.h)."""
+    flat = keep.reshape(-1).to(device="cpu", dtype=torch.bool)
+    n = flat.numel()
+    words = (n + 63) // 64
+    padded = torch.zeros(words * 64, dtype=torch.int64)
+    padded[:n] = flat
+    if "w" not in _BIT_WEIGHTS:
+        # bit 63 is the sign bit: its weight wraps to -2^63, and a sum of distinct powers of two
+        # never carries, so the int64 sum is exactly the word's bit pattern
+        _BIT_WEIGHTS["w"] = torch.tensor([1 << j if j < 63 else -(1 << 63) for j in range(64)],
+                                         dtype=torch.int64)
+    return (padded.reshape(words, 64) * _BIT_WEIGHTS["w"]).sum(dim=1)

@@ -107,7 +107,9 @@ def _merge_args(plan: Plan, base, inputs):
     # bit masks: DELLA always; DARE when its norms must be known before the merge
     bits = [None] * K
     for m, spec in enumerate(masks):
-        if spec.kind == "della" or (spec.kind == "random" and norm is not None):
+        if spec.kind == "given":  # drawn by the caller: packed once, read by the merge pass
+            bits[m] = _host.pack_bits(spec.keep)
+        elif spec.kind == "della" or (spec.kind == "random" and norm is not None):
             bits[m] = torch.zeros((n + 63) // 64, dtype=torch.int64)
             kinds[m] = abi.MASK_BITS
     bit_ptrs = [b.data_ptr() if b is not None else 0 for b in bits]
@@ -137,8 +139,9 @@ def _merge_args(plan: Plan, base, inputs):
     elif norm is not None:
         scale_mode = abi.SCALE_MUL
         for m, s in enumerate(masks):
-            f = norm_scale(norms[2 * m], norms[2 * m + 1])
-            if s.kind in ("range", "random", "della") and f is not None:
+            f = (_host.given_scale(s, base, inputs[m], norm) if s.kind == "given"
+                 else norm_scale(norms[2 * m], norms[2 * m + 1]))
+            if s.kind in ("range", "random", "della", "given") and f is not None:
                 scale[m] = f
 
     wsum = weight_sum_divisor(plan)

@@ -12,6 +12,12 @@ A vector is the whole tensor (``along="all"``), each vector along the last dimen
 dimension 0 (``"first"``: the columns of a matrix). Inputs that are not contiguous are made
 contiguous once here. Both kernels flag inf/nan per input in the same pass; the first flagged
 input (the base first, then the others in order) raises ``NonFiniteError`` naming it.
+
+Every function here that returns a merged tensor has checked it (``RESULT_CHECKED``): the
+kernel flags an inf/nan result in the pass that writes it, so no pass over the output follows
+(``V.check_result``'s ``aminmax``); only an fp16/bf16 output, whose rounding can overflow past
+the fp32 value the kernel saw, is scanned here. Inputs are named first: a non-finite result
+from finite inputs raises ``NonFiniteError`` saying the merge overflowed.
 """
 from __future__ import annotations
 
@@ -45,6 +51,16 @@ def _prepare(xs, base):
     xs = [x.contiguous() for x in xs]
     base = None if base is None else base.contiguous()
     return xs, base, abi.dtype_code(xs[0].dtype), _native.threads(xs[0].numel())
+
+
+RESULT_CHECKED = True
+
+
+def _check_out(out: torch.Tensor, flag) -> None:
+    """After the inputs' flags: ``flag`` (the kernel's: an fp32 result was inf/nan) raises the
+    overflow error; an fp16/bf16 ``out`` is scanned (its rounding may overflow)."""
+    if flag or (out.dtype != torch.float32 and not V.all_finite(out)):
+        raise V.NonFiniteError(V.MERGED, overflow=True)
 
 
 def _raise(flags, names, has_base: bool) -> None:
@@ -85,7 +101,8 @@ def lincomb(xs, names, coef, *, out_dtype, base=None, base_coef=None, delta: boo
     flags = _native.lib().lincomb(0 if base is None else base.data_ptr(), [x.data_ptr() for x in xs],
                                   dt, out.data_ptr(), abi.dtype_code(out_dtype), outer, length, inner,
                                   cf.data_ptr(), bool(delta and base is not None), threads)
-    _raise(flags, list(names), base is not None)
+    _raise(flags[:K + 1], list(names), base is not None)
+    _check_out(out, flags[K + 1])
     return out
 
 
@@ -104,8 +121,11 @@ def _ew_prepare(base, models, out_dtype):
     return base, models, out, out.numel(), _native.lib()
 
 
-def _ew_raise(flags, k: int) -> None:
-    _raise(flags, V.input_names(None, k), True)
+def _ew_raise(flags, k: int, out=None) -> None:
+    """The inputs' flags (models, then base), then with ``out`` the result's (:func:`_check_out`)."""
+    _raise(flags[:k + 1], V.input_names(None, k), True)
+    if out is not None:
+        _check_out(out, flags[k + 1])
 
 
 def nearswap(base, model, *, t: float, out_dtype):
@@ -113,7 +133,7 @@ def nearswap(base, model, *, t: float, out_dtype):
     base, (model,), out, n, lib = _ew_prepare(base, [model], out_dtype)
     if n:
         _ew_raise(lib.nearswap(base.data_ptr(), model.data_ptr(), abi.dtype_code(base.dtype),
-                               out.data_ptr(), abi.dtype_code(out_dtype), n, t, _native.threads(n)), 1)
+                               out.data_ptr(), abi.dtype_code(out_dtype), n, t, _native.threads(n)), 1, out)
     return out
 
 
@@ -136,7 +156,7 @@ def ram(base, models, *, epsilon: float, out_dtype, amplify=None):
     if n:
         flags = lib.ram_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), abi.dtype_code(out_dtype), n,
                               epsilon, lam, _native.threads(n))
-        _ew_raise(flags, K)
+        _ew_raise(flags, K, out)
     return out
 
 
@@ -146,5 +166,60 @@ def scaled_copy(x, *, scale: float, out_dtype, name: str = "models[0]"):
     if n:
         flags = lib.scaled_copy(x.data_ptr(), abi.dtype_code(x.dtype), out.data_ptr(),
                                 abi.dtype_code(out_dtype), n, scale, _native.threads(n))
-        _host.raise_nonfinite(flags, [name])
+        _host.raise_nonfinite(flags[:1], [name])
+        _check_out(out, flags[1])
+    return out
+
+
+# ---- merges after a selection over the whole tensor (sce, arcee_fusion) ----------------------
+# csrc/sce.cpp, arcee_fusion.cpp (declared in csrc/selection.h): a reduction pass that also
+# selects exactly (sce's top-k variances, arcee's quartiles), a few scalars on the host computed
+# as the references compute them, then one merge pass.
+
+
+def sce(base, models, *, select_topk: float, out_dtype):
+    """SCE's merge (:mod:`fastmerge.methods.sce`); no models: the base in ``out_dtype``.
+
+    The pass sums each model's energy ``sum d_k^2`` (of the kept elements when ``0 <
+    select_topk < 1``, whose keep bits it writes); ``w`` follows from the energies as the
+    reference computes it, in fp32; the merge pass applies it."""
+    if not models:
+        return scaled_copy(base, scale=1.0, out_dtype=out_dtype, name="base")
+    base, models, out, n, lib = _ew_prepare(base, models, out_dtype)
+    if n == 0:
+        return out
+    K, ptrs, dt, nt = len(models), [m.data_ptr() for m in models], abi.dtype_code(base.dtype), _native.threads(n)
+    bits = torch.empty(0, dtype=torch.int64)
+    if 0 < select_topk < 1:
+        bits = torch.empty((n + 63) // 64, dtype=torch.int64)
+        k, sums, flags = lib.sce_select(base.data_ptr(), ptrs, dt, n, select_topk, bits.data_ptr(), nt)
+        mode = 1 if k else 2
+    else:  # all kept, or (select_topk <= 0) none: the pass then only checks the inputs
+        sums, flags = lib.sce_energy(base.data_ptr(), ptrs, dt, n, nt)
+        mode = 0 if select_topk >= 1 else 2
+    _ew_raise(flags, K)
+    energy = torch.tensor([s / n if mode != 2 else 0.0 for s in sums], dtype=torch.float32)
+    total = float(energy.sum())
+    w = torch.full_like(energy, 1 / K) if abs(total) < 1e-6 else energy / total
+    lib.sce_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), abi.dtype_code(out_dtype), n, w.tolist(), mode,
+                  bits.data_ptr(), nt)
+    return out
+
+
+def arcee_fusion(base, model, *, out_dtype):
+    """Arcee Fusion's merge (:mod:`fastmerge.methods.arcee_fusion`): one pass for the rows' KL
+    and the exact quartiles of the importance, the threshold in fp32 on the host, one merge."""
+    base, (model,), out, n, lib = _ew_prepare(base, [model], out_dtype)
+    if n == 0:
+        return out
+    length = base.shape[-1] if base.dim() else 1
+    rows, dt, nt = n // length, abi.dtype_code(base.dtype), _native.threads(n)
+    kl = torch.empty(rows, dtype=torch.float32)
+    ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
+    values, flags = lib.arcee_select(base.data_ptr(), model.data_ptr(), dt, rows, length, ranks, kl.data_ptr(), nt)
+    _ew_raise(flags, 1)
+    q1, median, q3 = (torch.tensor(v, dtype=torch.float32) for v in values)
+    thr = float(median + 1.5 * (q3 - q1))
+    lib.arcee_merge(base.data_ptr(), model.data_ptr(), dt, out.data_ptr(), abi.dtype_code(out_dtype), rows, length,
+                    kl.data_ptr(), thr, nt)
     return out

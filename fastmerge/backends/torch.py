@@ -24,7 +24,8 @@ import torch
 
 from .. import _validate as V
 from .. import formats, philox
-from .._semantics import MaskSpec, Plan, norm_scale, rows_of, weight_sum_divisor
+from .._semantics import MaskSpec, Plan, fp32, norm_scale, rows_of, weight_sum_divisor
+from ._host import norm_of  # the norms of norm-matching rescale (shared with the fused backends)
 
 NAME = "torch"
 
@@ -72,6 +73,8 @@ def keep_mask(d: torch.Tensor, spec: MaskSpec, seed: int, stream: int) -> torch.
         return torch.zeros(d.shape, dtype=torch.bool, device=d.device)
     if spec.kind == "range":
         return range_keep(d.abs(), spec.start, spec.stop)
+    if spec.kind == "given":
+        return spec.keep.reshape(d.shape).to(device=d.device, dtype=torch.bool)
     u = philox.uniform(d.numel(), seed, stream, d.device).reshape(d.shape)
     if spec.kind == "random":
         return u < _f32(spec.p)
@@ -80,13 +83,6 @@ def keep_mask(d: torch.Tensor, spec: MaskSpec, seed: int, stream: int) -> torch.
     raise ValueError(f"unknown mask kind {spec.kind!r}")
 
 
-def norm_of(x: torch.Tensor, norm: str) -> float:
-    x = x.detach().double()  # a constant factor: no graph through it (and no scalar warning)
-    if norm == "l1":
-        return float(x.abs().sum())
-    if norm == "l2":
-        return float(x.square().sum().sqrt())
-    return float(x.abs().max()) if x.numel() else 0.0
 
 
 def sparsify(d: torch.Tensor, spec: MaskSpec, rescale, seed: int, stream: int) -> torch.Tensor:
@@ -99,7 +95,8 @@ def sparsify(d: torch.Tensor, spec: MaskSpec, rescale, seed: int, stream: int) -
         # DARE / PEFT: divide by the keep probability (0 when everything was dropped).
         return s / _f32(spec.density) if spec.density > 0 else torch.zeros_like(s)
     if rescale in ("l1", "l2", "linf") and spec.kind != "zero":
-        scale = norm_scale(norm_of(d, rescale), norm_of(s, rescale))
+        scale = (norm_scale(norm_of(d, rescale), norm_of(s, rescale)) if spec.factor is None
+                 else fp32(spec.factor))
         if scale is not None:
             s = s * _f32(scale)
     return s

@@ -15,8 +15,18 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .. import dispatch
+from .. import _registry, dispatch
 from .._validate import SUPPORTED_DTYPES, needs_grad
+
+RNG_MODES = ("philox", "torch")
+
+
+def rng_mode(rng) -> str:
+    """``patch(rng=...)``: ``"philox"`` (fastmerge's seeded counter-based stream, the fast path)
+    or ``"torch"`` (the library's own ``torch.bernoulli`` draws, reproducing it bit for bit)."""
+    if not isinstance(rng, str) or rng not in RNG_MODES:
+        raise ValueError(f"rng must be one of {', '.join(map(repr, RNG_MODES))}, got {rng!r}")
+    return rng
 
 
 def require(module: str, dist: str, tested: Tuple[int, int], allow_untested: bool):
@@ -50,20 +60,27 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def fused_can_take(tensors) -> bool:
+def fused_can_take(tensors, op: str = "merge") -> bool:
     """Whether fastmerge's fused path can stand in for the library on these tensors: all are
     fp32/fp16/bf16 tensors; none needs an autograd graph (fastmerge's kernels record none, and
     differentiating through a merge is rare but must not silently lose its gradient); and a
     fused backend serves their device (``auto`` or the ``FASTMERGE_BACKEND`` choice resolves to
     something other than the torch reference -- where none does, as on a GPU without Triton or a
-    CUDA toolkit, the library's own code is at least as fast as fastmerge's reference)."""
+    CUDA toolkit, the library's own code is at least as fast as fastmerge's reference).
+
+    ``op``: a method of :mod:`fastmerge.methods` is fused only where its registry entry lists
+    the chosen backend among its ``kernels`` (elsewhere fastmerge would run its reference)."""
     tensors = list(tensors)
     if not tensors or not all(isinstance(t, torch.Tensor) and t.dtype in SUPPORTED_DTYPES
                               for t in tensors):
         return False
     if needs_grad(tensors):
         return False
-    return dispatch.resolve(None, tensors[0].device) != "torch"
+    chosen = dispatch.resolve(None, tensors[0].device, op)
+    entry = _registry.REGISTRY.get(op)
+    if entry is not None and entry.family == "method":
+        return chosen in entry.kernels
+    return chosen != "torch"
 
 
 def replacing(original: Callable):

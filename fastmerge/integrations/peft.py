@@ -15,7 +15,8 @@ PEFT's function; import the module instead, or patch first.
 
 Same results as PEFT except by design: random pruning (``dare_*``) draws its mask from
 fastmerge's Philox stream, seeded from torch's default generator, so ``torch.manual_seed``
-still makes runs reproducible but the mask differs from ``torch.bernoulli``'s; top-k ties go to
+still makes runs reproducible but the mask differs from ``torch.bernoulli``'s (unless
+``patch(rng="torch")``: PEFT's own ``torch.bernoulli`` draws, the merge fused); top-k ties go to
 the lowest index; arithmetic is fp32 with one rounding. Inputs fastmerge does not handle
 (float64 or integer task tensors, non-tensors), inputs holding inf/nan, and calls whose result
 would need an autograd graph (task tensors or a ``weights`` tensor that require grad -- learnable
@@ -27,12 +28,11 @@ with :func:`fastmerge.lowrank.lora_rerank` in place of the full ``torch.linalg.s
 """
 from __future__ import annotations
 
-
 import torch
 
 from .. import peft as _fast
 from .._validate import needs_grad
-from ._patch import Patch, controls, fused_can_take, replacing, require, with_fallback
+from ._patch import Patch, controls, fused_can_take, replacing, require, rng_mode, with_fallback
 
 TESTED = (0, 21)
 FUNCTIONS = (
@@ -55,6 +55,39 @@ def _covered(*args, **kwargs) -> bool:
     if isinstance(weights, torch.Tensor) and needs_grad([weights]):
         return False
     return fused_can_take(tensors)
+
+
+def _covered_torch_rng(name: str):
+    """``_covered`` under ``rng="torch"``: PEFT's random pruning on its own (``random_pruning``,
+    ``prune(..., "random")``) is one ``torch.bernoulli`` and a product, which PEFT's own code
+    already is; fastmerge runs the merges that use it (``dare_linear``, ``dare_ties``)."""
+    if name == "random_pruning":
+        return lambda *args, **kwargs: False
+
+    def covered(*args, **kwargs) -> bool:
+        if name == "prune" and (args[2] if len(args) > 2 else kwargs.get("method")) == "random":
+            return False
+        return _covered(*args, **kwargs)
+
+    return covered
+
+
+def _dare_torch_rng(name: str):
+    """``dare_linear`` / ``dare_ties`` with the masks drawn by PEFT's own ``random_pruning``
+    calls (``torch.bernoulli(full_like(t, density))`` per task tensor, in order), then fused."""
+    from ._torch_rng import peft_keeps, restoring_rng
+
+    fast = getattr(_fast, name)
+
+    def run(task_tensors, weights, density, *args, **kwargs):
+        tasks = list(task_tensors)
+        d = float(density)
+        if not 0 <= d < 1:  # PEFT draws nothing: >= 1 keeps all (with its warning), < 0 raises
+            return fast(tasks, weights, density, *args, **kwargs)
+        with restoring_rng(tasks[0].device):  # a refused call falls back to PEFT's own draws
+            return fast(tasks, weights, density, *args, keep=peft_keeps(tasks, d), **kwargs)
+
+    return run
 
 
 SVD_MODES = ("auto", "exact", "randomized")
@@ -124,29 +157,45 @@ def _svd_adapter(mode: str):
     return method
 
 
-def patch(*, allow_untested: bool = False, svd: str = "auto") -> None:
+def patch(*, allow_untested: bool = False, svd: str = "auto", rng: str = "philox") -> None:
     """Route PEFT's merge utilities, and the SVD of ``add_weighted_adapter``'s ``*_svd``
     combination types, through fastmerge. Idempotent; undo with :func:`unpatch`.
 
     ``svd``: ``"auto"`` (randomized where that is exact -- the ``svd`` combination, whose delta
     has rank at most the sum of the adapters' ranks -- LAPACK's thin SVD otherwise),
     ``"exact"`` (always LAPACK) or ``"randomized"`` (always randomized: fast, approximate for
-    the pruned full-rank deltas). Raises ImportError if peft is missing, RuntimeError for a peft
-    release other than 0.21.x (unless ``allow_untested=True``)."""
+    the pruned full-rank deltas).
+
+    ``rng``: ``"philox"`` (default, the fast path: random pruning draws from fastmerge's seeded
+    Philox stream) or ``"torch"``: ``dare_linear`` / ``dare_ties`` draw their masks with PEFT's
+    own ``torch.bernoulli`` calls (same calls, order and generator) and merge them fused, and
+    ``random_pruning`` / ``prune(..., "random")`` stay PEFT's own, so a patched run equals the
+    unpatched one bit for bit (fp32) for the same ``torch.manual_seed``.
+
+    Raises ImportError if peft is missing, RuntimeError for a peft release other than 0.21.x
+    (unless ``allow_untested=True``), ValueError for an unknown ``svd`` or ``rng`` or for
+    patching again with other options while patched."""
     if svd not in SVD_MODES:
         raise ValueError(f"svd must be one of {', '.join(SVD_MODES)}, got {svd!r}")
+    rng = rng_mode(rng)
     if _patch.active:
-        if svd != _patch.options.get("svd"):
-            raise ValueError(f"PEFT is already patched with svd={_patch.options.get('svd')!r}; "
-                             "call unpatch() before patching with another svd mode")
+        for key, value in (("svd", svd), ("rng", rng)):
+            if value != _patch.options.get(key):
+                raise ValueError(f"PEFT is already patched with {key}={_patch.options.get(key)!r}; "
+                                 f"call unpatch() before patching with another {key}")
         return
     merge_utils = require("peft.utils.merge_utils", "peft", TESTED, allow_untested)
     importers = [require(name, "peft", TESTED, allow_untested) for name in IMPORTERS]
     originals = {name: getattr(merge_utils, name) for name in FUNCTIONS}
 
     # one wrapper per function, installed under every name that binds PEFT's original
-    wrappers = {name: with_fallback(getattr(_fast, name), originals[name], _covered, "peft")
-                for name in FUNCTIONS}
+    def wrapper(name):
+        if rng == "torch" and name in ("dare_linear", "dare_ties"):
+            return with_fallback(_dare_torch_rng(name), originals[name], _covered, "peft")
+        covered = _covered_torch_rng(name) if rng == "torch" else _covered
+        return with_fallback(getattr(_fast, name), originals[name], covered, "peft")
+
+    wrappers = {name: wrapper(name) for name in FUNCTIONS}
     targets = [(merge_utils, name, lambda _, w=wrappers[name]: w) for name in FUNCTIONS]
     for module in importers:
         # only names that are still PEFT's own function (a user's replacement is left alone)
@@ -156,7 +205,7 @@ def patch(*, allow_untested: bool = False, svd: str = "auto") -> None:
     if lora_model is not None and "_svd_generalized_task_arithmetic_weighted_adapter" in vars(lora_model):
         targets.append((lora_model, "_svd_generalized_task_arithmetic_weighted_adapter",
                         lambda original: replacing(original)(_svd_adapter(svd))))
-    _patch.apply(targets, {"svd": svd})
+    _patch.apply(targets, {"svd": svd, "rng": rng})
 
 
 unpatch, is_patched, patched = controls(_patch, patch)

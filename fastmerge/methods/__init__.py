@@ -31,7 +31,10 @@ A method with fused kernels also defines
 * ``fused(ops, base, models, *, out_dtype, <parameters>) -> torch.Tensor``: the same result
   from the kernels ``ops`` of one backend (``fastmerge/backends/<backend>_methods.py``): e.g. one
   Gram pass (the inputs' pairwise dot products), the coefficients from it on the host, then one
-  pass writing a linear combination of the inputs, in ``out_dtype``.
+  pass writing a linear combination of the inputs, in ``out_dtype``;
+* optionally ``RESULT_CHECKED = True``: ``fused`` returns its last kernel's output unchanged, so
+  where the ops module checks its results too (``RESULT_CHECKED`` there), dispatch skips its
+  own pass over the output for inf/nan.
 """
 
 from . import (arcee_fusion, karcher, model_stock, multislerp, nearswap, nuslerp, passthrough, ram,

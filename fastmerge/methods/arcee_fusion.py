@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from fastmerge.methods._common import inputs
+from fastmerge.methods._common import checked, inputs
 
 CONTRACT = dict(base="required", min_models=1, max_models=1)
 PARAMS = {}
+KERNELS = ("cpu", "triton", "cuda")
 
 
 def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -41,3 +42,13 @@ def reference(base, models) -> torch.Tensor:
     s = importance(m, b)
     q1, median, q3 = (order_statistic(s, q) for q in (0.25, 0.5, 0.75))
     return b + (m - b) * (s >= median + 1.5 * (q3 - q1))
+
+
+def fused(ops, base, models, *, out_dtype) -> torch.Tensor:
+    """:func:`reference` from the kernels ``ops`` (``ops.arcee_fusion``), in ``out_dtype``: one
+    pass for the rows' KL and the exact quartiles of ``s`` (a histogram of its order keys, then
+    the few elements of the quartiles' bins), one merge pass. ``s`` differs from the reference's
+    by fp32 round-off (exp, log and the sums are computed differently), so an element whose
+    ``s`` lies within round-off of the threshold may be kept on one side and not the other."""
+    b, (m,) = checked("arcee_fusion", CONTRACT, base, models)
+    return ops.arcee_fusion(b, m, out_dtype=out_dtype)

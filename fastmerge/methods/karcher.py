@@ -10,7 +10,8 @@ from fastmerge.methods._common import checked, inputs, model_names
 # mergekit ignores the base flag: a base, when given, is one more input of the mean.
 CONTRACT = dict(base="optional", min_models=0, max_models=None)
 PARAMS = {"max_iter": 10, "tol": 1e-5}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ from fastmerge.methods._common import checked, inputs, model_names
 
 CONTRACT = dict(base="required", min_models=2, max_models=None)
 PARAMS = {"filter_wise": False}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 
 def reference(base, models, *, filter_wise=False) -> torch.Tensor:

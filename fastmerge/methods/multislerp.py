@@ -13,7 +13,8 @@ from fastmerge.methods._common import REQUIRED, checked, inputs, model_names
 
 CONTRACT = dict(base="optional", min_models=1, max_models=None)
 PARAMS = {"weights": REQUIRED, "normalize_weights": True, "eps": 1e-8}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 ZERO_MEAN = ("models: the weighted mean of the unit vectors is zero (antipodal models whose "
              "weights cancel, or zero deltas); use other weights")
 

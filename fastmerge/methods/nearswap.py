@@ -9,7 +9,8 @@ from fastmerge.methods._common import REQUIRED, checked, inputs
 
 CONTRACT = dict(base="required", min_models=1, max_models=1)
 PARAMS = {"t": REQUIRED}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 
 def reference(base, models, *, t) -> torch.Tensor:

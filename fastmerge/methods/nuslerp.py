@@ -9,7 +9,8 @@ from fastmerge.methods._common import REQUIRED, checked, inputs, model_names
 
 CONTRACT = dict(base="optional", min_models=2, max_models=2)
 PARAMS = {"weights": REQUIRED, "nuslerp_row_wise": False, "nuslerp_flatten": True}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 NORM_EPS = 1e-7  # mergekit's norm floor when normalizing
 EPS = 1e-8       # collinear when 1 - cos^2 <= EPS^2

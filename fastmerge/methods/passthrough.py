@@ -9,7 +9,8 @@ from fastmerge.methods._common import checked, inputs
 # mergekit ignores the base flag and takes exactly one input: here that input is models[0].
 CONTRACT = dict(base="none", min_models=1, max_models=1)
 PARAMS = {"scale": None}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 
 def reference(base, models, *, scale=None) -> torch.Tensor:

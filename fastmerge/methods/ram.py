@@ -9,7 +9,8 @@ from fastmerge.methods._common import checked, inputs
 
 CONTRACT = dict(base="required", min_models=0, max_models=None)
 PARAMS = {"epsilon": 1e-5}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 
 def contributions(deltas: list, epsilon: float):

@@ -10,7 +10,8 @@ from fastmerge.methods.ram import contributions
 
 CONTRACT = dict(base="required", min_models=0, max_models=None)
 PARAMS = {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 
 def amplification(shared_k: int, unique_k: int, r: float, alpha: float, epsilon: float) -> float:

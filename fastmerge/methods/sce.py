@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from fastmerge import _validate as V
-from fastmerge.methods._common import inputs
+from fastmerge.methods._common import checked, inputs
 
 CONTRACT = dict(base="required", min_models=0, max_models=None)
 PARAMS = {"int8_mask": False, "select_topk": 1.0}
+KERNELS = ("cpu", "triton", "cuda")
 
 
 def select_mask(deltas: list, select_topk: float) -> torch.Tensor:
@@ -59,3 +60,13 @@ def reference(base, models, *, int8_mask=False, select_topk=1.0) -> torch.Tensor
     kept = [(d.sign() == majority) * wk for d, wk in zip(deltas, w)]
     merged = sum(d * kw for d, kw in zip(deltas, kept))
     return b + merged / sum(kept).clamp(min=1e-6)
+
+
+def fused(ops, base, models, *, out_dtype, int8_mask=False, select_topk=1.0) -> torch.Tensor:
+    """:func:`reference` from the kernels ``ops`` (``ops.sce``), in ``out_dtype``: one reduction
+    pass (the energies; with ``0 < select_topk < 1`` also the exact top-k of the variance, ties
+    to the lowest index, as keep bits), the weights on the host, one merge pass."""
+    b, ms = checked("sce", CONTRACT, base, models)
+    V.flag(int8_mask, "int8_mask")
+    select_topk = V.number(select_topk, "select_topk")
+    return ops.sce(b, ms, select_topk=select_topk, out_dtype=out_dtype)

@@ -13,7 +13,8 @@ from fastmerge.methods._common import REQUIRED, checked, f32, inputs
 
 CONTRACT = dict(base="required", min_models=1, max_models=1)
 PARAMS = {"t": REQUIRED}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
+RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 # mergekit's fixed constants (arguments of its slerp(), not merge parameters)
 DOT_THRESHOLD = 0.9995  # |cos| above this: linear interpolation (collinear or antipodal)
