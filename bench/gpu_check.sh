@@ -8,7 +8,8 @@
 #
 # Stages: env (GPU, versions, fastmerge.backends()), install (build in place), tests
 # (tests/test_gpu.py on triton), tests_quant (its quantizer tests on triton), bench_accept
-# (bf16 4096x14336 K=4), l2_check (the same with the L2 flushed), bench_quick (4096x4096), bench_quant, bench_lowrank, report.
+# (bf16 4096x14336 K=4), l2_check (the same with the L2 flushed), bench_quick (4096x4096), bench_quant, bench_lowrank, review (issue 23's checks:
+# bench/gpu_check_review.py, compute-sanitizer memcheck), report.
 # $OUT gets gpu_check.log, tests.log, bench.json, quant.json, lowrank.json, summary.json.
 cd "$(dirname "$0")/.." || exit 2
 GC_SCRIPT=bench/gpu_check.sh
@@ -22,11 +23,12 @@ GC_STAGES=(
     "bench_quick 100 180"
     "bench_quant 45 120"
     "bench_lowrank 35 90"
+    "review 90 240"
     "report 20 60"
 )
 # shellcheck source=bench/gpu_check_lib.sh
 . bench/gpu_check_lib.sh
-export GC_BENCH_BACKENDS=triton GC_STAGE_LOG_tests=tests.log GC_STAGE_LOG_tests_quant=tests.log
+export GC_REVIEW_SANITIZER=memcheck GC_BENCH_BACKENDS=triton GC_STAGE_LOG_tests=tests.log GC_STAGE_LOG_tests_quant=tests.log
 
 # The cuda backend would be built on first use by the one test that compares every backend's
 # seeded masks (minutes of nvcc); bench/gpu_check_cuda.sh builds and tests it, so here the

@@ -11,7 +11,8 @@
 # exactly as fastmerge builds it on first use: torch.utils.cpp_extension.load, here with
 # TORCH_CUDA_ARCH_LIST=9.0 and MAX_JOBS=16), tests_cuda (tests/test_gpu.py on cuda, and the
 # seeded-mask comparison of cpu, triton and cuda), bench_accept, l2_check, bench_quick (cuda
-# beside triton), report. $OUT gets gpu_check_cuda.log, build.log, tests.log, bench.json,
+# beside triton), review (issue 23: bench/gpu_check_review.py, compute-sanitizer racecheck on the
+# CUDA select), report. $OUT gets gpu_check_cuda.log, build.log, tests.log, bench.json,
 # summary.json.
 cd "$(dirname "$0")/.." || exit 2
 GC_SCRIPT=bench/gpu_check_cuda.sh
@@ -23,11 +24,12 @@ GC_STAGES=(
     "bench_accept 60 120"
     "l2_check 30 60"
     "bench_quick 90 180"
+    "review 90 240"
     "report 20 60"
 )
 # shellcheck source=bench/gpu_check_lib.sh
 . bench/gpu_check_lib.sh
-export GC_BENCH_BACKENDS=cuda,triton GC_STAGE_LOG_build_cuda=build.log GC_STAGE_LOG_tests_cuda=tests.log
+export GC_REVIEW_SANITIZER=racecheck GC_BENCH_BACKENDS=cuda,triton GC_STAGE_LOG_build_cuda=build.log GC_STAGE_LOG_tests_cuda=tests.log
 # The build's settings, exported for every stage: the tests and the bench load the extension the
 # build_cuda stage built only if they ask for it with the same flags from the same cache.
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FASTMERGE_CUDA_VERBOSE=1

@@ -353,10 +353,19 @@ stage_l2_check() {
         $([ "$DRY_RUN" = 1 ] && echo --dry-run)
 }
 
+# Issue 23's review checks (bench/gpu_check_review.py): host reads and CUDA sync warnings per
+# merge, a non-default stream, K in {3, 12, 17, 64} bit for bit, > 2**31 elements where memory
+# allows, and one small merge under compute-sanitizer ($GC_REVIEW_SANITIZER: memcheck for the
+# Triton script, racecheck for the CUDA one); $WORK/review.json goes into the report.
+stage_review() {
+    "$PYTHON" bench/gpu_check_review.py --work "$WORK" --backends "$(gc_backends)" \
+        --sanitizer "${GC_REVIEW_SANITIZER:-memcheck}" $([ "$DRY_RUN" = 1 ] && echo --dry-run)
+}
+
 # The short table that ends the output (the device tool returns the output's tail) and
 # $WORK/report.json, which summary.json embeds.
 stage_report() {
     "$PYTHON" bench/gpu_check_steps.py report --out "$OUT" --work "$WORK" --script "$GC_SCRIPT"
 }
 
-export -f gc_backends gc_bench stage_env stage_install stage_bench_accept stage_bench_quick stage_l2_check stage_report
+export -f gc_backends gc_bench stage_env stage_install stage_bench_accept stage_bench_quick stage_l2_check stage_review stage_report

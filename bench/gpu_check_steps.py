@@ -115,7 +115,7 @@ def l2_check(work: str, backends: list, dry: bool) -> int:
     nbytes = (k + 2) * n * base.element_size()
     src = torch.ones((256 << 20) // 4 if not dry else 1 << 16, device=dev)
     dst = torch.empty_like(src)
-    copy_ms = timer(lambda: dst.copy_(src))
+    copy_ms = timer(lambda s=src, d=dst: d.copy_(s))  # bound now: the names are deleted below
     copy_gbps = 2 * src.numel() * 4 / copy_ms / 1e6
     del src, dst
     rows = [{"op": "copy", "backend": "torch", "median_ms": copy_ms, "gbps": copy_gbps, "pct_of_copy_bw": 100.0}]
@@ -228,6 +228,7 @@ def report(out: str, work: str, script: str) -> int:
         _section(rep, "quant", lambda: _quant(_load(os.path.join(out, "quant.json"))))
         _section(rep, "lowrank", lambda: _lowrank(_load(os.path.join(out, "lowrank.json"))))
     rep["l2"] = _load(os.path.join(work, "l2.json"))
+    rep["review"] = _load(os.path.join(work, "review.json"))
     gpu = rep["device"] if rep["device"] and os.environ.get("DRY_RUN") != "1" else None
     rep["results_file"] = (f"bench/results/gpu_{_slug(gpu)}{'_cuda' if cuda_script else ''}.json" if gpu
                            else "(dry run: nothing to commit)")
@@ -249,6 +250,9 @@ def report(out: str, work: str, script: str) -> int:
             print(f"{key:<7} {json.dumps(rep[key])}")
     for r in (rep["l2"] or {}).get("rows", []):
         print(f"l2     {r['op']:<16} {r['backend']:<7} {r['gbps']:9.1f} GB/s {r['pct_of_copy_bw']:6.1f}% of copy")
+    for r in (rep["review"] or {}).get("rows", []):
+        print(f"review {'ok  ' if r.get('ok') else 'n/a ' if r.get('ok') is None else 'FAIL'} "
+              f"{json.dumps({k: v for k, v in r.items() if k not in ('ok', 'tail')})}")
     print(f"commit the bench JSON ($OUT/bench.json) as {rep['results_file']}")
     return 0
 

@@ -244,3 +244,30 @@ def test_cuda_backend_says_its_quantizers_are_triton(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cuda._quantizers() is q  # said once
+
+
+def test_cuda_build_without_this_gpus_kernel_image_falls_back(monkeypatch):
+    """An extension built for an architecture list without the GPU's loads, then fails every
+    launch ("no kernel image"): the probe launch after the build catches it, and GPU ops go to
+    Triton with one warning. Simulated (no GPU here): the build succeeds, the probe raises."""
+    from fastmerge.backends import cuda
+
+    monkeypatch.setattr(cuda, "_ext", None)
+    monkeypatch.setattr(cuda, "_error", None)
+    monkeypatch.setattr(cuda, "_tried", False)
+    monkeypatch.setattr(cuda, "status", lambda: {"available": True, "reason": "pretend"})
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(ext, "load", lambda *a, **k: object())  # built: loads fine
+
+    def no_image():
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(cuda, "_probe_launch", no_image)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cuda.extension() is None
+        mod = dispatch.module("cuda")
+    msgs = [str(w.message) for w in caught if "CUDA kernels" in str(w.message)]
+    assert len(msgs) == 1 and "no kernel image" in msgs[0] and "Triton" in msgs[0], msgs
+    assert mod.__name__ in ("fastmerge.backends.triton", "fastmerge.backends.torch")

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -18,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["bench/gpu_check.sh", "bench/gpu_check_cuda.sh"]
 STAGES = {
     "bench/gpu_check.sh": ["env", "install", "tests", "tests_quant", "bench_accept", "l2_check", "bench_quick",
-                           "bench_quant", "bench_lowrank", "report"],
+                           "bench_quant", "bench_lowrank", "review", "report"],
     "bench/gpu_check_cuda.sh": ["env", "install", "build_cuda", "tests_cuda", "bench_accept", "l2_check",
-                                "bench_quick", "report"],
+                                "bench_quick", "review", "report"],
 }
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -103,3 +104,20 @@ def test_failed_and_killed_stages_are_recorded(tmp_path):
         if status == "timeout":
             assert st["seconds"] <= 7 + 12 and st["limit_s"] <= 7 and "limit" in st["note"]
         check_out_dir(out)
+
+
+def test_dry_run_review_stage(tmp_path):
+    """Issue 23's review checks rehearsed on the CPU: every check runs and lands in the report."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    r = run("bench/gpu_check.sh", "--dry-run", "--stages", "review,report",
+            env={"OUT": str(out), "WORK": str(work), "PYTHON": sys.executable}, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    by = {st["name"]: st for st in summary(out)["stages"]}
+    assert by["review"]["status"] == "ok", by["review"]
+    rows = json.loads((work / "review.json").read_text())["rows"]
+    checks = {row.get("check") or row.get("merge") for row in rows}
+    assert {"ties", "dare_ties", "della", "non_default_stream", "K=64 ties",
+            "n > 2**31 ties keeps k"} <= checks, checks
+    assert all(row["ok"] is not False for row in rows), rows
+    assert "review ok" in r.stdout
+    check_out_dir(out)

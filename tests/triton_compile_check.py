@@ -47,6 +47,7 @@ class StandInDriver:
 
 
 compiled = collections.Counter()
+ptx_of = collections.defaultdict(list)  # kernel name -> the PTX of each launch compiled
 
 
 def compile_only(self, grid):
@@ -56,6 +57,7 @@ def compile_only(self, grid):
         if ".local" in ptx:
             raise AssertionError(f"{self.__name__}: uses local memory (register spills)")
         compiled[self.__name__] += 1
+        ptx_of[self.__name__].append(ptx)
         return kernel
     return launch
 

@@ -23,7 +23,7 @@ from .della import della_keep
 from .fused_merge import fused_merge
 from .gram import gram
 from .lincomb import lincomb
-from .magnitude_select import select
+from .magnitude_select import select, select_deferred
 from .mask_norms import mask_norms
 from .nearswap import nearswap
 from .passthrough import scaled_copy
@@ -31,7 +31,7 @@ from .quant import fp8_codes, fused_merge_int4, quantize_fp8, quantize_int4
 from .ram import ram_counts, ram_merge
 from .sce import sce_energy, sce_merge, sce_variance
 
-__all__ = ["fused_merge", "select", "mask_norms", "della_keep", "quantize_int4", "quantize_fp8",
+__all__ = ["fused_merge", "select", "select_deferred", "mask_norms", "della_keep", "quantize_int4", "quantize_fp8",
            "fp8_codes", "fused_merge_int4", "gram", "lincomb", "nearswap", "ram_counts", "ram_merge",
            "scaled_copy", "sce_variance", "sce_energy", "sce_merge", "arcee_importance",
            "arcee_merge"]

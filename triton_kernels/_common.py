@@ -63,17 +63,21 @@ def seed_key(k0, k1):
 
 @triton.jit
 def uniform_groups(g, stream, k0, k1, col):
-    """Uniforms of the ``[G, 4]`` tile of groups ``g`` (int64, ``[G]``) for input ``stream``:
-    one Philox call per group, word ``col`` for column ``col``."""
+    """Uniforms of the ``[H, VEC]`` tile of rows ``g`` (int64, ``[H]``) for input ``stream``,
+    ``VEC = col.shape[1]`` a multiple of 4: row ``h`` holds the ``VEC // 4`` groups of four
+    ``h * VEC // 4 + j``, one Philox call per group, word ``col % 4`` for column ``col``.
+    ``VEC == 4`` is the plain ``[G, 4]`` tile (row = group)."""
     zero = tl.zeros(g.shape, tl.uint32)
-    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (g >> 32).to(tl.uint32)
-    w0, w1, w2, w3 = philox4x32(c0, c1, zero + stream, zero, k0, k1)
-    u0 = to_uniform(w0)[:, None]
-    u1 = to_uniform(w1)[:, None]
-    u2 = to_uniform(w2)[:, None]
-    u3 = to_uniform(w3)[:, None]
-    return tl.where(col == 0, u0, tl.where(col == 1, u1, tl.where(col == 2, u2, u3)))
+    u = tl.zeros([g.shape[0], col.shape[1]], tl.float32)
+    for j in tl.static_range(col.shape[1] // 4):
+        gj = g * (col.shape[1] // 4) + j
+        w0, w1, w2, w3 = philox4x32((gj & 0xFFFFFFFF).to(tl.uint32), (gj >> 32).to(tl.uint32),
+                                    zero + stream, zero, k0, k1)
+        u = tl.where(col == 4 * j, to_uniform(w0)[:, None], u)
+        u = tl.where(col == 4 * j + 1, to_uniform(w1)[:, None], u)
+        u = tl.where(col == 4 * j + 2, to_uniform(w2)[:, None], u)
+        u = tl.where(col == 4 * j + 3, to_uniform(w3)[:, None], u)
+    return u
 
 
 @triton.jit
@@ -104,14 +108,29 @@ def load_f32(ptr, i, mask, C, s0, s1, STRIDED: tl.constexpr):
 
 
 @triton.jit
-def group_tile(n, G: tl.constexpr):
-    """This program's ``[G, 4]`` tile: ``(pid, g, col, i, inb)`` with ``g`` the groups of four
-    (int64, ``[G]``), ``col`` the column, ``i`` the flat indices and ``inb = i < n``."""
+def group_tile(n, G: tl.constexpr, VEC: tl.constexpr = 4):
+    """This program's ``[4 G / VEC, VEC]`` tile of ``4 G`` consecutive elements: ``(pid, g, col,
+    i, inb)`` with ``g`` the row index (int64; a row is ``VEC // 4`` groups of four, see
+    :func:`uniform_groups`), ``col`` the column, ``i`` the flat indices and ``inb = i < n``.
+    ``VEC`` consecutive elements per row let a thread issue one 16-byte access (8 for 2-byte
+    types) when ``n`` is specialised (divisible by 16) and the pointers are aligned."""
     pid = tl.program_id(0).to(tl.int64)
-    g = pid * G + tl.arange(0, G).to(tl.int64)
-    col = tl.arange(0, 4)[None, :]
-    i = g[:, None] * 4 + col
+    g = pid * (4 * G // VEC) + tl.arange(0, 4 * G // VEC).to(tl.int64)
+    col = tl.arange(0, VEC)[None, :]
+    i = g[:, None] * VEC + col
     return pid, g, col, i, i < n
+
+
+def vec_width(element_size: int, G: int) -> int:
+    """Elements per tile row (:func:`group_tile`): 16 bytes of 2-byte inputs when the tile
+    gives every thread of a warp a full row, else 4 (16 bytes of fp32)."""
+    return 8 if element_size <= 2 and 4 * G >= 8 * 32 else 4
+
+
+def warps_for(G: int, vec: int) -> int:
+    """Warps such that each thread owns one ``vec``-row of a ``4 G``-element tile: no element,
+    and so no Philox group, is replicated across threads (one Philox call per group)."""
+    return max(1, min(8, 4 * G // (vec * 32)))
 
 
 @triton.jit

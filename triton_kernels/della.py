@@ -16,7 +16,7 @@ from .. import abi
 from ._common import block_tile, delta, norm_reduce, norm_terms, seed_key, split_seed, uniform_at
 
 
-@triton.jit(do_not_specialize=["k0", "k1", "n", "C", "c1", "c2", "L", "inner"])
+@triton.jit(do_not_specialize=["k0", "k1", "C", "c1", "c2", "L", "inner"])
 def _della_keep_kernel(base, x, order, keep, partial, c1, c2, k0, k1, n, L, inner, C,
                        bs0, bs1, s0, s1, STREAM: tl.constexpr, NORM: tl.constexpr,
                        HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr):

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .. import abi
 from ._common import (MASK_BITS, MASK_RANDOM, MASK_RANGE, MASK_ZERO, flat_keep, group_tile,
-                      load_f32, nonfinite, seed_key, split_seed, store_as)
+                      load_f32, nonfinite, seed_key, split_seed, store_as, vec_width, warps_for)
 
 # plan codes (fastmerge/abi.py)
 CONSENSUS_NONE = tl.constexpr(abi.CONSENSUS_NONE)
@@ -124,16 +124,16 @@ def merge_tile(
     return mixed
 
 
-@triton.jit(do_not_specialize=["k0", "k1", "n", "C", "const_div", "lam"])
+@triton.jit(do_not_specialize=["k0", "k1", "C", "const_div", "lam"])
 def _fused_merge_kernel(
     base, xs, keeps, out, sign, flags, thr, scale, weights, probs,
     bs0, bs1, S0, S1, k0, k1, n, C, const_div, lam,
     K: tl.constexpr, KINDS: tl.constexpr, HAS_BASE: tl.constexpr, STRIDED: tl.constexpr,
     SCALE_MODE: tl.constexpr, CONSENSUS: tl.constexpr, ELECT_WEIGHTED: tl.constexpr,
     DIVISOR: tl.constexpr, NORMALIZE: tl.constexpr, SIGN_ONLY: tl.constexpr,
-    APPLY_LAM: tl.constexpr, G: tl.constexpr,
+    APPLY_LAM: tl.constexpr, G: tl.constexpr, VEC: tl.constexpr,
 ):
-    pid, g, col, i, inb = group_tile(n, G)
+    pid, g, col, i, inb = group_tile(n, G, VEC)
     key0, key1 = seed_key(k0, k1)
     mixed = merge_tile(base, xs, keeps, sign, flags, thr, scale, weights, probs, bs0, bs1, S0, S1,
                        key0, key1, g, col, i, inb, C, const_div, lam, K, KINDS, HAS_BASE, STRIDED,
@@ -176,7 +176,10 @@ def fused_merge(base, xs, out, *, n, sign=None, sign_only=False, **kw):
     K = len(xs)
     flags = torch.zeros(K + 1, dtype=torch.int32, device=xs[0].device)
     G = groups_per_program(K)
+    size = max(t.element_size() for t in list(xs) + [base, out] if t is not None)
+    vec = vec_width(size, G)
+    args = launch_args(base, xs, flags, sign=sign, **kw)
+    args["num_warps"] = warps_for(G, vec)
     _fused_merge_kernel[(triton.cdiv(n, 4 * G),)](
-        out=out if out is not None else flags, n=n, SIGN_ONLY=sign_only, G=G,
-        **launch_args(base, xs, flags, sign=sign, **kw))
+        out=out if out is not None else flags, n=n, SIGN_ONLY=sign_only, G=G, VEC=vec, **args)
     return flags

@@ -12,14 +12,15 @@ import triton.language as tl
 
 from .. import abi
 from ._common import (MASK_RANDOM, MASK_RANGE, flat_keep, group_tile, load_base, minus_base,
-                      norm_reduce, norm_terms, seed_key, split_seed)
+                      norm_reduce, norm_terms, seed_key, split_seed, vec_width, warps_for)
 
 
-@triton.jit(do_not_specialize=["k0", "k1", "n", "C"])
+@triton.jit(do_not_specialize=["k0", "k1", "C"])
 def _mask_norms_kernel(base, xs, thr, probs, partial, bs0, bs1, S0, S1, k0, k1, n, C,
                        K: tl.constexpr, KINDS: tl.constexpr, NORM: tl.constexpr,
-                       HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, G: tl.constexpr):
-    pid, g, col, i, inb = group_tile(n, G)
+                       HAS_BASE: tl.constexpr, STRIDED: tl.constexpr, G: tl.constexpr,
+                       VEC: tl.constexpr):
+    pid, g, col, i, inb = group_tile(n, G, VEC)
     key0, key1 = seed_key(k0, k1)
     b = load_base(base, i, inb, C, bs0, bs1, HAS_BASE, STRIDED)
     for m in tl.static_range(K):
@@ -40,11 +41,12 @@ def mask_norms(base, xs, *, kinds, thr, probs, seed, n, C, strides, base_strides
     P = triton.cdiv(n, 4 * G)
     partial = torch.zeros(P, K, 2, dtype=torch.float64, device=xs[0].device)
     k0, k1 = split_seed(seed)
+    vec = vec_width(max(t.element_size() for t in list(xs) + ([base] if base is not None else [])), G)
     _mask_norms_kernel[(P,)](
         base if base is not None else partial, tuple(xs), thr, tuple(float(p) for p in probs), partial,
         base_strides[0], base_strides[1], tuple(s[0] for s in strides), tuple(s[1] for s in strides),
         k0, k1, n, C, K=K, KINDS=tuple(kinds), NORM=norm, HAS_BASE=base is not None,
-        STRIDED=strided, G=G, num_warps=4, enable_fp_fusion=False,
+        STRIDED=strided, G=G, VEC=vec, num_warps=warps_for(G, vec), enable_fp_fusion=False,
     )
     if norm == abi.NORM_LINF:
         return partial.amax(dim=0)

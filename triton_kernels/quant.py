@@ -135,11 +135,14 @@ def int4_tile(x, rows, rmask, grp, q0, q1, q2, flags, FLAG: tl.constexpr, OUT, I
         store_as(q2 + srow, zero, rmask)
 
 
-@triton.jit(do_not_specialize=["OUT", "IN"])
+@triton.jit
 def _int4_kernel(w, q0, q1, q2, flags, OUT, IN, R: tl.constexpr, GS: tl.constexpr,
                  LAYOUT: tl.constexpr, SYM: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-    grp = tl.program_id(1)
+    # one grid dimension (x, up to 2**31 - 1 programs): the group count on grid.y would stop
+    # launching past 65,535 groups; the groups of a row tile are consecutive programs
+    ngrp = IN // GS
+    grp = tl.program_id(0) % ngrp
+    rows = (tl.program_id(0) // ngrp).to(tl.int64) * R + tl.arange(0, R)
     rmask = rows < OUT
     cols = grp.to(tl.int64) * GS + tl.arange(0, GS)
     x = tl.load(w + rows[:, None] * IN + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
@@ -147,7 +150,7 @@ def _int4_kernel(w, q0, q1, q2, flags, OUT, IN, R: tl.constexpr, GS: tl.constexp
     int4_tile(x, rows, rmask, grp, q0, q1, q2, flags, 1, OUT, IN, R, GS, LAYOUT, SYM)
 
 
-@triton.jit(do_not_specialize=["k0", "k1", "C", "const_div", "lam", "OUT"])
+@triton.jit(do_not_specialize=["k0", "k1", "const_div", "lam"])
 def _merge_int4_kernel(
     base, xs, keeps, sign, flags, thr, scale, weights, probs, bs0, bs1, S0, S1, k0, k1, C,
     const_div, lam, q0, q1, q2, OUT,
@@ -159,9 +162,11 @@ def _merge_int4_kernel(
     """The merge of a ``[R, GS]`` tile (rows x one group), rounded to the output dtype ``DT``
     and quantized; flags: inputs ``0..K-1``, base ``K``, a non-finite merged value ``K + 1``,
     a GPTQ fp16 scale overflow ``K + 2``."""
-    grp = tl.program_id(1)
+    ngrp = C // GS  # one grid dimension, as _int4_kernel
+    grp = tl.program_id(0) % ngrp
+    tile = tl.program_id(0) // ngrp
     t = tl.arange(0, R * GS // 4)  # the tile's groups of four, row-major
-    row = tl.program_id(0).to(tl.int64) * R + t // (GS // 4)
+    row = tile.to(tl.int64) * R + t // (GS // 4)
     g = row * (C // 4) + grp.to(tl.int64) * (GS // 4) + t % (GS // 4)
     col = tl.arange(0, 4)[None, :]
     i = g[:, None] * 4 + col
@@ -172,7 +177,7 @@ def _merge_int4_kernel(
                        SCALE_MODE, CONSENSUS, ELECT_WEIGHTED, DIVISOR, NORMALIZE, False, APPLY_LAM)
     x = tl.reshape(round_to(mixed, DT), [R, GS])
     tl.store(flags + K + 1, 1, mask=nonfinite(x))
-    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    rows = tile.to(tl.int64) * R + tl.arange(0, R)
     int4_tile(x, rows, rows < OUT, grp, q0, q1, q2, flags, K + 2, OUT, C, R, GS, LAYOUT, SYM)
 
 
@@ -260,10 +265,12 @@ def quantize_int4(w, cfg):
     if w.numel():
         G = cfg.group_size
         R = INT4_ELEMS // G
-        _int4_kernel[(triton.cdiv(out_f, R), in_f // G)](
+        _int4_kernel[(triton.cdiv(out_f, R) * (in_f // G),)](
             w, *res.values(), flags, out_f, in_f, R=R, GS=G,
             LAYOUT=abi.QUANT_OF_LAYOUT[cfg.layout], SYM=cfg.symmetric,
-            num_warps=4, enable_fp_fusion=False)
+            # 4 warps spill registers on the fp32 g64 tile (sm_90, n specialised); 8 warps give
+            # the other tiles' threads one packed word each (scalar stores): 4 there
+            num_warps=8 if w.element_size() == 4 and G == 64 else 4, enable_fp_fusion=False)
     return res, flags
 
 
@@ -321,7 +328,7 @@ def fused_merge_int4(base, xs, cfg, out_dtype, *, n, C, **kw):
     G = cfg.group_size
     R = max(8, 4 * groups_per_program(K) // G)
     q0, q1, q2 = res.values()
-    _merge_int4_kernel[(triton.cdiv(out_f, R), C // G)](
+    _merge_int4_kernel[(triton.cdiv(out_f, R) * (C // G),)](
         q0=q0, q1=q1, q2=q2, OUT=out_f, DT=abi.dtype_code(out_dtype), R=R, GS=G,
         LAYOUT=abi.QUANT_OF_LAYOUT[cfg.layout], SYM=cfg.symmetric,
         **launch_args(base, xs, flags, C=C, **kw))

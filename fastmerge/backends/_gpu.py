@@ -23,6 +23,7 @@ import torch
 
 from .. import _validate as V
 from .. import abi
+from .._transfer import to_device, to_host
 from .._semantics import NORM_EPS, MaskSpec, Plan, rows_of, weight_sum_divisor
 from ..formats import FP8_DTYPES, Int4Config, fp8_scale_shape, raise_quant_flags
 from . import _host
@@ -72,9 +73,12 @@ def layout(base, inputs):
     return base, bst, xs, sts, C, strided
 
 
-def thresholds(ks, base, bst, xs, sts, C, strided, masks, n):
-    """int64 ``[K, 4]`` device tensor ``(T_stop, J_stop, T_start, J_start)`` per model: the top
-    sets of ``stop`` and ``start`` elements (a range keeps ``top(stop) - top(start)``)."""
+def thresholds(ks, base, bst, xs, sts, C, strided, masks, n, exact=False):
+    """``(thr, missed)``: int64 ``[K, 4]`` device tensor ``(T_stop, J_stop, T_start, J_start)``
+    per model, the top sets of ``stop`` and ``start`` elements (a range keeps ``top(stop) -
+    top(start)``), and None or an int32 device tensor, nonzero when the kernel set's deferred
+    select missed a bracket (``thr`` is then wrong: redo with ``exact=True``). No host read
+    unless ``exact`` or the kernel set has no deferred select."""
     dev = xs[0].device
     host = [abi.NONE_T, -1, abi.NONE_T, -1] * len(masks)
     qm, qk, slots = [], [], []
@@ -90,14 +94,20 @@ def thresholds(ks, base, bst, xs, sts, C, strided, masks, n):
                 qm.append(m)
                 qk.append(k)
                 slots.append(4 * m + j)
-    thr = torch.tensor(host, dtype=torch.int64, device=dev)
+    thr = to_device(host, torch.int64, dev)
+    missed = None
     if qm:
-        tj = ks.select(base, xs, qm=qm, qk=qk, n=n, C=C, strides=sts, base_strides=bst,
-                       strided=strided)
-        at = torch.tensor(slots, dtype=torch.int64, device=dev)
+        args = dict(qm=qm, qk=qk, n=n, C=C, strides=sts, base_strides=bst, strided=strided)
+        deferred = getattr(ks, "select_deferred", None)
+        if deferred is not None and not exact:
+            tj, missed = deferred(base, xs, **args)
+            missed = missed.amax().reshape(1)
+        else:
+            tj = ks.select(base, xs, **args)
+        at = to_device(slots, torch.int64, dev)
         thr[at] = tj[:, 0]
         thr[at + 1] = tj[:, 1]
-    return thr
+    return thr, missed
 
 
 def della_keeps(ks, base, bst, xs, sts, C, strided, masks, seed, norm, shape):
@@ -126,10 +136,12 @@ def della_keeps(ks, base, bst, xs, sts, C, strided, masks, seed, norm, shape):
     return keeps, norms
 
 
-def _merge_args(ks, plan: Plan, base, inputs):
+def _merge_args(ks, plan: Plan, base, inputs, exact=False):
     """Run the passes before the fused merge (thresholds, DELLA bytes, norm-matching scales)
-    and return ``(base, xs, kwargs)`` of the fused pass (``ks.fused_merge`` and
-    ``fused_merge_int4`` take the same keywords). Call inside ``_device``."""
+    and return ``(base, xs, kwargs, missed)``: the fused pass's inputs and keywords
+    (``ks.fused_merge`` and ``fused_merge_int4`` take the same ones), and the device flag of a
+    missed selection bracket (None: none possible), read with the merge's flags; when set, the
+    merge is redone with ``exact=True``. Call inside ``_device``."""
     n = inputs[0].numel()
     dev = inputs[0].device
     base, bst, xs, sts, C, strided = layout(base, inputs)
@@ -137,7 +149,7 @@ def _merge_args(ks, plan: Plan, base, inputs):
     masks: list[MaskSpec] = plan.masks
     kinds = [abi.MASK_OF_SPEC[m.kind] for m in masks]
     norm = plan.rescale if plan.rescale in ("l1", "l2", "linf") else None
-    thr = thresholds(ks, base, bst, xs, sts, C, strided, masks, n)
+    thr, missed = thresholds(ks, base, bst, xs, sts, C, strided, masks, n, exact)
     keeps, norms = della_keeps(ks, base, bst, xs, sts, C, strided, masks, plan.seed,
                                abi.NORM_OF_PLAN[norm] if norm else None, inputs[0].shape)
     for m, spec in enumerate(masks):  # drawn by the caller: one keep byte per element
@@ -149,7 +161,7 @@ def _merge_args(ks, plan: Plan, base, inputs):
     if plan.rescale == "density":
         scale_mode = abi.SCALE_DIV
         host, kinds = _host.density_scales(masks, kinds)
-        scale = torch.tensor(host, dtype=torch.float32, device=dev)
+        scale = to_device(host, torch.float32, dev)
     elif norm is not None:
         scale_mode = abi.SCALE_MUL
         flat = [k if m.kind in ("range", "random") else 0 for m, k in zip(masks, kinds)]
@@ -158,7 +170,7 @@ def _merge_args(ks, plan: Plan, base, inputs):
                                           seed=plan.seed, n=n, C=C, strides=sts,
                                           base_strides=bst, strided=strided, norm=abi.NORM_OF_PLAN[norm])
         before, after = norms[:, 0], norms[:, 1]
-        applies = torch.tensor([m.kind in ("range", "random", "della") for m in masks], device=dev)
+        applies = to_device([m.kind in ("range", "random", "della") for m in masks], torch.bool, dev)
         ok = applies & (before >= NORM_EPS) & (after >= NORM_EPS)
         # fp32(|d| / |keep * d|), the double ratio rounded once (reference: norm_scale)
         scale = torch.where(ok, before / torch.where(ok, after, 1.0), 1.0).to(torch.float32)
@@ -172,7 +184,12 @@ def _merge_args(ks, plan: Plan, base, inputs):
         keeps=keeps, seed=plan.seed, n=n, C=C, strides=sts, base_strides=bst, strided=strided,
         scale_mode=scale_mode, consensus=abi.CONSENSUS_OF_PLAN[plan.consensus],
         elect_weighted=plan.elect_weighted, divisor=abi.DIVISOR_OF_PLAN[plan.divisor],
-        const_div=wsum if wsum is not None else 1.0, normalize=plan.normalize, lam=plan.lam)
+        const_div=wsum if wsum is not None else 1.0, normalize=plan.normalize, lam=plan.lam), missed
+
+
+def _with_missed(flags, missed):
+    """The flags to read in the one host read, the missed-bracket flag last (0 when none)."""
+    return torch.cat([flags, missed if missed is not None else torch.zeros_like(flags[:1])])
 
 
 def run_plan(ks, plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
@@ -182,12 +199,17 @@ def run_plan(ks, plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     if out.numel() == 0:
         return out
     with _device(dev):
-        base, xs, kw = _merge_args(ks, plan, base, inputs)
-        flags = ks.fused_merge(base, xs, out, **kw)
-        # the kernels flag non-finite inputs, not results: an overflow from finite inputs is
-        # found by one reduction over the output, read in the same host sync as the flags
-        flags = torch.cat([flags, _host.result_flag(out)])
-        _host.raise_merge_flags(flags.tolist(), _host.merge_names(plan, len(xs)))
+        for exact in (False, True):
+            base_, xs, kw, missed = _merge_args(ks, plan, base, inputs, exact)
+            flags = ks.fused_merge(base_, xs, out, **kw)
+            # the kernels flag non-finite inputs, not results: an overflow from finite inputs
+            # is found by one reduction over the output, read in the same host read as the
+            # flags and the selection's missed-bracket flag
+            flags = to_host(_with_missed(torch.cat([flags, _host.result_flag(out)]), missed))
+            _host.raise_nonfinite(flags[:len(xs) + 1], _host.merge_names(plan, len(xs)))
+            if not flags[-1]:  # the thresholds were exact: this merge stands
+                break
+        _host.raise_merge_flags(flags[:-1], _host.merge_names(plan, len(xs)))
     return out
 
 
@@ -220,7 +242,7 @@ def quantize(qks, w: torch.Tensor, cfg, name: str = "w"):
     """INT4 or FP8 quantization of ``w`` with the Triton quantizers ``qks``, bit-identical to
     the torch reference; its flags are read once (the one host sync)."""
     res, flags = quantize_launch(qks, w, cfg)
-    raise_quant_flags(flags.tolist(), name)
+    raise_quant_flags(to_host(flags), name)
     return res
 
 
@@ -233,11 +255,15 @@ def run_plan_quantized(ks, plan: Plan, base, inputs, out_dtype, cfg):
     if not isinstance(cfg, Int4Config) or inputs[0].numel() == 0:
         return quantize(ks, run_plan(ks, plan, base, inputs, out_dtype), cfg, "the merged tensor")
     with _device(inputs[0].device):
-        base, xs, kw = _merge_args(ks, plan, base, inputs)
-        res, flags = ks.fused_merge_int4(base, xs, cfg, out_dtype, **kw)
-        f = flags.tolist()
-        K = len(xs)
-        _host.raise_nonfinite(f[:K + 1], _host.merge_names(plan, K))
+        for exact in (False, True):
+            base_, xs, kw, missed = _merge_args(ks, plan, base, inputs, exact)
+            res, flags = ks.fused_merge_int4(base_, xs, cfg, out_dtype, **kw)
+            f = to_host(_with_missed(flags, missed))
+            K = len(xs)
+            _host.raise_nonfinite(f[:K + 1], _host.merge_names(plan, K))
+            if not f[-1]:
+                break
+        f = f[:-1]
         _host.raise_merge_flags([0, f[-2]], [])  # the inputs are finite: a non-finite merge overflowed
         raise_quant_flags(f[K + 1:], V.MERGED)
     return res
@@ -257,9 +283,9 @@ def _elect(ks, tensors, weights, consensus, sign, sign_only, divisor="none", out
             sign_only=sign_only)
         names = [f"tensors[{m}]" for m in range(K)]
         if out is None:
-            _host.raise_nonfinite(flags.tolist(), names)
+            _host.raise_nonfinite(to_host(flags), names)
         else:  # disjoint_merge: its sums can overflow from finite inputs
-            _host.raise_merge_flags(torch.cat([flags[:K], _host.result_flag(out)]).tolist(), names)
+            _host.raise_merge_flags(to_host(torch.cat([flags[:K], _host.result_flag(out)])), names)
 
 
 def elect_sign(ks, tensors, weights, method):
@@ -287,5 +313,5 @@ def magnitude_threshold(ks, x, k):
         flag = torch.zeros(1, dtype=torch.int32, device=x.device)
         tj = ks.select(None, xs, qm=[0], qk=[k], n=n, C=C, strides=sts, base_strides=bst,
                        strided=strided, flag=flag)
-        _host.raise_nonfinite(flag.tolist(), ["x"])
+        _host.raise_nonfinite(to_host(flag), ["x"])
         return tj[0, 0].to(torch.int32).view(torch.float32).to(x.dtype)

@@ -93,12 +93,30 @@ def extension():
         except Exception as exc:  # no nvcc, compiler error, unsupported arch ...
             text = f"{type(exc).__name__}: {exc}".strip()
             _error = text if len(text) < 600 else text[:600] + " ..."
+        if _ext is not None:
+            # a build for an architecture list without this GPU's loads fine and fails at
+            # every launch ("no kernel image is available"): one launch now, before any
+            # merge relies on it, and the Triton kernels serve if it fails
+            try:
+                _probe_launch()
+            except Exception as exc:
+                _ext = None
+                text = f"{type(exc).__name__}: {exc}".strip()
+                _error = "the built kernels do not launch on this GPU (" + text[:500] + ")"
     if _ext is None:
         warnings.warn(
             f"fastmerge: the CUDA kernels are not available ({_error}); GPU ops run on the Triton "
             "kernels instead (set FASTMERGE_CUDA_VERBOSE=1 to see the build log).",
             RuntimeWarning, stacklevel=3)
     return _ext
+
+
+def _probe_launch():
+    """One tiny launch of the merge kernel on the current GPU, synchronised (raises if the
+    extension has no kernel image for it)."""
+    t = torch.ones(8, device="cuda")
+    gpu.elect_sign(_Kernels, [t], [1.0], "sum")  # reads its flags: the launch has completed
+    torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- kernel set
