@@ -30,6 +30,7 @@ import struct
 import torch
 
 from .. import _validate as V
+from .._transfer import to_host
 from . import _host
 from ._gpu import _device
 from .cpu_methods import layout
@@ -75,7 +76,7 @@ def gram(xs, names, *, base=None, along: str = "all") -> torch.Tensor:
     P = K * (K + 1) // 2
     with _device(xs[0].device):
         res = kernels().gram(base, xs, nvec=nvec, nred=nred, sv=sv, sr=sr)
-    host = res.cpu()  # the one device->host read: sums and flags
+    host = torch.tensor(to_host(res), dtype=res.dtype)  # the one device->host read: sums and flags
     _raise([int(f) for f in host[nvec * P:].tolist()], names, base is not None)
     a, b = torch.triu_indices(K, K)
     g = torch.empty((nvec, K, K), dtype=torch.float64)
@@ -105,7 +106,7 @@ def lincomb(xs, names, coef, *, out_dtype, base=None, base_coef=None, delta: boo
     elif nvec > 1:
         kw.update(coef=cf.to(dev))
     with _device(dev):
-        flags = kernels().lincomb(base, xs, out, **kw).tolist()
+        flags = to_host(kernels().lincomb(base, xs, out, **kw))
     _raise(flags[:K + 1], names, base is not None)
     _check_out(flags[K + 1])
     return out
@@ -130,7 +131,7 @@ def nearswap(base, model, *, t: float, out_dtype):
     if n:
         with _device(base.device):
             flags = kernels().nearswap(base, model, out, n=n, t=t)
-        _ew_raise(flags.tolist(), 1)
+        _ew_raise(to_host(flags), 1)
     return out
 
 
@@ -146,11 +147,11 @@ def ram(base, models, *, epsilon: float, out_dtype, amplify=None):
     lam = []
     with _device(base.device):
         if amplify is not None:
-            res = ks.ram_counts(base, models, n=n, eps=epsilon).tolist()
+            res = to_host(ks.ram_counts(base, models, n=n, eps=epsilon))
             _ew_raise(res[2 * K:], K)
             lam = list(amplify(res[0:2 * K:2], res[1:2 * K:2]))
         if n:
-            _ew_raise(ks.ram_merge(base, models, out, n=n, eps=epsilon, lam=lam).tolist(), K)
+            _ew_raise(to_host(ks.ram_merge(base, models, out, n=n, eps=epsilon, lam=lam)), K)
     return out
 
 
@@ -160,7 +161,7 @@ def scaled_copy(x, *, scale: float, out_dtype, name: str = "models[0]"):
     if n:
         with _device(x.device):
             flags = kernels().scaled_copy(x, out, n=n, scale=scale)
-        flags = flags.tolist()
+        flags = to_host(flags)
         _host.raise_nonfinite(flags[:1], [name])
         _check_out(flags[1])
     return out
@@ -181,7 +182,7 @@ def _sce_threshold(ks, base, models, n: int, select_topk: float):
     """``(mode, var, thr)`` of ``0 < select_topk < 1``: the variances, and the exact top-k
     threshold ``(T, J)`` on the device (``k = int(nonzero * select_topk)`` in fp32, torch's)."""
     var, res = ks.sce_variance(base, models, n=n)
-    res = res.tolist()  # the one read of this pass: nonzero count and flags
+    res = to_host(res)  # the one read of this pass: nonzero count and flags
     _ew_raise(res[1:], len(models))
     k = int(_f32(_f32(float(res[0])) * _f32(select_topk)))
     if k == 0:
@@ -208,13 +209,13 @@ def sce(base, models, *, select_topk: float, out_dtype):
         mode, var, thr = (SCE_ALL if select_topk >= 1 else SCE_NONE), None, None
         if 0 < select_topk < 1:
             mode, var, thr = _sce_threshold(ks, base, models, n, select_topk)
-        res = ks.sce_energy(base, models, n=n, mode=mode, var=var, thr=thr).tolist()
+        res = to_host(ks.sce_energy(base, models, n=n, mode=mode, var=var, thr=thr))
         _ew_raise([int(f) for f in res[K:]], K)
         energy = torch.tensor([s / n if mode != SCE_NONE else 0.0 for s in res[:K]], dtype=torch.float32)
         total = float(energy.sum())
         w = torch.full_like(energy, 1 / K) if abs(total) < 1e-6 else energy / total
         flags = ks.sce_merge(base, models, out, n=n, w=w.tolist(), mode=mode, var=var, thr=thr)
-        _ew_raise(flags.tolist(), K)
+        _ew_raise(to_host(flags), K)
     return out
 
 
@@ -232,9 +233,9 @@ def arcee_fusion(base, model, *, out_dtype):
         s, flags = ks.arcee_importance(base, model, rows=n // length, length=length)
         ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
         vals = torch.stack([torch.kthvalue(s, r + 1).values for r in ranks])
-        res = torch.cat([flags.to(torch.float64), vals.to(torch.float64)]).tolist()
+        res = to_host(torch.cat([flags.to(torch.float64), vals.to(torch.float64)]))
         _ew_raise([int(f) for f in res[:2]], 1)
         q1, median, q3 = (torch.tensor(v, dtype=torch.float32) for v in res[2:])
         thr = float(median + 1.5 * (q3 - q1))
-        _ew_raise(ks.arcee_merge(base, model, s, out, n=n, thr=thr).tolist(), 1)
+        _ew_raise(to_host(ks.arcee_merge(base, model, s, out, n=n, thr=thr)), 1)
     return out
