@@ -25,7 +25,16 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the installed fastmerge (with its built native module) when there is one; the checkout only
+# when nothing is installed (its source tree has no native module unless built in place)
+try:
+    import importlib.util
+
+    _installed = importlib.util.find_spec("fastmerge") is not None
+except (ImportError, ValueError):
+    _installed = False
+if not _installed:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _models(shape, K, dev, dtype, seed=0):

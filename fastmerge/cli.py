@@ -176,8 +176,6 @@ def _mergekit_args(args) -> Optional[str]:
         args.device = "cuda"
     if args.quiet:
         args.no_progress = True
-    if args.transformers_cache:
-        os.environ["HF_HUB_CACHE"] = args.transformers_cache
     if args.num_threads is not None and args.num_threads < 1:
         return f"--num-threads must be at least 1, got {args.num_threads}"
     return None
@@ -247,13 +245,20 @@ def _cmd_merge(args, rest) -> int:
         return 2
     import torch
 
-    threads = torch.get_num_threads()
+    threads, cache = torch.get_num_threads(), os.environ.get("HF_HUB_CACHE")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
+    if args.transformers_cache:
+        os.environ["HF_HUB_CACHE"] = args.transformers_cache
     try:
         return _merge_and_report(args, merge_checkpoints, Interrupted, MergeError)
-    finally:
+    finally:  # a call from Python leaves the process as it found it
         torch.set_num_threads(threads)
+        if args.transformers_cache:
+            if cache is None:
+                os.environ.pop("HF_HUB_CACHE", None)
+            else:
+                os.environ["HF_HUB_CACHE"] = cache
 
 
 def _merge_and_report(args, merge_checkpoints, Interrupted, MergeError) -> int:

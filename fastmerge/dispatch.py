@@ -171,6 +171,9 @@ def run_method(name: str, base, models, params: dict, out_dtype, backend):
         checked = getattr(spec, "RESULT_CHECKED", False) and getattr(ops, "RESULT_CHECKED", False)
     else:
         out = spec.reference(base, models, **params).to(out_dtype)
+        if any(x is not None and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+               for x in [base, *models]):
+            out = out.clone()  # a merge's result is a new tensor, never one of its inputs
     if not checked:  # the inputs were checked: a non-finite result overflowed (fp32 or out_dtype)
         V.check_result(out, [base, *models], ["base"] + V.input_names(None, len(models)))
     return out

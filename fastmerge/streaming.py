@@ -189,6 +189,12 @@ def local_refs(cfg: mc.MergeConfig) -> mc.MergeConfig:
     return dataclasses.replace(cfg, base=base, models=models, slices=slices, tokenizer_source=tok)
 
 
+def _aliases(out: torch.Tensor, inputs: List[torch.Tensor]) -> bool:
+    """Whether ``out`` shares memory with one of ``inputs``."""
+    ptr = out.untyped_storage().data_ptr()
+    return any(x.untyped_storage().data_ptr() == ptr for x in inputs)
+
+
 def _model_folder(path: str) -> str:
     """The model's folder of a reference (of ``model+lora``: the model's)."""
     parts = adapters.split(path)
@@ -901,6 +907,10 @@ class Merger:
                 if cuda:
                     torch.cuda.current_stream(self.device).wait_stream(stream)
                 out = xs[0] if job.kind == "copy" else self._merge_one(job, b, xs)
+                if job.kind != "copy" and _aliases(out, ([b] if b is not None else []) + xs):
+                    # a merge that returns an input (passthrough, one model) hands back a view
+                    # of a read buffer the reader refills two tensors later: the writer gets a copy
+                    out = out.clone()
                 event = None
                 if cuda:
                     host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)

@@ -157,7 +157,10 @@ def test_mergekit_bf16_uses_mergekits_masks(plans):
     torch.testing.assert_close(actual, expected, atol=2e-2, rtol=2 ** -6)
 
 
-def test_mergekit_refused_call_restores_the_generator_before_falling_back(plans):
+def test_mergekit_refused_call_restores_the_generator_before_falling_back(plans, monkeypatch):
+    from fastmerge.integrations import _patch
+
+    monkeypatch.setattr(_patch, "_warned", set())  # the fallback warns once per message per process
     base, models = make_models((16, 16), K=2, seed=2)
     p = dict(weight=[float("nan"), 1.0], density=0.5)  # fastmerge refuses a nan weight
     torch.manual_seed(11)

@@ -108,6 +108,15 @@ def test_mergekit_methods_match_mergekit_yaml(llamas, tmp_path, case, dtype):
     cfg = _method_config(llamas, method, dtype, METHOD_CONFIGS[case])
     _mergekit_yaml(cfg, tmp_path / "mk")
     assert _merge(cfg, tmp_path / "fm", "--no-copy-tokenizer") == 0
+    if method == "arcee_fusion":
+        # by design (fastmerge/methods/arcee_fusion.py): the fused importance carries fp32
+        # round-off, so elements within ~1e-4 of the outlier threshold may be decided the other
+        # way; the issue's bar: >= 99.9% of elements within rtol 1e-4
+        want, got = load_folder(tmp_path / "mk"), load_folder(tmp_path / "fm")
+        assert want.keys() == got.keys()
+        close = sum(int(torch.isclose(got[k], want[k], rtol=1e-4, atol=1e-7).sum()) for k in want)
+        assert close >= 0.999 * sum(t.numel() for t in want.values())
+        return
     assert_folders_match_mergekit(tmp_path / "mk", tmp_path / "fm", method, dtype)
 
 
@@ -149,6 +158,18 @@ def test_slices_match_mergekit_yaml(llamas4, tmp_path, method, dtype):
     assert_folders_match_mergekit(tmp_path / "mk", tmp_path / "fm", method, dtype)
     ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("fm", "mk"))
     assert ours["num_hidden_layers"] == theirs["num_hidden_layers"] == {"passthrough": 6, "slerp": 4, "ties": 3}[method]
+
+
+def test_merge_returning_an_input_is_written_intact(llamas4, tmp_path):
+    """passthrough's reference returns its input, a view of a read buffer the reader refills two
+    tensors later: what is written must be the tensor, not the buffer's later contents."""
+    cfg = _method_config(llamas4, "passthrough", "float32", SLICE_CONFIGS["passthrough"])
+    for backend in ("torch", "cpu"):
+        assert _merge(cfg, tmp_path / backend, "--backend", backend, "--max-shard-size", "150KB") == 0
+    a, b = load_folder(tmp_path / "torch"), load_folder(tmp_path / "cpu")
+    m0 = load_folder(llamas4 / "m0")
+    assert torch.equal(a["model.embed_tokens.weight"], m0["model.embed_tokens.weight"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_slices_errors(llamas4, tmp_path, capsys):
