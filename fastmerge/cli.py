@@ -129,7 +129,7 @@ def parse_count(text: str) -> int:
 
 
 _NO_OPS = ("lazy-unpickle", "low-cpu-memory", "read-to-gpu", "multi-gpu", "async-write",
-           "clone-tensors", "trust-remote-code")
+           "clone-tensors")
 
 
 def _mergekit_options(p) -> None:
@@ -156,6 +156,9 @@ def _mergekit_options(p) -> None:
                    help="fastmerge always writes safetensors; --no-safe-serialization is refused")
     g.add_argument("--unsafe-truncate-embeddings", action=argparse.BooleanOptionalAction,
                    default=False, help="not supported (an error): align vocabularies instead")
+    g.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
+                   help="let transformers run a model folder's own tokenizer code when the config "
+                        "builds a tokenizer (tokenizer_source / tokenizer:); model code never runs")
     for flag in _NO_OPS:
         g.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
                        help=argparse.SUPPRESS)
@@ -226,7 +229,7 @@ def _merge_parser(sub) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     _mergekit_options(p)
     p.epilog = ("mergekit-yaml's other options are accepted: --lazy-unpickle, --low-cpu-memory, "
-                "--read-to-gpu, --multi-gpu, --async-write, --clone-tensors, --trust-remote-code "
+                "--read-to-gpu, --multi-gpu, --async-write, --clone-tensors "
                 "(no effect: fastmerge always streams one tensor at a time and never runs model code).")
 
 
@@ -272,7 +275,7 @@ def _merge_and_report(args, merge_checkpoints, Interrupted, MergeError) -> int:
             progress=not args.no_progress, read_ahead=max(0, args.read_ahead),
             drop_extra_tensors=args.drop_extra_tensors, trust_index=args.trust_index,
             write_model_card=args.write_model_card, allow_crimes=args.allow_crimes,
-            shard_params=args.out_shard_size)
+            shard_params=args.out_shard_size, trust_remote_code=args.trust_remote_code)
     except BaseException as exc:  # noqa: BLE001 - every path ends in one line
         if args.debug:
             traceback.print_exc()

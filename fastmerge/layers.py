@@ -16,6 +16,11 @@ from typing import Dict, List, Optional, Tuple
 LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block))\.(\d+)\.(.+)$")
 _PRE = re.compile(r"(^|\.)(embed_tokens|embed_in|embeddings?|wte|wpe|word_embeddings|tok_embeddings|"
                   r"position_embeddings|token_type_embeddings)(\.|$)")
+# the tensors whose rows are tokens (mergekit's architecture JSONs mark them with
+# `vocabulary_axis: 0`): input embeddings, output heads and their biases, outside the layer stack
+_VOCAB = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_out|wte|word_embeddings|tok_embeddings|shared|"
+                    r"lm_head|lm_head\.linear|lm_head\.decoder|vocab_projector|output_layer)\.(weight|bias)$"
+                    r"|^output\.weight$|^cls\.predictions\.bias$")
 # config.json keys of the layer count, in the order transformers' configs use them
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -24,6 +29,11 @@ def split(name: str) -> Optional[Tuple[str, int, str]]:
     """``(stack, index, rest)`` of a layer tensor, None for any other."""
     m = LAYER.match(name)
     return None if m is None else (m.group(1), int(m.group(2)), m.group(3))
+
+
+def is_vocab(name: str) -> bool:
+    """Whether a tensor's rows are the vocabulary's tokens (aligned when the tokenizer changes)."""
+    return split(name) is None and bool(_VOCAB.search(name))
 
 
 def is_pre(name: str) -> bool:

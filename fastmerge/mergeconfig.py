@@ -1,8 +1,9 @@
 """mergekit's YAML merge configuration, read the way mergekit 0.1.5 reads it.
 
 Supported: ``merge_method``, ``base_model``, ``models`` (each ``model`` with ``parameters``),
-top-level ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base`` or a model
-folder), plus fastmerge's own keys ``quantize`` and ``topk_scope``. A parameter value is a scalar,
+top-level ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base``, ``union``
+or a model) or the ``tokenizer:`` block (:mod:`fastmerge.vocab` builds it), ``slices``,
+``chat_template``, ``name``, plus fastmerge's own keys ``quantize`` and ``topk_scope``. A parameter value is a scalar,
 a gradient (a list of numbers, interpolated over the layers), or filters (a list of
 ``{filter: substring, value: ...}``, the first that matches the tensor name wins) -- exactly
 mergekit's ``evaluate_setting``:
@@ -25,7 +26,7 @@ base (slerp, model_stock, ...) merges the listed models other than ``base_model`
 nuslerp, multislerp and karcher ``base_model`` is optional (karcher counts it as one more point
 of the mean, as mergekit does); passthrough takes exactly one model and no other base.
 
-``slices``/``modules`` (layer surgery) are not fastmerge's: the error says to use
+``modules`` (per-module slices) are not fastmerge's yet: the error says to use
 ``fastmerge mergekit`` for those.
 """
 from __future__ import annotations
@@ -58,7 +59,20 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "float": torch.float32, "half": torch.float16}
 TOPK_SCOPES = ("tensor", "model")
 _KNOWN = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-          "tokenizer_source", "quantize", "topk_scope", "name", "chat_template"}
+          "tokenizer_source", "tokenizer", "quantize", "topk_scope", "name", "chat_template"}
+
+
+@dataclass(frozen=True)
+class TokenEmbed:
+    """One entry of the ``tokenizer: tokens:`` block (mergekit's ``TokenEmbeddingConfig``): where
+    token's embedding row comes from -- ``kind`` ``model`` (the row the token has in ``model``),
+    ``model_token`` (row ``token_id``, or token ``token``'s row, of ``model``), ``zero``, or
+    None (unset) -- and ``force``: use it even in the models that have the token."""
+    kind: Optional[str] = None
+    model: Optional[str] = None
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+    force: bool = False
 
 
 @dataclass
@@ -99,6 +113,10 @@ class MergeConfig:
     slices: List[Slice] = field(default_factory=list)  # a `slices:` config (then no models)
     name: str = ""  # the model card's title (mergekit's `name`)
     chat_template: Optional[str] = None  # "auto" or a Jinja template
+    # the `tokenizer:` block (its `source` is tokenizer_source): tokens to add or whose
+    # embedding rows are configured, and the vocabulary's padding
+    tokens: Dict[str, TokenEmbed] = field(default_factory=dict)
+    pad_to_multiple_of: Optional[int] = None
 
     @property
     def uses_base(self) -> bool:
@@ -280,12 +298,7 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
     slices = [_slice(sl, i) for i, sl in enumerate(slices)]
     if R.get(method).base == "required" and base is None and not all(sl.base for sl in slices or [None]):
         raise ConfigError(f"{source_name}: merge_method {method} needs a base_model")
-    tok = raw.get("tokenizer_source")
-    if tok is not None and not isinstance(tok, str):
-        raise ConfigError(f"{source_name}: tokenizer_source must be `base` or a model folder")
-    if tok == "union":
-        raise ConfigError(f"{source_name}: tokenizer_source: union (vocabulary merging) is not supported "
-                          "by `fastmerge merge`; use `fastmerge mergekit`")
+    tok, tokens, pad = _tokenizer(raw, source_name)
     quant = raw.get("quantize")
     if quant is not None and not isinstance(quant, dict):
         raise ConfigError(f"{source_name}: quantize must be a mapping, e.g. {{format: int4, group_size: 128}}")
@@ -295,10 +308,67 @@ def parse(text: str, source_name: str = "config") -> MergeConfig:
         dtype=_dtype(raw.get("dtype"), "dtype"), out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
         tokenizer_source=tok, quantize=quant, topk_scope=scope, source=text, slices=slices,
         name=str(raw.get("name") or ""), chat_template=_chat_template(raw.get("chat_template"), source_name),
+        tokens=tokens, pad_to_multiple_of=pad,
     )
     for sl in slices or [None]:
         _check_count(cfg, source_name, sl)
     return cfg
+
+
+def _tokenizer(raw: dict, source_name: str) -> Tuple[Optional[str], Dict[str, TokenEmbed], Optional[int]]:
+    """``tokenizer_source`` or the ``tokenizer:`` block (not both, as in mergekit): the source
+    (``base``, ``union`` -- the block's default -- or a model), the ``tokens`` entries and
+    ``pad_to_multiple_of``."""
+    if "tokenizer_source" in raw and "tokenizer" in raw:
+        raise ConfigError(f"{source_name}: give `tokenizer_source` or a `tokenizer:` block, not both")
+    if "tokenizer" not in raw:
+        tok = raw.get("tokenizer_source")
+        if tok is not None and not isinstance(tok, str):
+            raise ConfigError(f"{source_name}: tokenizer_source must be `base`, `union` or a model, got {tok!r}")
+        return tok, {}, None
+    block = raw["tokenizer"]
+    where = f"{source_name}: tokenizer"
+    if not isinstance(block, dict) or set(block) - {"source", "tokens", "pad_to_multiple_of"}:
+        raise ConfigError(f"{where} must be a mapping of source, tokens and pad_to_multiple_of, got {block!r}")
+    tok = block.get("source", "union")
+    if not isinstance(tok, str):
+        raise ConfigError(f"{where}.source must be `base`, `union` or a model, got {tok!r}")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise ConfigError(f"{where}.pad_to_multiple_of must be a positive integer, got {pad!r}")
+    entries = block.get("tokens") or {}
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{where}.tokens must map each token to {{source: ..., force: ...}}")
+    return tok, {str(t): _token_embed(e, f"{where}.tokens[{t!r}]") for t, e in entries.items()}, pad
+
+
+def _token_embed(entry: Any, where: str) -> TokenEmbed:
+    """mergekit's ``TokenEmbeddingConfig``: ``source`` a model, ``{kind: zero}`` or ``{kind:
+    model_token, model: ..., token_id: N | token: ...}``, and ``force``."""
+    entry = {} if entry is None else entry
+    if not isinstance(entry, dict) or set(entry) - {"source", "force"}:
+        raise ConfigError(f"{where} must be a mapping of source and force, got {entry!r}")
+    force = _validate("force", entry.get("force", False), where, "bool")
+    src = entry.get("source")
+    if src is None:
+        return TokenEmbed(force=force)
+    if isinstance(src, str):
+        return TokenEmbed("model", src, force=force)
+    if not isinstance(src, dict) or src.get("kind") not in ("zero", "model_token"):
+        raise ConfigError(f"{where}.source must be a model, {{kind: zero}} or {{kind: model_token, "
+                          f"model: ..., token_id: N}}, got {src!r}")
+    if src["kind"] == "zero":
+        if set(src) != {"kind"}:
+            raise ConfigError(f"{where}.source: {{kind: zero}} takes no other keys, got {src!r}")
+        return TokenEmbed("zero", force=force)
+    if set(src) - {"kind", "model", "token_id", "token"} or "model" not in src:
+        raise ConfigError(f"{where}.source: model_token takes model and one of token_id, token; got {src!r}")
+    tid, name = src.get("token_id"), src.get("token")
+    if (tid is None) == (name is None):
+        raise ConfigError(f"{where}.source: give exactly one of token_id and token")
+    if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or tid < 0):
+        raise ConfigError(f"{where}.source.token_id must be a non-negative integer, got {tid!r}")
+    return TokenEmbed("model_token", str(src["model"]), tid, None if name is None else str(name), force)
 
 
 def _chat_template(value: Any, source_name: str) -> Optional[str]:

@@ -46,6 +46,7 @@ from . import _semantics as sem
 from . import adapters, api, card, dispatch, hub, lowrank
 from . import layers
 from . import mergeconfig as mc
+from . import vocab as vocab_
 from .safetensors_io import PACKED, Checkpoint, FormatError, Spec, Writer, confined, plan_layout
 
 COPY_FILES = ("config.json", "generation_config.json")
@@ -83,6 +84,7 @@ class Options:
     read_ahead: int = 2
     drop_extra_tensors: bool = False  # mergekit's way: tensors the base lacks are left out
     trust_index: bool = False  # mergekit's way: an index decides, whatever else the shards hold
+    trust_remote_code: bool = False  # mergekit's --trust-remote-code: for loading tokenizers
     write_model_card: bool = True  # README.md, as mergekit-yaml writes it
     allow_crimes: bool = False  # mergekit's --allow-crimes: merge models of other architectures
     shard_params: Optional[int] = None  # mergekit's --out-shard-size: parameters per shard
@@ -101,6 +103,10 @@ class Job:
     # when has_base; a copy job reads srcs[0]
     srcs: List[Tuple[int, str]] = field(default_factory=list)
     has_base: bool = False
+    # a vocabulary tensor whose rows are aligned to the output tokenizer (fastmerge.vocab)
+    # before the merge; vocab_base: the config's base model folder (its rows are preferred)
+    vocab: bool = False
+    vocab_base: Optional[str] = None
 
     @property
     def numel(self) -> int:
@@ -177,7 +183,8 @@ def local_refs(cfg: mc.MergeConfig) -> mc.MergeConfig:
                           f"{hub.local_path(parts[0], role + ' (model)')}+{hub.local_path(parts[1], role + ' (lora)')}")
         return found[ref]
 
-    base = local(cfg.base, "base_model") if cfg.uses_base or (cfg.slices and cfg.base) else cfg.base
+    wants_base = cfg.uses_base or (cfg.slices and cfg.base) or cfg.tokenizer_source is not None
+    base = local(cfg.base, "base_model") if wants_base and cfg.base is not None else cfg.base
     models = [dataclasses.replace(m, path=local(m.path, f"models[{i}]")) for i, m in enumerate(cfg.models)]
     slices = [dataclasses.replace(
         sl, base=None if sl.base is None else local(sl.base, f"slices[{i}].base_model"),
@@ -186,7 +193,10 @@ def local_refs(cfg: mc.MergeConfig) -> mc.MergeConfig:
     tok = cfg.tokenizer_source
     if tok not in (None, "base", "union"):
         tok = local(tok, "tokenizer_source")
-    return dataclasses.replace(cfg, base=base, models=models, slices=slices, tokenizer_source=tok)
+    tokens = {t: e if e.model is None else dataclasses.replace(e, model=local(e.model, f"tokenizer.tokens[{t!r}]"))
+              for t, e in cfg.tokens.items()}
+    return dataclasses.replace(cfg, base=base, models=models, slices=slices, tokenizer_source=tok,
+                               tokens=tokens)
 
 
 def _aliases(out: torch.Tensor, inputs: List[torch.Tensor]) -> bool:
@@ -201,13 +211,21 @@ def _model_folder(path: str) -> str:
     return path if parts is None else parts[0]
 
 
+def model_key(path: str) -> str:
+    """The model folder of a reference, absolute: one key per model for its vocabulary."""
+    return os.path.abspath(_model_folder(path))
+
+
 def _open(path: str, role: str, trust_index: bool = False) -> Checkpoint:
     """The checkpoint at ``path``; a ``model+lora`` path: the model read through the adapter."""
     parts = adapters.split(path)
     try:
         if parts is None:
-            return Checkpoint(path, trust_index=trust_index)
-        return adapters.LoraCheckpoint(Checkpoint(parts[0], trust_index=trust_index), parts[1])
+            ck = Checkpoint(path, trust_index=trust_index)
+        else:
+            ck = adapters.LoraCheckpoint(Checkpoint(parts[0], trust_index=trust_index), parts[1])
+        ck.folder_key = model_key(path)  # the model whose tokenizer its vocabulary rows follow
+        return ck
     except FileNotFoundError as exc:
         raise MergeError(f"{role} not found: {exc.filename or exc.args[0] if exc.args else path}") from None
     except (FormatError, adapters.AdapterError) as exc:
@@ -220,7 +238,8 @@ def _some(names: List[str]) -> str:
 
 
 def plan(cfg: mc.MergeConfig, base: Optional[Checkpoint], inputs: List[Checkpoint],
-         labels: List[str], seed: int, drop_extra: bool = False, warn=None) -> List[Job]:
+         labels: List[str], seed: int, drop_extra: bool = False, warn=None,
+         vocab_rows: Optional[int] = None) -> List[Job]:
     """One job per tensor of the reference model (the base; for ``linear``, the first model).
     A tensor the reference has and another model lacks is an error; one another model has and
     the reference lacks is an error too, unless ``drop_extra`` (mergekit's behaviour: it
@@ -247,19 +266,23 @@ def plan(cfg: mc.MergeConfig, base: Optional[Checkpoint], inputs: List[Checkpoin
     positions = mc.layer_positions(names)
     srcs = list(range(len(everyone)))
     return [_job(cfg, name, [(who[k], everyone[k], k, name) for k in srcs], base is not None,
-                 positions[name], seed) for name in names]
+                 positions[name], seed, vocab_rows=vocab_rows) for name in names]
 
 
 def _job(cfg: mc.MergeConfig, name: str, inputs: list, has_base: bool, t: float, seed: int,
-         sl: Optional[mc.Slice] = None) -> Job:
+         sl: Optional[mc.Slice] = None, vocab_rows: Optional[int] = None) -> Job:
     """The job writing tensor ``name`` from ``inputs`` (label, checkpoint, pool index, tensor
     name), the base first when ``has_base``, its parameters at gradient position ``t`` (of
-    slice ``sl``): shapes and dtypes checked, the working dtype chosen."""
+    slice ``sl``): shapes and dtypes checked, the working dtype chosen. ``vocab_rows``: the
+    output vocabulary's size when the config builds one; a vocabulary tensor (embeddings,
+    output head) then has that many rows, its inputs any number."""
     entries = [(label, ck.entries[n]) for label, ck, _, n in inputs]
     srcs = [(i, n) for _, _, i, n in inputs]
     e0 = entries[0][1]
+    vocab = (vocab_rows is not None and layers.is_vocab(name) and len(e0.shape) >= 1
+             and e0.dtype.is_floating_point)
     for label, e in entries:
-        if e.shape != e0.shape:
+        if (e.shape[1:] if vocab else e.shape) != (e0.shape[1:] if vocab else e0.shape):
             raise MergeError(f"shape mismatch for tensor {name}: {entries[0][0]} has {list(e0.shape)}, "
                              f"{label} has {list(e.shape)}")
     dtypes = {e.dtype for _, e in entries}
@@ -290,12 +313,15 @@ def _job(cfg: mc.MergeConfig, name: str, inputs: list, has_base: bool, t: float,
     if (cfg.method in lowrank.METHODS
             or sem.MERGEKIT_METHODS.get(cfg.method, (None, None))[1] in ("random", "della")):
         kwargs["seed"] = tensor_seed(seed, name)
-    return Job(name, e0.shape, dtype, cfg.out_dtype or dtype, "merge", kwargs, in_bytes,
-               srcs=srcs, has_base=has_base)
+    shape = (vocab_rows, *e0.shape[1:]) if vocab else e0.shape
+    base = (sl.base if sl is not None else None) or cfg.base
+    return Job(name, tuple(shape), dtype, cfg.out_dtype or dtype, "merge", kwargs, in_bytes,
+               srcs=srcs, has_base=has_base, vocab=vocab,
+               vocab_base=None if not vocab or base is None else model_key(base))
 
 
 def plan_slices(cfg: mc.MergeConfig, pool: List[Checkpoint], index: Dict[str, int],
-                seed: int) -> Tuple[List[Job], int]:
+                seed: int, vocab_rows: Optional[int] = None) -> Tuple[List[Job], int]:
     """The jobs of a ``slices`` config and its output layer count. ``pool``: the opened
     checkpoints, ``index``: folder -> position in ``pool``. Layer ``i`` of a slice (``i`` from
     0 to its length ``L``) merges layer ``start + i`` of each source into output layer
@@ -321,7 +347,7 @@ def plan_slices(cfg: mc.MergeConfig, pool: List[Checkpoint], index: Dict[str, in
             if n not in ck.entries:
                 raise MergeError(f"{ref.path} lacks tensor {n} (slices[{cfg.slices.index(sl)}])")
             inputs.append((ref.path, ck, index[ref.path], n))
-        jobs.append(_job(cfg, out_name, inputs, base is not None, t, seed, sl))
+        jobs.append(_job(cfg, out_name, inputs, base is not None, t, seed, sl, vocab_rows))
 
     first, last = cfg.slices[0], cfg.slices[-1]
     lead = stacks[first.sources[0].path]
@@ -694,7 +720,7 @@ class Merger:
         for label, path in cfg.paths():  # a model+lora reference: both folders
             parts = adapters.split(path)
             found += [(label, path)] if parts is None else [(label, parts[0]), (label, parts[1])]
-        if cfg.tokenizer_source not in (None, "base"):
+        if cfg.tokenizer_source not in (None, "base", "union"):
             found.append(("tokenizer_source", cfg.tokenizer_source))
         return found
 
@@ -719,6 +745,8 @@ class Merger:
         its slices name, in order of first mention."""
         cfg, trust = self.cfg, self.options.trust_index
         self.base, self.inputs, self.pool, self.out_layers = None, [], [], None
+        self.vocabulary = self._vocabulary()
+        rows = None if self.vocabulary is None else self.vocabulary.size
         if cfg.slices:
             index: Dict[str, int] = {}
             opened: Dict[str, int] = {}
@@ -729,7 +757,8 @@ class Merger:
                         opened[folder] = len(self.pool)
                         self.pool.append(_open(src.path, f"slices[{i}].sources[{j}]", trust))
                     index[src.path] = opened[folder]
-            self.jobs, self.out_layers = plan_slices(cfg, self.pool, index, self.options.seed)
+            self.jobs, self.out_layers = plan_slices(cfg, self.pool, index, self.options.seed, rows)
+            self._skip_trivial_vocab()
             return
         self.base = _open(cfg.base, "base_model", trust) if cfg.uses_base else None
         refs = cfg.inputs
@@ -739,7 +768,38 @@ class Merger:
         if not self.inputs:
             raise MergeError("nothing to merge: `models` lists only the base model")
         self.jobs = plan(cfg, self.base, self.inputs, self.labels, self.options.seed,
-                         self.options.drop_extra_tensors, self._warn)
+                         self.options.drop_extra_tensors, self._warn, rows)
+        self._skip_trivial_vocab()
+
+    def _vocabulary(self) -> Optional[vocab_.Vocabulary]:
+        """The output vocabulary when the config names a tokenizer source (fastmerge.vocab);
+        built alike on every process."""
+        cfg = self.cfg
+        if cfg.tokenizer_source is None:
+            return None
+        if cfg.topk_scope == "model":
+            raise MergeError("topk_scope: model and a tokenizer source cannot be combined (the "
+                             "embedding rows are aligned per tensor)")
+        folders = [model_key(p) for _, p in cfg.paths()]
+        base = model_key(cfg.base) if cfg.base is not None else folders[0]
+        src = cfg.tokenizer_source
+        src = src if src in ("base", "union") else model_key(src)
+        tokens = {t: e if e.model is None else dataclasses.replace(e, model=model_key(e.model))
+                  for t, e in cfg.tokens.items()}
+        try:
+            return vocab_.build(base, folders, src, tokens, cfg.pad_to_multiple_of,
+                                self.options.trust_remote_code, self._warn)
+        except vocab_.VocabError as exc:
+            raise MergeError(str(exc)) from None
+
+    def _skip_trivial_vocab(self) -> None:
+        """A vocabulary tensor every model of which already has the output's rows, in order,
+        is merged as it is read."""
+        v = self.vocabulary
+        for j in self.jobs:
+            if j.vocab and all(v.trivial(self.pool[c].folder_key, self.pool[c].entries[n].shape[0])
+                               for c, n in j.srcs):
+                j.vocab = False
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -886,6 +946,8 @@ class Merger:
                 return None, [pool[c].read(n, bufs[0]).clone()]
             xs = [_stage(pool[c].read(n, buf), job.dtype, self.device, stream)
                   for (c, n), buf in zip(job.srcs, bufs)]
+            if job.vocab:
+                xs = self._align(job, xs)
             return (xs[0], xs[1:]) if job.has_base else (None, xs)
 
         def prefetch(pos):
@@ -937,6 +999,14 @@ class Merger:
             bar.close()
         if failure:
             self._raise_write_failure(failure[0])
+
+    def _align(self, job, xs):
+        """A vocabulary tensor's inputs, their rows laid out in the output vocabulary."""
+        try:
+            return vocab_.align(self.vocabulary, [self.pool[c].folder_key for c, _ in job.srcs], xs,
+                                job.vocab_base)
+        except vocab_.VocabError as exc:
+            raise MergeError(f"tensor {job.name}: {exc}") from None
 
     def _merge_one(self, job, base, xs):
         """One tensor's merge; a user error becomes a MergeError naming the tensor."""
@@ -993,10 +1063,20 @@ class Merger:
             key = layers.num_layers_key(data) if isinstance(data, dict) else None
             if self.out_layers is not None and key is not None:
                 data[key] = self.out_layers  # a frankenmerge's layer count
+            if self.vocabulary is not None and isinstance(data, dict):
+                holder = data.get("text_config") if "vocab_size" not in data else data
+                if isinstance(holder, dict):
+                    holder["vocab_size"] = self.vocabulary.size
             with open(conf, "w") as fh:
                 json.dump(data, fh, indent=2, sort_keys=True)
                 fh.write("\n")
-        if self.options.copy_tokenizer:
+        if self.vocabulary is not None:  # mergekit saves the tokenizer it built, whatever --copy-tokenizer says
+            tok = self.vocabulary.tokenizer
+            template = self._chat_template()
+            if template is not None:
+                tok.chat_template = template
+            tok.save_pretrained(self.tmp)
+        elif self.options.copy_tokenizer:
             tok = src if cfg.tokenizer_source in (None, "base") else cfg.tokenizer_source
             if not os.path.isdir(tok):
                 raise MergeError(f"tokenizer_source {tok!r} is not a local folder")

@@ -277,7 +277,11 @@ def assert_folders_match_mergekit(expected_dir, actual_dir, method, dtype, out_d
     bf16 TIES: mergekit's bf16 deltas (1 ulp = 2^-7 near the layer norms' 1.0) tie in magnitude
     at the top-k cut, where its argsort order is unspecified and fastmerge keeps the lowest
     index; at most 5% of a tensor and 0.2% overall may differ there."""
-    expected, actual = load_folder(expected_dir), load_folder(actual_dir)
+    assert_tensors_match_mergekit(load_folder(expected_dir), load_folder(actual_dir), method, dtype, out_dtype)
+
+
+def assert_tensors_match_mergekit(expected, actual, method, dtype, out_dtype=None):
+    """:func:`assert_folders_match_mergekit` on two dicts of tensors by name."""
     assert expected.keys() == actual.keys() and len(actual) > 10
     tol = {"float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-3}[out_dtype or dtype]
     off = total = 0
