@@ -280,6 +280,17 @@ def assert_folders_match_mergekit(expected_dir, actual_dir, method, dtype, out_d
     assert_tensors_match_mergekit(load_folder(expected_dir), load_folder(actual_dir), method, dtype, out_dtype)
 
 
+def expect_merge_error(capsys, args, *needles):
+    """``fastmerge merge ARGS`` fails with one line (no traceback) holding every needle."""
+    from fastmerge.cli import main as cli
+
+    assert cli(["merge", *map(str, args), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
 def assert_tensors_match_mergekit(expected, actual, method, dtype, out_dtype=None):
     """:func:`assert_folders_match_mergekit` on two dicts of tensors by name."""
     assert expected.keys() == actual.keys() and len(actual) > 10

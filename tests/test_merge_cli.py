@@ -19,6 +19,7 @@ import torch
 
 import fastmerge
 from conftest import assert_folders_match_mergekit, llama_config, load_folder, mergekit_merge, tiny_llamas
+from conftest import expect_merge_error as _expect_error
 from fastmerge import mergeconfig as mc
 from fastmerge import safetensors_io as sio
 from fastmerge import streaming
@@ -549,14 +550,6 @@ def test_interrupt_leaves_nothing(llamas, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(streaming.api, "merge", interrupted)
     assert _merge(cfg, tmp_path / "out") == 130
     assert "interrupted" in _err(capsys) and os.listdir(tmp_path) == []
-
-
-def _expect_error(capsys, args, *needles):
-    assert cli(["merge", *map(str, args), "--no-progress"]) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "error:" in err, err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def test_clear_errors(llamas, tmp_path, capsys, monkeypatch):
