@@ -214,3 +214,18 @@ def test_two_processes_build_the_same_vocabulary(vocabs, tmp_path):
     assert names == sorted(os.listdir(tmp_path / "two")) and sum(n.endswith(".safetensors") for n in names) >= 2
     for n in names:
         assert (tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes(), n
+
+
+def test_without_transformers_the_error_says_so(vocabs, tmp_path):
+    """A config that builds a tokenizer, with transformers unimportable: one line naming it."""
+    import subprocess
+    import sys
+
+    cfg = _config(vocabs, "ties_union", "float32")
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from fastmerge.cli import main\n"
+            f"sys.exit(main(['merge', {str(cfg)!r}, {str(tmp_path / 'out')!r}, '--no-progress']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "pip install transformers" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
