@@ -95,6 +95,14 @@ def fused(ops, base, models, *, out_dtype, weights, normalize_weights=True,
     norms = g.diagonal().clamp(min=0).sqrt()
     a = w / (norms + eps)
     mu_norm = float((a @ g @ a).clamp(min=0).sqrt())
+    if eps <= mu_norm and mu_norm ** 2 < 1e-4 * float((a * a * g.diagonal()).sum()):
+        # a^T G a cancels (nearly antipodal deltas): |mu| is then rounding noise of the pass,
+        # so, as the reference, normalize mu itself (one more pass, this case only)
+        mu = ops.lincomb(ms, names, a, base=b, base_coef=0.0, delta=True, out_dtype=torch.float32)
+        mu_norm = float(torch.linalg.vector_norm(mu))
+        if mu_norm >= eps:
+            out = mu * (math.cos(eps) * float((norms * w).sum()) / mu_norm)
+            return (out if b is None else out + b.float()).to(out_dtype)
     if mu_norm < eps:
         if len(ms) != 2:
             raise ValueError(ZERO_MEAN)
