@@ -14,7 +14,7 @@ from setuptools import setup
 
 # one file per pass, named as in triton_kernels/ (csrc/kernels.h lists them); then the kernels of
 # mergekit's other methods (fastmerge/methods/)
-SOURCES = ["csrc/magnitude_select.cpp", "csrc/mask_norms.cpp", "csrc/della.cpp", "csrc/fused_merge.cpp",
+SOURCES = ["csrc/magnitude_select.cpp", "csrc/select_merge.cpp", "csrc/mask_norms.cpp", "csrc/della.cpp", "csrc/fused_merge.cpp",
            "csrc/quant.cpp", "csrc/bindings.cpp", "csrc/gram.cpp", "csrc/lincomb.cpp",
            "csrc/nearswap.cpp", "csrc/ram.cpp", "csrc/passthrough.cpp", "csrc/sce.cpp",
            "csrc/arcee_fusion.cpp"]

@@ -66,6 +66,16 @@ PYBIND11_MODULE(FM_MODULE, m) {
         },
         py::call_guard<py::gil_scoped_release>());
     m.def(
+        "select_merge",
+        [](uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t out, int out_dt, int64_t n,
+           const std::vector<int64_t>& k_stop, const std::vector<int64_t>& k_start, const std::vector<float>& weights,
+           int consensus, bool elect_weighted, int divisor, float const_div, bool normalize, float lam, int nthreads) {
+            fm::MergeArgs a{weights, std::vector<float>(models.size(), 1.0f), fm::SCALE_NONE, consensus, elect_weighted,
+                            divisor, const_div, normalize, lam, false};
+            return fm::select_merge(base, models, dt, out, out_dt, n, k_stop, k_start, a, nthreads);
+        },
+        py::call_guard<py::gil_scoped_release>());
+    m.def(
         "quantize",
         [](uint64_t src, int dt, const std::vector<int64_t>& qa, const std::vector<uint64_t>& outs, int nthreads) {
             return fm::quantize(src, dt, quant_args(qa, outs), nthreads);

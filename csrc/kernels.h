@@ -104,6 +104,15 @@ private:
 std::vector<int> fused_merge(uint64_t, const std::vector<uint64_t>&, int, uint64_t, int, int64_t,
                              const MaskArgs&, const MergeArgs&, uint64_t, int);
 
+// ---- the TIES family in one pass (select_merge.cpp) ----
+// Range masks given as k_stop / k_start per model (keep: in the top k_stop, not in the top
+// k_start), no rescale, consensus NONE/SUM/COUNT: selection and merge in one streaming pass.
+// Returns {status (0 merged, 1 bracket missed, 2 unsupported), the K+2 flags of fused_merge}.
+constexpr int SELECT_MERGE_KMAX = 16;
+std::vector<int> select_merge(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t out, int out_dt,
+                              int64_t n, const std::vector<int64_t>& k_stop, const std::vector<int64_t>& k_start,
+                              const MergeArgs& a, int nthreads);
+
 // ---- quantizers (quant.cpp); formats documented in fastmerge/quant.py ----
 struct QuantArgs {
     int kind;              // QUANT_*

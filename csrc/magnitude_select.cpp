@@ -8,6 +8,7 @@
 //               finds the index cutoff.
 // Triton's counterpart: triton_kernels/magnitude_select.py.
 #include "common.h"
+#include "bracket.h"
 #include "kernels.h"
 
 #include <algorithm>
@@ -23,12 +24,11 @@ namespace fm {
 // counts keys above hi and collects the few in [lo, hi] with their indices; nth_element on the
 // candidates in (key desc, index asc) order gives the exact threshold and tie cutoff. If the
 // bracket misses (the count check fails), the caller falls back to the histogram passes.
-struct Cand { uint32_t key; int64_t idx; };
-
-static std::vector<int> select_bracket(const void* base, const std::vector<uint64_t>& models, int dt,
-                                       int64_t n, const std::vector<int>& q_model,
-                                       const std::vector<int64_t>& q_k, const std::vector<int>& todo,
-                                       std::vector<int64_t>& out, int nt) {
+// Brackets [lo[tq], hi[tq]] of the k-th largest key of the queries todo[tq] from a sample, and
+// the expected number of keys inside each (bracket.h).
+void sample_brackets(const void* base, const std::vector<uint64_t>& models, int dt, int64_t n,
+                     const std::vector<int>& q_model, const std::vector<int64_t>& q_k, const std::vector<int>& todo,
+                     std::vector<uint32_t>& lo, std::vector<uint32_t>& hi, std::vector<int64_t>& expect, int nt) {
     // RUNS runs of RUN consecutive keys, evenly spaced: 1/64 of the input, at most 2^17 keys
     // (the bracket's relative width shrinks as 1/sqrt(S); past 2^17 keys the sample's two
     // nth_elements cost more than the extra candidates they save)
@@ -36,9 +36,10 @@ static std::vector<int> select_bracket(const void* base, const std::vector<uint6
     const int RUNS = (int)std::min<int64_t>(8192, std::max<int64_t>(1024, n >> 10));
     const int S = RUNS * RUN;
     const int TQ = (int)todo.size();
-    std::vector<uint32_t> lo(TQ), hi(TQ);
-    std::vector<int64_t> expect(TQ);
-#pragma omp parallel for num_threads(std::min(nt, TQ)) schedule(dynamic)
+    lo.assign(TQ, 0);
+    hi.assign(TQ, 0);
+    expect.assign(TQ, 0);
+#pragma omp parallel for num_threads(std::max(1, std::min(nt, TQ))) schedule(dynamic)
     for (int tq = 0; tq < TQ; ++tq) {
         std::vector<uint32_t> sample(S);
         const int q = todo[tq];
@@ -67,6 +68,28 @@ static std::vector<int> select_bracket(const void* base, const std::vector<uint6
         } else lo[tq] = 0u;
         expect[tq] = (int64_t)((double)(std::min<int64_t>(rl, S) - std::max<int64_t>(rh, 0) + 1) / S * n);
     }
+}
+
+// The exact (T, J) of a query from the count of keys above its bracket and the candidates
+// inside it; false when the bracket missed the k-th key (bracket.h).
+bool resolve_bracket(std::vector<Cand>& v, int64_t k, int64_t above, int64_t& T, int64_t& J) {
+    const int64_t need = k - above;
+    if (need < 1 || need > (int64_t)v.size()) return false;
+    auto prio = [](const Cand& a, const Cand& b) { return a.key > b.key || (a.key == b.key && a.idx < b.idx); };
+    std::nth_element(v.begin(), v.begin() + (need - 1), v.end(), prio);
+    T = v[need - 1].key;
+    J = v[need - 1].idx;
+    return true;
+}
+
+static std::vector<int> select_bracket(const void* base, const std::vector<uint64_t>& models, int dt,
+                                       int64_t n, const std::vector<int>& q_model,
+                                       const std::vector<int64_t>& q_k, const std::vector<int>& todo,
+                                       std::vector<int64_t>& out, int nt) {
+    const int TQ = (int)todo.size();
+    std::vector<uint32_t> lo, hi;
+    std::vector<int64_t> expect;
+    sample_brackets(base, models, dt, n, q_model, q_k, todo, lo, hi, expect, nt);
     std::vector<int64_t> above(TQ, 0);
     std::vector<std::vector<Cand>> cands(TQ);
     const int64_t nblocks = (n + BLK - 1) / BLK;
@@ -147,14 +170,7 @@ static std::vector<int> select_bracket(const void* base, const std::vector<uint6
 #pragma omp parallel for num_threads(std::min(nt, TQ)) schedule(dynamic)
     for (int tq = 0; tq < TQ; ++tq) {
         const int q = todo[tq];
-        std::vector<Cand>& v = cands[tq];
-        const int64_t need = q_k[q] - above[tq];
-        if (need < 1 || need > (int64_t)v.size()) continue;
-        auto prio = [](const Cand& a, const Cand& b) { return a.key > b.key || (a.key == b.key && a.idx < b.idx); };
-        std::nth_element(v.begin(), v.begin() + (need - 1), v.end(), prio);
-        out[2 * q] = v[need - 1].key;
-        out[2 * q + 1] = v[need - 1].idx;
-        ok[tq] = 1;
+        ok[tq] = resolve_bracket(cands[tq], q_k[q], above[tq], out[2 * q], out[2 * q + 1]);
     }
     std::vector<int> failed;
     for (int tq = 0; tq < TQ; ++tq)

@@ -152,12 +152,57 @@ def _merge_args(plan: Plan, base, inputs):
     return (bptr, _ptrs(inputs), dt, n), margs, bits
 
 
+# select_merge (csrc/select_merge.cpp): the TIES family's top-k masks found during the merge
+# pass itself, from a sampled bracket; below 2^20 elements the separate exact select is cheap.
+_ONE_PASS_MIN = 1 << 20
+_ONE_PASS_KMAX = 16
+_ONE_PASS_MASKS = ("range", "none", "zero")
+
+
+def _one_pass_cuts(plan: Plan, n: int, K: int):
+    """(k_stop, k_start) per model when ``plan`` fits select_merge: range masks (and whole /
+    dropped models), no rescale, consensus none/sum/count; else None."""
+    masks = plan.masks
+    if (n < _ONE_PASS_MIN or not 1 <= K <= _ONE_PASS_KMAX or plan.rescale is not None
+            or plan.consensus not in (None, "sum", "count")
+            or not all(m.kind in _ONE_PASS_MASKS for m in masks)
+            or not any(m.kind == "range" for m in masks)):
+        return None
+    k_stop = [m.stop if m.kind == "range" else (n if m.kind == "none" else 0) for m in masks]
+    k_start = [m.start if m.kind == "range" else 0 for m in masks]
+    return k_stop, k_start
+
+
+def _run_one_pass(plan: Plan, base, inputs, out, cuts) -> bool:
+    """The merge of ``plan`` into ``out`` by select_merge; False when its sampled bracket
+    missed (the caller runs the exact select and the merge pass instead)."""
+    n, K = out.numel(), len(inputs)
+    wsum = weight_sum_divisor(plan)
+    res = _lib().select_merge(base.data_ptr() if base is not None else 0, _ptrs(inputs), _DT(inputs[0].dtype),
+                              out.data_ptr(), _DT(out.dtype), n, cuts[0], cuts[1], plan.weights,
+                              abi.CONSENSUS_OF_PLAN[plan.consensus], plan.elect_weighted,
+                              abi.DIVISOR_OF_PLAN[plan.divisor], wsum if wsum is not None else 1.0,
+                              plan.normalize, plan.lam, _threads(n))
+    status, flags = res[0], res[1:]
+    if status != 0:
+        return False
+    names = _host.merge_names(plan, K)
+    if any(flags[:K + 1]):  # the pass flags "some input": name the first, in order
+        V.name_nonfinite(list(inputs) + [base], names)
+    if flags[K + 1]:
+        raise V.NonFiniteError(V.MERGED, overflow=True)
+    return True
+
+
 def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
     out = torch.empty(inputs[0].shape, dtype=out_dtype, device=inputs[0].device)
     if out.numel() == 0:
         return out
     inputs = [_contig(x) for x in inputs]
     base = _contig(base) if base is not None else None
+    cuts = _one_pass_cuts(plan, out.numel(), len(inputs))
+    if cuts is not None and _run_one_pass(plan, base, inputs, out, cuts):
+        return out
     (bptr, ptrs, dt, n), margs, _bits = _merge_args(plan, base, inputs)
     flags = _lib().fused_merge(bptr, ptrs, dt, out.data_ptr(), _DT(out_dtype), n, *margs, False, 0,
                                _threads(n))
