@@ -187,8 +187,11 @@ def _run_one_pass(plan: Plan, base, inputs, out, cuts) -> bool:
     if status != 0:
         return False
     names = _host.merge_names(plan, K)
-    if any(flags[:K + 1]):  # the pass flags "some input": name the first, in order
+    if any(flags[:K + 1]):
+        # an inf/nan delta: a non-finite input (named here, in order), or finite inputs whose
+        # difference overflowed, which the exact select and merge pass then handle as always
         V.name_nonfinite(list(inputs) + [base], names)
+        return False
     if flags[K + 1]:
         raise V.NonFiniteError(V.MERGED, overflow=True)
     return True
