@@ -5,6 +5,11 @@
     python -m bench.integrations mergekit [--scale 1b|tiny] [--methods ties,dare_ties]
                                           [--workdir DIR] [--json PATH]
     python -m bench.integrations merge    (same options; also --methods slerp_slices,passthrough_franken)
+                                          [--no-refs: no mergekit-yaml]
+
+Every end-to-end row also times the bare I/O pass over the same inputs (``bare_io_ms``: K+1
+inputs read with ``pread`` into reused buffers, one base-sized output written with ``pwrite``,
+no arithmetic) and reports the contender's time as a multiple of it (``x_bare_io``).
 
 ``peft``: ``peft.utils.merge_utils``' functions on K fp32 task tensors, PEFT's own code vs
 ``fastmerge.integrations.peft.patched()``. ``adapter``: ``LoraModel.add_weighted_adapter`` on a
@@ -233,15 +238,64 @@ def _compare(out_a: str, out_b: str) -> dict:
     return {"tensors_compared": n, "max_abs_diff": worst}
 
 
+# The I/O floor of a merge (issue 19): every tensor of the base and the K models read with
+# pread into reused buffers, and one output of the base's size written with pwrite, no
+# arithmetic. argv: OUT_FILE BASE_DIR MODEL_DIR...; each model's tensors are looked up by name in
+# its own safetensors headers, so sharding may differ between models.
+_BARE_IO = r"""
+import json, os, struct, sys
+def index(d):
+    idx = {}
+    for f in sorted(os.listdir(d)):
+        if not f.endswith(".safetensors"):
+            continue
+        fd = os.open(os.path.join(d, f), os.O_RDONLY)
+        (hlen,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        header = json.loads(os.pread(fd, hlen, 8))
+        for name, t in header.items():
+            if name != "__metadata__":
+                a, b = t["data_offsets"]
+                idx[name] = (fd, 8 + hlen + a, b - a)
+    return idx
+out, dirs = sys.argv[1], sys.argv[2:]
+idx = [index(d) for d in dirs]
+buf = bytearray(max(n for _, _, n in idx[0].values()))
+view = memoryview(buf)
+ofd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+pos = 0
+for name, (_, _, n) in idx[0].items():
+    for ix in idx:
+        fd, off, m = ix[name]
+        got = 0
+        while got < m:
+            got += os.preadv(fd, [view[got:m]], off + got)
+    os.pwrite(ofd, view[:n], pos)
+    pos += n
+os.close(ofd)
+"""
+
+
 CONTENDERS = {  # what each e2e mode runs against mergekit-yaml, as a command prefix
     "mergekit": ("fastmerge mergekit", [sys.executable, "-m", "fastmerge", "mergekit"]),
     "merge": ("fastmerge merge", [sys.executable, "-m", "fastmerge", "merge"]),
 }
 
 
-def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergekit") -> list:
+def bench_bare_io(paths: list, out: str) -> tuple:
+    """(wall seconds, peak RSS bytes) of the bare I/O pass over ``paths`` (base first) into the
+    file ``out``, a fresh process timed like the merges (``_BARE_IO``)."""
+    wall, rss, rc = _run_timed([sys.executable, "-c", _BARE_IO, out] + list(paths))
+    if rc:
+        raise SystemExit(f"the bare I/O pass failed (exit {rc})")
+    os.remove(out)
+    return wall, rss
+
+
+def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergekit", refs: bool = True) -> list:
     """``mergekit-yaml CONFIG OUT`` vs the contender of ``mode`` on the same config, each a fresh
-    process timed from start to exit, peak RSS measured by a fresh helper process."""
+    process timed from start to exit, peak RSS measured by a fresh helper process. Beside each
+    contender run, the bare I/O pass over the method's inputs is timed too (``bare_io_ms``: the
+    floor the contender is measured against). ``refs=False`` skips mergekit-yaml."""
     paths = build_llamas(os.path.join(workdir, f"llama-{scale}"), scale)
     for p in paths:  # page cache: both runs read warm files
         for f in os.listdir(p):
@@ -260,9 +314,13 @@ def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergeki
                  name: ["--random-seed", "0", "--no-copy-tokenizer"] + (["--no-progress"] if mode == "merge" else [])}
         outs = {}
         results = {}
-        for who, prefix in (("mergekit-yaml", [sys.executable, "-c",
-                                               "from mergekit.scripts.run_yaml import main; main()"]),
-                            (name, command)):
+        runs = (("mergekit-yaml", [sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()"]),
+                (name, command))
+        k = {"slerp_slices": 1, "passthrough_franken": 2}.get(method, 3)
+        ins = [paths[0]] + list(paths[1:1 + k])  # what the method reads: the base, then its models
+        io_wall, io_rss = bench_bare_io(ins, os.path.join(workdir, "bare-io.out"))
+        print(f"{method:<10} {'bare I/O pass':<19} {io_wall:8.1f} s   peak RSS {io_rss / 2**30:6.2f} GiB", flush=True)
+        for who, prefix in runs[(0 if refs else 1):]:
             out = os.path.join(workdir, f"out-{scale}-{method}-{who.replace(' ', '-')}")
             subprocess.run(["rm", "-rf", out], check=True)
             wall, rss, rc = _run_timed(prefix + [cfg, out] + extra[who], env)
@@ -270,16 +328,20 @@ def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergeki
                 raise SystemExit(f"{who} failed on {cfg} (exit {rc})")
             outs[who], results[who] = out, (wall, rss)
             print(f"{method:<10} {who:<19} {wall:8.1f} s   peak RSS {rss / 2**30:6.2f} GiB", flush=True)
-        (t_mk, rss_mk), (t_fm, rss_fm) = results["mergekit-yaml"], results[name]
-        k = {"slerp_slices": 1, "passthrough_franken": 2}.get(method, 3)
-        rows.append({"op": f"e2e {method}", "library": "mergekit", "contender": name, "scale": scale,
-                     "params": SCALES[scale], "dtype": "bfloat16", "k": k, "config": "\n".join(lines),
-                     "median_ms": t_mk * 1e3, "patched_ms": t_fm * 1e3, "speedup": t_mk / t_fm,
-                     "peak_rss_bytes": {"mergekit-yaml": rss_mk, name: rss_fm},
-                     "rss_ratio": rss_fm / rss_mk,
-                     "output_vs_mergekit": _compare(outs["mergekit-yaml"], outs[name])})
-        print(f"{method:<10} speedup x{t_mk / t_fm:.1f}, peak RSS ratio {rss_fm / rss_mk:.2f}, "
-              f"outputs: {rows[-1]['output_vs_mergekit']}", flush=True)
+        t_fm, rss_fm = results[name]
+        row = {"op": f"e2e {method}", "library": "mergekit", "contender": name, "scale": scale,
+               "params": SCALES[scale], "dtype": "bfloat16", "k": k, "config": "\n".join(lines),
+               "patched_ms": t_fm * 1e3, "bare_io_ms": io_wall * 1e3, "x_bare_io": t_fm / io_wall,
+               "peak_rss_bytes": {name: rss_fm, "bare I/O pass": io_rss}}
+        if refs:
+            t_mk, rss_mk = results["mergekit-yaml"]
+            row.update(median_ms=t_mk * 1e3, speedup=t_mk / t_fm, rss_ratio=rss_fm / rss_mk,
+                       output_vs_mergekit=_compare(outs["mergekit-yaml"], outs[name]))
+            row["peak_rss_bytes"]["mergekit-yaml"] = rss_mk
+            print(f"{method:<10} speedup x{t_mk / t_fm:.1f}, peak RSS ratio {rss_fm / rss_mk:.2f}, "
+                  f"outputs: {row['output_vs_mergekit']}", flush=True)
+        print(f"{method:<10} {name}: {t_fm / io_wall:.2f}x the bare I/O pass", flush=True)
+        rows.append(row)
         for out in outs.values():
             subprocess.run(["rm", "-rf", out], check=True)
     return rows
@@ -301,6 +363,7 @@ def main(argv=None) -> int:
         c.add_argument("--scale", choices=sorted(SCALES), default="tiny")
         c.add_argument("--methods", default="ties,dare_ties")
         c.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastmerge-e2e"))
+        c.add_argument("--no-refs", action="store_true", help="skip mergekit-yaml (the bare I/O row stays)")
         e2e.append(c)
     for s in (a, b, *e2e):
         s.add_argument("--json", default=None, help="write {meta, rows} here")
@@ -311,7 +374,7 @@ def main(argv=None) -> int:
     elif args.mode == "adapter":
         rows = bench_adapter(args.size, args.layers, args.rank)
     else:
-        rows = bench_mergekit(args.scale, args.methods.split(","), args.workdir, args.mode)
+        rows = bench_mergekit(args.scale, args.methods.split(","), args.workdir, args.mode, refs=not args.no_refs)
     if args.json:
         meta = _meta(f"integrations-{args.mode}", argv=list(argv if argv is not None else sys.argv[1:]))
         path = suite.save_json(rows, meta, args.json)

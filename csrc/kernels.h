@@ -12,6 +12,10 @@
 //                   random (DARE) masks are written as bits so the merge pass need not redraw.
 //   della.cpp     : della_bits: per-row ranks by LSD radix sort (one sort, not mergekit's double
 //                   argsort), DELLA keep decisions as bits, norms.
+//   select_merge.cpp : the TIES family (range masks, no rescale) in one pass: the top-k
+//                   thresholds bracketed from a sample, the merge done with the sure decisions,
+//                   the few elements inside a bracket merged again from records once the exact
+//                   thresholds are known. Replaces select_ranges + fused_merge from 2^20 elements.
 //   fused_merge.cpp : reads base + K inputs once, writes the output once. Masks are evaluated
 //                   on the fly (masks.h) from thresholds, Philox counters or bits. The
 //                   per-block work is MergeBlock's, which quant.cpp's fused quantizers share;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fastmerge.cli import main as cli
 
@@ -70,3 +71,34 @@ def test_bench_other_methods_rows(tmp_path):
         assert r["speedup_vs"]["mergekit"] == pytest.approx(ref[r["op"]] / r["median_ms"], rel=1e-6)
         assert r["path"] == M.path(r["op"], "cpu")
     assert {r["op"]: r["path"] for r in ours}["slerp"] == "fused"
+
+
+def test_bare_io_pass_moves_the_merge_bytes(tmp_path):
+    """bench.integrations' I/O floor: it reads every tensor of every input (by name, in each
+    model's own headers) and writes one output of the base's size."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from fastmerge.bench import integrations as bi
+
+    paths = bi.build_llamas(str(tmp_path / "llamas"), "tiny")
+    out = tmp_path / "io.out"
+    subprocess.run([sys.executable, "-c", bi._BARE_IO, str(out)] + paths, check=True)
+    names, blobs = [], {}
+    for d in paths:
+        for f in sorted(p for p in (tmp_path / "llamas").glob(f"{d.split('/')[-1]}/*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                for key in fh.keys():
+                    t = fh.get_tensor(key)
+                    if d == paths[0]:
+                        names.append(key)
+                    blobs[(d, key)] = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    data = out.read_bytes()
+    assert len(data) == sum(len(blobs[(paths[0], k)]) for k in names)
+    # the buffer last held the last model's tensor, written at the base tensor's place
+    assert data == b"".join(blobs[(paths[-1], k)] for k in names)
+    wall, rss = bi.bench_bare_io(paths, str(out))
+    assert wall > 0 and rss > 0 and not out.exists()

@@ -8,6 +8,8 @@ threshold, non-finite inputs and overflow, and a sample that misses (then the tw
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -149,3 +151,22 @@ def test_overflow_of_the_merge_is_reported():
     ms[0][5] = 0.0  # not all keys equal
     with pytest.raises(fastmerge.NonFiniteError, match="overflow"):
         fastmerge.merge("ties", base, ms, density=0.9, weights=[1.0, 1.0], normalize=False, backend="cpu")
+
+
+def test_bench_compares_both_variants_in_one_run(tmp_path):
+    """bench/select_merge.py: both variants timed in the run that measured the copy bandwidth,
+    the shares and the speedup are those medians' ratios, and the one-pass threshold is restored."""
+    from fastmerge.bench import select_merge as bench
+
+    path = tmp_path / "sm.json"
+    before = cpu_backend._ONE_PASS_MIN
+    bench.main(["--shape", "1024x1025", "--k", "2", "--reps", "1", "--dtypes", "float32,bfloat16",
+                "--json", str(path)])
+    assert cpu_backend._ONE_PASS_MIN == before
+    data = json.loads(path.read_text())
+    copy = data["meta"]["copy_gbps"]
+    assert {r["op"] for r in data["rows"]} == set(bench.METHODS) and len(data["rows"]) == 2 * len(bench.METHODS)
+    for r in data["rows"]:
+        for v in ("one_pass", "two_pass"):
+            assert r[f"{v}_pct_of_copy_bw"] == pytest.approx(100 * r["bytes"] / r[f"{v}_ms"] / 1e6 / copy, rel=1e-6)
+        assert r["speedup"] == pytest.approx(r["two_pass_ms"] / r["one_pass_ms"], rel=1e-9)

@@ -7,6 +7,10 @@ A merge runs as at most three streaming passes over the inputs, never materialis
 2. only when norm-matching rescale or DELLA needs them: per-model norms, and the random keep
    decisions as bit masks (K * N / 8 bytes, 1/32 of an fp32 tensor per model),
 3. the fused merge: base + K inputs read once, the output written once.
+
+The TIES family (range masks, no rescale) from 2^20 elements skips pass 1: select_merge finds
+the exact thresholds during the merge pass itself (csrc/select_merge.cpp), and falls back to
+passes 1 and 3 when its sampled bracket misses.
 """
 from __future__ import annotations
 
