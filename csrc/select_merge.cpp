@@ -27,6 +27,10 @@
 #include <climits>
 #include <vector>
 
+// The m-loops below are unrolled for a constant K; for K at run time (KT = 0) GCC then warns
+// about the unused tails of the per-model arrays, which are never read.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace fm {
 
 namespace {
@@ -147,6 +151,7 @@ struct Mix {
         const int K_ = KT ? KT : K;
         const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
         __m256 V[KMAX], E[KMAX];
+        #pragma GCC unroll 16
         for (int m = 0; m < K_; ++m) {
             const __m256 dm = _mm256_and_ps(D[m], _mm256_castsi256_ps(keep[m]));
             V[m] = _mm256_mul_ps(dm, _mm256_set1_ps(wv[m]));
@@ -154,10 +159,12 @@ struct Mix {
         }
         __m256 mixed = zero;
         if (CONS == CONSENSUS_NONE) {
+            #pragma GCC unroll 16
             for (int m = 0; m < K_; ++m) mixed = _mm256_add_ps(mixed, V[m]);
             if (cdiv) mixed = _mm256_div_ps(mixed, _mm256_set1_ps(const_div));
         } else {
             __m256 total = zero;
+            #pragma GCC unroll 16
             for (int m = 0; m < K_; ++m) {
                 if (CONS == CONSENSUS_SUM) total = _mm256_add_ps(total, E[m]);
                 else
@@ -166,6 +173,7 @@ struct Mix {
             }
             const __m256 pos = _mm256_cmp_ps(total, zero, _CMP_GE_OQ);
             __m256 div = zero;
+            #pragma GCC unroll 16
             for (int m = 0; m < K_; ++m) {
                 // agree: sign(E) is the elected sign (blendv picks E > 0 where pos, else E < 0)
                 const __m256 agree = _mm256_blendv_ps(_mm256_cmp_ps(E[m], zero, _CMP_LT_OQ),
@@ -275,7 +283,7 @@ struct Pass {
 
     // Elements i0 .. i0+len-1 (len <= BLK) 8 at a time, the vector form of element(); returns
     // how many it did. KT: K as a constant (0: K at run time, up to KMAX).
-    template <int KT, int CONS>
+    template <int KT, int CONS, bool ST>
     int vectors(Worker& w, int64_t i0, int len) const {
         const int K_ = KT ? KT : K;
         const __m256 zero = _mm256_setzero_ps();
@@ -292,6 +300,24 @@ struct Pass {
             ht[m] = start[m].hi; lt1[m] = start[m].lo - 1; qt[m] = start[m].tq;
             use_t[m] = start[m].tq >= 0 || start[m].hi < 0;
         }
+        // per model and cut: where its candidates go (raw pointers and counts kept in locals, so
+        // the loop's stores cannot alias them)
+        uint32_t* cks[KMAX] = {};
+        uint32_t* ckt[KMAX] = {};
+        int32_t* cis[KMAX] = {};
+        int32_t* cit[KMAX] = {};
+        size_t ncs[KMAX] = {}, nct[KMAX] = {};
+        for (int m = 0; m < K_; ++m) {
+            if (qs[m] >= 0) { cks[m] = w.ckey[qs[m]].data(); cis[m] = w.cidx[qs[m]].data(); ncs[m] = w.nc[qs[m]]; }
+            if (qt[m] >= 0) { ckt[m] = w.ckey[qt[m]].data(); cit[m] = w.cidx[qt[m]].data(); nct[m] = w.nc[qt[m]]; }
+        }
+        auto collect = [](uint32_t* ck, int32_t* ci, size_t& nc, __m256i key, __m256i iv, __m256i und) {
+            const unsigned mk = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(und));
+            const __m256i pk = lanes_of(mk);
+            _mm256_storeu_si256((__m256i*)(ck + nc), _mm256_permutevar8x32_epi32(key, pk));
+            _mm256_storeu_si256((__m256i*)(ci + nc), _mm256_permutevar8x32_epi32(iv, pk));
+            nc += (size_t)__builtin_popcount(mk);
+        };
         __m256i cs[KMAX], ct[KMAX];  // per model: keys above the stop / start bracket (negated masks)
         for (int m = 0; m < K_; ++m) cs[m] = ct[m] = _mm256_setzero_si256();
         // the largest delta key: an inf/nan input makes its delta inf/nan (so does an overflow)
@@ -309,6 +335,7 @@ struct Pass {
             __m256 D[KMAX];
             __m256i keep[KMAX], key[KMAX];
             __m256i u = _mm256_setzero_si256();
+            #pragma GCC unroll 16
             for (int m = 0; m < K_; ++m) {
                 const __m256 x = load8(mp[m], dt, i);
                 D[m] = has_base ? _mm256_sub_ps(x, b) : x;
@@ -320,9 +347,9 @@ struct Pass {
                     const __m256i us = _mm256_xor_si256(_mm256_cmpgt_epi32(key[m], _mm256_set1_epi32(ls1[m])), gs);
                     cs[m] = _mm256_sub_epi32(cs[m], gs);
                     u = _mm256_or_si256(u, us);
-                    collect(w, qs[m], key[m], iv, us);
+                    collect(cks[m], cis[m], ncs[m], key[m], iv, us);
                 }
-                if (use_t[m]) {
+                if (ST && use_t[m]) {
                     const __m256i gt = _mm256_cmpgt_epi32(key[m], _mm256_set1_epi32(ht[m]));
                     const __m256i ge = _mm256_cmpgt_epi32(key[m], _mm256_set1_epi32(lt1[m]));  // maybe in start's set
                     keep[m] = _mm256_andnot_si256(ge, keep[m]);
@@ -330,7 +357,7 @@ struct Pass {
                         const __m256i ut = _mm256_xor_si256(ge, gt);
                         ct[m] = _mm256_sub_epi32(ct[m], gt);
                         u = _mm256_or_si256(u, ut);
-                        collect(w, qt[m], key[m], iv, ut);
+                        collect(ckt[m], cit[m], nct[m], key[m], iv, ut);
                     }
                 }
             }
@@ -343,10 +370,15 @@ struct Pass {
             const __m256i pk = lanes_of(um);
             _mm256_storeu_si256((__m256i*)(ridx + nr), _mm256_permutevar8x32_epi32(iv, pk));
             _mm256_storeu_ps(rv[0] + nr, _mm256_permutevar8x32_ps(b, pk));
+            #pragma GCC unroll 16
             for (int m = 0; m < K_; ++m) _mm256_storeu_ps(rv[1 + m] + nr, _mm256_permutevar8x32_ps(D[m], pk));
             nr += (size_t)__builtin_popcount(um);
         }
         w.nr = nr;
+        for (int m = 0; m < K_; ++m) {
+            if (qs[m] >= 0) w.nc[qs[m]] = ncs[m];
+            if (qt[m] >= 0) w.nc[qt[m]] = nct[m];
+        }
         auto add_count = [&](int tq, __m256i c) {
             if (tq < 0) return;
             alignas(32) int32_t l[8];
@@ -363,15 +395,6 @@ struct Pass {
         return nv * 8;
     }
 
-    // the undecided lanes of query tq: keys and indices packed to the front, stored, counted
-    static inline void collect(Worker& w, int tq, __m256i key, __m256i iv, __m256i und) {
-        const unsigned mk = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(und));
-        const __m256i pk = lanes_of(mk);
-        const size_t c = w.nc[tq];
-        _mm256_storeu_si256((__m256i*)(w.ckey[tq].data() + c), _mm256_permutevar8x32_epi32(key, pk));
-        _mm256_storeu_si256((__m256i*)(w.cidx[tq].data() + c), _mm256_permutevar8x32_epi32(iv, pk));
-        w.nc[tq] = c + (size_t)__builtin_popcount(mk);
-    }
 #endif
 
     // elements i0 .. i0+len-1
@@ -379,11 +402,18 @@ struct Pass {
         reserve(w, TQ, (size_t)len + 8);
         int j = 0;
 #ifdef __AVX2__
+        // ST: some model has a start cut (breadcrumbs); TIES has none, and its loop is leaner
+        const bool st = std::any_of(start.begin(), start.end(), [](const Cut& c) { return c.tq >= 0 || c.hi < 0; });
         auto go = [&](auto kt) {
             constexpr int KT = decltype(kt)::value;
-            if (mix.consensus == CONSENSUS_SUM) j = vectors<KT, CONSENSUS_SUM>(w, i0, len);
-            else if (mix.consensus == CONSENSUS_COUNT) j = vectors<KT, CONSENSUS_COUNT>(w, i0, len);
-            else j = vectors<KT, CONSENSUS_NONE>(w, i0, len);
+            auto run = [&](auto stc) {
+                constexpr bool ST = decltype(stc)::value;
+                if (mix.consensus == CONSENSUS_SUM) j = vectors<KT, CONSENSUS_SUM, ST>(w, i0, len);
+                else if (mix.consensus == CONSENSUS_COUNT) j = vectors<KT, CONSENSUS_COUNT, ST>(w, i0, len);
+                else j = vectors<KT, CONSENSUS_NONE, ST>(w, i0, len);
+            };
+            if (st) run(std::true_type{});
+            else run(std::false_type{});
         };
         switch (K) {
             case 1: go(std::integral_constant<int, 1>{}); break;
@@ -431,6 +461,7 @@ struct Pass {
             const __m256 b = _mm256_loadu_ps(w.rv[0].data() + r);
             __m256 D[KMAX];
             __m256i keep[KMAX];
+            #pragma GCC unroll 16
             for (int m = 0; m < K_; ++m) {
                 D[m] = _mm256_loadu_ps(w.rv[1 + m].data() + r);
                 const __m256i key = _mm256_and_si256(_mm256_castps_si256(D[m]), absmask);
