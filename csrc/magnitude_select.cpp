@@ -57,15 +57,24 @@ void sample_brackets(const void* base, const std::vector<uint64_t>& models, int 
         const double rank = f * S;
         const double margin = 4.0 * std::sqrt(S * f * (1.0 - f)) + 16.0;
         const int64_t rh = (int64_t)std::floor(rank - margin), rl = (int64_t)std::ceil(rank + margin);
-        // two order statistics of the sample (descending), no full sort
+        // two order statistics of the sample (descending), no full sort: the second selection
+        // runs on the side of the first that holds it, so select the rank nearer the middle
+        // first (the other side is then the short one: about f * S or (1 - f) * S keys)
         auto desc = std::greater<uint32_t>();
-        if (rh > 0) { std::nth_element(sample.begin(), sample.begin() + rh, sample.end(), desc); hi[tq] = sample[rh]; }
-        else hi[tq] = 0xffffffffu;
-        if (rl < S - 1) {
-            auto from = sample.begin() + std::max<int64_t>(rh, 0);
-            std::nth_element(from, sample.begin() + rl, sample.end(), desc);
+        const bool has_hi = rh > 0, has_lo = rl < S - 1;
+        if (has_lo && (!has_hi || rl <= S - rh)) {
+            std::nth_element(sample.begin(), sample.begin() + rl, sample.end(), desc);
             lo[tq] = sample[rl];
-        } else lo[tq] = 0u;
+            if (has_hi) { std::nth_element(sample.begin(), sample.begin() + rh, sample.begin() + rl, desc); hi[tq] = sample[rh]; }
+            else hi[tq] = 0xffffffffu;
+        } else {
+            if (has_hi) { std::nth_element(sample.begin(), sample.begin() + rh, sample.end(), desc); hi[tq] = sample[rh]; }
+            else hi[tq] = 0xffffffffu;
+            if (has_lo) {
+                std::nth_element(sample.begin() + std::max<int64_t>(rh, 0), sample.begin() + rl, sample.end(), desc);
+                lo[tq] = sample[rl];
+            } else lo[tq] = 0u;
+        }
         expect[tq] = (int64_t)((double)(std::min<int64_t>(rl, S) - std::max<int64_t>(rh, 0) + 1) / S * n);
     }
 }
