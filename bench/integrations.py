@@ -5,7 +5,7 @@
     python -m bench.integrations mergekit [--scale 1b|tiny] [--methods ties,dare_ties]
                                           [--workdir DIR] [--json PATH]
     python -m bench.integrations merge    (same options; also --methods slerp_slices,passthrough_franken)
-                                          [--no-refs: no mergekit-yaml]
+                                          [--no-refs: no mergekit-yaml] [--pairs N]
 
 Every end-to-end row also times the bare I/O pass over the same inputs (``bare_io_ms``: K+1
 inputs read with ``pread`` into reused buffers, one base-sized output written with ``pwrite``,
@@ -291,11 +291,13 @@ def bench_bare_io(paths: list, out: str) -> tuple:
     return wall, rss
 
 
-def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergekit", refs: bool = True) -> list:
+def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergekit", refs: bool = True,
+                   pairs: int = 1) -> list:
     """``mergekit-yaml CONFIG OUT`` vs the contender of ``mode`` on the same config, each a fresh
     process timed from start to exit, peak RSS measured by a fresh helper process. Beside each
     contender run, the bare I/O pass over the method's inputs is timed too (``bare_io_ms``: the
-    floor the contender is measured against). ``refs=False`` skips mergekit-yaml."""
+    floor the contender is measured against; ``pairs`` alternating pairs of the two, medians and
+    the median ratio reported). ``refs=False`` skips mergekit-yaml."""
     paths = build_llamas(os.path.join(workdir, f"llama-{scale}"), scale)
     for p in paths:  # page cache: both runs read warm files
         for f in os.listdir(p):
@@ -318,20 +320,32 @@ def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergeki
                 (name, command))
         k = {"slerp_slices": 1, "passthrough_franken": 2}.get(method, 3)
         ins = [paths[0]] + list(paths[1:1 + k])  # what the method reads: the base, then its models
-        io_wall, io_rss = bench_bare_io(ins, os.path.join(workdir, "bare-io.out"))
-        print(f"{method:<10} {'bare I/O pass':<19} {io_wall:8.1f} s   peak RSS {io_rss / 2**30:6.2f} GiB", flush=True)
+        io_walls, ratios = [], []
         for who, prefix in runs[(0 if refs else 1):]:
             out = os.path.join(workdir, f"out-{scale}-{method}-{who.replace(' ', '-')}")
-            subprocess.run(["rm", "-rf", out], check=True)
-            wall, rss, rc = _run_timed(prefix + [cfg, out] + extra[who], env)
-            if rc:
-                raise SystemExit(f"{who} failed on {cfg} (exit {rc})")
-            outs[who], results[who] = out, (wall, rss)
-            print(f"{method:<10} {who:<19} {wall:8.1f} s   peak RSS {rss / 2**30:6.2f} GiB", flush=True)
+            walls = []
+            # the contender: `pairs` pairs of (bare I/O pass, contender), alternating
+            for _ in range(pairs if who == name else 1):
+                if who == name:
+                    io_wall, io_rss = bench_bare_io(ins, os.path.join(workdir, "bare-io.out"))
+                    io_walls.append(io_wall)
+                    print(f"{method:<10} {'bare I/O pass':<19} {io_wall:8.1f} s   peak RSS {io_rss / 2**30:6.2f} GiB",
+                          flush=True)
+                subprocess.run(["rm", "-rf", out], check=True)
+                wall, rss, rc = _run_timed(prefix + [cfg, out] + extra[who], env)
+                if rc:
+                    raise SystemExit(f"{who} failed on {cfg} (exit {rc})")
+                walls.append(wall)
+                if who == name:
+                    ratios.append(wall / io_wall)
+                print(f"{method:<10} {who:<19} {wall:8.1f} s   peak RSS {rss / 2**30:6.2f} GiB", flush=True)
+            outs[who], results[who] = out, (statistics.median(walls), rss)
+        io_wall = statistics.median(io_walls)
         t_fm, rss_fm = results[name]
         row = {"op": f"e2e {method}", "library": "mergekit", "contender": name, "scale": scale,
                "params": SCALES[scale], "dtype": "bfloat16", "k": k, "config": "\n".join(lines),
-               "patched_ms": t_fm * 1e3, "bare_io_ms": io_wall * 1e3, "x_bare_io": t_fm / io_wall,
+               "patched_ms": t_fm * 1e3, "bare_io_ms": io_wall * 1e3, "x_bare_io": statistics.median(ratios),
+               "pairs_ms": [[1e3 * a, 1e3 * a * r] for a, r in zip(io_walls, ratios)],
                "peak_rss_bytes": {name: rss_fm, "bare I/O pass": io_rss}}
         if refs:
             t_mk, rss_mk = results["mergekit-yaml"]
@@ -340,7 +354,8 @@ def bench_mergekit(scale: str, methods: list, workdir: str, mode: str = "mergeki
             row["peak_rss_bytes"]["mergekit-yaml"] = rss_mk
             print(f"{method:<10} speedup x{t_mk / t_fm:.1f}, peak RSS ratio {rss_fm / rss_mk:.2f}, "
                   f"outputs: {row['output_vs_mergekit']}", flush=True)
-        print(f"{method:<10} {name}: {t_fm / io_wall:.2f}x the bare I/O pass", flush=True)
+        print(f"{method:<10} {name}: {row['x_bare_io']:.2f}x the bare I/O pass (median of {len(ratios)} pairs)",
+              flush=True)
         rows.append(row)
         for out in outs.values():
             subprocess.run(["rm", "-rf", out], check=True)
@@ -364,6 +379,7 @@ def main(argv=None) -> int:
         c.add_argument("--methods", default="ties,dare_ties")
         c.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastmerge-e2e"))
         c.add_argument("--no-refs", action="store_true", help="skip mergekit-yaml (the bare I/O row stays)")
+        c.add_argument("--pairs", type=int, default=1, help="(bare I/O pass, contender) pairs timed alternately")
         e2e.append(c)
     for s in (a, b, *e2e):
         s.add_argument("--json", default=None, help="write {meta, rows} here")
@@ -374,7 +390,8 @@ def main(argv=None) -> int:
     elif args.mode == "adapter":
         rows = bench_adapter(args.size, args.layers, args.rank)
     else:
-        rows = bench_mergekit(args.scale, args.methods.split(","), args.workdir, args.mode, refs=not args.no_refs)
+        rows = bench_mergekit(args.scale, args.methods.split(","), args.workdir, args.mode, refs=not args.no_refs,
+                              pairs=max(1, args.pairs))
     if args.json:
         meta = _meta(f"integrations-{args.mode}", argv=list(argv if argv is not None else sys.argv[1:]))
         path = suite.save_json(rows, meta, args.json)
