@@ -176,3 +176,18 @@ def test_dispatch_follows_the_registry():
     fused = "cpu" if fastmerge.backends()["cpu"]["available"] else "torch"
     for name, entry in _registry.REGISTRY.items():
         assert dispatch.resolve("auto", cpu, name) == (fused if "cpu" in entry.kernels else "torch"), name
+
+
+def test_import_and_a_cpu_merge_load_no_heavy_optional_library():
+    """Start-up is a fixed cost of every ``fastmerge merge`` (issue 19): ``import fastmerge`` and
+    a merge on the CPU must not import triton, transformers, matplotlib, peft or mergekit (each
+    costs seconds or hundreds of ms); they load where they are used."""
+    import subprocess
+    import sys as _sys
+
+    heavy = ("triton", "transformers", "matplotlib", "peft", "mergekit")
+    code = ("import sys, torch, fastmerge\n"
+            "fastmerge.merge('ties', torch.zeros(8), [torch.ones(8)], density=0.5)\n"
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))\n")
+    out = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"imported at start-up: {out.stdout.strip()}"
