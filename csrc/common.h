@@ -141,6 +141,14 @@ static inline void round_to(int dt, float* __restrict v, int n) {
 }
 
 #ifdef __AVX2__
+// 8 elements from element i of a tensor of dtype dt, as fp32 (load_block for one vector)
+static inline __m256 load8(const void* p, int dt, int64_t i) {
+    if (dt == DTYPE_F32) return _mm256_loadu_ps((const float*)p + i);
+    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+    if (dt == DTYPE_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
 // round_to of one vector, without the nan care (callers have flagged non-finite values already)
 static inline __m256 round8(int dt, __m256 x) {
     if (dt == DTYPE_BF16) {

@@ -117,15 +117,6 @@ bool MergeBlock::run(int64_t i0, int len, float* __restrict mixed) {
 }
 
 #ifdef __AVX2__
-static inline __m256 load8(const void* p, int dt, int64_t i) {
-    if (dt == DTYPE_F32) return _mm256_loadu_ps((const float*)p + i);
-    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
-    if (dt == DTYPE_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    return _mm256_cvtph_ps(h);
-}
-#endif
-
-#ifdef __AVX2__
 template <class F>
 static inline void with_bool(bool b, F&& f) {
     if (b) f(std::true_type{});

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 #include <vector>
 
 // The m-loops below are unrolled for a constant K; for K at run time (KT = 0) GCC then warns
@@ -44,7 +45,21 @@ struct Cut {
     int32_t lo, hi;
     int tq;
     TopSet exact;
+    // a start cut that can drop anything (bracketed, or exactly everything)
+    bool drops() const { return tq >= 0 || hi < 0; }
 };
+
+// f(integral_constant<int, KT>): K as a template constant up to 4, else KT = 0 (K at run time)
+template <class F>
+inline auto with_k(int K, F&& f) {
+    switch (K) {
+        case 1: return f(std::integral_constant<int, 1>{});
+        case 2: return f(std::integral_constant<int, 2>{});
+        case 3: return f(std::integral_constant<int, 3>{});
+        case 4: return f(std::integral_constant<int, 4>{});
+        default: return f(std::integral_constant<int, 0>{});
+    }
+}
 
 [[maybe_unused]] Cut exact_cut(bool all, int64_t n) {
     if (all) return Cut{0, -1, -1, TopSet{0, n}};
@@ -61,7 +76,8 @@ struct Worker {
     std::vector<int32_t> ridx;                  // recorded elements: index, increasing
     std::vector<std::vector<float>> rv;         // [0]: base, [1 + m]: delta of model m
     size_t nr = 0;
-    std::vector<int> bad;                       // non-finite: some input (0), result (K + 1)
+    bool bad_delta = false;                     // some delta is inf/nan (flag 0 of the result)
+    bool bad_result = false;                    // some decided merged value is inf/nan (flag K + 1)
 };
 
 #ifdef __AVX2__
@@ -80,13 +96,6 @@ struct Compact {
 const Compact LUT;
 
 inline __m256i lanes_of(unsigned mk) { return _mm256_load_si256((const __m256i*)LUT.idx[mk]); }
-
-inline __m256 load8(const void* p, int dt, int64_t i) {
-    if (dt == DTYPE_F32) return _mm256_loadu_ps((const float*)p + i);
-    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
-    if (dt == DTYPE_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    return _mm256_cvtph_ps(h);
-}
 #endif
 
 // The merge arithmetic of MergeBlock::run on 8 lanes (fused_merge.cpp), given the masked
@@ -235,7 +244,7 @@ struct Pass {
             const float x = load_one((const void*)models[m], dt, i);
             d[m] = base ? x - b : x;
             const uint32_t key = mag_key(d[m]);
-            if (key >= 0x7f800000u) w.bad[0] = 1;
+            if (key >= 0x7f800000u) w.bad_delta = true;
             const int32_t k = (int32_t)key;
             uint32_t kp = 1;
             for (int s = 0; s < 2; ++s) {
@@ -255,7 +264,7 @@ struct Pass {
         }
         float r = mix.one(b, d, keep, K_);
         round_to(out_dt, &r, 1);
-        if (!undecided && nonfinite_bits(r)) w.bad[K_ + 1] = 1;
+        if (!undecided && nonfinite_bits(r)) w.bad_result = true;
         store_block(out, out_dt, i, 1, &r);
         if (undecided) {
             w.ridx[w.nr] = (int32_t)i;
@@ -298,7 +307,7 @@ struct Pass {
             mp[m] = (const void*)models[m];
             hs[m] = stop[m].hi; ls1[m] = stop[m].lo - 1; qs[m] = stop[m].tq;
             ht[m] = start[m].hi; lt1[m] = start[m].lo - 1; qt[m] = start[m].tq;
-            use_t[m] = start[m].tq >= 0 || start[m].hi < 0;
+            use_t[m] = start[m].drops();
         }
         // per model and cut: where its candidates go (raw pointers and counts kept in locals, so
         // the loop's stores cannot alias them)
@@ -390,8 +399,8 @@ struct Pass {
             add_count(qt[m], ct[m]);
         }
         if (!_mm256_testz_si256(_mm256_cmpgt_epi32(kmax, _mm256_set1_epi32(0x7f7fffff)), _mm256_set1_epi32(-1)))
-            w.bad[0] = 1;
-        if (!_mm256_testz_si256(rnfv, rnfv)) w.bad[K_ + 1] = 1;
+            w.bad_delta = true;
+        if (!_mm256_testz_si256(rnfv, rnfv)) w.bad_result = true;
         return nv * 8;
     }
 
@@ -403,7 +412,7 @@ struct Pass {
         int j = 0;
 #ifdef __AVX2__
         // ST: some model has a start cut (breadcrumbs); TIES has none, and its loop is leaner
-        const bool st = std::any_of(start.begin(), start.end(), [](const Cut& c) { return c.tq >= 0 || c.hi < 0; });
+        const bool st = std::any_of(start.begin(), start.end(), [](const Cut& c) { return c.drops(); });
         auto go = [&](auto kt) {
             constexpr int KT = decltype(kt)::value;
             auto run = [&](auto stc) {
@@ -415,13 +424,7 @@ struct Pass {
             if (st) run(std::true_type{});
             else run(std::false_type{});
         };
-        switch (K) {
-            case 1: go(std::integral_constant<int, 1>{}); break;
-            case 2: go(std::integral_constant<int, 2>{}); break;
-            case 3: go(std::integral_constant<int, 3>{}); break;
-            case 4: go(std::integral_constant<int, 4>{}); break;
-            default: go(std::integral_constant<int, 0>{}); break;
-        }
+        with_k(K, go);
 #endif
         for (; j < len; ++j) element(w, i0 + j);
     }
@@ -505,13 +508,7 @@ struct Pass {
             if (mix.consensus == CONSENSUS_COUNT) return fix<KT, CONSENSUS_COUNT>(w);
             return fix<KT, CONSENSUS_NONE>(w);
         };
-        switch (K) {
-            case 1: return go(std::integral_constant<int, 1>{});
-            case 2: return go(std::integral_constant<int, 2>{});
-            case 3: return go(std::integral_constant<int, 3>{});
-            case 4: return go(std::integral_constant<int, 4>{});
-            default: return go(std::integral_constant<int, 0>{});
-        }
+        return with_k(K, go);
     }
 };
 
@@ -575,7 +572,6 @@ std::vector<int> select_merge(uint64_t base_ptr, const std::vector<uint64_t>& mo
             w.ckey[q].resize(expect[q] / nt + 2 * BLK);
             w.cidx[q].resize(expect[q] / nt + 2 * BLK);
         }
-        w.bad.assign(K + 2, 0);
         w.rv.resize(K + 1);
         P.reserve(w, 0, TQ ? (size_t)(n / nt / 16) : (size_t)BLK);
 #pragma omp for schedule(static)
@@ -584,8 +580,10 @@ std::vector<int> select_merge(uint64_t base_ptr, const std::vector<uint64_t>& mo
             P.block(w, i0, (int)std::min<int64_t>(BLK, n - i0), TQ);
         }
     }
-    for (Worker& w : workers)
-        for (int f = 0; f < K + 2; ++f) res[1 + f] |= w.bad[f];
+    for (const Worker& w : workers) {
+        res[1] |= w.bad_delta;
+        res[K + 2] |= w.bad_result;
+    }
     if (res[1]) return res;  // an inf/nan delta: the caller tells which
     // the exact cuts
     std::vector<int64_t> T(TQ), J(TQ);

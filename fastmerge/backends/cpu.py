@@ -159,15 +159,15 @@ def _merge_args(plan: Plan, base, inputs):
 # select_merge (csrc/select_merge.cpp): the TIES family's top-k masks found during the merge
 # pass itself, from a sampled bracket; below 2^20 elements the separate exact select is cheap.
 _ONE_PASS_MIN = 1 << 20
-_ONE_PASS_KMAX = 16
 _ONE_PASS_MASKS = ("range", "none", "zero")
 
 
-def _one_pass_cuts(plan: Plan, n: int, K: int):
+def _one_pass_cuts(plan: Plan, n: int):
     """(k_stop, k_start) per model when ``plan`` fits select_merge: range masks (and whole /
-    dropped models), no rescale, consensus none/sum/count; else None."""
+    dropped models), no rescale, consensus none/sum/count; else None. (What the kernel itself
+    cannot take, more than 16 models or 2^31 elements, it declines: status 2.)"""
     masks = plan.masks
-    if (n < _ONE_PASS_MIN or not 1 <= K <= _ONE_PASS_KMAX or plan.rescale is not None
+    if (n < _ONE_PASS_MIN or plan.rescale is not None
             or plan.consensus not in (None, "sum", "count")
             or not all(m.kind in _ONE_PASS_MASKS for m in masks)
             or not any(m.kind == "range" for m in masks)):
@@ -207,7 +207,7 @@ def run_plan(plan: Plan, base, inputs, out_dtype) -> torch.Tensor:
         return out
     inputs = [_contig(x) for x in inputs]
     base = _contig(base) if base is not None else None
-    cuts = _one_pass_cuts(plan, out.numel(), len(inputs))
+    cuts = _one_pass_cuts(plan, out.numel())
     if cuts is not None and _run_one_pass(plan, base, inputs, out, cuts):
         return out
     (bptr, ptrs, dt, n), margs, _bits = _merge_args(plan, base, inputs)
