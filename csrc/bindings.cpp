@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "gram.h"
+#include "research.h"
 #include "elementwise.h"
 #include "selection.h"
 #include "kernels.h"
@@ -138,4 +139,16 @@ PYBIND11_MODULE(FM_MODULE, m) {
     m.def("arcee_merge", &fm::arcee_merge, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
           py::arg("model"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("rows"),
           py::arg("length"), py::arg("kl"), py::arg("thr"), py::arg("nthreads"));
+    // ---- the research methods (csrc/research.h)
+    m.def("consensus", &fm::consensus, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("models"), py::arg("dtype"), py::arg("mtl"), py::arg("mtl_dtype"), py::arg("cuts"),
+          py::arg("normalize"), py::arg("lambdas"), py::arg("kmin"), py::arg("lam"), py::arg("out"),
+          py::arg("out_dtype"), py::arg("bits"), py::arg("n"), py::arg("nthreads"));
+    m.def("emr", &fm::emr, py::call_guard<py::gil_scoped_release>(), py::arg("base"), py::arg("models"),
+          py::arg("dtype"), py::arg("uni"), py::arg("bits"), py::arg("n"), py::arg("nthreads"));
+    m.def("fisher_sumsq", &fm::fisher_sumsq, py::call_guard<py::gil_scoped_release>(), py::arg("fishers"),
+          py::arg("dtype"), py::arg("n"), py::arg("nthreads"));
+    m.def("fisher_merge", &fm::fisher_merge, py::call_guard<py::gil_scoped_release>(), py::arg("models"),
+          py::arg("dtype"), py::arg("fishers"), py::arg("fisher_dtype"), py::arg("coef"), py::arg("eps"),
+          py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("nthreads"));
 }

@@ -75,6 +75,19 @@ static inline std::vector<int> ew_flags(const std::vector<int64_t>& v, size_t of
     return f;
 }
 
+// Packs keep[0..len) (0/1 floats; len a multiple of 8 but at the tensor's end) into the bytes of
+// a numpy.packbits row from element i0 (a multiple of 8): the first element in bit 7, the
+// missing elements of a last byte 0.
+static inline void pack_row(const float* __restrict keep, int len, uint8_t* __restrict row, int64_t i0) {
+    uint8_t* dst = row + (i0 >> 3);
+    for (int b = 0; b * 8 < len; ++b) {
+        uint32_t byte = 0;
+        const int m = std::min(8, len - b * 8);
+        for (int t = 0; t < m; ++t) byte |= (uint32_t)(keep[b * 8 + t] != 0.0f) << (7 - t);
+        dst[b] = (uint8_t)byte;
+    }
+}
+
 // nearswap: w = clamp(t * (1 / max(|a - b|, 1e-6)), 0, 1), out = w b + (1 - w) a with
 // a = base, b = model. Flags: {model, base, result} (result: some fp32 output value, before
 // the rounding to out_dt, is inf or nan; likewise the last flag of ram_merge and scaled_copy).

@@ -223,3 +223,121 @@ def arcee_fusion(base, model, *, out_dtype):
     lib.arcee_merge(base.data_ptr(), model.data_ptr(), dt, out.data_ptr(), abi.dtype_code(out_dtype), rows, length,
                     kl.data_ptr(), thr, nt)
     return out
+
+
+# ---- the research methods (consensus_ta, consensus_ties, fastmerge.research) ----------------
+# csrc/consensus.cpp, emr.cpp, fisher.cpp (declared in csrc/research.h): one pass each after the
+# exact top-k select of consensus_ties and the Fisher norms.
+
+
+def _ties_cuts(base, models, top_k, n) -> list:
+    """consensus_ties' per-model top sets ``(T, J)`` (key > T or key == T and index <= J) of
+    ``|models[k] - base|`` for ``top_k[k]`` elements: one multi-query radix select."""
+    cuts = [abi.NONE_T, -1] * len(models)
+    queries = [k for k, c in enumerate(top_k) if 0 < c < n]
+    for k, c in enumerate(top_k):
+        if c >= n:
+            cuts[2 * k] = -1  # every key > -1
+    if queries:
+        res = _native.lib().select_ranges(base.data_ptr(), [models[k].data_ptr() for k in queries],
+                                          abi.dtype_code(base.dtype), n, list(range(len(queries))),
+                                          [top_k[k] for k in queries], _native.threads(n))
+        if res[-1]:  # a non-finite delta: the merge pass below names the input
+            return None
+        for q, k in enumerate(queries):
+            cuts[2 * k], cuts[2 * k + 1] = res[2 * q], res[2 * q + 1]
+    return cuts
+
+
+def _consensus_run(base, models, *, lambdas, k, lam, out_dtype, mtl=None, top_k=None, normalize=False,
+                   masks=False):
+    """The consensus pass: ``(out or None, packed masks or None)``."""
+    base, models, out, n, lib = _ew_prepare(base, models, out_dtype or base.dtype)
+    K = len(models)
+    bits = torch.zeros((K, (n + 7) // 8), dtype=torch.uint8) if masks else None
+    if n == 0:
+        return out, bits
+    cuts = []
+    if top_k is not None:
+        cuts = _ties_cuts(base, models, top_k, n)
+        if cuts is None:  # select_ranges saw inf/nan: find it (the pass flags every input)
+            cuts = [-1, -1] * K
+    mtl = None if mtl is None else mtl.contiguous()
+    flags = lib.consensus(base.data_ptr(), [m.data_ptr() for m in models], abi.dtype_code(base.dtype),
+                          0 if mtl is None else mtl.data_ptr(), abi.dtype_code(mtl.dtype) if mtl is not None else 0,
+                          cuts, int(normalize), [float(x) for x in lambdas], int(min(k, 1 << 30)), lam,
+                          out.data_ptr() if out_dtype is not None else 0, abi.dtype_code(out.dtype),
+                          0 if bits is None else bits.data_ptr(), n, _native.threads(n))
+    _ew_raise(flags[:K + 1], K)
+    if flags[K + 1]:
+        raise V.NonFiniteError("mtl")
+    if out_dtype is not None:
+        _check_out(out, flags[K + 2])
+    return (out if out_dtype is not None else None), bits
+
+
+def consensus(base, models, *, k, tall_lambda, lam, out_dtype, top_k=None, normalize=False):
+    """Consensus TA (``top_k`` None) or TIES (``top_k``: each model's top-k size) merge, one
+    pass after the select (:mod:`fastmerge.methods.consensus_ta`, ``consensus_ties``)."""
+    return _consensus_run(base, models, lambdas=tall_lambda, k=k, lam=lam, out_dtype=out_dtype,
+                          top_k=top_k, normalize=normalize)[0]
+
+
+def tall_masks(base, models, lambdas, mtl=None):
+    """The packed TALL masks ``uint8 [K, ceil(n / 8)]`` (:func:`fastmerge.research.tall_masks`)."""
+    return _consensus_run(base, models, lambdas=lambdas, k=0, lam=1.0, out_dtype=None, mtl=mtl,
+                          masks=True)[1]
+
+
+def emr(base, models):
+    """EMR's pass (:func:`fastmerge.research.emr`): ``(tau_uni fp32, packed masks, sum |tau_t|,
+    sum |tau_uni m_t|)``."""
+    base, models, _, n, lib = _ew_prepare(base, models, torch.float32)
+    K = len(models)
+    uni = torch.empty(base.shape, dtype=torch.float32)
+    bits = torch.zeros((K, (n + 7) // 8), dtype=torch.uint8)
+    if n == 0:
+        return uni, bits, [0.0] * K, [0.0] * K
+    abs_sum, kept_sum, flags = lib.emr(base.data_ptr(), [m.data_ptr() for m in models],
+                                       abi.dtype_code(base.dtype), uni.data_ptr(), bits.data_ptr(), n,
+                                       _native.threads(n))
+    _ew_raise(flags, K)
+    return uni, bits, list(abs_sum), list(kept_sum)
+
+
+def _fisher_raise(flags, names) -> None:
+    """Fisher flags (1: inf/nan, 2: negative) named in input order."""
+    _host.raise_nonfinite([f & 1 for f in flags], names)
+    for f, name in zip(flags, names):
+        if f & 2:
+            raise ValueError(f"{name} has negative entries: a diagonal Fisher is >= 0")
+
+
+def sum_squares(fishers, names) -> list:
+    """``sum F_t^2`` per Fisher (float64); ``names``: the models' then the Fishers' names."""
+    fishers = [f.contiguous() for f in fishers]
+    n, K = fishers[0].numel(), len(fishers)
+    if n == 0:
+        return [0.0] * K
+    sq, flags = _native.lib().fisher_sumsq([f.data_ptr() for f in fishers], abi.dtype_code(fishers[0].dtype), n,
+                                           _native.threads(n))
+    _fisher_raise(flags, names[K:])
+    return list(sq)
+
+
+def fisher(models, fishers, coef, eps, *, out_dtype, names):
+    """Fisher's weighted mean (:func:`fastmerge.research.fisher`), one pass."""
+    models = [m.contiguous() for m in models]
+    fishers = [f.contiguous() for f in fishers]
+    K, n = len(models), models[0].numel()
+    out = torch.empty(models[0].shape, dtype=out_dtype)
+    if n == 0:
+        return out
+    flags = _native.lib().fisher_merge([m.data_ptr() for m in models], abi.dtype_code(models[0].dtype),
+                                       [f.data_ptr() for f in fishers], abi.dtype_code(fishers[0].dtype),
+                                       [float(c) for c in coef], eps, out.data_ptr(), abi.dtype_code(out_dtype), n,
+                                       _native.threads(n))
+    _host.raise_nonfinite(flags[:K], names[:K])
+    _fisher_raise(flags[K:2 * K], names[K:])
+    _check_out(out, flags[2 * K])
+    return out

@@ -1,4 +1,5 @@
-"""mergekit 0.1.5's merge methods outside the task-arithmetic family, one module each.
+"""mergekit 0.1.5's merge methods outside the task-arithmetic family, and the research methods
+that merge tensor by tensor (consensus_ta, consensus_ties, pcb), one module each.
 
 Every module defines the method (its specification; the fused kernels must match it):
 
@@ -37,10 +38,14 @@ A method with fused kernels also defines
   own pass over the output for inf/nan.
 """
 
-from . import (arcee_fusion, karcher, model_stock, multislerp, nearswap, nuslerp, passthrough, ram,
-               ramplus_tl, sce, slerp)
+from . import (arcee_fusion, consensus_ta, consensus_ties, karcher, model_stock, multislerp, nearswap,
+               nuslerp, passthrough, pcb, ram, ramplus_tl, sce, slerp)
 
 # in mergekit's registry order; fastmerge/_registry.py makes one entry of each
-MODULES = (slerp, nuslerp, multislerp, karcher, model_stock, sce, nearswap, arcee_fusion, ram,
-           ramplus_tl, passthrough)
+MERGEKIT = (slerp, nuslerp, multislerp, karcher, model_stock, sce, nearswap, arcee_fusion, ram,
+            ramplus_tl, passthrough)
+# the research methods of issue 24 that are per-tensor merges (FusionBench's and the papers'
+# names and defaults; fastmerge.research holds the ones with other results)
+RESEARCH = (consensus_ta, consensus_ties, pcb)
+MODULES = MERGEKIT + RESEARCH
 NAMES = tuple(m.__name__.rpartition(".")[2] for m in MODULES)

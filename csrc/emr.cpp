@@ -1,0 +1,72 @@
+// EMR-Merging (fastmerge.research.emr): one pass over base + K models writes the unified task
+// vector and the packed per-task masks and sums the two per-task magnitudes the rescalers come
+// from. csrc/research.h states the formulas. The sums are per block (EW_BLOCK elements, in
+// double) and the blocks are added in order, so they do not depend on the thread count.
+#pragma GCC optimize("no-trapping-math")  // as ram.cpp: blends instead of branches, IEEE values
+#include "elementwise.h"
+#include "research.h"
+
+namespace fm {
+
+std::tuple<std::vector<double>, std::vector<double>, std::vector<int>>
+emr(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t uni, uint64_t bits, int64_t n, int nthreads) {
+    const int K = (int)models.size();
+    const int64_t row_bytes = (n + 7) / 8;
+    const int64_t nblocks = (n + EW_BLOCK - 1) / EW_BLOCK;
+    std::vector<double> part((size_t)nblocks * 2 * K, 0.0);
+    advise_huge((void*)uni, n * 4);
+    // scratch: bb | sum | top | keep | D_0 .. D_{K-1}
+    auto sums = ew_parallel(n, nthreads, K + 1, (int64_t)(K + 4) * EW_BLOCK,
+                            [&](int64_t i0, int len, float* s, int64_t* acc) {
+        float* __restrict bb = s;
+        float* __restrict g = s + EW_BLOCK;
+        float* __restrict top = s + 2 * EW_BLOCK;
+        float* __restrict keep = s + 3 * EW_BLOCK;
+        auto D = [&](int k) { return s + (int64_t)(k + 4) * EW_BLOCK; };
+        double* __restrict p = part.data() + (i0 / EW_BLOCK) * 2 * K;
+        load_block((const void*)base, dt, i0, len, bb);
+        acc[K] |= ew_nonfinite(bb, len);
+        for (int j = 0; j < len; ++j) { g[j] = 0.0f; top[j] = 0.0f; }
+        for (int k = 0; k < K; ++k) {
+            float* __restrict d = D(k);
+            load_block((const void*)models[k], dt, i0, len, d);
+            acc[k] |= ew_nonfinite(d, len);
+            double a = 0.0;
+            for (int j = 0; j < len; ++j) {
+                d[j] = d[j] - bb[j];
+                g[j] = g[j] + d[j];
+                a += std::fabs(d[j]);
+            }
+            p[k] = a;
+        }
+        for (int j = 0; j < len; ++j) g[j] = g[j] > 0.0f ? 1.0f : -1.0f;
+        for (int k = 0; k < K; ++k) {
+            const float* __restrict d = D(k);
+            for (int j = 0; j < len; ++j) {
+                const float m = (float)(d[j] * g[j] > 0.0f);
+                top[j] = std::max(top[j], std::fabs(d[j] * m));
+            }
+        }
+        for (int j = 0; j < len; ++j) top[j] = top[j] * g[j];
+        for (int k = 0; k < K; ++k) {
+            const float* __restrict d = D(k);
+            double a = 0.0;
+            for (int j = 0; j < len; ++j) {
+                keep[j] = (float)(d[j] * g[j] > 0.0f);
+                a += std::fabs(top[j] * keep[j]);
+            }
+            p[K + k] = a;
+            pack_row(keep, len, (uint8_t*)bits + k * row_bytes, i0);
+        }
+        stream_block((void*)uni, DTYPE_F32, i0, len, top);
+    });
+    std::vector<double> abs_sum(K, 0.0), kept_sum(K, 0.0);
+    for (int64_t b = 0; b < nblocks; ++b)
+        for (int k = 0; k < K; ++k) {
+            abs_sum[k] += part[(size_t)b * 2 * K + k];
+            kept_sum[k] += part[(size_t)b * 2 * K + K + k];
+        }
+    return {abs_sum, kept_sum, ew_flags(sums, 0, K + 1)};
+}
+
+}  // namespace fm
