@@ -11,6 +11,8 @@ from . import library  # noqa: F401  (registers the torch.library ops)
 from ._registry import METHODS
 from ._validate import NonFiniteError
 from .api import merge
+from . import research
+from .research import emr, fisher, tall_masks
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,4 @@ __version__ = "0.1.0"
 globals().update({name: getattr(api, name) for name in METHODS})
 
 __all__ = ["merge", *METHODS, "ops", "peft", "lowrank", "quant", "backends", "METHODS",
-           "NonFiniteError", "__version__"]
+           "NonFiniteError", "research", "tall_masks", "emr", "fisher", "__version__"]
