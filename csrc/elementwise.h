@@ -77,15 +77,51 @@ static inline std::vector<int> ew_flags(const std::vector<int64_t>& v, size_t of
 
 // Packs keep[0..len) (0/1 floats; len a multiple of 8 but at the tensor's end) into the bytes of
 // a numpy.packbits row from element i0 (a multiple of 8): the first element in bit 7, the
-// missing elements of a last byte 0.
+// missing elements of a last byte 0. With AVX2 a byte is one movemask (element 0 in bit 0)
+// bit-reversed through a table.
 static inline void pack_row(const float* __restrict keep, int len, uint8_t* __restrict row, int64_t i0) {
     uint8_t* dst = row + (i0 >> 3);
-    for (int b = 0; b * 8 < len; ++b) {
+    int b = 0;
+#ifdef __AVX2__
+    static const struct Rev {
+        uint8_t t[256];
+        Rev() {
+            for (int v = 0; v < 256; ++v) {
+                int r = 0;
+                for (int i = 0; i < 8; ++i) r |= ((v >> i) & 1) << (7 - i);
+                t[v] = (uint8_t)r;
+            }
+        }
+    } rev;
+    const __m256 zero = _mm256_setzero_ps();
+    for (; b * 8 + 8 <= len; ++b) {
+        const __m256 v = _mm256_loadu_ps(keep + b * 8);
+        dst[b] = rev.t[_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)) & 0xff];
+    }
+#endif
+    for (; b * 8 < len; ++b) {
         uint32_t byte = 0;
         const int m = std::min(8, len - b * 8);
         for (int t = 0; t < m; ++t) byte |= (uint32_t)(keep[b * 8 + t] != 0.0f) << (7 - t);
         dst[b] = (uint8_t)byte;
     }
+}
+
+// sum_j |v[j]| (abs) or sum_j v[j]^2 (!abs) over j < n in double, in 8 lanes combined in a fixed
+// order: vectorises (a single running sum cannot), and the result does not depend on threads.
+static inline double lane_sum_f64(const float* __restrict v, int n, bool abs) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; ++l) {
+            const double x = (double)v[j + l];
+            acc[l] += abs ? std::fabs(x) : x * x;
+        }
+    for (; j < n; ++j) {
+        const double x = (double)v[j];
+        acc[j & 7] += abs ? std::fabs(x) : x * x;
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 // nearswap: w = clamp(t * (1 / max(|a - b|, 1e-6)), 0, 1), out = w b + (1 - w) a with

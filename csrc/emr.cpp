@@ -15,14 +15,15 @@ emr(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t uni, ui
     const int64_t nblocks = (n + EW_BLOCK - 1) / EW_BLOCK;
     std::vector<double> part((size_t)nblocks * 2 * K, 0.0);
     advise_huge((void*)uni, n * 4);
-    // scratch: bb | sum | top | keep | D_0 .. D_{K-1}
-    auto sums = ew_parallel(n, nthreads, K + 1, (int64_t)(K + 4) * EW_BLOCK,
+    // scratch: bb | sum | top | keep | kept values | D_0 .. D_{K-1}
+    auto sums = ew_parallel(n, nthreads, K + 1, (int64_t)(K + 5) * EW_BLOCK,
                             [&](int64_t i0, int len, float* s, int64_t* acc) {
         float* __restrict bb = s;
         float* __restrict g = s + EW_BLOCK;
         float* __restrict top = s + 2 * EW_BLOCK;
         float* __restrict keep = s + 3 * EW_BLOCK;
-        auto D = [&](int k) { return s + (int64_t)(k + 4) * EW_BLOCK; };
+        float* __restrict tmpk = s + 4 * EW_BLOCK;
+        auto D = [&](int k) { return s + (int64_t)(k + 5) * EW_BLOCK; };
         double* __restrict p = part.data() + (i0 / EW_BLOCK) * 2 * K;
         load_block((const void*)base, dt, i0, len, bb);
         acc[K] |= ew_nonfinite(bb, len);
@@ -31,13 +32,11 @@ emr(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t uni, ui
             float* __restrict d = D(k);
             load_block((const void*)models[k], dt, i0, len, d);
             acc[k] |= ew_nonfinite(d, len);
-            double a = 0.0;
             for (int j = 0; j < len; ++j) {
                 d[j] = d[j] - bb[j];
                 g[j] = g[j] + d[j];
-                a += std::fabs(d[j]);
             }
-            p[k] = a;
+            p[k] = lane_sum_f64(d, len, true);
         }
         for (int j = 0; j < len; ++j) g[j] = g[j] > 0.0f ? 1.0f : -1.0f;
         for (int k = 0; k < K; ++k) {
@@ -50,12 +49,11 @@ emr(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t uni, ui
         for (int j = 0; j < len; ++j) top[j] = top[j] * g[j];
         for (int k = 0; k < K; ++k) {
             const float* __restrict d = D(k);
-            double a = 0.0;
             for (int j = 0; j < len; ++j) {
                 keep[j] = (float)(d[j] * g[j] > 0.0f);
-                a += std::fabs(top[j] * keep[j]);
+                tmpk[j] = top[j] * keep[j];
             }
-            p[K + k] = a;
+            p[K + k] = lane_sum_f64(tmpk, len, true);
             pack_row(keep, len, (uint8_t*)bits + k * row_bytes, i0);
         }
         stream_block((void*)uni, DTYPE_F32, i0, len, top);

@@ -28,9 +28,7 @@ std::tuple<std::vector<double>, std::vector<int>> fisher_sumsq(const std::vector
             const float* f = ew_row((const void*)fishers[k], dt, i0, len, s);
             acc[k] |= ew_nonfinite(f, len);
             acc[K + k] |= ew_negative(f, len);
-            double a = 0.0;
-            for (int j = 0; j < len; ++j) a += (double)f[j] * (double)f[j];
-            part[(size_t)(i0 / EW_BLOCK) * K + k] = a;
+            part[(size_t)(i0 / EW_BLOCK) * K + k] = lane_sum_f64(f, len, false);
         }
     });
     std::vector<double> sq(K, 0.0);

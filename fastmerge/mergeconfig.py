@@ -49,7 +49,9 @@ class ConfigError(ValueError):
 # every registered method (fastmerge/_registry.py): each family's parameters are mapped below
 METHODS = R.METHODS
 # mergekit's per-model parameters of its other methods, under fastmerge's names (-> YAML names)
-_PER_INPUT = {"weights": "weight", "scale": "scale"}
+_PER_INPUT = {"weights": "weight", "scale": "scale", "density": "density", "tall_lambda": "tall_lambda"}
+# a method parameter's YAML name where it differs (mergekit spells task arithmetic's scale lambda)
+_YAML_NAME = {"lam": "lambda"}
 _FLOAT = ("weight", "density", "gamma", "epsilon", "lambda", "alpha")
 _BOOL = ("normalize", "rescale", "int8_mask")
 SHARED = ("normalize", "rescale", "lambda", "int8_mask", "alpha")
@@ -535,7 +537,7 @@ def _resolve_method(cfg: MergeConfig, tensor: str, t: float, sl: Optional[Slice]
                                       f"(tensor {tensor}); mergekit requires it too")
                 values[name] = default if v is None else v
             continue
-        v = _lookup(_scopes(cfg, sl), name, tensor, t, _kind_of(default))
+        v = _lookup(_scopes(cfg, sl), _YAML_NAME.get(name, name), tensor, t, _kind_of(default))
         if v is None and required:
             raise ConfigError(f"missing required parameter {name} (tensor {tensor}) in the "
                               "top-level parameters; mergekit requires it too")
@@ -572,7 +574,9 @@ def resolve(cfg: MergeConfig, tensor: str, t: float,
 def merge_kwargs(cfg: MergeConfig, shared: dict, per_model: List[dict]) -> Dict[str, Any]:
     """Keyword arguments of :func:`fastmerge.merge` for one tensor."""
     if R.get(cfg.method).family == "method":
-        return dict(shared, **{name: [p[name] for p in per_model]
+        # a per-model parameter no model sets stays unset (None: the method's default)
+        return dict(shared, **{name: ([p[name] for p in per_model] if any(p[name] is not None for p in per_model)
+                                      else None)
                                for name in _PER_INPUT if name in R.get(cfg.method).defaults})
     kw: Dict[str, Any] = {"weights": [p["weight"] for p in per_model]}
     if cfg.method in lowrank.METHODS:
