@@ -17,7 +17,8 @@ from setuptools import setup
 SOURCES = ["csrc/magnitude_select.cpp", "csrc/select_merge.cpp", "csrc/mask_norms.cpp", "csrc/della.cpp", "csrc/fused_merge.cpp",
            "csrc/quant.cpp", "csrc/bindings.cpp", "csrc/gram.cpp", "csrc/lincomb.cpp",
            "csrc/nearswap.cpp", "csrc/ram.cpp", "csrc/passthrough.cpp", "csrc/sce.cpp",
-           "csrc/arcee_fusion.cpp", "csrc/consensus.cpp", "csrc/emr.cpp", "csrc/fisher.cpp"]
+           "csrc/arcee_fusion.cpp", "csrc/consensus.cpp", "csrc/emr.cpp", "csrc/fisher.cpp",
+           "csrc/pcb.cpp"]
 COMMON = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
 
 

@@ -19,28 +19,12 @@
 #include <tuple>
 
 #include "elementwise.h"
+#include "fmath.h"
 #include "selection.h"
 
 namespace fm {
 
 namespace {
-
-// exp(x) for x <= 0 (x - row max); below -87 the result (< 1e-37) is taken as exp(-87): p and q
-// add 1e-8 to it, which it cannot change.
-inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float nf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-    float r = x - nf * 0.693359375f;
-    r = r - nf * -2.12194440e-4f;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = (y * r) * r + r + 1.0f;
-    return y * u2f((uint32_t)((int32_t)nf + 127) << 23);
-}
 
 // log(x) for a positive normal x (p / q lies within [1e-8, 1e8])
 inline float log_pos(float x) {
@@ -66,15 +50,6 @@ inline float log_pos(float x) {
     y = y - 0.5f * z;
     return (f + y) + ef * 0.693359375f;
 }
-
-// order key of a float (-0 as +0): unsigned order = float order
-inline uint32_t order_key(float v) {
-    uint32_t u = f2u(v);
-    u = u == 0x80000000u ? 0u : u;
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-inline float key_value(uint32_t k) { return u2f((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k); }
 
 // sum of v[0..len) over 16 fp32 lanes, combined in a fixed order (torch's own row sums are fp32)
 inline float lane_sum(const float* __restrict v, int len) {
@@ -133,8 +108,8 @@ float row_kl(const Row& in, int64_t r0, float* __restrict x, float* __restrict y
         float* __restrict px = ex ? ex + c : x;
         float* __restrict py = ey ? ey + c : y;
         for (int j = 0; j < len; ++j) {
-            px[j] = exp_neg(x[j] - mx);
-            py[j] = exp_neg(y[j] - my);
+            px[j] = exp_f(x[j] - mx);
+            py[j] = exp_f(y[j] - my);
         }
         sx += lane_sum(px, len);
         sy += lane_sum(py, len);
@@ -148,7 +123,7 @@ float row_kl(const Row& in, int64_t r0, float* __restrict x, float* __restrict y
         if (!ex) {  // no row buffer: recompute the exps
             load_block(in.model, in.dt, r0 + c, len, x);
             load_block(in.base, in.dt, r0 + c, len, y);
-            for (int j = 0; j < len; ++j) { x[j] = exp_neg(x[j] - mx); y[j] = exp_neg(y[j] - my); }
+            for (int j = 0; j < len; ++j) { x[j] = exp_f(x[j] - mx); y[j] = exp_f(y[j] - my); }
         }
         for (int j = 0; j < len; ++j) {
             const float p = px[j] * fx + 1e-8f, q = py[j] * fy + 1e-8f;

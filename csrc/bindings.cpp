@@ -151,4 +151,10 @@ PYBIND11_MODULE(FM_MODULE, m) {
     m.def("fisher_merge", &fm::fisher_merge, py::call_guard<py::gil_scoped_release>(), py::arg("models"),
           py::arg("dtype"), py::arg("fishers"), py::arg("fisher_dtype"), py::arg("coef"), py::arg("eps"),
           py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("nthreads"));
+    m.def("pcb_select", &fm::pcb_select, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("models"), py::arg("dtype"), py::arg("n"), py::arg("lo"), py::arg("hi"), py::arg("rank"),
+          py::arg("nthreads"));
+    m.def("pcb_merge", &fm::pcb_merge, py::call_guard<py::gil_scoped_release>(), py::arg("base"),
+          py::arg("models"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("lo"),
+          py::arg("hi"), py::arg("q"), py::arg("M"), py::arg("w"), py::arg("lam"), py::arg("nthreads"));
 }

@@ -9,6 +9,24 @@
 
 namespace fm {
 
+namespace {
+
+// t[j] = d[j] [(key, index) in the top set] for elements i0 .. i0+len-1. Where the tie cut J
+// lies outside the block (all blocks but one), one 32-bit compare decides each element, as in
+// masks.h's eval_mask, and the loop vectorises.
+inline void trim_block(const float* __restrict d, int len, int64_t i0, const TopSet& top, float* __restrict t) {
+    const int64_t last = i0 + len - 1;
+    if (top.J >= last || top.J < i0) {
+        const int64_t tb = top.J >= last ? top.T - 1 : top.T;
+        const int32_t t32 = (int32_t)std::max<int64_t>(std::min<int64_t>(tb, INT32_MAX), -1);
+        for (int j = 0; j < len; ++j) t[j] = (int32_t)mag_key(d[j]) > t32 ? d[j] : 0.0f * d[j];
+    } else {
+        for (int j = 0; j < len; ++j) t[j] = in_top_bits(mag_key(d[j]), i0 + j, top) ? d[j] : 0.0f * d[j];
+    }
+}
+
+}  // namespace
+
 std::vector<int> consensus(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t mtl, int mtl_dt,
                            const std::vector<int64_t>& cuts, int normalize, const std::vector<float>& lambdas,
                            int kmin, float lam, uint64_t out, int out_dt, uint64_t bits, int64_t n, int nthreads) {
@@ -16,8 +34,8 @@ std::vector<int> consensus(uint64_t base, const std::vector<uint64_t>& models, i
     const int64_t row_bytes = (n + 7) / 8;
     const bool ties = !cuts.empty();
     if (out) advise_huge((void*)out, n * (out_dt == DTYPE_F32 ? 4 : 2));
-    // scratch: bb | mtl | count | tmp | o | D_0 .. D_{K-1}
-    auto sums = ew_parallel(n, nthreads, K + 3, (int64_t)(K + 5) * EW_BLOCK,
+    // scratch: bb | mtl | count | tmp | o | D_0 .. D_{K-1} | T_0 .. T_{K-1} (TIES: trimmed)
+    auto sums = ew_parallel(n, nthreads, K + 3, (int64_t)((ties ? 2 * K : K) + 5) * EW_BLOCK,
                             [&](int64_t i0, int len, float* s, int64_t* acc) {
         float* __restrict bb = s;
         float* __restrict v = s + EW_BLOCK;
@@ -25,6 +43,7 @@ std::vector<int> consensus(uint64_t base, const std::vector<uint64_t>& models, i
         float* __restrict tmp = s + 3 * EW_BLOCK;
         float* __restrict o = s + 4 * EW_BLOCK;
         auto D = [&](int k) { return s + (int64_t)(k + 5) * EW_BLOCK; };
+        auto T = [&](int k) { return s + (int64_t)(K + k + 5) * EW_BLOCK; };
         load_block((const void*)base, dt, i0, len, bb);
         acc[K] |= ew_nonfinite(bb, len);
         for (int k = 0; k < K; ++k) {
@@ -43,23 +62,20 @@ std::vector<int> consensus(uint64_t base, const std::vector<uint64_t>& models, i
                 for (int j = 0; j < len; ++j) v[j] = v[j] + d[j];
             }
         } else {
-            // the trimmed t_k = d_k [kept] summed (tmp), the sign elected, the agreeing t_k summed
-            // (v) and counted (c)
+            // the trimmed t_k = d_k [kept] (T_k rows) summed (tmp), the sign elected, the
+            // agreeing t_k summed (v) and counted (c)
             for (int j = 0; j < len; ++j) tmp[j] = 0.0f;
             for (int k = 0; k < K; ++k) {
-                const float* __restrict d = D(k);
-                const TopSet top{cuts[2 * k], cuts[2 * k + 1]};
-                for (int j = 0; j < len; ++j)
-                    tmp[j] = tmp[j] + d[j] * (float)in_top_bits(mag_key(d[j]), i0 + j, top);
+                trim_block(D(k), len, i0, TopSet{cuts[2 * k], cuts[2 * k + 1]}, T(k));
+                const float* __restrict t = T(k);
+                for (int j = 0; j < len; ++j) tmp[j] = tmp[j] + t[j];
             }
             for (int j = 0; j < len; ++j) { v[j] = 0.0f; c[j] = 0.0f; }
             for (int k = 0; k < K; ++k) {
-                const float* __restrict d = D(k);
-                const TopSet top{cuts[2 * k], cuts[2 * k + 1]};
+                const float* __restrict t = T(k);
                 for (int j = 0; j < len; ++j) {
-                    const float t = d[j] * (float)in_top_bits(mag_key(d[j]), i0 + j, top);
-                    const float agree = (float)(tmp[j] >= 0.0f ? t > 0.0f : t < 0.0f);
-                    v[j] = v[j] + t * agree;
+                    const float agree = (float)(tmp[j] >= 0.0f ? t[j] > 0.0f : t[j] < 0.0f);
+                    v[j] = v[j] + t[j] * agree;
                     c[j] = c[j] + agree;
                 }
             }

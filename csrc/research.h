@@ -40,4 +40,16 @@ std::vector<int> fisher_merge(const std::vector<uint64_t>& models, int dt, const
                               int fdt, const std::vector<float>& coef, float eps, uint64_t out, int out_dt,
                               int64_t n, int nthreads);
 
+// PCB (pcb.cpp): with the clamp bounds lo, hi per model, (q_k = the score's order statistic
+// `rank` (0-based, ascending), M_k = its max, flags K + 1).
+std::tuple<std::vector<float>, std::vector<float>, std::vector<int>>
+pcb_select(uint64_t base, const std::vector<uint64_t>& models, int dt, int64_t n, const std::vector<float>& lo,
+           const std::vector<float>& hi, int64_t rank, int nthreads);
+
+// PCB's merge pass with q, M from pcb_select, per-model weights w and lam. Flags: K + 1, result.
+std::vector<int> pcb_merge(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t out, int out_dt,
+                           int64_t n, const std::vector<float>& lo, const std::vector<float>& hi,
+                           const std::vector<float>& q, const std::vector<float>& M, const std::vector<float>& w,
+                           float lam, int nthreads);
+
 }  // namespace fm

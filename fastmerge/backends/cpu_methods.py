@@ -341,3 +341,44 @@ def fisher(models, fishers, coef, eps, *, out_dtype, names):
     _fisher_raise(flags[K:2 * K], names[K:])
     _check_out(out, flags[2 * K])
     return out
+
+
+def _key_float(key: int) -> float:
+    """The float whose fp32 bits are ``key`` (a magnitude key of select_ranges)."""
+    return float(torch.tensor([key], dtype=torch.int64).to(torch.int32).view(torch.float32)[0])
+
+
+def pcb(base, models, *, ranks, weights, lam, out_dtype):
+    """PCB's merge (:mod:`fastmerge.methods.pcb`, csrc/pcb.cpp): the clamp bounds of each
+    ``|tau_t|`` by one multi-query radix select, the scores' order statistic and max by
+    ``pcb_select``, then one merge pass; ``ranks = (lo, hi, q)`` as the reference indexes."""
+    base, models, out, n, lib = _ew_prepare(base, models, out_dtype)
+    if n == 0:
+        return out
+    K, ptrs, dt, nt = len(models), [m.data_ptr() for m in models], abi.dtype_code(base.dtype), _native.threads(n)
+    r_lo, r_hi, r_q = ranks
+    # the r-th smallest |tau| is the (n - r)-th largest: the T of a top set of n - r elements
+    # (for r = 0, the whole tensor, select_ranges reports no T: its minimum is taken here)
+    qk = [n - r for r in (r_lo, r_hi) if r > 0]
+    bounds = {}
+    if qk:
+        res = lib.select_ranges(base.data_ptr(), ptrs, dt, n, [k for k in range(K) for _ in qk], qk * K, nt)
+        if res[-1]:
+            _raise([int(not V.all_finite(m)) for m in models] + [int(not V.all_finite(base))],
+                   V.input_names(None, K), True)
+        for i, (k, r) in enumerate((k, r) for k in range(K) for r in (r_lo, r_hi) if r > 0):
+            bounds[k, r] = _key_float(res[2 * i])
+    for k in range(K):
+        for r in (r_lo, r_hi):
+            if r == 0 and (k, 0) not in bounds:
+                d = (models[k].float() - base.float()).abs()
+                V.check_finite(d, V.input_names(None, K)[k])
+                bounds[k, 0] = float(d.min())
+    lo = [bounds[k, r_lo] for k in range(K)]
+    hi = [bounds[k, r_hi] for k in range(K)]
+    q, M, flags = lib.pcb_select(base.data_ptr(), ptrs, dt, n, lo, hi, r_q, nt)
+    _ew_raise(flags, K)
+    flags = lib.pcb_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), abi.dtype_code(out_dtype), n, lo, hi,
+                          list(q), list(M), [float(w) for w in weights], lam, nt)
+    _ew_raise(flags, K, out)
+    return out
