@@ -12,12 +12,24 @@ from ._registry import METHODS
 from ._validate import NonFiniteError
 from .api import merge
 from . import research
-from .research import emr, fisher, tall_masks
 
 __version__ = "0.1.0"
 
 # fastmerge.<method>(base, models, ...) for every registered method (fastmerge.ties, ...)
 globals().update({name: getattr(api, name) for name in METHODS})
+# fastmerge.emr is EMR-Merging with its masks and rescalers (fastmerge.merge("emr", ...) is its
+# unified model only)
+from .research import emr, fisher, tall_masks  # noqa: E402
 
+
+def load_emr(folder: str, base):
+    """EMR-Merging's result as ``fastmerge merge`` (``merge_method: emr``) saved it in
+    ``folder``, with the base model (a folder or a state dict): see
+    :func:`fastmerge.streaming.load_emr`."""
+    from .streaming import load_emr as load  # the checkpoint layer, imported only when used
+
+    return load(folder, base)
+
+# (emr is also a registered method: its name appears twice, which import * does not mind)
 __all__ = ["merge", *METHODS, "ops", "peft", "lowrank", "quant", "backends", "METHODS",
-           "NonFiniteError", "research", "tall_masks", "emr", "fisher", "__version__"]
+           "NonFiniteError", "research", "tall_masks", "emr", "fisher", "load_emr", "__version__"]

@@ -29,6 +29,7 @@ from . import backends as _backends
 from . import dispatch
 from .methods._common import checked, model_names
 from .methods.consensus_ta import tall_masks as _tall_masks_ref
+from .methods.emr import unified as _emr_unified
 
 _ANY = dict(base="required", min_models=1, max_models=None)
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
@@ -156,12 +157,7 @@ def _emr_tensor_ref(b: torch.Tensor, ms: list):
     """One tensor of the reference: ``(tau_uni, packed masks, sum_t |tau_t|, sum_t |tau_uni
     m_t|)`` (the sums in float64 over the tensor)."""
     deltas = [m.float() - b.float() for m in ms]
-    flag = torch.where(sum(deltas) > 0, 1.0, -1.0)
-    masks = [d * flag > 0 for d in deltas]
-    top = torch.zeros_like(deltas[0])
-    for d, m in zip(deltas, masks):
-        top = torch.maximum(top, (d * m).abs())
-    uni = top * flag
+    uni, masks = _emr_unified(deltas)
     abs_sum = [float(d.abs().sum(dtype=torch.float64)) for d in deltas]
     kept_sum = [float((uni * m).abs().sum(dtype=torch.float64)) for m in masks]
     return uni, torch.stack([pack_bits(m) for m in masks]), abs_sum, kept_sum
@@ -208,10 +204,18 @@ def emr(base, models, *, backend: Optional[str] = None) -> EMR:
         scale = [sum(parts[n][2][t] / max(parts[n][0].numel(), 1) for n in names) for t in range(K)]
         kept = [sum(parts[n][3][t] / max(parts[n][0].numel(), 1) for n in names) for t in range(K)]
         return EMR(dict(bdict), {n: parts[n][0] for n in names}, {n: parts[n][1] for n in names},
-                   _rescalers(scale, kept))
+                   rescalers(scale, kept))
     uni, packed, abs_sum, kept_sum = _emr_one(base, models, backend, None)
     n = max(uni.numel(), 1)
-    return EMR(base, uni, packed, _rescalers([s / n for s in abs_sum], [s / n for s in kept_sum]))
+    return EMR(base, uni, packed, rescalers([s / n for s in abs_sum], [s / n for s in kept_sum]))
+
+
+def emr_parts(base, models, *, backend: Optional[str] = None, name: Optional[str] = None):
+    """One tensor's share of :func:`emr` over a whole model: ``(tau_uni fp32, packed masks
+    uint8 [K, ceil(n / 8)], sum_j |tau_t[j]|, sum_j |tau_uni[j] m_t[j]|)``; the rescalers are
+    ``sum_p mean|tau_t| / sum_p mean|tau_uni m_t|`` over the tensors ``p`` (``fastmerge merge``
+    adds them up tensor by tensor). ``name`` names the tensor in errors."""
+    return _emr_one(base, models, backend, name)
 
 
 def _emr_one(base, models, backend, name):
@@ -227,9 +231,15 @@ def _emr_one(base, models, backend, name):
     return _emr_tensor_ref(b, ms)
 
 
-def _rescalers(scale, kept) -> torch.Tensor:
-    """``r_t = scale_t / kept_t`` in fp32 (0 where nothing is kept)."""
+def rescalers(scale, kept) -> torch.Tensor:
+    """EMR's ``r_t = scale_t / kept_t`` (sums of per-tensor means) in fp32, 0 where nothing is
+    kept."""
     return torch.tensor([s / k if k > 0 else 0.0 for s, k in zip(scale, kept)], dtype=torch.float32)
+
+
+# fastmerge merge's masks and rescalers: OUT/emr/emr.safetensors (a subfolder, so that readers of
+# OUT's weights never take the masks for model tensors); fastmerge.load_emr reads them back
+EMR_DIR, EMR_FILE = "emr", "emr.safetensors"
 
 
 # ---- Fisher merging ----------------------------------------------------------------------------

@@ -653,6 +653,24 @@ class Writer:
         self._fds.clear()
 
 
+def save_file(path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    """One safetensors file of ``tensors`` (in this order) at ``path`` (a side file next to a
+    merged model, such as EMR's masks): the header :func:`plan_layout` writes, then the data."""
+    specs = [Spec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    header, _ = _header(specs, metadata)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _pwrite_all(fd, memoryview(header), 0)
+        pos = len(header)
+        for t in tensors.values():
+            data = tensor_bytes(t)
+            _pwrite_all(fd, data, pos)
+            pos += data.nbytes
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
     while data.nbytes:

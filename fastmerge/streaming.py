@@ -43,11 +43,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import _semantics as sem
-from . import adapters, api, card, dispatch, hub, lowrank
+from . import adapters, api, card, dispatch, hub, lowrank, research
 from . import layers
 from . import mergeconfig as mc
 from . import vocab as vocab_
-from .safetensors_io import PACKED, Checkpoint, FormatError, Spec, Writer, confined, plan_layout
+from .safetensors_io import PACKED, Checkpoint, FormatError, Spec, Writer, confined, plan_layout, save_file
 
 COPY_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
@@ -686,6 +686,36 @@ def _stage(t: torch.Tensor, dtype: torch.dtype, device: torch.device, stream) ->
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _read_all(folder: str) -> Dict[str, torch.Tensor]:
+    ck = Checkpoint(folder)
+    return {n: ck.tensor(n).clone() for n in ck.names()}
+
+
+def load_emr(folder: str, base) -> research.EMR:
+    """The :class:`~fastmerge.research.EMR` of a ``fastmerge merge`` run with ``merge_method:
+    emr``: the unified model in ``folder``, the masks and rescalers of ``folder/emr/
+    emr.safetensors`` and ``base`` (the base model's folder, or its state dict). ``tau_uni`` is
+    read back as ``unified - base`` in fp32 (exact but for the output dtype's rounding of the
+    unified model); ``.task(t)`` rebuilds model ``t`` (the config's order: the file's
+    ``models`` metadata) as a state dict of the merged tensors."""
+    side = os.path.join(folder, research.EMR_DIR)
+    if not os.path.isfile(os.path.join(side, research.EMR_FILE)):
+        raise ValueError(f"{os.path.join(side, research.EMR_FILE)} does not exist: {folder} is not "
+                         "the output of a merge_method: emr run")
+    try:
+        extra, merged = _read_all(side), _read_all(folder)
+        base = _read_all(base) if isinstance(base, str) else dict(base)
+    except (FormatError, FileNotFoundError) as exc:
+        raise ValueError(f"load_emr: {exc}") from None
+    masks = {n[len("masks."):]: t for n, t in extra.items() if n.startswith("masks.")}
+    missing = sorted(n for n in masks if n not in base or n not in merged)
+    if missing or "rescalers" not in extra:
+        raise ValueError(f"load_emr: {folder} and the base do not match {research.EMR_FILE} "
+                         f"(tensors {missing[:3]} missing, or no rescalers)")
+    unified = {n: merged[n].float() - base[n].float() for n in masks}
+    return research.EMR({n: base[n] for n in masks}, unified, masks, extra["rescalers"].float())
+
+
 class Merger:
     def __init__(self, config: str, out: str, options: Options):
         self.options = options
@@ -712,6 +742,14 @@ class Merger:
         self.device = _device(options.device)
         self._check_backend()
         self.group = Group(self.device)
+        # emr: per merged tensor, its packed masks and the two per-task means of its rescalers
+        self.emr_parts: Dict[str, tuple] = {}
+        if self.cfg.method == "emr" and self.cfg.slices:
+            raise MergeError("merge_method emr takes a models list, not slices (one set of masks and "
+                             "rescalers per model)")
+        if self.cfg.method == "emr" and self.group.world > 1:
+            raise MergeError("merge_method emr runs in one process (its masks and whole-model rescalers "
+                             "are gathered in one file): run it without torchrun")
 
     def _inputs(self) -> List[tuple]:
         """(label, path) of the config and every folder it names: OUT must stay clear of them."""
@@ -1010,6 +1048,8 @@ class Merger:
 
     def _merge_one(self, job, base, xs):
         """One tensor's merge; a user error becomes a MergeError naming the tensor."""
+        if self.cfg.method == "emr":
+            return self._emr_one(job, base, xs)
         kw = dict(job.kwargs)
         if self.thresholds is not None:
             kw.pop("density", None)
@@ -1019,6 +1059,34 @@ class Merger:
                              backend=self.options.backend, **kw)
         except (ValueError, TypeError) as exc:
             raise MergeError(f"tensor {job.name}: {exc}") from None
+
+    def _emr_one(self, job, base, xs):
+        """EMR's unified tensor ``base + tau_uni``; its masks and rescaler sums kept for
+        ``emr.safetensors`` (:meth:`_write_emr`)."""
+        try:
+            uni, packed, abs_sum, kept_sum = research.emr_parts(base, xs, backend=self.options.backend,
+                                                                name=job.name)
+        except (ValueError, TypeError) as exc:
+            raise MergeError(f"tensor {job.name}: {exc}") from None
+        n = max(uni.numel(), 1)
+        self.emr_parts[job.name] = (packed, [a / n for a in abs_sum], [k / n for k in kept_sum])
+        return (base.float() + uni.to(base.device)).to(job.out_dtype)
+
+    def _write_emr(self) -> None:
+        """``emr/emr.safetensors`` in OUT: ``masks.<tensor>`` (uint8 ``[K, ceil(n / 8)]``, numpy
+        packbits order) per merged tensor and ``rescalers`` (fp32 ``[K]``, the whole model's,
+        FusionBench's sums of per-tensor means), the models in config order in the metadata.
+        :func:`load_emr` (``fastmerge.load_emr(OUT, BASE)``) rebuilds every task from it."""
+        names = sorted(self.emr_parts)
+        K = len(next(iter(self.emr_parts.values()))[1]) if names else 0
+        scale = [sum(self.emr_parts[n][1][t] for n in names) for t in range(K)]
+        kept = [sum(self.emr_parts[n][2][t] for n in names) for t in range(K)]
+        tensors = {f"masks.{n}": self.emr_parts[n][0] for n in names}
+        tensors["rescalers"] = research.rescalers(scale, kept)
+        models = [m.path for m in self.written.inputs_of()]
+        os.mkdir(os.path.join(self.tmp, research.EMR_DIR))
+        save_file(os.path.join(self.tmp, research.EMR_DIR, research.EMR_FILE), tensors,
+                  {"format": "pt", "fastmerge": "emr", "models": json.dumps(models)})
 
     def _raise_write_failure(self, exc: BaseException) -> None:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -1089,6 +1157,8 @@ class Merger:
         elif cfg.chat_template is not None:
             self._warn("chat_template is set but the tokenizer is not copied (--no-copy-tokenizer): "
                        "it is not saved")
+        if cfg.method == "emr":
+            self._write_emr()
         text = cfg.source if cfg.source.endswith("\n") else cfg.source + "\n"
         for saved in ("mergekit_config.yml", "fastmerge_config.yml"):  # mergekit's name, and ours
             with open(os.path.join(self.tmp, saved), "w") as fh:

@@ -47,3 +47,45 @@ def test_yaml_merge_equals_the_api(llamas, tmp_path, method):
         torch.testing.assert_close(out[name], want, atol=1e-6, rtol=1e-6, msg=name)
         changed += not torch.equal(out[name], base[name])
     assert changed > len(base) // 2  # the merge did something on most tensors
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_yaml_emr_writes_the_unified_model_and_its_masks(llamas, tmp_path, dtype):
+    """``merge_method: emr``: OUT holds the unified model ``base + tau_uni`` and
+    ``emr/emr.safetensors`` (masks, whole-model rescalers) from which ``fastmerge.load_emr``
+    rebuilds each model as ``fastmerge.emr`` over the state dicts does."""
+    lines = ["merge_method: emr", f"base_model: {llamas / 'base'}", f"dtype: {dtype}", "models:"]
+    lines += [f"  - model: {llamas / f'm{k}'}" for k in range(3)]
+    cfg = tmp_path / "emr.yml"
+    cfg.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert cli(["merge", str(cfg), str(out), "--no-progress"]) == 0
+    td = getattr(torch, dtype)
+    base = {n: t.to(td) for n, t in load_folder(llamas / "base").items()}
+    models = [{n: t.to(td) for n, t in load_folder(llamas / f"m{k}").items()} for k in range(3)]
+    merged = load_folder(out)  # the subfolder's masks are not model tensors
+    assert merged.keys() == base.keys()
+    want = fastmerge.emr(base, models)
+    for name in base:
+        assert torch.equal(merged[name], fastmerge.merge("emr", base[name], [m[name] for m in models])), name
+        assert torch.equal(merged[name], (base[name].float() + want.unified[name]).to(td)), name
+    got = fastmerge.load_emr(str(out), str(llamas / "base"))
+    torch.testing.assert_close(got.rescalers, want.rescalers, atol=0, rtol=1e-6)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == "float32" else dict(atol=2e-2, rtol=2e-2)
+    for t in range(3):
+        rebuilt, expected = got.task(t), want.task(t)
+        for name in base:
+            assert torch.equal(got.mask(t, name), want.mask(t, name)), (t, name)
+            torch.testing.assert_close(rebuilt[name].float(), expected[name].float(), **tol)
+
+
+def test_yaml_emr_refuses_slices_and_load_emr_names_a_plain_folder(llamas, tmp_path, capsys):
+    from conftest import expect_merge_error
+
+    cfg = tmp_path / "s.yml"
+    cfg.write_text(f"merge_method: emr\nbase_model: {llamas / 'base'}\nslices:\n"
+                   f"  - sources:\n      - model: {llamas / 'base'}\n        layer_range: [0, 2]\n"
+                   f"      - model: {llamas / 'm0'}\n        layer_range: [0, 2]\n")
+    expect_merge_error(capsys, [cfg, tmp_path / "out"], "emr takes a models list")
+    with pytest.raises(ValueError, match="is not the output of a merge_method: emr run"):
+        fastmerge.load_emr(str(llamas / "m0"), str(llamas / "base"))

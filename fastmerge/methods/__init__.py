@@ -1,5 +1,5 @@
 """mergekit 0.1.5's merge methods outside the task-arithmetic family, and the research methods
-that merge tensor by tensor (consensus_ta, consensus_ties, pcb), one module each.
+that merge tensor by tensor (consensus_ta, consensus_ties, pcb, emr's unified model), one module each.
 
 Every module defines the method (its specification; the fused kernels must match it):
 
@@ -38,7 +38,7 @@ A method with fused kernels also defines
   own pass over the output for inf/nan.
 """
 
-from . import (arcee_fusion, consensus_ta, consensus_ties, karcher, model_stock, multislerp, nearswap,
+from . import (arcee_fusion, consensus_ta, consensus_ties, emr, karcher, model_stock, multislerp, nearswap,
                nuslerp, passthrough, pcb, ram, ramplus_tl, sce, slerp)
 
 # in mergekit's registry order; fastmerge/_registry.py makes one entry of each
@@ -46,6 +46,6 @@ MERGEKIT = (slerp, nuslerp, multislerp, karcher, model_stock, sce, nearswap, arc
             ramplus_tl, passthrough)
 # the research methods of issue 24 that are per-tensor merges (FusionBench's and the papers'
 # names and defaults; fastmerge.research holds the ones with other results)
-RESEARCH = (consensus_ta, consensus_ties, pcb)
+RESEARCH = (consensus_ta, consensus_ties, pcb, emr)
 MODULES = MERGEKIT + RESEARCH
 NAMES = tuple(m.__name__.rpartition(".")[2] for m in MODULES)
