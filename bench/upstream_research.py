@@ -14,7 +14,8 @@ cost:
 * ``pcb_authors``: ``pcb-merging.py`` of github.com/duguodong7/pcb-merging (``clamp``,
   ``normalize``, ``PCB_merge``) with ``compute_acc``'s per-task lambdas and merge.
 
-FusionBench is Apache-2.0 licensed; tall_masks and pcb-merging are cited for reference. The
+FusionBench is MIT licensed (Copyright (c) 2024 Anke Tang); tall_masks and pcb-merging are cited for
+reference. The
 inputs are state dicts ``{name: tensor}`` or flat rows, as upstream takes them.
 """
 from __future__ import annotations

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "abi.h"
@@ -263,6 +264,24 @@ static inline void philox_uniform_block(const PhiloxKey& key, int64_t i0, int n,
 static inline uint32_t mag_key(float d) { return f2u(d) & 0x7fffffffu; }
 
 static inline bool nonfinite_bits(float v) { return (f2u(v) & 0x7f800000u) == 0x7f800000u; }
+
+// f(integral_constant<int, KT>): K as a template constant up to KMAX (4 or 8), else KT = 0 (K
+// at run time): loops over K unroll into straight-line code that vectorises across elements
+template <int KMAX = 4, class F>
+inline auto with_k(int K, F&& f) {
+    switch (K) {
+        case 1: return f(std::integral_constant<int, 1>{});
+        case 2: return f(std::integral_constant<int, 2>{});
+        case 3: return f(std::integral_constant<int, 3>{});
+        case 4: return f(std::integral_constant<int, 4>{});
+        case 5: if (KMAX >= 8) return f(std::integral_constant<int, KMAX >= 8 ? 5 : 0>{}); break;
+        case 6: if (KMAX >= 8) return f(std::integral_constant<int, KMAX >= 8 ? 6 : 0>{}); break;
+        case 7: if (KMAX >= 8) return f(std::integral_constant<int, KMAX >= 8 ? 7 : 0>{}); break;
+        case 8: if (KMAX >= 8) return f(std::integral_constant<int, KMAX >= 8 ? 8 : 0>{}); break;
+        default: break;
+    }
+    return f(std::integral_constant<int, 0>{});
+}
 
 // ---- threads and pages -------------------------------------------------------------------
 // The requested thread count, at most one thread per block of n elements.

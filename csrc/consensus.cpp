@@ -25,6 +25,59 @@ inline void trim_block(const float* __restrict d, int len, int64_t i0, const Top
     }
 }
 
+// 1 in bit 31 where v is inf or nan (ew_nonfinite's test, one value)
+inline uint32_t bad_bits(float v) { return (f2u(v) & 0x7f800000u) + 0x00800000u; }
+
+// The TA pass with K a template constant, one loop over a block's elements: the inputs read in
+// place (fp32; converted rows for fp16/bf16), the sum (or the given mtl row `mt`), the masks
+// (written as 0/1 rows into keep when KEEP) and their count, the merged value into o when OUT.
+// The same fp32 operations in the same order as the block path below, so the same bytes.
+template <int K, bool MT, bool KEEP, bool OUT>
+inline void ta_fused(const float* __restrict b, const float* const* xs, const float* __restrict mt,
+                     const std::vector<float>& lambdas, float kf, float lam, int len, float* __restrict o,
+                     float* __restrict keep, int64_t* acc) {
+    const float* x[K];
+    float lk[K];
+    uint32_t bx[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) { x[k] = xs[k]; lk[k] = lambdas[k]; bx[k] = 0; }
+    uint32_t bb = 0, bm = 0, bo = 0;
+    for (int j = 0; j < len; ++j) {
+        const float bj = b[j];
+        bb |= bad_bits(bj);
+        float d[K];
+        float v = 0.0f;
+#pragma GCC unroll 8
+        for (int k = 0; k < K; ++k) {
+            const float xv = x[k][j];
+            bx[k] |= bad_bits(xv);
+            d[k] = xv - bj;
+            v = v + d[k];
+        }
+        if (MT) {
+            v = mt[j];
+            bm |= bad_bits(v);
+        }
+        float c = 0.0f;
+#pragma GCC unroll 8
+        for (int k = 0; k < K; ++k) {
+            const float m = (float)(std::fabs(d[k]) > lk[k] * std::fabs(v - d[k]));
+            if (KEEP) keep[(int64_t)k * EW_BLOCK + j] = m;
+            c = c + m;
+        }
+        if (OUT) {
+            const float r = bj + lam * (v * (float)(c >= kf));
+            bo |= bad_bits(r);
+            o[j] = r;
+        }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) acc[k] |= bx[k] >> 31;
+    acc[K] |= bb >> 31;
+    acc[K + 1] |= bm >> 31;
+    acc[K + 2] |= bo >> 31;
+}
+
 }  // namespace
 
 std::vector<int> consensus(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t mtl, int mtl_dt,
@@ -34,8 +87,9 @@ std::vector<int> consensus(uint64_t base, const std::vector<uint64_t>& models, i
     const int64_t row_bytes = (n + 7) / 8;
     const bool ties = !cuts.empty();
     if (out) advise_huge((void*)out, n * (out_dt == DTYPE_F32 ? 4 : 2));
-    // scratch: bb | mtl | count | tmp | o | D_0 .. D_{K-1} | T_0 .. T_{K-1} (TIES: trimmed)
-    auto sums = ew_parallel(n, nthreads, K + 3, (int64_t)((ties ? 2 * K : K) + 5) * EW_BLOCK,
+    // scratch: bb | mtl | count | tmp | o | D_0 .. D_{K-1} | T_0 .. T_{K-1} (TIES: trimmed; the
+    // fused TA pass: the masks to pack)
+    auto sums = ew_parallel(n, nthreads, K + 3, (int64_t)(2 * K + 5) * EW_BLOCK,
                             [&](int64_t i0, int len, float* s, int64_t* acc) {
         float* __restrict bb = s;
         float* __restrict v = s + EW_BLOCK;
@@ -44,6 +98,31 @@ std::vector<int> consensus(uint64_t base, const std::vector<uint64_t>& models, i
         float* __restrict o = s + 4 * EW_BLOCK;
         auto D = [&](int k) { return s + (int64_t)(k + 5) * EW_BLOCK; };
         auto T = [&](int k) { return s + (int64_t)(K + k + 5) * EW_BLOCK; };
+        if (!ties && K <= 8) {  // the fused pass: masks rows in T(0..K-1) when packing
+            const float* b = ew_row((const void*)base, dt, i0, len, bb);
+            const float* xs[8];
+            for (int k = 0; k < K; ++k) xs[k] = ew_row((const void*)models[k], dt, i0, len, D(k));
+            const float* mt = mtl ? ew_row((const void*)mtl, mtl_dt, i0, len, v) : nullptr;
+            float* keep = bits ? T(0) : nullptr;
+            const float kf = (float)kmin;
+            const bool done = with_k<8>(K, [&](auto kc) {
+                constexpr int KT = decltype(kc)::value;
+                if constexpr (KT > 0) {
+                    if (out && !mtl && !bits) ta_fused<KT, false, false, true>(b, xs, mt, lambdas, kf, lam, len, o, keep, acc);
+                    else if (!out && mtl) ta_fused<KT, true, true, false>(b, xs, mt, lambdas, kf, lam, len, o, keep, acc);
+                    else if (!out && !mtl) ta_fused<KT, false, true, false>(b, xs, mt, lambdas, kf, lam, len, o, keep, acc);
+                    else return false;
+                    return true;
+                }
+                return false;
+            });
+            if (done) {
+                if (bits)
+                    for (int k = 0; k < K; ++k) pack_row(T(k), len, (uint8_t*)bits + k * row_bytes, i0);
+                if (out) stream_block((void*)out, out_dt, i0, len, o);
+                return;
+            }
+        }
         load_block((const void*)base, dt, i0, len, bb);
         acc[K] |= ew_nonfinite(bb, len);
         for (int k = 0; k < K; ++k) {

@@ -49,18 +49,6 @@ struct Cut {
     bool drops() const { return tq >= 0 || hi < 0; }
 };
 
-// f(integral_constant<int, KT>): K as a template constant up to 4, else KT = 0 (K at run time)
-template <class F>
-inline auto with_k(int K, F&& f) {
-    switch (K) {
-        case 1: return f(std::integral_constant<int, 1>{});
-        case 2: return f(std::integral_constant<int, 2>{});
-        case 3: return f(std::integral_constant<int, 3>{});
-        case 4: return f(std::integral_constant<int, 4>{});
-        default: return f(std::integral_constant<int, 0>{});
-    }
-}
-
 [[maybe_unused]] Cut exact_cut(bool all, int64_t n) {
     if (all) return Cut{0, -1, -1, TopSet{0, n}};
     return Cut{INT32_MAX, INT32_MAX, -1, TopSet{NONE_T, -1}};
