@@ -107,20 +107,22 @@ static inline void pack_row(const float* __restrict keep, int len, uint8_t* __re
     }
 }
 
-// sum_j |v[j]| (abs) or sum_j v[j]^2 (!abs) over j < n in double, in 8 lanes combined in a fixed
-// order: vectorises (a single running sum cannot), and the result does not depend on threads.
-static inline double lane_sum_f64(const float* __restrict v, int n, bool abs) {
+// sum_{j < n} f(j) (f: a non-negative fp32 term) in double: 8 lanes, each adding 8 terms in
+// fp32 (relative error at most 7 fp32 ulps a partial sum) before the partials go into double
+// lanes, combined in a fixed order. Vectorises (one running double sum cannot: the adds may not
+// be reordered), converts 8x fewer values than a double lane sum, and does not depend on
+// threads. Used for the rescaler and norm sums, whose references sum in float64.
+template <class F>
+static inline double lane_sum8(int n, F&& f) {
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; ++l) {
-            const double x = (double)v[j + l];
-            acc[l] += abs ? std::fabs(x) : x * x;
-        }
-    for (; j < n; ++j) {
-        const double x = (double)v[j];
-        acc[j & 7] += abs ? std::fabs(x) : x * x;
+    for (; j + 64 <= n; j += 64) {
+        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int r = 0; r < 8; ++r)
+            for (int l = 0; l < 8; ++l) part[l] += f(j + 8 * r + l);
+        for (int l = 0; l < 8; ++l) acc[l] += (double)part[l];
     }
+    for (; j < n; ++j) acc[j & 7] += (double)f(j);
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 

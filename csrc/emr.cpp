@@ -8,6 +8,59 @@
 
 namespace fm {
 
+namespace {
+
+inline uint32_t bad_bits(float v) { return (f2u(v) & 0x7f800000u) + 0x00800000u; }
+
+// sum_j |x[j] - b[j]| (the fp32 delta's magnitude) and sum_j |u[j] keep[j]|: lane_sum8's
+// fp32 sums of 8 elements per lane, added in double
+inline double sum_absdiff(const float* __restrict x, const float* __restrict b, int n) {
+    return lane_sum8(n, [&](int j) { return std::fabs(x[j] - b[j]); });
+}
+
+inline double sum_kept(const float* __restrict u, const float* __restrict keep, int n) {
+    return lane_sum8(n, [&](int j) { return std::fabs(u[j] * keep[j]); });
+}
+
+// The block with K a template constant: one loop computes the elected sign, the masks (0/1 rows
+// into keep), the unified value (into u) and the flags, in the generic loops' operations.
+template <int K>
+inline void emr_fused(const float* __restrict b, const float* const* xs, int len, float* __restrict u,
+                      float* __restrict keep, int64_t* acc) {
+    const float* x[K];
+    uint32_t bx[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) { x[k] = xs[k]; bx[k] = 0; }
+    uint32_t bb = 0;
+    for (int j = 0; j < len; ++j) {
+        const float bj = b[j];
+        bb |= bad_bits(bj);
+        float d[K];
+        float g = 0.0f;
+#pragma GCC unroll 8
+        for (int k = 0; k < K; ++k) {
+            const float xv = x[k][j];
+            bx[k] |= bad_bits(xv);
+            d[k] = xv - bj;
+            g = g + d[k];
+        }
+        g = g > 0.0f ? 1.0f : -1.0f;
+        float top = 0.0f;
+#pragma GCC unroll 8
+        for (int k = 0; k < K; ++k) {
+            const float m = (float)(d[k] * g > 0.0f);
+            keep[(int64_t)k * EW_BLOCK + j] = m;
+            top = std::max(top, std::fabs(d[k] * m));
+        }
+        u[j] = top * g;
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) acc[k] |= bx[k] >> 31;
+    acc[K] |= bb >> 31;
+}
+
+}  // namespace
+
 std::tuple<std::vector<double>, std::vector<double>, std::vector<int>>
 emr(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t uni, uint64_t bits, int64_t n, int nthreads) {
     const int K = (int)models.size();
@@ -15,9 +68,36 @@ emr(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t uni, ui
     const int64_t nblocks = (n + EW_BLOCK - 1) / EW_BLOCK;
     std::vector<double> part((size_t)nblocks * 2 * K, 0.0);
     advise_huge((void*)uni, n * 4);
-    // scratch: bb | sum | top | keep | kept values | D_0 .. D_{K-1}
-    auto sums = ew_parallel(n, nthreads, K + 1, (int64_t)(K + 5) * EW_BLOCK,
+    // scratch: bb | sum | top | keep | kept values | D_0 .. D_{K-1} (fused: converted inputs) |
+    // fused: keep rows K_0 .. K_{K-1}
+    auto sums = ew_parallel(n, nthreads, K + 1, (int64_t)(2 * K + 5) * EW_BLOCK,
                             [&](int64_t i0, int len, float* s, int64_t* acc) {
+        if (K <= 8) {
+            const float* b = ew_row((const void*)base, dt, i0, len, s);
+            const float* xs[8];
+            for (int k = 0; k < K; ++k) xs[k] = ew_row((const void*)models[k], dt, i0, len, s + (int64_t)(k + 5) * EW_BLOCK);
+            float* u = s + 2 * EW_BLOCK;
+            float* keeps = s + (int64_t)(K + 5) * EW_BLOCK;
+            const bool done = with_k<8>(K, [&](auto kc) {
+                constexpr int KT = decltype(kc)::value;
+                if constexpr (KT > 0) {
+                    emr_fused<KT>(b, xs, len, u, keeps, acc);
+                    return true;
+                }
+                return false;
+            });
+            if (done) {
+                double* __restrict p = part.data() + (i0 / EW_BLOCK) * 2 * K;
+                for (int k = 0; k < K; ++k) {
+                    const float* kk = keeps + (int64_t)k * EW_BLOCK;
+                    p[k] = sum_absdiff(xs[k], b, len);
+                    p[K + k] = sum_kept(u, kk, len);
+                    pack_row(kk, len, (uint8_t*)bits + k * row_bytes, i0);
+                }
+                stream_block((void*)uni, DTYPE_F32, i0, len, u);
+                return;
+            }
+        }
         float* __restrict bb = s;
         float* __restrict g = s + EW_BLOCK;
         float* __restrict top = s + 2 * EW_BLOCK;
@@ -36,7 +116,7 @@ emr(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t uni, ui
                 d[j] = d[j] - bb[j];
                 g[j] = g[j] + d[j];
             }
-            p[k] = lane_sum_f64(d, len, true);
+            p[k] = lane_sum8(len, [&](int j) { return std::fabs(d[j]); });
         }
         for (int j = 0; j < len; ++j) g[j] = g[j] > 0.0f ? 1.0f : -1.0f;
         for (int k = 0; k < K; ++k) {
@@ -53,7 +133,7 @@ emr(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t uni, ui
                 keep[j] = (float)(d[j] * g[j] > 0.0f);
                 tmpk[j] = top[j] * keep[j];
             }
-            p[K + k] = lane_sum_f64(tmpk, len, true);
+            p[K + k] = lane_sum8(len, [&](int j) { return std::fabs(tmpk[j]); });
             pack_row(keep, len, (uint8_t*)bits + k * row_bytes, i0);
         }
         stream_block((void*)uni, DTYPE_F32, i0, len, top);

@@ -16,6 +16,46 @@ inline int ew_negative(const float* __restrict v, int n) {
     return neg << 1;
 }
 
+inline uint32_t bad_bits(float v) { return (f2u(v) & 0x7f800000u) + 0x00800000u; }
+
+// fisher_merge's block with K a template constant: one loop, the inputs read in place (fp32)
+// or from converted rows, the flags in the loop; the same operations in the same order as the
+// generic loop in fisher_merge.
+template <int K>
+inline void merge_fused(const float* const* x, const float* const* f, const std::vector<float>& coef, float eps,
+                        int len, float* __restrict o, int64_t* acc) {
+    const float* xs[K];
+    const float* fs[K];
+    float c[K];
+    uint32_t bx[K], bf[K], nf[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) { xs[k] = x[k]; fs[k] = f[k]; c[k] = coef[k]; bx[k] = bf[k] = nf[k] = 0; }
+    uint32_t bo = 0;
+    for (int j = 0; j < len; ++j) {
+        float num = 0.0f, den = 0.0f;
+#pragma GCC unroll 8
+        for (int k = 0; k < K; ++k) {
+            const float w = fs[k][j], xv = xs[k][j];
+            bf[k] |= bad_bits(w);
+            nf[k] |= (uint32_t)(w < 0.0f);
+            bx[k] |= bad_bits(xv);
+            const float cw = c[k] * (w + eps);
+            num = num + cw * xv;
+            den = den + cw;
+        }
+        const float r = num / den;
+        bo |= bad_bits(r);
+        o[j] = r;
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+        acc[k] |= bx[k] >> 31;
+        acc[K + k] |= bf[k] >> 31;
+        acc[2 * K + k] |= nf[k] << 1;
+    }
+    acc[3 * K] |= bo >> 31;
+}
+
 }  // namespace
 
 std::tuple<std::vector<double>, std::vector<int>> fisher_sumsq(const std::vector<uint64_t>& fishers, int dt,
@@ -26,9 +66,14 @@ std::tuple<std::vector<double>, std::vector<int>> fisher_sumsq(const std::vector
     auto flags = ew_parallel(n, nthreads, 2 * K, EW_BLOCK, [&](int64_t i0, int len, float* s, int64_t* acc) {
         for (int k = 0; k < K; ++k) {
             const float* f = ew_row((const void*)fishers[k], dt, i0, len, s);
-            acc[k] |= ew_nonfinite(f, len);
-            acc[K + k] |= ew_negative(f, len);
-            part[(size_t)(i0 / EW_BLOCK) * K + k] = lane_sum_f64(f, len, false);
+            uint32_t bad = 0, neg = 0;
+            for (int j = 0; j < len; ++j) {
+                bad |= bad_bits(f[j]);
+                neg |= (uint32_t)(f[j] < 0.0f);
+            }
+            acc[k] |= bad >> 31;
+            acc[K + k] |= neg << 1;
+            part[(size_t)(i0 / EW_BLOCK) * K + k] = lane_sum8(len, [&](int j) { return f[j] * f[j]; });
         }
     });
     std::vector<double> sq(K, 0.0);
@@ -44,9 +89,30 @@ std::vector<int> fisher_merge(const std::vector<uint64_t>& models, int dt, const
                               int64_t n, int nthreads) {
     const int K = (int)models.size();
     advise_huge((void*)out, n * (out_dt == DTYPE_F32 ? 4 : 2));
-    // scratch: num | den | w | x
-    auto sums = ew_parallel(n, nthreads, 3 * K + 1, 4 * (int64_t)EW_BLOCK,
+    // scratch: num | den | w | x | (fused: converted rows X_0 .. X_{K-1}, F_0 .. F_{K-1})
+    const bool fused = K <= 8;
+    auto sums = ew_parallel(n, nthreads, 3 * K + 1, (4 + (fused ? 2 * K : 0)) * (int64_t)EW_BLOCK,
                             [&](int64_t i0, int len, float* s, int64_t* acc) {
+        if (fused) {
+            const float* xs[8];
+            const float* fs[8];
+            for (int k = 0; k < K; ++k) {
+                xs[k] = ew_row((const void*)models[k], dt, i0, len, s + (int64_t)(4 + k) * EW_BLOCK);
+                fs[k] = ew_row((const void*)fishers[k], fdt, i0, len, s + (int64_t)(4 + K + k) * EW_BLOCK);
+            }
+            const bool done = with_k<8>(K, [&](auto kc) {
+                constexpr int KT = decltype(kc)::value;
+                if constexpr (KT > 0) {
+                    merge_fused<KT>(xs, fs, coef, eps, len, s, acc);
+                    return true;
+                }
+                return false;
+            });
+            if (done) {
+                stream_block((void*)out, out_dt, i0, len, s);
+                return;
+            }
+        }
         float* __restrict num = s;
         float* __restrict den = s + EW_BLOCK;
         float* __restrict w = s + 2 * EW_BLOCK;

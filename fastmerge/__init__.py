@@ -20,6 +20,8 @@ globals().update({name: getattr(api, name) for name in METHODS})
 # fastmerge.emr is EMR-Merging with its masks and rescalers (fastmerge.merge("emr", ...) is its
 # unified model only)
 from .research import emr, fisher, tall_masks  # noqa: E402
+from . import opcm  # noqa: E402
+from .regmean import SingularGramError, regmean, regmean_state_dicts  # noqa: E402
 
 
 def load_emr(folder: str, base):
@@ -32,4 +34,5 @@ def load_emr(folder: str, base):
 
 # (emr is also a registered method: its name appears twice, which import * does not mind)
 __all__ = ["merge", *METHODS, "ops", "peft", "lowrank", "quant", "backends", "METHODS",
-           "NonFiniteError", "research", "tall_masks", "emr", "fisher", "load_emr", "__version__"]
+           "NonFiniteError", "research", "tall_masks", "emr", "fisher", "load_emr", "opcm", "regmean",
+           "regmean_state_dicts", "SingularGramError", "__version__"]

@@ -72,8 +72,7 @@ def merge(
         base: the base model tensor (may be None for ``linear``).
         models: K same-shape, same-dtype, same-device tensors; read in place, never stacked.
         weights: scalar or K numbers (default 1.0 each), finite in float32 (as ``lam``).
-        density: scalar or K numbers in [0, 1]: fraction of each delta kept (None: the
-            method's default, 1 = no pruning for the task-arithmetic family, mergekit's).
+        density: scalar or K numbers in [0, 1]: fraction of each delta kept (None: 1, or the method's).
         lam: mergekit's ``lambda``, scales the merged delta.
         normalize, rescale: None for the method's default. ``rescale`` True = mergekit's L1 norm
             matching; also ``"l1" | "l2" | "linf" | "density"`` (1/density).
@@ -108,14 +107,8 @@ def merge(
     arcee_fusion, ram, ramplus_tl, passthrough``) take their mergekit parameters as keyword
     arguments under mergekit's names (``t``, ``nuslerp_row_wise``, ``select_topk``, ``r``, ...;
     ``weights`` for mergekit's per-model ``weight``); each is defined, with its formula and
-    paper, by ``reference`` in ``fastmerge/methods/<method>.py``.
-
-    The research methods merged tensor by tensor (issue 24; FusionBench's or the papers' names
-    and defaults): ``consensus_ta`` and ``consensus_ties`` (TALL masks and Consensus merging:
-    ``k=2, tall_lambda=0.6, lam=1.0``; consensus_ties also ``density=0.2, normalize=False``)
-    and ``pcb`` (PCB-merging: ``ratio=0.1, weights, lam=1.0, min_ratio=1e-4,
-    max_ratio=1e-4``), each defined in ``fastmerge/methods/<method>.py``. The others (TALL
-    masks, EMR, Fisher, RegMean, OPCM) return more than one tensor: see ``fastmerge.research``.
+    paper, by ``reference`` in ``fastmerge/methods/<method>.py``, as are the research methods
+    ``consensus_ta``, ``consensus_ties``, ``pcb`` and ``emr`` (its unified model).
     """
     every = dict(weights=weights, density=density, lam=lam, normalize=normalize, rescale=rescale,
                  gamma=gamma, epsilon=epsilon, threshold=threshold, seed=seed, out_dtype=out_dtype,
