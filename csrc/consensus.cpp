@@ -32,10 +32,12 @@ inline uint32_t bad_bits(float v) { return (f2u(v) & 0x7f800000u) + 0x00800000u;
 // place (fp32; converted rows for fp16/bf16), the sum (or the given mtl row `mt`), the masks
 // (written as 0/1 rows into keep when KEEP) and their count, the merged value into o when OUT.
 // The same fp32 operations in the same order as the block path below, so the same bytes.
-template <int K, bool MT, bool KEEP, bool OUT>
+// TIES (1: disjoint sum, 2: mean): the multi-task vector is TIES' instead, each model trimmed
+// by the 32-bit key compare key > t32[k] (the block lies off every tie cut, see trim_block).
+template <int K, bool MT, bool KEEP, bool OUT, int TIES = 0>
 inline void ta_fused(const float* __restrict b, const float* const* xs, const float* __restrict mt,
                      const std::vector<float>& lambdas, float kf, float lam, int len, float* __restrict o,
-                     float* __restrict keep, int64_t* acc) {
+                     float* __restrict keep, int64_t* acc, const int32_t* t32 = nullptr) {
     const float* x[K];
     float lk[K];
     uint32_t bx[K];
@@ -57,6 +59,23 @@ inline void ta_fused(const float* __restrict b, const float* const* xs, const fl
         if (MT) {
             v = mt[j];
             bm |= bad_bits(v);
+        }
+        if (TIES) {  // consensus_ties: t_k = d_k [kept], the sign of their sum, the agreeing sum
+            float t[K];
+            float sum = 0.0f;
+#pragma GCC unroll 8
+            for (int k = 0; k < K; ++k) {
+                t[k] = (int32_t)mag_key(d[k]) > t32[k] ? d[k] : 0.0f * d[k];
+                sum = sum + t[k];
+            }
+            float agreed = 0.0f, count = 0.0f;
+#pragma GCC unroll 8
+            for (int k = 0; k < K; ++k) {
+                const float a = (float)(sum >= 0.0f ? t[k] > 0.0f : t[k] < 0.0f);
+                agreed = agreed + t[k] * a;
+                count = count + a;
+            }
+            v = TIES == 2 ? agreed / std::max(count, 1.0f) : agreed;
         }
         float c = 0.0f;
 #pragma GCC unroll 8
@@ -98,6 +117,36 @@ std::vector<int> consensus(uint64_t base, const std::vector<uint64_t>& models, i
         float* __restrict o = s + 4 * EW_BLOCK;
         auto D = [&](int k) { return s + (int64_t)(k + 5) * EW_BLOCK; };
         auto T = [&](int k) { return s + (int64_t)(K + k + 5) * EW_BLOCK; };
+        // consensus_ties' fused pass: every model's tie cut outside this block (all blocks but a
+        // few), so a 32-bit compare trims each model
+        int32_t t32[8];
+        bool off_cuts = ties && K <= 8 && out && !mtl && !bits;
+        for (int k = 0; off_cuts && k < K; ++k) {
+            const TopSet top{cuts[2 * k], cuts[2 * k + 1]};
+            const int64_t last = i0 + len - 1;
+            off_cuts = top.J >= last || top.J < i0;
+            const int64_t tb = top.J >= last ? top.T - 1 : top.T;
+            t32[k] = (int32_t)std::max<int64_t>(std::min<int64_t>(tb, INT32_MAX), -1);
+        }
+        if (off_cuts) {
+            const float* b = ew_row((const void*)base, dt, i0, len, bb);
+            const float* xs[8];
+            for (int k = 0; k < K; ++k) xs[k] = ew_row((const void*)models[k], dt, i0, len, D(k));
+            const float kf = (float)kmin;
+            const bool done = with_k<8>(K, [&](auto kc) {
+                constexpr int KT = decltype(kc)::value;
+                if constexpr (KT > 0) {
+                    if (normalize) ta_fused<KT, false, false, true, 2>(b, xs, nullptr, lambdas, kf, lam, len, o, nullptr, acc, t32);
+                    else ta_fused<KT, false, false, true, 1>(b, xs, nullptr, lambdas, kf, lam, len, o, nullptr, acc, t32);
+                    return true;
+                }
+                return false;
+            });
+            if (done) {
+                stream_block((void*)out, out_dt, i0, len, o);
+                return;
+            }
+        }
         if (!ties && K <= 8) {  // the fused pass: masks rows in T(0..K-1) when packing
             const float* b = ew_row((const void*)base, dt, i0, len, bb);
             const float* xs[8];
