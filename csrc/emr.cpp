@@ -59,6 +59,93 @@ inline void emr_fused(const float* __restrict b, const float* const* xs, int len
     acc[K] |= bb >> 31;
 }
 
+#ifdef __AVX2__
+// 8 bits of a compare mask in packbits order (the first element in bit 7)
+inline uint8_t packed8(__m256 m) {
+    static const struct Rev {
+        uint8_t t[256];
+        Rev() {
+            for (int v = 0; v < 256; ++v) {
+                int r = 0;
+                for (int i = 0; i < 8; ++i) r |= ((v >> i) & 1) << (7 - i);
+                t[v] = (uint8_t)r;
+            }
+        }
+    } rev;
+    return rev.t[_mm256_movemask_ps(m) & 0xff];
+}
+
+inline __m256 abs8(__m256 x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+
+inline uint32_t any_bad8(__m256 x) {  // 1 if a lane is inf/nan
+    const __m256i e = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7f800000));
+    return (uint32_t)(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_set1_epi32(0x7f800000)))) != 0);
+}
+
+// emr_fused for a block of a multiple of 64 elements in registers: the masks packed as they are
+// compared, the two sums as lane_sum8 forms them (fp32 lanes over 8 vectors, then double), so
+// the bytes and sums equal emr_fused's + sum_absdiff / sum_kept.
+template <int K>
+inline void emr_avx2(const float* __restrict b, const float* const* xs, int len, float* __restrict u,
+                     uint8_t* const* rows, double* p, int64_t* acc) {
+    const float* x[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) x[k] = xs[k];
+    alignas(32) double sa[K][8], sk[K][8];
+    for (int k = 0; k < K; ++k)
+        for (int l = 0; l < 8; ++l) sa[k][l] = sk[k][l] = 0.0;
+    uint32_t bad[K + 1] = {0};
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), minus = _mm256_set1_ps(-1.0f);
+    for (int c = 0; c < len; c += 64) {
+        __m256 pa[K], pk[K];
+#pragma GCC unroll 8
+        for (int k = 0; k < K; ++k) pa[k] = pk[k] = zero;
+        for (int j = c; j < c + 64; j += 8) {
+            const __m256 bv = _mm256_loadu_ps(b + j);
+            bad[K] |= any_bad8(bv);
+            __m256 d[K];
+            __m256 g = zero;
+#pragma GCC unroll 8
+            for (int k = 0; k < K; ++k) {
+                const __m256 xv = _mm256_loadu_ps(x[k] + j);
+                bad[k] |= any_bad8(xv);
+                d[k] = _mm256_sub_ps(xv, bv);
+                g = _mm256_add_ps(g, d[k]);
+                pa[k] = _mm256_add_ps(pa[k], abs8(d[k]));
+            }
+            g = _mm256_blendv_ps(minus, one, _mm256_cmp_ps(g, zero, _CMP_GT_OQ));
+            __m256 top = zero, m[K];
+#pragma GCC unroll 8
+            for (int k = 0; k < K; ++k) {
+                m[k] = _mm256_cmp_ps(_mm256_mul_ps(d[k], g), zero, _CMP_GT_OQ);
+                top = _mm256_max_ps(_mm256_and_ps(abs8(d[k]), m[k]), top);
+                rows[k][j >> 3] = packed8(m[k]);
+            }
+            const __m256 uni = _mm256_mul_ps(top, g);
+            _mm256_storeu_ps(u + j, uni);
+            const __m256 au = abs8(uni);
+#pragma GCC unroll 8
+            for (int k = 0; k < K; ++k) pk[k] = _mm256_add_ps(pk[k], _mm256_and_ps(au, m[k]));
+        }
+#pragma GCC unroll 8
+        for (int k = 0; k < K; ++k) {
+            alignas(32) float fa[8], fk[8];
+            _mm256_store_ps(fa, pa[k]);
+            _mm256_store_ps(fk, pk[k]);
+            for (int l = 0; l < 8; ++l) { sa[k][l] += (double)fa[l]; sk[k][l] += (double)fk[l]; }
+        }
+    }
+    for (int k = 0; k < K; ++k) {
+        const double* a = sa[k];
+        const double* q = sk[k];
+        p[k] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        p[K + k] = ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));
+        acc[k] |= bad[k];
+    }
+    acc[K] |= bad[K];
+}
+#endif
+
 }  // namespace
 
 std::tuple<std::vector<double>, std::vector<double>, std::vector<int>>
@@ -78,6 +165,25 @@ emr(uint64_t base, const std::vector<uint64_t>& models, int dt, uint64_t uni, ui
             for (int k = 0; k < K; ++k) xs[k] = ew_row((const void*)models[k], dt, i0, len, s + (int64_t)(k + 5) * EW_BLOCK);
             float* u = s + 2 * EW_BLOCK;
             float* keeps = s + (int64_t)(K + 5) * EW_BLOCK;
+#ifdef __AVX2__
+            if (len % 64 == 0) {
+                uint8_t* rows[8];
+                for (int k = 0; k < K; ++k) rows[k] = (uint8_t*)bits + k * row_bytes + (i0 >> 3);
+                double* __restrict p = part.data() + (i0 / EW_BLOCK) * 2 * K;
+                const bool done = with_k<8>(K, [&](auto kc) {
+                    constexpr int KT = decltype(kc)::value;
+                    if constexpr (KT > 0) {
+                        emr_avx2<KT>(b, xs, len, u, rows, p, acc);
+                        return true;
+                    }
+                    return false;
+                });
+                if (done) {
+                    stream_block((void*)uni, DTYPE_F32, i0, len, u);
+                    return;
+                }
+            }
+#endif
             const bool done = with_k<8>(K, [&](auto kc) {
                 constexpr int KT = decltype(kc)::value;
                 if constexpr (KT > 0) {
