@@ -102,6 +102,12 @@ MERGE_ARGS = {
     "select_topk": ("float?", _opt_float, _same),
     "r": ("float?", _opt_float, _same),
     "scale": ("float[]?", _opt_floats, unfloats),
+    # the research methods (consensus_ta, consensus_ties, pcb)
+    "k": ("int?", _same, _same),
+    "tall_lambda": ("float[]?", _opt_floats, unfloats),
+    "ratio": ("float?", _opt_float, _same),
+    "min_ratio": ("float?", _opt_float, _same),
+    "max_ratio": ("float?", _opt_float, _same),
 }
 # the order of those arguments in the schema: the registry's parameter order
 MERGE_PARAMS = tuple(p for p in ALL_PARAMS if p in MERGE_ARGS)

@@ -4,12 +4,13 @@ merging (per-element statistics). The per-tensor merges among them are ``fastmer
 methods (``consensus_ta``, ``consensus_ties``, ``pcb``; ``fastmerge/methods/``); RegMean and
 OPCM are in :mod:`fastmerge.regmean` and :mod:`fastmerge.opcm`.
 
-Every function has a ``torch`` reference (the specification, ``backend="torch"``) and fused C++
-kernels on CPU tensors (``backend="cpu"``, the default there: ``fastmerge/backends/
-cpu_methods.py``, ``csrc/research.cpp``); on other devices the reference runs where the tensors
-are. Masks are bit-packed as ``numpy.packbits`` packs a flat bool array (8 elements a byte,
-the first in the most significant bit), so FusionBench's and tall_masks' ``np.unpackbits``
-read them.
+Every function has a ``torch`` reference (the specification, ``backend="torch"``) and fused
+kernels: C++ on CPU tensors (``backend="cpu"``, the default there: ``fastmerge/backends/
+cpu_methods.py``, ``csrc/consensus.cpp``, ``emr.cpp``, ``fisher.cpp``) and Triton on CUDA tensors
+(``backend="triton"``, and ``"cuda"``, which delegates to it: ``backends/triton_methods.py``,
+``triton_kernels/``); elsewhere the reference runs where the tensors are. Masks are bit-packed
+as ``numpy.packbits`` packs a flat bool array (8 elements a byte, the first in the most
+significant bit), so FusionBench's and tall_masks' ``np.unpackbits`` read them.
 
 Inputs follow ``fastmerge.merge``: same shape, dtype (fp32/fp16/bf16) and device, fp32
 compute, inf/nan inputs raise :class:`~fastmerge.NonFiniteError`. ``emr`` and ``fisher`` also
@@ -55,10 +56,16 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _kernels(backend, ref: torch.Tensor, op: str):
-    """The cpu backend's kernels (``backends/cpu_methods.py``) when ``backend`` resolves to
-    ``cpu``, else None (the reference)."""
+    """The fused kernels ``backend`` resolves to: the cpu backend's (``backends/cpu_methods.py``)
+    for ``cpu``; for ``triton`` or ``cuda`` the Triton kernels (``backends/triton_methods.py``)
+    when that module has ``op``; else None (the reference)."""
     chosen = dispatch.resolve(backend, ref.device, op, V.needs_grad([ref]))
-    return _backends.method_ops("cpu") if chosen == "cpu" else None
+    if chosen == "cpu":
+        return _backends.method_ops("cpu")
+    if chosen in ("triton", "cuda"):
+        ops = _backends.method_ops(chosen)
+        return ops if hasattr(ops, op) else None
+    return None
 
 
 # ---- TALL masks ----------------------------------------------------------------------------
@@ -285,6 +292,11 @@ def fisher(models, fishers, *, weights=None, normalize_fisher_weight: bool = Tru
             part = ops.sum_squares(fs, _fisher_names(K, n)) if ops is not None else \
                 [float(f.double().square().sum()) for f in fs]
             sq = [a + b for a, b in zip(sq, part)]
+        zero = [t for t, s in enumerate(sq) if math.sqrt(s) + eps == 0]
+        if zero:
+            raise ValueError(f"fishers[{zero[0]}] is all zero and minimal_fisher_weight is 0: normalizing by "
+                             "its norm divides by zero (give minimal_fisher_weight > 0 or "
+                             "normalize_fisher_weight=False)")
         inv = [1.0 / (math.sqrt(s) + eps) for s in sq]
         c = [ct * (iv / sum(inv)) for ct, iv in zip(c, inv)]
     out = {}

@@ -89,3 +89,6 @@ def test_errors_name_the_argument(backend):
         fastmerge.fisher(models, fishers, minimal_fisher_weight=-1.0, backend=backend)
     with pytest.raises(ValueError, match="empty"):
         fastmerge.fisher([], [], backend=backend)
+    with pytest.raises(ValueError, match=r"fishers\[1\] is all zero and minimal_fisher_weight is 0"):
+        fastmerge.fisher(models, [fishers[0], torch.zeros_like(fishers[1]), fishers[2]],
+                         minimal_fisher_weight=0.0, backend=backend)

@@ -126,6 +126,7 @@ def workload():
             fastmerge.ties(b128, [b128] * 3, density=0.3, quantize=Q.Int4Config(G, layout=layout))
             fastmerge.dare_ties(b128, [b128] * 16, density=0.3, seed=1, quantize=Q.Int4Config(G, layout=layout))
     methods_workload()
+    research_workload()
     # the radix fallback and the tie scan, which a compile-only run never reaches by itself
     ms = kernels().magnitude_select
     _, bst, xs, sts, C, strided = gpu.layout(b16, m16)
@@ -194,6 +195,42 @@ def methods_workload():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         T.arcee_fusion(xs[0].to(dtype), xs[1].to(dtype), out_dtype=dtype)
     ks.arcee_importance(xs[0], xs[1], rows=1, length=xs[0].numel())
+
+
+def research_workload():
+    """The research methods (triton_kernels/consensus.py, emr.py, fisher.py, pcb.py, through
+    backends/triton_methods.py): each pass on each dtype (consensus: TA, TIES with normalize,
+    TALL masks alone and against a given mtl of another dtype), K = 8 (TIES: 16 values live)
+    and K = 21 for the largest tiles' registers, Fishers of another dtype than the models."""
+    from fastmerge.backends import method_ops
+
+    T = method_ops("triton")
+    g = torch.Generator().manual_seed(2)
+    names = [f"m{k}" for k in range(21)] + [f"f{k}" for k in range(21)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        b = torch.randn(37, 53, generator=g).to(dtype)
+        ms = [torch.randn(37, 53, generator=g).to(dtype) for _ in range(3)]
+        lams = [0.6] * 3
+        T.consensus(b, ms, k=2, tall_lambda=lams, lam=1.0, out_dtype=dtype)
+        T.consensus(b, ms, k=2, tall_lambda=lams, lam=0.5, out_dtype=torch.float32, top_k=[400, 0, 1961],
+                    normalize=True)
+        T.tall_masks(b, ms, lams)
+        T.tall_masks(b, ms, lams, mtl=ms[0].float())
+        T.emr(b, ms)
+        fs = [m.abs() for m in ms]
+        T.sum_squares(fs, names[:3] + names[21:24])
+        T.fisher(ms, fs, [0.3] * 3, 1e-6, out_dtype=dtype, names=names[:3] + names[21:24])
+        T.fisher([m.float() for m in ms], fs, [0.3] * 3, 1e-6, out_dtype=torch.float32, names=names[:3] + names[21:24])
+        T.pcb(b, ms, ranks=(0, 1900, 1800), weights=[1.0] * 3, lam=1.0, out_dtype=dtype)
+    xs = [torch.randn(37, 53, generator=g) for _ in range(22)]
+    for K in (8, 21):
+        ms = xs[1:K + 1]
+        T.consensus(xs[0], ms, k=2, tall_lambda=[0.6] * K, lam=1.0, out_dtype=torch.float32)
+        T.consensus(xs[0], ms, k=2, tall_lambda=[0.6] * K, lam=1.0, out_dtype=torch.float32, top_k=[400] * K)
+        T.emr(xs[0], ms)
+        fs = [m.abs() for m in ms]
+        T.fisher(ms, fs, [0.1] * K, 1e-6, out_dtype=torch.float32, names=names[:K] + names[21:21 + K])
+        T.pcb(xs[0], ms, ranks=(0, 1900, 1800), weights=[1.0] * K, lam=1.0, out_dtype=torch.float32)
 
 
 def main() -> int:

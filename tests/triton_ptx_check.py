@@ -38,6 +38,13 @@ EXPECT = {
     # give a thread more than one packed word: only its K + 1 input streams must be vectors
     "_merge_int4_kernel": (True, False, False),
     "_fp8_cell_kernel": (True, True, False),
+    # the research methods' passes; consensus's TALL-masks-only launch writes mask bytes only
+    "_consensus_kernel": (True, False, True),
+    "_emr_kernel": (True, True, True),
+    "_fisher_sumsq_kernel": (True, False, True),
+    "_fisher_merge_kernel": (True, True, True),
+    "_pcb_scores_kernel": (True, True, True),
+    "_pcb_merge_kernel": (True, True, True),
 }
 
 
@@ -73,6 +80,24 @@ def workload():
     wide = torch.randn(8, 2048, generator=g).to(torch.bfloat16)  # rows of 2048: 16 per thread
     for gran in ("row", "tensor"):
         Q.quantize_fp8(wide, gran, next(iter(Q.FP8_DTYPES)))
+    research_workload(base, ms)
+
+
+def research_workload(base, ms):
+    """consensus (merge, TALL masks), EMR, Fisher and PCB on the bf16 K = 4 inputs."""
+    from fastmerge.backends import method_ops
+
+    T = method_ops("triton")
+    K = len(ms)
+    T.consensus(base, ms, k=2, tall_lambda=[0.6] * K, lam=1.0, out_dtype=torch.bfloat16)
+    T.tall_masks(base, ms, [0.6] * K)
+    T.emr(base, ms)
+    fs = [m.abs() for m in ms]
+    names = [f"models[{k}]" for k in range(K)] + [f"fishers[{k}]" for k in range(K)]
+    T.sum_squares(fs, names)
+    T.fisher(ms, fs, [1.0 / K] * K, 1e-6, out_dtype=torch.bfloat16, names=names)
+    n = base.numel()
+    T.pcb(base, ms, ranks=(1, n - 2, n - n // 10), weights=[1.0] * K, lam=1.0, out_dtype=torch.bfloat16)
 
 
 def forms(text, op):

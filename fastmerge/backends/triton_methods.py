@@ -1,6 +1,9 @@
 """The ``triton`` backend's kernels for the :mod:`fastmerge.methods` methods' ``fused`` plans
-(``triton_kernels/gram.py``, ``lincomb.py``, ``nearswap.py``, ``ram.py``, ``passthrough.py``),
-with the functions and signatures of :mod:`fastmerge.backends.cpu_methods`. The ``cuda``
+(``triton_kernels/gram.py``, ``lincomb.py``, ``nearswap.py``, ``ram.py``, ``passthrough.py``,
+``sce.py``, ``arcee_fusion.py``) and for the research methods of issue 24 (``consensus.py``:
+consensus_ta/ties and :func:`fastmerge.research.tall_masks`; ``emr.py``: EMR's pass; ``fisher.py``:
+Fisher's sums of squares and merge; ``pcb.py``: PCB's scores and merge), with the functions and
+signatures of :mod:`fastmerge.backends.cpu_methods`. The ``cuda``
 backend delegates these methods here (``fastmerge.backends.method_ops("cuda")``): the CUDA
 extension has no kernels for them.
 
@@ -22,6 +25,16 @@ operations in the same order, no FMA contraction, IEEE divisions). :func:`gram` 
 exact float64 products in another order (see ``triton_kernels/gram.py``): it agrees with the
 cpu backend to a few float64 ulps, and is returned on the host, where the methods' plans do
 their small float64 math.
+
+The research methods: :func:`consensus` (TIES cuts from ``magnitude_select``'s deferred select,
+its missed-bracket flag read with the pass's flags), :func:`tall_masks`, :func:`emr`'s unified
+vector and masks and :func:`fisher`'s merge give the reference's bytes; :func:`emr`'s and
+:func:`sum_squares`' float64 sums add the same exact terms in another order (per-program
+partials, then a device sum: float64 round-off); :func:`pcb`'s exp and tanh are
+``csrc/fmath.h``'s polynomials, so it gives the cpu backend's bytes and the reference's result
+to fp32 round-off. Its order statistics (the clamp bounds, the score cut and max) are not
+fused on Triton yet: ``torch.kthvalue``/``amax`` on the device. Masks (TALL, EMR) are packed as
+``numpy.packbits`` packs a flat bool array and stay on the inputs' device.
 """
 from __future__ import annotations
 
@@ -30,10 +43,11 @@ import struct
 import torch
 
 from .. import _validate as V
-from .._transfer import to_host
+from .. import abi
+from .._transfer import to_device, to_host
 from . import _host
 from ._gpu import _device
-from .cpu_methods import layout
+from .cpu_methods import _fisher_raise, layout
 from .triton import kernels
 
 
@@ -238,4 +252,154 @@ def arcee_fusion(base, model, *, out_dtype):
         q1, median, q3 = (torch.tensor(v, dtype=torch.float32) for v in res[2:])
         thr = float(median + 1.5 * (q3 - q1))
         _ew_raise(to_host(ks.arcee_merge(base, model, s, out, n=n, thr=thr)), 1)
+    return out
+
+
+# ---- the research methods (consensus_ta, consensus_ties, pcb, fastmerge.research) ------------
+# triton_kernels/consensus.py, emr.py, fisher.py, pcb.py; the functions and their arguments are
+# cpu_methods' (issue 24). Masks come back bit-packed on the inputs' device.
+
+
+def _ties_cuts(ks, base, models, top_k, n: int, exact: bool):
+    """consensus_ties' top sets ``(T, J)`` of each ``|models[k] - base|`` (int64 device
+    ``[K, 2]``) for ``top_k[k]`` elements, from magnitude_select (one multi-query select), and
+    its missed-bracket flag (int32 device ``[1]``, or None): no host read unless ``exact``."""
+    host, queries = [], []
+    for k, c in enumerate(top_k):
+        host += [-1, -1] if c >= n else [abi.NONE_T, -1]  # every key > -1; no key > 2**32
+        if 0 < c < n:
+            queries.append(k)
+    dev = base.device
+    cuts = to_device(host, torch.int64, dev).view(-1, 2)
+    if not queries:
+        return cuts, None
+    args = dict(qm=queries, qk=[top_k[k] for k in queries], n=n, C=n, strides=[(n, 1)] * len(models),
+                base_strides=(n, 1), strided=False)
+    missed = None
+    if exact:
+        tj = ks.select(base, models, **args)
+    else:
+        tj, missed = ks.select_deferred(base, models, **args)
+        missed = missed.amax().reshape(1)
+    cuts[to_device(queries, torch.int64, dev)] = tj
+    return cuts, missed
+
+
+def _consensus_run(base, models, *, lambdas, k, lam, out_dtype, mtl=None, top_k=None, normalize=False,
+                   masks=False):
+    """The consensus pass: ``(out or None, packed masks or None)``; one host read (the flags
+    with the TIES select's missed-bracket flag; a missed bracket redoes it exactly)."""
+    models, base = _contiguous(models, base)
+    dev, n, K = base.device, base.numel(), len(models)
+    out = torch.empty(base.shape, dtype=out_dtype, device=dev) if out_dtype is not None else None
+    bits = torch.empty((K, (n + 7) // 8), dtype=torch.uint8, device=dev) if masks else None  # all written
+    if n == 0:
+        return out, bits
+    mtl = None if mtl is None else mtl.contiguous()
+    ks = kernels()
+    with _device(dev):
+        for exact in (False, True):
+            cuts, missed = (None, None) if top_k is None else _ties_cuts(ks, base, models, top_k, n, exact)
+            flags = ks.consensus(base, models, n=n, lambdas=lambdas, kmin=float(min(k, 1 << 30)), lam=lam,
+                                 out=out, bits=bits, mtl=mtl, cuts=cuts, normalize=normalize)
+            flags = to_host(torch.cat([flags, missed if missed is not None else torch.zeros_like(flags[:1])]))
+            _raise(flags[:K + 1], V.input_names(None, K), True)
+            if flags[K + 1]:
+                raise V.NonFiniteError("mtl")
+            if not flags[-1]:  # the cuts were exact: this pass stands
+                break
+    if out is not None:
+        _check_out(flags[K + 2])
+    return out, bits
+
+
+def consensus(base, models, *, k, tall_lambda, lam, out_dtype, top_k=None, normalize=False):
+    """Consensus TA (``top_k`` None) or TIES (``top_k``: each model's top-k size) merge, one
+    pass after the select (:mod:`fastmerge.methods.consensus_ta`, ``consensus_ties``)."""
+    return _consensus_run(base, models, lambdas=tall_lambda, k=k, lam=lam, out_dtype=out_dtype,
+                          top_k=top_k, normalize=normalize)[0]
+
+
+def tall_masks(base, models, lambdas, mtl=None):
+    """The packed TALL masks ``uint8 [K, ceil(n / 8)]`` (:func:`fastmerge.research.tall_masks`)
+    on the inputs' device."""
+    return _consensus_run(base, models, lambdas=lambdas, k=0, lam=1.0, out_dtype=None, mtl=mtl,
+                          masks=True)[1]
+
+
+def emr(base, models):
+    """EMR's pass (:func:`fastmerge.research.emr`): ``(tau_uni fp32, packed masks, sum |tau_t|,
+    sum |tau_uni m_t|)``, the tensors on the inputs' device, the sums (float64, see
+    ``triton_kernels/emr.py`` for their order) read with the flags in one transfer."""
+    models, base = _contiguous(models, base)
+    dev, n, K = base.device, base.numel(), len(models)
+    uni = torch.empty(base.shape, dtype=torch.float32, device=dev)
+    bits = torch.empty((K, (n + 7) // 8), dtype=torch.uint8, device=dev)  # every byte written
+    if n == 0:
+        return uni, bits, [0.0] * K, [0.0] * K
+    with _device(dev):
+        res = to_host(kernels().emr(base, models, uni, bits, n=n))
+    _ew_raise([int(f) for f in res[2 * K:]], K)
+    return uni, bits, res[:K], res[K:2 * K]
+
+
+def _fisher_flags(res, K: int) -> list:
+    """Per Fisher: 1 if inf/nan, 2 if negative (cpu_methods' codes) from the ``2 K`` kernel flags."""
+    return [int(bool(res[k])) | (2 if res[K + k] else 0) for k in range(K)]
+
+
+def sum_squares(fishers, names) -> list:
+    """``sum F_t^2`` per Fisher (float64); ``names``: the models' then the Fishers' names."""
+    fishers = [f.contiguous() for f in fishers]
+    n, K = fishers[0].numel(), len(fishers)
+    if n == 0:
+        return [0.0] * K
+    with _device(fishers[0].device):
+        res = to_host(kernels().fisher_sumsq(fishers, n=n))
+    _fisher_raise(_fisher_flags(res[K:], K), names[K:])
+    return res[:K]
+
+
+def fisher(models, fishers, coef, eps, *, out_dtype, names):
+    """Fisher's weighted mean (:func:`fastmerge.research.fisher`), one pass."""
+    models = [m.contiguous() for m in models]
+    fishers = [f.contiguous() for f in fishers]
+    K, n = len(models), models[0].numel()
+    out = torch.empty(models[0].shape, dtype=out_dtype, device=models[0].device)
+    if n == 0:
+        return out
+    with _device(models[0].device):
+        flags = to_host(kernels().fisher_merge(models, fishers, out, n=n, coef=coef, eps=eps))
+    _host.raise_nonfinite(flags[:K], names[:K])
+    _fisher_raise(_fisher_flags(flags[K:3 * K], K), names[K:])
+    _check_out(flags[3 * K])
+    return out
+
+
+def pcb(base, models, *, ranks, weights, lam, out_dtype):
+    """PCB's merge (:mod:`fastmerge.methods.pcb`), as ``cpu_methods.pcb``; ``ranks = (lo, hi,
+    q)`` as the reference indexes. Not fused on Triton yet: the clamp bounds are
+    ``torch.kthvalue`` of each ``|tau_t|`` (an fp32 temporary of one tensor at a time), the
+    score pass writes every score (``[K, n]`` fp32), and its order statistic and max are
+    ``torch.kthvalue`` / ``amax`` on the device; then one merge pass. No host read but the
+    merge's flags (the merge pass flags every input)."""
+    base, models, out, n = _ew(base, models, out_dtype)
+    if n == 0:
+        return out
+    K, ks = len(models), kernels()
+    r_lo, r_hi, r_q = ranks
+    with _device(base.device):
+        flat = base.reshape(-1).float()
+        bounds = []
+        for m in models:
+            a = (m.reshape(-1).float() - flat).abs()
+            bounds += [torch.kthvalue(a, r_lo + 1).values, torch.kthvalue(a, r_hi + 1).values]
+        del a
+        lohi = torch.stack(bounds)
+        scores = ks.pcb_scores(base, models, lohi, n=n)
+        # + 0.0: a -0 score taken as +0, as the C++ order keys take it
+        qm = torch.stack([torch.kthvalue(scores, r_q + 1, dim=1).values, scores.amax(dim=1)], dim=1) + 0.0
+        del scores
+        flags = to_host(ks.pcb_merge(base, models, out, lohi, qm, n=n, w=weights, lam=lam))
+    _ew_raise(flags, K)
     return out

@@ -12,7 +12,7 @@ from fastmerge.methods._common import checked, inputs
 CONTRACT = dict(base="required", min_models=1, max_models=None)
 # k: the paper's (and tall_masks' prun_thre_k) 2; tall_lambda: FusionBench's tall_mask_lambda 0.6
 PARAMS = {"k": 2, "tall_lambda": 0.6, "lam": 1.0}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
 RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 

@@ -14,7 +14,7 @@ CONTRACT = dict(base="required", min_models=1, max_models=None)
 # density 0.2: the code's TIES keeps the top 20% (reset_thresh=20); normalize False: its
 # ties_agg "sum" (disjoint sum); k and tall_lambda as consensus_ta
 PARAMS = {"k": 2, "tall_lambda": 0.6, "lam": 1.0, "density": 0.2, "normalize": False}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
 RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 

@@ -12,7 +12,7 @@ from fastmerge.methods._common import checked, inputs
 
 CONTRACT = dict(base="required", min_models=1, max_models=None)
 PARAMS: dict = {}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
 
 
 def unified(deltas: list) -> tuple:

@@ -12,7 +12,7 @@ CONTRACT = dict(base="required", min_models=1, max_models=None)
 # ratio: PCB_merge's pcb_ratio default (its script then uses 0.05); min_ratio / max_ratio: the
 # clamp of |tau| at those quantiles, 1e-4 in pcb-merging.py
 PARAMS = {"ratio": 0.1, "weights": None, "lam": 1.0, "min_ratio": 1e-4, "max_ratio": 1e-4}
-KERNELS = ("cpu",)
+KERNELS = ("cpu", "triton", "cuda")
 RESULT_CHECKED = True  # fused returns a checked kernel's output (methods/__init__.py)
 
 
