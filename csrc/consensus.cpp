@@ -25,9 +25,6 @@ inline void trim_block(const float* __restrict d, int len, int64_t i0, const Top
     }
 }
 
-// 1 in bit 31 where v is inf or nan (ew_nonfinite's test, one value)
-inline uint32_t bad_bits(float v) { return (f2u(v) & 0x7f800000u) + 0x00800000u; }
-
 // The TA pass with K a template constant, one loop over a block's elements: the inputs read in
 // place (fp32; converted rows for fp16/bf16), the sum (or the given mtl row `mt`), the masks
 // (written as 0/1 rows into keep when KEEP) and their count, the merged value into o when OUT.

@@ -75,14 +75,13 @@ static inline std::vector<int> ew_flags(const std::vector<int64_t>& v, size_t of
     return f;
 }
 
-// Packs keep[0..len) (0/1 floats; len a multiple of 8 but at the tensor's end) into the bytes of
-// a numpy.packbits row from element i0 (a multiple of 8): the first element in bit 7, the
-// missing elements of a last byte 0. With AVX2 a byte is one movemask (element 0 in bit 0)
-// bit-reversed through a table.
-static inline void pack_row(const float* __restrict keep, int len, uint8_t* __restrict row, int64_t i0) {
-    uint8_t* dst = row + (i0 >> 3);
-    int b = 0;
+// 1 in bit 31 where v is inf or nan (ew_nonfinite's test for one value, to OR across a loop)
+static inline uint32_t bad_bits(float v) { return (f2u(v) & 0x7f800000u) + 0x00800000u; }
+
 #ifdef __AVX2__
+// 8 bits of a compare mask in numpy.packbits order (the first element in bit 7): a movemask
+// (element 0 in bit 0) bit-reversed through a table
+static inline uint8_t packed8(__m256 m) {
     static const struct Rev {
         uint8_t t[256];
         Rev() {
@@ -93,11 +92,19 @@ static inline void pack_row(const float* __restrict keep, int len, uint8_t* __re
             }
         }
     } rev;
+    return rev.t[_mm256_movemask_ps(m) & 0xff];
+}
+#endif
+
+// Packs keep[0..len) (0/1 floats; len a multiple of 8 but at the tensor's end) into the bytes of
+// a numpy.packbits row from element i0 (a multiple of 8): the first element in bit 7, the
+// missing elements of a last byte 0.
+static inline void pack_row(const float* __restrict keep, int len, uint8_t* __restrict row, int64_t i0) {
+    uint8_t* dst = row + (i0 >> 3);
+    int b = 0;
+#ifdef __AVX2__
     const __m256 zero = _mm256_setzero_ps();
-    for (; b * 8 + 8 <= len; ++b) {
-        const __m256 v = _mm256_loadu_ps(keep + b * 8);
-        dst[b] = rev.t[_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)) & 0xff];
-    }
+    for (; b * 8 + 8 <= len; ++b) dst[b] = packed8(_mm256_cmp_ps(_mm256_loadu_ps(keep + b * 8), zero, _CMP_NEQ_UQ));
 #endif
     for (; b * 8 < len; ++b) {
         uint32_t byte = 0;

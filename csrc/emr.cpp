@@ -10,8 +10,6 @@ namespace fm {
 
 namespace {
 
-inline uint32_t bad_bits(float v) { return (f2u(v) & 0x7f800000u) + 0x00800000u; }
-
 // sum_j |x[j] - b[j]| (the fp32 delta's magnitude) and sum_j |u[j] keep[j]|: lane_sum8's
 // fp32 sums of 8 elements per lane, added in double
 inline double sum_absdiff(const float* __restrict x, const float* __restrict b, int n) {
@@ -60,21 +58,6 @@ inline void emr_fused(const float* __restrict b, const float* const* xs, int len
 }
 
 #ifdef __AVX2__
-// 8 bits of a compare mask in packbits order (the first element in bit 7)
-inline uint8_t packed8(__m256 m) {
-    static const struct Rev {
-        uint8_t t[256];
-        Rev() {
-            for (int v = 0; v < 256; ++v) {
-                int r = 0;
-                for (int i = 0; i < 8; ++i) r |= ((v >> i) & 1) << (7 - i);
-                t[v] = (uint8_t)r;
-            }
-        }
-    } rev;
-    return rev.t[_mm256_movemask_ps(m) & 0xff];
-}
-
 inline __m256 abs8(__m256 x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
 
 inline uint32_t any_bad8(__m256 x) {  // 1 if a lane is inf/nan

@@ -16,8 +16,6 @@ inline int ew_negative(const float* __restrict v, int n) {
     return neg << 1;
 }
 
-inline uint32_t bad_bits(float v) { return (f2u(v) & 0x7f800000u) + 0x00800000u; }
-
 // fisher_merge's block with K a template constant: one loop, the inputs read in place (fp32)
 // or from converted rows, the flags in the loop; the same operations in the same order as the
 // generic loop in fisher_merge.

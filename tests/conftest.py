@@ -34,7 +34,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import fastmerge
 
-from fastmerge import philox
+from fastmerge import _transfer, philox
 
 CPU_BACKENDS = ("torch", "cpu")
 BACKENDS = [name for name, info in fastmerge.backends().items()
@@ -330,3 +330,26 @@ def models_for(shape, K, dtype, seed=0):
     base = torch.randn(shape, generator=g)
     ms = [(base + 0.05 * (k + 1) * torch.randn(shape, generator=g)).to(dtype) for k in range(K)]
     return base.to(dtype), ms
+
+
+def reads_of(fn):
+    """``(fn(), host reads)``; a read that bypasses the helper (``tolist``, ``item``) counts too."""
+    raw = [0]
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "item")}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            raw[0] += 1
+            return saved[name](self, *args, **kwargs)
+        return read
+
+    before = _transfer.reads
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, counting(name))
+        out = fn()
+    finally:
+        for name, f in saved.items():
+            setattr(torch.Tensor, name, f)
+    via_helper = _transfer.reads - before
+    return out, max(via_helper, raw[0])

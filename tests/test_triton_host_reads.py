@@ -8,35 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import reads_of
+
 import fastmerge
-from fastmerge import _transfer
 
 pytestmark = pytest.mark.skipif(
     not fastmerge.backends()["triton"].get("interpreter"),
     reason="needs Triton's interpreter (TRITON_INTERPRET=1, set by conftest without CUDA)")
-
-
-def reads_of(fn):
-    """``(fn(), host reads)``; a read that bypasses the helper (``tolist``, ``item``) counts too."""
-    raw = [0]
-    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "item")}
-
-    def counting(name):
-        def read(self, *args, **kwargs):
-            raw[0] += 1
-            return saved[name](self, *args, **kwargs)
-        return read
-
-    before = _transfer.reads
-    try:
-        for name in saved:
-            setattr(torch.Tensor, name, counting(name))
-        out = fn()
-    finally:
-        for name, f in saved.items():
-            setattr(torch.Tensor, name, f)
-    via_helper = _transfer.reads - before
-    return out, max(via_helper, raw[0])
 
 
 @pytest.mark.parametrize("method,n", [("ties", 3000), ("ties", (1 << 16) + 4096),

@@ -15,10 +15,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_models, models_for
+from conftest import make_models, models_for, reads_of
 
 import fastmerge
-from fastmerge import _transfer, backends, research
+from fastmerge import backends, research
 from fastmerge._validate import NonFiniteError
 
 triton = pytest.importorskip("triton")
@@ -430,29 +430,6 @@ def test_result_overflow_flagged_in_kernel():
         with pytest.raises(NonFiniteError, match="overflow") as exc:
             fn()
         assert exc.value.overflow, i
-
-
-def reads_of(fn):
-    """``(fn(), host reads)``: the larger of the ``to_host`` count and the raw ``tolist``/``item``
-    count (a read that bypasses the helper counts too)."""
-    raw = [0]
-    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "item")}
-
-    def counting(name):
-        def read(self, *args, **kwargs):
-            raw[0] += 1
-            return saved[name](self, *args, **kwargs)
-        return read
-
-    before = _transfer.reads
-    try:
-        for name in saved:
-            setattr(torch.Tensor, name, counting(name))
-        out = fn()
-    finally:
-        for name, f in saved.items():
-            setattr(torch.Tensor, name, f)
-    return out, max(_transfer.reads - before, raw[0])
 
 
 def test_one_host_read_per_result():
