@@ -108,6 +108,12 @@ MERGE_ARGS = {
     "ratio": ("float?", _opt_float, _same),
     "min_ratio": ("float?", _opt_float, _same),
     "max_ratio": ("float?", _opt_float, _same),
+    # fastmerge merge's fisher / regmean: each model's statistics folder (their merges themselves
+    # are fastmerge.fisher / fastmerge.regmean)
+    "fisher": ("str[]?", lambda x: None if x is None else [str(p) for p in x], _same),
+    "grams": ("str[]?", lambda x: None if x is None else [str(p) for p in x], _same),
+    "normalize_fisher_weight": ("bool?", _same, _same),
+    "minimal_fisher_weight": ("float?", _opt_float, _same),
 }
 # the order of those arguments in the schema: the registry's parameter order
 MERGE_PARAMS = tuple(p for p in ALL_PARAMS if p in MERGE_ARGS)

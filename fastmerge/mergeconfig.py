@@ -49,7 +49,10 @@ class ConfigError(ValueError):
 # every registered method (fastmerge/_registry.py): each family's parameters are mapped below
 METHODS = R.METHODS
 # mergekit's per-model parameters of its other methods, under fastmerge's names (-> YAML names)
-_PER_INPUT = {"weights": "weight", "scale": "scale", "density": "density", "tall_lambda": "tall_lambda"}
+_PER_INPUT = {"weights": "weight", "scale": "scale", "density": "density", "tall_lambda": "tall_lambda",
+              "fisher": "fisher", "grams": "grams"}
+# per-model parameters that name a folder (fisher / regmean's statistics), not a number
+_PATHS = ("fisher", "grams")
 # a method parameter's YAML name where it differs (mergekit spells task arithmetic's scale lambda)
 _YAML_NAME = {"lam": "lambda"}
 _FLOAT = ("weight", "density", "gamma", "epsilon", "lambda", "alpha")
@@ -180,6 +183,10 @@ def _validate(name: str, value: Any, where: str, kind: Optional[str] = None) -> 
     numeric strings, ints from integral numbers, bools from bools (and yes/no-like strings).
     ``kind`` ("float", "int", "bool") overrides the type known by name."""
     kind = kind or ("float" if name in _FLOAT else "bool" if name in _BOOL else None)
+    if kind == "path":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {name} must be a folder path, got {value!r}")
+        return value
     if kind == "int":
         number = _validate(name, value, where, "float")
         if not number.is_integer():
@@ -531,7 +538,7 @@ def _resolve_method(cfg: MergeConfig, tensor: str, t: float, sl: Optional[Slice]
         required = default is R.REQUIRED
         if name in _PER_INPUT:
             for ref, values in zip(refs, per_model):
-                v = _per_model(cfg, ref, _PER_INPUT[name], tensor, t, "float", sl)
+                v = _per_model(cfg, ref, _PER_INPUT[name], tensor, t, "path" if name in _PATHS else "float", sl)
                 if v is None and required:
                     raise ConfigError(f"missing required parameter {_PER_INPUT[name]} for {ref.path} "
                                       f"(tensor {tensor}); mergekit requires it too")

@@ -59,7 +59,9 @@ def _kernels(backend, ref: torch.Tensor, op: str):
     """The fused kernels ``backend`` resolves to: the cpu backend's (``backends/cpu_methods.py``)
     for ``cpu``; for ``triton`` or ``cuda`` the Triton kernels (``backends/triton_methods.py``)
     when that module has ``op``; else None (the reference)."""
-    chosen = dispatch.resolve(backend, ref.device, op, V.needs_grad([ref]))
+    # "research.<op>": not a registry name, so auto picks the fused backend of the device (the
+    # registry's fisher / regmean entries are fastmerge merge's, whose tensors are read by files)
+    chosen = dispatch.resolve(backend, ref.device, "research." + op, V.needs_grad([ref]))
     if chosen == "cpu":
         return _backends.method_ops("cpu")
     if chosen in ("triton", "cuda"):
@@ -289,16 +291,8 @@ def fisher(models, fishers, *, weights=None, normalize_fisher_weight: bool = Tru
     if normalize:
         sq = [0.0] * K
         for n, (ms, fs, ops) in checked_groups.items():
-            part = ops.sum_squares(fs, _fisher_names(K, n)) if ops is not None else \
-                [float(f.double().square().sum()) for f in fs]
-            sq = [a + b for a, b in zip(sq, part)]
-        zero = [t for t, s in enumerate(sq) if math.sqrt(s) + eps == 0]
-        if zero:
-            raise ValueError(f"fishers[{zero[0]}] is all zero and minimal_fisher_weight is 0: normalizing by "
-                             "its norm divides by zero (give minimal_fisher_weight > 0 or "
-                             "normalize_fisher_weight=False)")
-        inv = [1.0 / (math.sqrt(s) + eps) for s in sq]
-        c = [ct * (iv / sum(inv)) for ct, iv in zip(c, inv)]
+            sq = [a + b for a, b in zip(sq, _sum_squares(fs, ops, _fisher_names(K, n)))]
+        c = fisher_coefficients(c, sq, eps)
     out = {}
     for n, (ms, fs, ops) in checked_groups.items():
         dtype = V.out_dtype(out_dtype, ms[0].dtype)
@@ -311,6 +305,41 @@ def fisher(models, fishers, *, weights=None, normalize_fisher_weight: bool = Tru
             out[n] = (num / den).to(dtype)
             V.check_result(out[n], ms + fs, _fisher_names(K, n))
     return out[None] if None in out else out
+
+
+def _sum_squares(fs, ops, names) -> list:
+    """``sum F_t^2`` per Fisher in float64 (the kernels flag inf/nan and negative entries)."""
+    if ops is not None:
+        return ops.sum_squares(fs, names)
+    return [float(f.double().square().sum()) for f in fs]
+
+
+def fisher_sum_squares(fishers, *, backend: Optional[str] = None, name: Optional[str] = None) -> list:
+    """One tensor's share of the whole-model Fisher norms ``||F_t||^2`` (``fastmerge merge`` adds
+    them up tensor by tensor before :func:`fisher_coefficients`). ``name`` names the tensor."""
+    fishers = list(fishers)
+    names = _fisher_names(len(fishers), name)
+    V.check_dtype(fishers[0], names[len(fishers)])
+    V.same_as(fishers[0], names[len(fishers)], fishers[1:], "fishers", 1)
+    ops = _kernels(backend, fishers[0], "sum_squares")
+    if ops is None:
+        for t, f in enumerate(fishers):
+            V.check_finite(f, names[len(fishers) + t])
+            if f.numel() and float(f.min()) < 0:
+                raise ValueError(f"{names[len(fishers) + t]} has negative entries: a diagonal Fisher is >= 0")
+    return _sum_squares(fishers, ops, names)
+
+
+def fisher_coefficients(weights, sq, eps: float) -> list:
+    """FusionBench's normalized coefficients ``c_t = w_t (1 / (||F_t|| + eps)) / sum_j (1 /
+    (||F_j|| + eps))`` from the squared norms ``sq``."""
+    zero = [t for t, s in enumerate(sq) if math.sqrt(s) + eps == 0]
+    if zero:
+        raise ValueError(f"fishers[{zero[0]}] is all zero and minimal_fisher_weight is 0: normalizing by "
+                         "its norm divides by zero (give minimal_fisher_weight > 0 or "
+                         "normalize_fisher_weight=False)")
+    inv = [1.0 / (math.sqrt(s) + eps) for s in sq]
+    return [ct * (iv / sum(inv)) for ct, iv in zip(weights, inv)]
 
 
 def _fisher_names(K: int, name) -> list:

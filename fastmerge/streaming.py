@@ -44,6 +44,7 @@ import torch
 
 from . import _semantics as sem
 from . import adapters, api, card, dispatch, hub, lowrank, research
+from .regmean import regmean as _regmean
 from . import layers
 from . import mergeconfig as mc
 from . import vocab as vocab_
@@ -686,6 +687,10 @@ def _stage(t: torch.Tensor, dtype: torch.dtype, device: torch.device, stream) ->
     return t if t.dtype == dtype else t.to(dtype)
 
 
+# the methods whose models each name a statistics folder: method -> its parameter
+_STATS = {"fisher": "fisher", "regmean": "grams"}
+
+
 def _read_all(folder: str) -> Dict[str, torch.Tensor]:
     ck = Checkpoint(folder)
     return {n: ck.tensor(n).clone() for n in ck.names()}
@@ -744,6 +749,11 @@ class Merger:
         self.group = Group(self.device)
         # emr: per merged tensor, its packed masks and the two per-task means of its rescalers
         self.emr_parts: Dict[str, tuple] = {}
+        self.stats: Dict[str, Checkpoint] = {}  # fisher / regmean: statistics folders, opened once
+        self.fisher_coef: Optional[List[float]] = None
+        if self.cfg.method in _STATS and (self.cfg.slices or self.cfg.base is not None):
+            raise MergeError(f"merge_method {self.cfg.method} takes a models list and no base_model "
+                             "(its statistics are per model, as FusionBench merges)")
         if self.cfg.method == "emr" and self.cfg.slices:
             raise MergeError("merge_method emr takes a models list, not slices (one set of masks and "
                              "rescalers per model)")
@@ -760,6 +770,11 @@ class Merger:
             found += [(label, path)] if parts is None else [(label, parts[0]), (label, parts[1])]
         if cfg.tokenizer_source not in (None, "base", "union"):
             found.append(("tokenizer_source", cfg.tokenizer_source))
+        if cfg.method in _STATS:  # OUT stays clear of the statistics folders too
+            key = _STATS[cfg.method]
+            for i, m in enumerate(cfg.models):
+                if isinstance(m.parameters.get(key), str):
+                    found.append((f"models[{i}].parameters.{key}", m.parameters[key]))
         return found
 
     def _check_backend(self) -> None:
@@ -853,6 +868,8 @@ class Merger:
         if self.options.shard_params is not None:  # parameters per shard, at the widest output dtype
             limit = self.options.shard_params * max((j.out_dtype.itemsize for j in self.jobs), default=1)
         self.layout = plan_layout(specs, limit)
+        if cfg.method == "fisher":
+            self._fisher_coefficients()
         owner = assign(self.jobs, self.group.world)
         self.mine = [i for i, r in enumerate(owner) if r == self.group.rank]
         if os.path.lexists(self.out) and not self.options.overwrite and not _empty_folder(self.out):
@@ -1050,6 +1067,10 @@ class Merger:
         """One tensor's merge; a user error becomes a MergeError naming the tensor."""
         if self.cfg.method == "emr":
             return self._emr_one(job, base, xs)
+        if self.cfg.method == "fisher":
+            return self._fisher_one(job, xs)
+        if self.cfg.method == "regmean":
+            return self._regmean_one(job, xs)
         kw = dict(job.kwargs)
         if self.thresholds is not None:
             kw.pop("density", None)
@@ -1057,6 +1078,82 @@ class Merger:
         try:
             return api.merge(self.cfg.method, base, xs, out_dtype=job.out_dtype,
                              backend=self.options.backend, **kw)
+        except (ValueError, TypeError) as exc:
+            raise MergeError(f"tensor {job.name}: {exc}") from None
+
+    def _stats_tensor(self, job, k: int, name: str, required: bool = True):
+        """Tensor ``name`` of model ``k``'s statistics folder (the job's ``fisher`` / ``grams``
+        parameter), or None when absent and not ``required``."""
+        key = _STATS[self.cfg.method]
+        folder = job.kwargs.get(key)[k]
+        ck = self.stats.get(folder)
+        if ck is None:
+            try:
+                ck = self.stats[folder] = Checkpoint(folder, self.options.trust_index)
+            except (FormatError, FileNotFoundError, NotADirectoryError) as exc:
+                raise MergeError(f"{self.labels[k]}: {key} {folder}: "
+                                 f"{exc if isinstance(exc, FormatError) else 'no such folder'}") from None
+        if name not in ck.entries:
+            if not required:
+                return None
+            raise MergeError(f"{self.labels[k]}: {key} {folder} lacks tensor {name}")
+        return ck.tensor(name)
+
+    def _fisher_coefficients(self) -> None:
+        """fisher's per-model coefficients ``c_t`` once, over the whole model: the weights
+        (default 1/K) times, with ``normalize_fisher_weight``, the normalized inverse Fisher
+        norms, FusionBench's ``get_models_fisher_norm`` (every merged tensor)."""
+        jobs = [j for j in self.jobs if j.kind == "merge"]
+        if not jobs:
+            return
+        kw = jobs[0].kwargs
+        K = len(self.inputs)
+        w = kw.get("weights")
+        c = [1.0 / K] * K if w is None else [float(x) for x in w]
+        eps = float(kw.get("minimal_fisher_weight", 1e-6))
+        if kw.get("normalize_fisher_weight", True):
+            sq = [0.0] * K
+            for job in jobs:
+                fs = [self._stats_tensor(job, k, job.name) for k in range(K)]
+                for k, f in enumerate(fs):
+                    if tuple(f.shape) != tuple(job.shape):
+                        raise MergeError(f"{self.labels[k]}: fisher tensor {job.name} has shape "
+                                         f"{list(f.shape)}, the model {list(job.shape)}")
+                try:
+                    part = research.fisher_sum_squares(fs, backend=self.options.backend, name=job.name)
+                except (ValueError, TypeError) as exc:
+                    raise MergeError(f"tensor {job.name}: {exc}") from None
+                sq = [a + b for a, b in zip(sq, part)]
+            c = research.fisher_coefficients(c, sq, eps)
+        self.fisher_coef = c
+
+    def _fisher_one(self, job, xs):
+        """One tensor of fisher: :func:`fastmerge.fisher` with the whole model's coefficients."""
+        fs = [self._stats_tensor(job, k, job.name).to(xs[0].device) for k in range(len(xs))]
+        eps = float(job.kwargs.get("minimal_fisher_weight", 1e-6))
+        try:
+            return research.fisher(xs, fs, weights=self.fisher_coef, normalize_fisher_weight=False,
+                                   minimal_fisher_weight=eps, out_dtype=job.out_dtype,
+                                   backend=self.options.backend)
+        except (ValueError, TypeError) as exc:
+            raise MergeError(f"tensor {job.name}: {exc}") from None
+
+    def _regmean_one(self, job, xs):
+        """One tensor of regmean: a ``<module>.weight`` whose module has a Gram in every model's
+        folder by :func:`fastmerge.regmean`, anything else the models' mean (FusionBench's
+        ``merging_with_regmean_weights``)."""
+        module = job.name[:-len(".weight")] if job.name.endswith(".weight") else None
+        grams = None
+        if module is not None and xs[0].dim() == 2:
+            first = self._stats_tensor(job, 0, module, required=False)
+            if first is not None:
+                grams = [first] + [self._stats_tensor(job, k, module) for k in range(1, len(xs))]
+        try:
+            if grams is None:
+                out = sum(x.float() for x in xs) / len(xs)
+                return out.to(job.out_dtype)
+            grams = [g.to(xs[0].device) for g in grams]
+            return _regmean(xs, grams, alpha=float(job.kwargs.get("alpha", 1.0))).to(job.out_dtype)
         except (ValueError, TypeError) as exc:
             raise MergeError(f"tensor {job.name}: {exc}") from None
 

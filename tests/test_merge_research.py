@@ -89,3 +89,73 @@ def test_yaml_emr_refuses_slices_and_load_emr_names_a_plain_folder(llamas, tmp_p
     expect_merge_error(capsys, [cfg, tmp_path / "out"], "emr takes a models list")
     with pytest.raises(ValueError, match="is not the output of a merge_method: emr run"):
         fastmerge.load_emr(str(llamas / "m0"), str(llamas / "base"))
+
+
+def _stats_folders(llamas, tmp_path):
+    """Per model: a Fisher folder (non-negative tensors under the model's names) and a Gram
+    folder (``X^T X`` of random inputs under each 2-D ``<module>.weight``'s module name)."""
+    from safetensors.torch import save_file
+
+    base = load_folder(llamas / "base")
+    g = torch.Generator().manual_seed(5)
+    for k in range(3):
+        (tmp_path / f"f{k}").mkdir()
+        (tmp_path / f"g{k}").mkdir()
+        save_file({n: torch.rand(t.shape, generator=g) ** 2 for n, t in base.items()},
+                  str(tmp_path / f"f{k}" / "fisher.safetensors"))
+        grams = {}
+        for n, t in base.items():
+            if n.endswith(".weight") and t.dim() == 2 and "embed" not in n:
+                x = torch.randn(3 * t.shape[1], t.shape[1], generator=g)
+                grams[n[:-len(".weight")]] = x.t() @ x
+        save_file(grams, str(tmp_path / f"g{k}" / "grams.safetensors"))
+    return base
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_yaml_fisher_and_regmean_read_statistics_folders(llamas, tmp_path, method):
+    """``merge_method: fisher`` / ``regmean``: each model names its statistics folder; the
+    result equals ``fastmerge.fisher`` / ``fastmerge.regmean_state_dicts`` on the state dicts
+    (Fisher norms over the whole model; RegMean on the linear weights, the rest averaged)."""
+    _stats_folders(llamas, tmp_path)
+    key, shared = ("fisher", "parameters: {normalize_fisher_weight: true, minimal_fisher_weight: 1.0e-6}") \
+        if method == "fisher" else ("grams", "parameters: {alpha: 0.9}")
+    stat = "f" if method == "fisher" else "g"
+    lines = [f"merge_method: {method}", "dtype: float32", shared, "models:"]
+    for k in range(3):
+        weight = f", weight: {0.2 + 0.3 * k}" if method == "fisher" else ""
+        lines += [f"  - model: {llamas / f'm{k}'}", f"    parameters: {{{key}: {tmp_path / f'{stat}{k}'}{weight}}}"]
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text("\n".join(lines) + "\n")
+    assert cli(["merge", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 0
+    out = load_folder(tmp_path / "out")
+    models = [load_folder(llamas / f"m{k}") for k in range(3)]
+    if method == "fisher":
+        fishers = [load_folder(tmp_path / f"f{k}") for k in range(3)]
+        want = fastmerge.fisher(models, fishers, weights=[0.2, 0.5, 0.8])
+    else:
+        grams = [load_folder(tmp_path / f"g{k}") for k in range(3)]
+        want = fastmerge.regmean_state_dicts(models, grams, alpha=0.9)
+    assert out.keys() == want.keys()
+    for name in out:
+        torch.testing.assert_close(out[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_yaml_statistics_errors(llamas, tmp_path, capsys):
+    from conftest import expect_merge_error
+
+    _stats_folders(llamas, tmp_path)
+    cfg = tmp_path / "nofisher.yml"
+    cfg.write_text(f"merge_method: fisher\nmodels:\n  - model: {llamas / 'm0'}\n    parameters: {{fisher: {tmp_path / 'f0'}}}\n"
+                   f"  - model: {llamas / 'm1'}\n")
+    expect_merge_error(capsys, [cfg, tmp_path / "o1"], "fisher", str(llamas / "m1"))
+    cfg.write_text(f"merge_method: fisher\nmodels:\n  - model: {llamas / 'm0'}\n    parameters: {{fisher: {tmp_path / 'nope'}}}\n")
+    expect_merge_error(capsys, [cfg, tmp_path / "o2"], "fisher", "nope", "no such folder")
+    cfg.write_text(f"merge_method: regmean\nbase_model: {llamas / 'base'}\nmodels:\n"
+                   f"  - model: {llamas / 'm0'}\n    parameters: {{grams: {tmp_path / 'g0'}}}\n")
+    expect_merge_error(capsys, [cfg, tmp_path / "o3"], "no base_model")
+    cfg.write_text(f"merge_method: fisher\nmodels:\n  - model: {llamas / 'm0'}\n    parameters: {{fisher: {tmp_path / 'f0'}}}\n"
+                   f"  - model: {llamas / 'm1'}\n    parameters: {{fisher: {tmp_path / 'g1'}}}\n")
+    expect_merge_error(capsys, [cfg, tmp_path / "o4"], "lacks tensor")
+    cfg.write_text(f"merge_method: fisher\nmodels:\n  - model: {llamas / 'm0'}\n    parameters: {{fisher: 0.5}}\n")
+    expect_merge_error(capsys, [cfg, tmp_path / "o5"], "fisher must be a folder path")

@@ -38,14 +38,16 @@ A method with fused kernels also defines
   own pass over the output for inf/nan.
 """
 
-from . import (arcee_fusion, consensus_ta, consensus_ties, emr, karcher, model_stock, multislerp, nearswap,
-               nuslerp, passthrough, pcb, ram, ramplus_tl, sce, slerp)
+from . import (arcee_fusion, consensus_ta, consensus_ties, emr, fisher, karcher, model_stock, multislerp, nearswap,
+               nuslerp, passthrough, pcb, ram, ramplus_tl, regmean, sce, slerp)
 
 # in mergekit's registry order; fastmerge/_registry.py makes one entry of each
 MERGEKIT = (slerp, nuslerp, multislerp, karcher, model_stock, sce, nearswap, arcee_fusion, ram,
             ramplus_tl, passthrough)
-# the research methods of issue 24 that are per-tensor merges (FusionBench's and the papers'
-# names and defaults; fastmerge.research holds the ones with other results)
-RESEARCH = (consensus_ta, consensus_ties, pcb, emr)
+# the research methods of issue 24 (FusionBench's and the papers' names and defaults): per-tensor
+# merges, and fisher / regmean, whose modules declare fastmerge merge's YAML entries (their
+# ``STATS`` parameter names each model's statistics folder; fastmerge.research and
+# fastmerge.regmean compute them)
+RESEARCH = (consensus_ta, consensus_ties, pcb, emr, fisher, regmean)
 MODULES = MERGEKIT + RESEARCH
 NAMES = tuple(m.__name__.rpartition(".")[2] for m in MODULES)
