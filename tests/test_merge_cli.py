@@ -219,7 +219,8 @@ def test_slices_errors(llamas4, tmp_path, capsys):
     assert cfg.uses_base and [m.path for m in cfg.inputs] == ["/m0"]
     assert mc.merge_kwargs(cfg, *mc.resolve(cfg, "x", 0.0)) == {"max_iter": 3, "tol": 1e-5}
     cfg = mc.parse("merge_method: passthrough\nbase_model: /m0\nmodels:\n  - model: /m0\n")
-    assert not cfg.uses_base and mc.merge_kwargs(cfg, *mc.resolve(cfg, "x", 0.0)) == {"scale": [None]}
+    # a per-model parameter no model sets stays unset (None: the method's default)
+    assert not cfg.uses_base and mc.merge_kwargs(cfg, *mc.resolve(cfg, "x", 0.0)) == {"scale": None}
     with pytest.raises(mc.ConfigError, match="filter_wise must be true or false"):
         cfg = mc.parse("merge_method: model_stock\nbase_model: /b\nmodels: [/m0, /m1]\n"
                        "parameters: {filter_wise: 2}\n")
