@@ -31,6 +31,7 @@ from . import upstream_research as up
 from .suite import copy_bandwidth, environment
 
 METHODS = ("consensus_ta", "consensus_ties", "tall_masks", "emr", "fisher", "pcb")
+MERGES = ("consensus_ta", "consensus_ties", "pcb")  # the fastmerge.merge methods among them
 
 
 def _flat(base, models):
@@ -89,7 +90,10 @@ def measure(shape, k, reps, methods, log=print):
                 fn()
                 times[name].append(time.perf_counter() - t0)
         row = {"op": method, "shape": list(shape), "dtype": "float32", "K": k, "bytes": nbytes,
-               "backend": fastmerge.dispatch.resolve(None, base.device, method)}
+               # fastmerge.merge's methods resolve by name; tall_masks / emr / fisher as
+               # fastmerge.research resolves them
+               "backend": fastmerge.dispatch.resolve(None, base.device, method if method in MERGES
+                                                     else "research." + method)}
         for name, ts in times.items():
             med = statistics.median(ts[1:])
             row[f"{name}_ms"] = 1e3 * med

@@ -152,3 +152,13 @@ def test_errors_name_the_argument(backend):
         research.tall_masks(base, models, mtl=base[:4], backend=backend)
     with pytest.raises(ValueError, match="requires base"):
         fastmerge.merge("consensus_ta", None, models, backend=backend)
+
+
+@pytest.mark.parametrize("method", ["consensus_ta", "consensus_ties"])
+def test_more_than_eight_models_take_the_runtime_k_path(method):
+    """K > 8: the kernels' loops with K at run time (not the unrolled K <= 8 pass)."""
+    base, models = models_for((33, 70), 10, torch.float32, seed=9)
+    assert torch.equal(fastmerge.merge(method, base, models, backend="cpu"),
+                       fastmerge.merge(method, base, models, backend="torch"))
+    a = research.tall_masks(base, models, backend="cpu")
+    assert torch.equal(a.packed, research.tall_masks(base, models, backend="torch").packed)

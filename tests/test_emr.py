@@ -102,3 +102,10 @@ def test_errors_name_the_argument(backend):
         fastmerge.emr(sd, sms, backend=backend)
     with pytest.raises(IndexError, match="task index 3"):
         fastmerge.emr(base, models, backend=backend).task(3)
+
+
+def test_more_than_eight_models_take_the_runtime_k_path():
+    base, models = models_for((33, 70), 10, torch.float32, seed=9)
+    a, b = fastmerge.emr(base, models, backend="cpu"), fastmerge.emr(base, models, backend="torch")
+    assert torch.equal(a.unified, b.unified) and torch.equal(a.masks, b.masks)
+    torch.testing.assert_close(a.rescalers, b.rescalers, atol=0, rtol=1e-6)

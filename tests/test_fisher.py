@@ -92,3 +92,9 @@ def test_errors_name_the_argument(backend):
     with pytest.raises(ValueError, match=r"fishers\[1\] is all zero and minimal_fisher_weight is 0"):
         fastmerge.fisher(models, [fishers[0], torch.zeros_like(fishers[1]), fishers[2]],
                          minimal_fisher_weight=0.0, backend=backend)
+
+
+def test_more_than_eight_models_take_the_runtime_k_path():
+    models, fishers = _inputs((33, 70), 10, seed=9)
+    torch.testing.assert_close(fastmerge.fisher(models, fishers, backend="cpu"),
+                               fastmerge.fisher(models, fishers, backend="torch"), atol=0, rtol=1e-6)

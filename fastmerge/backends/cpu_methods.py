@@ -254,7 +254,7 @@ def _consensus_run(base, models, *, lambdas, k, lam, out_dtype, mtl=None, top_k=
     """The consensus pass: ``(out or None, packed masks or None)``."""
     base, models, out, n, lib = _ew_prepare(base, models, out_dtype or base.dtype)
     K = len(models)
-    bits = torch.zeros((K, (n + 7) // 8), dtype=torch.uint8) if masks else None
+    bits = torch.empty((K, (n + 7) // 8), dtype=torch.uint8) if masks else None  # the pass writes every byte
     if n == 0:
         return out, bits
     cuts = []
@@ -295,7 +295,7 @@ def emr(base, models):
     base, models, _, n, lib = _ew_prepare(base, models, torch.float32)
     K = len(models)
     uni = torch.empty(base.shape, dtype=torch.float32)
-    bits = torch.zeros((K, (n + 7) // 8), dtype=torch.uint8)
+    bits = torch.empty((K, (n + 7) // 8), dtype=torch.uint8)  # the pass writes every byte
     if n == 0:
         return uni, bits, [0.0] * K, [0.0] * K
     abs_sum, kept_sum, flags = lib.emr(base.data_ptr(), [m.data_ptr() for m in models],
