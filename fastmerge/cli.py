@@ -211,8 +211,8 @@ def _merge_parser(sub) -> None:
                    help="seed of DARE/DELLA's random masks (each tensor's Philox seed hashes it "
                         "with the tensor name; default 0)")
     p.add_argument("--topk-scope", choices=["tensor", "model"], default=None,
-                   help="TIES trimming per tensor (mergekit, default) or over the whole model "
-                        "(FusionBench); overrides the config's topk_scope")
+                   help="TIES trimming (and PCB's statistics) per tensor (mergekit, default) or over "
+                        "the whole model (FusionBench, the PCB authors); overrides the config's topk_scope")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT (folder, file or symlink) in one atomic swap once "
                         "the new merge is complete; the previous OUT is then deleted")

@@ -31,6 +31,7 @@ from . import dispatch
 from .methods._common import checked, model_names
 from .methods.consensus_ta import tall_masks as _tall_masks_ref
 from .methods.emr import unified as _emr_unified
+from .methods import pcb as _pcb
 
 _ANY = dict(base="required", min_models=1, max_models=None)
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
@@ -249,6 +250,31 @@ def rescalers(scale, kept) -> torch.Tensor:
 # fastmerge merge's masks and rescalers: OUT/emr/emr.safetensors (a subfolder, so that readers of
 # OUT's weights never take the masks for model tensors); fastmerge.load_emr reads them back
 EMR_DIR, EMR_FILE = "emr", "emr.safetensors"
+
+
+# ---- PCB over a whole model ----------------------------------------------------------------------
+
+def pcb_with_stats(base, models, stats, *, weights=None, lam: float = 1.0, out_dtype=None,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """One tensor of PCB-merging with the per-task statistics ``stats = (lo, hi, q, M)`` taken
+    over a wider scope (``fastmerge merge`` with ``topk_scope: model``: the whole model, as the
+    authors' code flattens it): :func:`fastmerge.methods.pcb.merge_with`, fused on CPU."""
+    b, ms = checked("pcb", _ANY, base, models)
+    K = len(ms)
+    w = V.per_model(1.0 if weights is None else weights, K, "weights")
+    lam = V.number(lam, "lam")
+    dtype = V.out_dtype(out_dtype, b.dtype)
+    if any(len(x) != K for x in stats):
+        raise ValueError(f"stats must hold K = {K} values each of lo, hi, q and M")
+    ops = _kernels(backend, b, "pcb")
+    if ops is not None and hasattr(ops, "pcb") and b.device.type == "cpu":
+        return ops.pcb(b, ms, ranks=None, weights=w, lam=lam, out_dtype=dtype, stats=stats)
+    for t, label in zip([b, *ms], ["base", *model_names(K)]):
+        V.check_finite(t, label)
+    deltas = [m.float() - b.float() for m in ms]
+    out = (b.float() + lam * _pcb.merge_with(deltas, stats, w)).to(dtype)
+    V.check_result(out, [b, *ms], ["base", *model_names(K)])
+    return out
 
 
 # ---- Fisher merging ----------------------------------------------------------------------------

@@ -45,6 +45,8 @@ import torch
 from . import _semantics as sem
 from . import adapters, api, card, dispatch, hub, lowrank, research
 from .regmean import regmean as _regmean
+from .methods import pcb as _pcb
+from .methods.pcb import ranks as _pcb_ranks
 from . import layers
 from . import mergeconfig as mc
 from . import vocab as vocab_
@@ -435,6 +437,92 @@ def model_thresholds(jobs: List[Job], mine: List[int], base: Checkpoint, inputs:
     return thr
 
 
+def _radix_ranks(stream, K: int, ranks: List[List[int]], group: Group) -> List[List[int]]:
+    """The 32-bit keys at 0-based ascending ranks ``ranks[k]`` of model ``k``'s keys, over
+    everything ``stream()`` yields (``(k, int64 tensor of keys in [0, 2^32))``, called twice):
+    the 16 high bits by one histogram pass, the 16 low bits inside each chosen bucket by a
+    second; the histograms summed over all processes."""
+    hi = torch.zeros(K, 1 << 16, dtype=torch.int64)
+    for k, keys in stream():
+        hi[k] += torch.bincount(keys >> 16, minlength=1 << 16)
+    cum = group.sum_(hi).cumsum(1)
+    want = {}  # (k, bucket) -> [(rank inside the bucket, index into ranks[k])]
+    for k in range(K):
+        for i, r in enumerate(ranks[k]):
+            b = int(torch.searchsorted(cum[k], torch.tensor(r), right=True))
+            want.setdefault((k, b), []).append((r - (int(cum[k, b - 1]) if b else 0), i))
+    lo = {kb: torch.zeros(1 << 16, dtype=torch.int64) for kb in want}
+    buckets = {k: [b for kk, b in want if kk == k] for k in range(K)}
+    for k, keys in stream():
+        top = keys >> 16
+        for b in buckets[k]:
+            sel = keys[top == b]
+            if sel.numel():
+                lo[k, b] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+    out = [[0] * len(ranks[k]) for k in range(K)]
+    for (k, b), items in want.items():
+        c = group.sum_(lo[k, b]).cumsum(0)
+        for r, i in items:
+            out[k][i] = (b << 16) | int(torch.searchsorted(c, torch.tensor(r), right=True))
+    return out
+
+
+def _float_of(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32))
+
+
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """Unsigned order keys of fp32 values (-0 as +0) as int64: key order = float order."""
+    u = (x + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(u >= 0x80000000, (~u) & 0xFFFFFFFF, u | 0x80000000)
+
+
+def _from_order_key(key: int) -> float:
+    return _float_of(key & 0x7FFFFFFF if key & 0x80000000 else (~key) & 0xFFFFFFFF)
+
+
+def pcb_model_stats(jobs: List[Job], mine: List[int], base: Checkpoint, inputs: List[Checkpoint],
+                    kw: dict, group: Group) -> tuple:
+    """PCB's per-task statistics over the whole model, as the authors' ``pcb-merging.py``
+    computes them on the flattened model: ``(lo, hi, q, M)``, the clamp bounds (order
+    statistics of ``|tau_t|`` over all ``N`` merged elements), the score cut and the score max
+    (of ``b_t`` over all elements; :mod:`fastmerge.methods.pcb`). Four passes over the inputs
+    (two radix passes each); the merge pass follows."""
+    K = len(inputs)
+    todo = [jobs[i] for i in mine if jobs[i].kind == "merge"]
+    N = sum(j.numel for j in jobs if j.kind == "merge")
+    r_lo, r_hi, r_q = _pcb_ranks(N, kw.get("ratio", 0.1), kw.get("min_ratio", 1e-4), kw.get("max_ratio", 1e-4))
+
+    def deltas():
+        for job in todo:
+            b = base.tensor(job.name).reshape(-1)
+            ms = [x.tensor(job.name).reshape(-1) for x in inputs]
+            for s in range(0, b.numel(), _CHUNK):
+                bb = b[s:s + _CHUNK].to(job.dtype).float()
+                yield [m[s:s + _CHUNK].to(job.dtype).float() - bb for m in ms]
+            for x in inputs:
+                x.release(job.name)
+            base.release(job.name)
+
+    def abs_keys():
+        for ds in deltas():
+            for k, d in enumerate(ds):
+                yield k, d.abs().view(torch.int32).to(torch.int64)
+
+    bounds = _radix_ranks(abs_keys, K, [[r_lo, r_hi]] * K, group)
+    lo = [_float_of(b[0]) for b in bounds]
+    hi = [_float_of(b[1]) for b in bounds]
+
+    def score_keys():
+        for ds in deltas():
+            total = sum(ds)
+            for k, d in enumerate(ds):
+                yield k, _order_keys(_pcb.score(d, total, torch.tensor(lo[k]), torch.tensor(hi[k]), K)[1])
+
+    cuts = _radix_ranks(score_keys, K, [[r_q, N - 1]] * K, group)
+    return lo, hi, [_from_order_key(c[0]) for c in cuts], [_from_order_key(c[1]) for c in cuts]
+
+
 # ----------------------------------------------------------------- the output folder
 #
 # What fastmerge may delete: the temporary folder it created in this run, and, with
@@ -750,6 +838,7 @@ class Merger:
         # emr: per merged tensor, its packed masks and the two per-task means of its rescalers
         self.emr_parts: Dict[str, tuple] = {}
         self.stats: Dict[str, Checkpoint] = {}  # fisher / regmean: statistics folders, opened once
+        self.pcb_stats: Optional[tuple] = None  # pcb with topk_scope: model: (lo, hi, q, M)
         self.fisher_coef: Optional[List[float]] = None
         if self.cfg.method in _STATS and (self.cfg.slices or self.cfg.base is not None):
             raise MergeError(f"merge_method {self.cfg.method} takes a models list and no base_model "
@@ -902,9 +991,18 @@ class Merger:
         if self.cfg.slices:
             raise MergeError("topk_scope: model (FusionBench's whole-model TIES trimming) takes a "
                              "`models` config, not `slices`")
+        if self.cfg.method == "pcb":  # the authors' code takes its statistics over the flattened model
+            keys = ("ratio", "min_ratio", "max_ratio", "weights", "lam")
+            first = next((j for j in self.jobs if j.kind == "merge"), None)
+            for j in self.jobs:
+                if j.kind == "merge" and any(j.kwargs.get(k) != first.kwargs.get(k) for k in keys):
+                    raise MergeError(f"topk_scope: model needs one ratio, min_ratio, max_ratio, weight and "
+                                     f"lambda for the whole model, but tensor {j.name} resolves to others "
+                                     "(no gradients or filters on them)")
+            return
         if self.cfg.method != "ties":
-            raise MergeError(f"topk_scope: model (FusionBench's whole-model TIES trimming) applies "
-                             f"to merge_method ties, not {self.cfg.method}")
+            raise MergeError(f"topk_scope: model (whole-model top-k) applies to merge_method ties (FusionBench's "
+                             f"TIES trimming) and pcb (the authors' PCB), not {self.cfg.method}")
         dens = None
         for j in self.jobs:
             if j.kind != "merge":
@@ -1071,6 +1169,14 @@ class Merger:
             return self._fisher_one(job, xs)
         if self.cfg.method == "regmean":
             return self._regmean_one(job, xs)
+        if self.pcb_stats is not None:
+            kw = job.kwargs
+            try:
+                return research.pcb_with_stats(base, xs, self.pcb_stats, weights=kw.get("weights"),
+                                               lam=kw.get("lam", 1.0), out_dtype=job.out_dtype,
+                                               backend=self.options.backend)
+            except (ValueError, TypeError) as exc:
+                raise MergeError(f"tensor {job.name}: {exc}") from None
         kw = dict(job.kwargs)
         if self.thresholds is not None:
             kw.pop("density", None)
@@ -1371,6 +1477,11 @@ class Merger:
         self._step(self._prepare_output, only_rank0=True)
         if self.cfg.topk_scope == "model":
             def thresholds():
+                if self.cfg.method == "pcb":
+                    first = next(j for j in self.jobs if j.kind == "merge")
+                    self.pcb_stats = pcb_model_stats(self.jobs, self.mine, self.base, self.inputs,
+                                                     first.kwargs, self.group)
+                    return
                 self.thresholds = model_thresholds(self.jobs, self.mine, self.base, self.inputs,
                                                    self.densities, self.group)
             self._step(thresholds)

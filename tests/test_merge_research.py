@@ -159,3 +159,31 @@ def test_yaml_statistics_errors(llamas, tmp_path, capsys):
     expect_merge_error(capsys, [cfg, tmp_path / "o4"], "lacks tensor")
     cfg.write_text(f"merge_method: fisher\nmodels:\n  - model: {llamas / 'm0'}\n    parameters: {{fisher: 0.5}}\n")
     expect_merge_error(capsys, [cfg, tmp_path / "o5"], "fisher must be a folder path")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_yaml_pcb_over_the_whole_model_equals_the_authors_code(llamas, tmp_path, backend):
+    """``topk_scope: model``: PCB's clamp bounds, score cut and max over the flattened model, as
+    pcb-merging.py computes them; the merge of each tensor with those statistics."""
+    from fastmerge.bench import upstream_research as up
+
+    lines = ["merge_method: pcb", f"base_model: {llamas / 'base'}", "dtype: float32", "topk_scope: model",
+             "parameters: {ratio: 0.2, lambda: 0.9}", "models:"]
+    for k, w in enumerate([1.0, 0.8, 1.2]):
+        lines += [f"  - model: {llamas / f'm{k}'}", f"    parameters: {{weight: {w}}}"]
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text("\n".join(lines) + "\n")
+    assert cli(["merge", str(cfg), str(tmp_path / "out"), "--no-progress", "--backend", backend]) == 0
+    out, base = load_folder(tmp_path / "out"), load_folder(llamas / "base")
+    models = [load_folder(llamas / f"m{k}") for k in range(3)]
+    names = list(base)
+    flat = lambda sd: torch.cat([sd[n].reshape(-1).float() for n in names])  # noqa: E731
+    ptm = flat(base)
+    merged = ptm + 0.9 * up.pcb_authors(torch.vstack([flat(m) for m in models]) - ptm, pcb_ratio=0.2,
+                                        lams=[1.0, 0.8, 1.2])
+    got = flat(out)
+    torch.testing.assert_close(got, merged, atol=2e-6, rtol=1e-5)
+    # per tensor (the default scope) the result differs: the statistics are the whole model's
+    per_tensor = torch.cat([fastmerge.merge("pcb", base[n], [m[n] for m in models], ratio=0.2, lam=0.9,
+                                            weights=[1.0, 0.8, 1.2]).reshape(-1) for n in names])
+    assert not torch.allclose(per_tensor, got, atol=1e-6, rtol=1e-5)

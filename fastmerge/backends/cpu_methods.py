@@ -348,14 +348,21 @@ def _key_float(key: int) -> float:
     return float(torch.tensor([key], dtype=torch.int64).to(torch.int32).view(torch.float32)[0])
 
 
-def pcb(base, models, *, ranks, weights, lam, out_dtype):
+def pcb(base, models, *, ranks, weights, lam, out_dtype, stats=None):
     """PCB's merge (:mod:`fastmerge.methods.pcb`, csrc/pcb.cpp): the clamp bounds of each
     ``|tau_t|`` by one multi-query radix select, the scores' order statistic and max by
-    ``pcb_select``, then one merge pass; ``ranks = (lo, hi, q)`` as the reference indexes."""
+    ``pcb_select``, then one merge pass; ``ranks = (lo, hi, q)`` as the reference indexes.
+    ``stats = (lo, hi, q, M)`` given (taken over a whole model): the merge pass alone."""
     base, models, out, n, lib = _ew_prepare(base, models, out_dtype)
     if n == 0:
         return out
     K, ptrs, dt, nt = len(models), [m.data_ptr() for m in models], abi.dtype_code(base.dtype), _native.threads(n)
+    if stats is not None:
+        lo, hi, q, M = ([float(v) for v in x] for x in stats)
+        flags = lib.pcb_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), abi.dtype_code(out_dtype), n, lo, hi,
+                              q, M, [float(w) for w in weights], lam, nt)
+        _ew_raise(flags, K, out)
+        return out
     r_lo, r_hi, r_q = ranks
     # the r-th smallest |tau| is the (n - r)-th largest: the T of a top set of n - r elements
     # (for r = 0, the whole tensor, select_ranges reports no T: its minimum is taken here)

@@ -43,22 +43,28 @@ def minmax(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)
 
 
-def scores(deltas: list, min_ratio: float, max_ratio: float) -> tuple:
-    """Per task: the clamped task vector and its balancing score (see :func:`reference`)."""
-    n, K = deltas[0].numel(), len(deltas)
-    r_lo, r_hi, _ = ranks(n, 0.5, min_ratio, max_ratio)
+def score(d: torch.Tensor, total: torch.Tensor, lo, hi, K: int) -> tuple:
+    """One task's ``(c_t, b_t)``: its clamped task vector and balancing score, given the clamp
+    bounds ``lo``, ``hi`` and the task vectors' sum ``total`` (see :func:`reference`)."""
+    a = torch.clamp(d.abs(), lo, hi)
+    return torch.sign(d) * a, torch.exp(K * minmax(a, lo, hi) ** 2) * torch.tanh(d * total)
+
+
+def merge_with(deltas: list, stats: tuple, weights: list) -> torch.Tensor:
+    """The merged task vector from the per-task statistics ``stats = (lo, hi, q, M)`` (lists of
+    K floats: the clamp bounds, the score cut and the score max), over whatever scope they were
+    taken (a tensor in :func:`reference`; the whole model with ``fastmerge merge``'s
+    ``topk_scope: model``)."""
+    lo, hi, q, M = stats
     total = sum(deltas)
-    clamped, score = [], []
-    for d in deltas:
-        a = d.abs()
-        srt = torch.sort(a.reshape(-1)).values
-        lo, hi = srt[r_lo], srt[r_hi]
-        a = torch.clamp(a, lo, hi)
-        clamped.append(torch.sign(d) * a)
-        intra = torch.exp(K * minmax(a, lo, hi) ** 2)
-        inter = torch.tanh(d * total)
-        score.append(intra * inter)
-    return clamped, score
+    K = len(deltas)
+    num, den = 0, 0
+    for t, d in enumerate(deltas):
+        c, b = score(d, total, torch.tensor(lo[t]), torch.tensor(hi[t]), K)
+        sc = minmax(torch.clamp(b, min=q[t]), torch.tensor(q[t]), torch.tensor(M[t]))
+        num = num + weights[t] * c * sc
+        den = den + sc
+    return num / torch.clamp(den, min=1e-12)
 
 
 def reference(base, models, *, ratio=0.1, weights=None, lam=1.0, min_ratio=1e-4, max_ratio=1e-4) -> torch.Tensor:
@@ -87,14 +93,18 @@ def reference(base, models, *, ratio=0.1, weights=None, lam=1.0, min_ratio=1e-4,
     if b.numel() == 0:
         return b.clone()
     deltas = [m - b for m in ms]
-    clamped, score = scores(deltas, min_ratio, max_ratio)
-    _, _, r_q = ranks(b.numel(), ratio, min_ratio, max_ratio)
-    scales = []
-    for s in score:
-        srt = torch.sort(s.reshape(-1)).values
-        scales.append(minmax(torch.clamp(s, min=srt[r_q]), srt[r_q], srt[-1]))
-    num = sum(wt * c * sc for wt, c, sc in zip(w, clamped, scales))
-    return b + lam * (num / torch.clamp(sum(scales), min=1e-12))
+    n, K = b.numel(), len(ms)
+    r_lo, r_hi, r_q = ranks(n, ratio, min_ratio, max_ratio)
+    total = sum(deltas)
+    lo, hi, q, M = [], [], [], []
+    for d in deltas:
+        srt = torch.sort(d.abs().reshape(-1)).values
+        lo.append(float(srt[r_lo]))
+        hi.append(float(srt[r_hi]))
+        srt = torch.sort(score(d, total, srt[r_lo], srt[r_hi], K)[1].reshape(-1)).values
+        q.append(float(srt[r_q]))
+        M.append(float(srt[-1]))
+    return b + lam * merge_with(deltas, (lo, hi, q, M), w)
 
 
 def fused(ops, base, models, *, out_dtype, ratio=0.1, weights=None, lam=1.0, min_ratio=1e-4,
