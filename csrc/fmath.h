@@ -41,17 +41,22 @@ inline float exp_f(float x) {
     return (y * u2f((uint32_t)(h + 127) << 23)) * u2f((uint32_t)(n - h + 127) << 23);
 }
 
-// tanh(x): an odd polynomial below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above (with the sign),
-// 1 beyond |x| = 9 (tanh rounds to 1 there).
-inline float tanh_f(float x) {
-    const float ax = std::fabs(x);
+// tanh(x) for |x| < 0.625: the odd polynomial
+inline float tanh_small(float x) {
     const float z = x * x;
     float p = -5.70498872745e-3f;
     p = p * z + 2.06390887954e-2f;
     p = p * z + -5.37397155531e-2f;
     p = p * z + 1.33314422036e-1f;
     p = p * z + -3.33332819422e-1f;
-    const float small = (p * z) * x + x;
+    return (p * z) * x + x;
+}
+
+// tanh(x): tanh_small below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above (with the sign), 1
+// beyond |x| = 9 (tanh rounds to 1 there).
+inline float tanh_f(float x) {
+    const float ax = std::fabs(x);
+    const float small = tanh_small(x);
     const float e = exp_f(2.0f * (ax > 9.0f ? 9.0f : ax));
     const float big = 1.0f - 2.0f / (e + 1.0f);
     const float r = ax < 0.625f ? small : (ax > 9.0f ? 1.0f : big) * (x < 0.0f ? -1.0f : 1.0f);

@@ -50,13 +50,23 @@ struct Pcb {
         }
     }
 
-    // score of delta d (model k) with the deltas' sum tot; a: its clamped magnitude
+    // score of delta d (model k) with the deltas' sum tot; a: its clamped magnitude. SMALL:
+    // every |d tot| of the block is below 0.625, where tanh_f is tanh_small (same values, no
+    // exp and division for the branch it would discard)
+    template <bool SMALL = false>
     static inline float score(float d, float tot, float lo, float hi, float Kf, float* a) {
         const float c = std::min(std::max(std::fabs(d), lo), hi);
         *a = c;
         const float span = hi - lo;
         const float r = span > 0.0f ? (c - lo) / (span > 0.0f ? span : 1.0f) : 0.0f;
-        return exp_f(Kf * (r * r)) * tanh_f(d * tot);
+        return exp_f(Kf * (r * r)) * (SMALL ? tanh_small(d * tot) : tanh_f(d * tot));
+    }
+
+    // 1 if every |d[j] tot[j]| of the block is below 0.625 (the tanh_small range)
+    static inline bool small_block(const float* __restrict d, const float* __restrict tot, int len) {
+        float m = 0.0f;
+        for (int j = 0; j < len; ++j) m = std::max(m, std::fabs(d[j] * tot[j]));
+        return m < 0.625f;
     }
 };
 
@@ -92,9 +102,16 @@ pcb_select(uint64_t base, const std::vector<uint64_t>& models, int dt, int64_t n
             for (int k = 0; k < K; ++k) {
                 const float* __restrict d = s + (int64_t)(k + 2) * EW_BLOCK;
                 const float l = lo[k], u = hi[k];
-                for (int j = 0; j < len; ++j) {
-                    float a;
-                    sc[j] = Pcb::score(d[j], tot[j], l, u, Kf, &a);
+                if (Pcb::small_block(d, tot, len)) {
+                    for (int j = 0; j < len; ++j) {
+                        float a;
+                        sc[j] = Pcb::score<true>(d[j], tot[j], l, u, Kf, &a);
+                    }
+                } else {
+                    for (int j = 0; j < len; ++j) {
+                        float a;
+                        sc[j] = Pcb::score(d[j], tot[j], l, u, Kf, &a);
+                    }
                 }
                 uint16_t* __restrict k16 = key16.get() + (size_t)k * n + i0;
                 uint32_t m = mx[k];
@@ -199,14 +216,18 @@ std::vector<int> pcb_merge(uint64_t base, const std::vector<uint64_t>& models, i
             const float* __restrict d = s + (int64_t)(k + 2) * EW_BLOCK;
             const float l = lo[k], u = hi[k], qk = q[k], span = M[k] - q[k], wk = w[k];
             const bool live = span > 0.0f;
-            for (int j = 0; j < len; ++j) {
-                float a;
-                const float sco = Pcb::score(d[j], tot[j], l, u, Kf, &a);
-                const float scale = live ? (std::max(sco, qk) - qk) / (live ? span : 1.0f) : 0.0f;
-                const float sg = d[j] > 0.0f ? 1.0f : (d[j] < 0.0f ? -1.0f : 0.0f);
-                num[j] = num[j] + (wk * (sg * a)) * scale;
-                den[j] = den[j] + scale;
-            }
+            auto body = [&](auto small) {
+                for (int j = 0; j < len; ++j) {
+                    float a;
+                    const float sco = Pcb::score<decltype(small)::value>(d[j], tot[j], l, u, Kf, &a);
+                    const float scale = live ? (std::max(sco, qk) - qk) / (live ? span : 1.0f) : 0.0f;
+                    const float sg = d[j] > 0.0f ? 1.0f : (d[j] < 0.0f ? -1.0f : 0.0f);
+                    num[j] = num[j] + (wk * (sg * a)) * scale;
+                    den[j] = den[j] + scale;
+                }
+            };
+            if (Pcb::small_block(d, tot, len)) body(std::true_type{});
+            else body(std::false_type{});
         }
         for (int j = 0; j < len; ++j) num[j] = bb[j] + lam * (num[j] / std::max(den[j], 1e-12f));
         acc[K + 1] |= ew_nonfinite(num, len);
