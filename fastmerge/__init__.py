@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 # fastmerge.<method>(base, models, ...) for every registered method (fastmerge.ties, ...)
 globals().update({name: getattr(api, name) for name in METHODS})
 # fastmerge.emr is EMR-Merging with its masks and rescalers (fastmerge.merge("emr", ...) is its
-# unified model only)
+# unified model only); fastmerge.fisher and fastmerge.regmean take the per-model statistics
+# (their registry entries are fastmerge merge's, which reads those from files)
 from .research import emr, fisher, tall_masks  # noqa: E402
 from . import opcm  # noqa: E402
 from .regmean import SingularGramError, regmean, regmean_state_dicts  # noqa: E402
