@@ -1000,9 +1000,10 @@ class Merger:
                                      f"lambda for the whole model, but tensor {j.name} resolves to others "
                                      "(no gradients or filters on them)")
             return
-        if self.cfg.method != "ties":
+        if self.cfg.method not in ("ties", "consensus_ties"):
             raise MergeError(f"topk_scope: model (whole-model top-k) applies to merge_method ties (FusionBench's "
-                             f"TIES trimming) and pcb (the authors' PCB), not {self.cfg.method}")
+                             f"TIES trimming), consensus_ties (the tall_masks code's) and pcb (the authors' "
+                             f"PCB), not {self.cfg.method}")
         dens = None
         for j in self.jobs:
             if j.kind != "merge":

@@ -162,3 +162,25 @@ def test_more_than_eight_models_take_the_runtime_k_path(method):
                        fastmerge.merge(method, base, models, backend="torch"))
     a = research.tall_masks(base, models, backend="cpu")
     assert torch.equal(a.packed, research.tall_masks(base, models, backend="torch").packed)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_consensus_ties_thresholds_equal_the_kthvalue_trim(backend):
+    """``threshold``: keep ``|tau| >= t`` per model; with the tall_masks code's kthvalue
+    thresholds it is that code's TIES (one element more than the top-k count per task)."""
+    base, models = make_models((41, 57), 4, seed=12)
+    flat_ptm = base.reshape(-1)
+    flat_ft = torch.vstack([m.reshape(-1) for m in models])
+    tv = flat_ft - flat_ptm
+    n = tv.shape[1]
+    thr = [float(tv[t].abs().kthvalue(n - int(n * 0.2)).values) for t in range(4)]
+    merged = up.ties_tall(tv, reset_thresh=20, merge_func="sum")
+    mask = up.consensus_fb(up.tall_masks_fb(flat_ft, flat_ptm, merged, 0.6), 2)
+    theirs = (flat_ptm + merged * mask).reshape(base.shape)
+    ours = fastmerge.merge("consensus_ties", base, models, threshold=thr, backend=backend)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert torch.equal(ours, fastmerge.merge("consensus_ties", base, models, threshold=thr, backend="torch"))
+    with pytest.raises(ValueError, match="either density or threshold"):
+        fastmerge.merge("consensus_ties", base, models, threshold=thr, density=0.5, backend=backend)
+    with pytest.raises(ValueError, match="threshold"):
+        fastmerge.merge("consensus_ties", base, models, threshold=-1.0, backend=backend)

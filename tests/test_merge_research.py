@@ -187,3 +187,24 @@ def test_yaml_pcb_over_the_whole_model_equals_the_authors_code(llamas, tmp_path,
     per_tensor = torch.cat([fastmerge.merge("pcb", base[n], [m[n] for m in models], ratio=0.2, lam=0.9,
                                             weights=[1.0, 0.8, 1.2]).reshape(-1) for n in names])
     assert not torch.allclose(per_tensor, got, atol=1e-6, rtol=1e-5)
+
+
+def test_yaml_consensus_ties_over_the_whole_model_equals_the_tall_masks_code(llamas, tmp_path):
+    """``topk_scope: model``: consensus_ties trims each task vector over the flattened model
+    (``|tau| >= kthvalue``), as the tall_masks code does with ``use_ties``."""
+    from fastmerge.bench import upstream_research as up
+
+    lines = ["merge_method: consensus_ties", f"base_model: {llamas / 'base'}", "dtype: float32",
+             "topk_scope: model", "parameters: {density: 0.2, k: 2, tall_lambda: 0.6}", "models:"]
+    lines += [f"  - model: {llamas / f'm{k}'}" for k in range(3)]
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text("\n".join(lines) + "\n")
+    assert cli(["merge", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 0
+    out, base = load_folder(tmp_path / "out"), load_folder(llamas / "base")
+    models = [load_folder(llamas / f"m{k}") for k in range(3)]
+    names = list(base)
+    flat = lambda sd: torch.cat([sd[n].reshape(-1).float() for n in names])  # noqa: E731
+    ptm, ft = flat(base), torch.vstack([flat(m) for m in models])
+    merged = up.ties_tall(ft - ptm, reset_thresh=20, merge_func="sum")
+    want = ptm + merged * up.consensus_fb(up.tall_masks_fb(ft, ptm, merged, 0.6), 2)
+    torch.testing.assert_close(flat(out), want, atol=1e-6, rtol=1e-5)

@@ -445,3 +445,12 @@ def test_one_host_read_per_result():
     # fastmerge.fisher with the norms: the sum of squares, then the merge
     _, reads = reads_of(lambda: fastmerge.fisher(ms, fs, backend="triton"))
     assert reads <= 2
+
+
+def test_consensus_ties_thresholds_on_triton():
+    """``threshold`` (the whole-model trim of ``fastmerge merge``'s topk_scope: model): the
+    cuts go straight to the pass, no select; the reference's bytes."""
+    base, ms = make_models((37, 53), 3, seed=21)
+    for thr in ([0.01, 0.02, 0.0], 0.03):
+        assert torch.equal(merge("consensus_ties", base, ms, "triton", threshold=thr),
+                           merge("consensus_ties", base, ms, "torch", threshold=thr))

@@ -3,6 +3,8 @@ naming the culprit of a non-finite flag, DARE's 1/density rescale, the selection
 that need no kernel, and the sign input of ``disjoint_merge``."""
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from .. import _validate as V
@@ -103,3 +105,14 @@ def pack_bits(keep: torch.Tensor) -> torch.Tensor:
         _BIT_WEIGHTS["w"] = torch.tensor([1 << j if j < 63 else -(1 << 63) for j in range(64)],
                                          dtype=torch.int64)
     return (padded.reshape(words, 64) * _BIT_WEIGHTS["w"]).sum(dim=1)
+
+
+def threshold_cuts(thresholds) -> list:
+    """Top sets ``(T, J)`` (key > T or key == T and index <= J, keys the fp32 bits of ``|d|``)
+    that keep ``|d| >= t`` for each magnitude ``t`` (rounded to fp32 as the comparison of an fp32
+    tensor with it rounds): ``T = bits(t) - 1``, no tie cut."""
+    cuts = []
+    for t in thresholds:
+        key = struct.unpack("<i", struct.pack("<f", float(t)))[0]
+        cuts += [key - 1, -1]
+    return cuts

@@ -250,7 +250,7 @@ def _ties_cuts(base, models, top_k, n) -> list:
 
 
 def _consensus_run(base, models, *, lambdas, k, lam, out_dtype, mtl=None, top_k=None, normalize=False,
-                   masks=False):
+                   masks=False, thresholds=None):
     """The consensus pass: ``(out or None, packed masks or None)``."""
     base, models, out, n, lib = _ew_prepare(base, models, out_dtype or base.dtype)
     K = len(models)
@@ -258,7 +258,9 @@ def _consensus_run(base, models, *, lambdas, k, lam, out_dtype, mtl=None, top_k=
     if n == 0:
         return out, bits
     cuts = []
-    if top_k is not None:
+    if thresholds is not None:
+        cuts = _host.threshold_cuts(thresholds)
+    elif top_k is not None:
         cuts = _ties_cuts(base, models, top_k, n)
         if cuts is None:  # select_ranges saw inf/nan: find it (the pass flags every input)
             cuts = [-1, -1] * K
@@ -276,11 +278,12 @@ def _consensus_run(base, models, *, lambdas, k, lam, out_dtype, mtl=None, top_k=
     return (out if out_dtype is not None else None), bits
 
 
-def consensus(base, models, *, k, tall_lambda, lam, out_dtype, top_k=None, normalize=False):
-    """Consensus TA (``top_k`` None) or TIES (``top_k``: each model's top-k size) merge, one
-    pass after the select (:mod:`fastmerge.methods.consensus_ta`, ``consensus_ties``)."""
+def consensus(base, models, *, k, tall_lambda, lam, out_dtype, top_k=None, normalize=False, thresholds=None):
+    """Consensus TA (``top_k`` None) or TIES (``top_k``: each model's top-k size; or
+    ``thresholds``: keep ``|d| >= t``) merge, one pass after the select
+    (:mod:`fastmerge.methods.consensus_ta`, ``consensus_ties``)."""
     return _consensus_run(base, models, lambdas=tall_lambda, k=k, lam=lam, out_dtype=out_dtype,
-                          top_k=top_k, normalize=normalize)[0]
+                          top_k=top_k, normalize=normalize, thresholds=thresholds)[0]
 
 
 def tall_masks(base, models, lambdas, mtl=None):

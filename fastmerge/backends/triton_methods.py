@@ -286,7 +286,7 @@ def _ties_cuts(ks, base, models, top_k, n: int, exact: bool):
 
 
 def _consensus_run(base, models, *, lambdas, k, lam, out_dtype, mtl=None, top_k=None, normalize=False,
-                   masks=False):
+                   masks=False, thresholds=None):
     """The consensus pass: ``(out or None, packed masks or None)``; one host read (the flags
     with the TIES select's missed-bracket flag; a missed bracket redoes it exactly)."""
     models, base = _contiguous(models, base)
@@ -299,7 +299,10 @@ def _consensus_run(base, models, *, lambdas, k, lam, out_dtype, mtl=None, top_k=
     ks = kernels()
     with _device(dev):
         for exact in (False, True):
-            cuts, missed = (None, None) if top_k is None else _ties_cuts(ks, base, models, top_k, n, exact)
+            if thresholds is not None:  # |d| >= t: every key > key(t) - 1 (cpu_methods.threshold_cuts)
+                cuts, missed = to_device(_host.threshold_cuts(thresholds), torch.int64, dev).view(-1, 2), None
+            else:
+                cuts, missed = (None, None) if top_k is None else _ties_cuts(ks, base, models, top_k, n, exact)
             flags = ks.consensus(base, models, n=n, lambdas=lambdas, kmin=float(min(k, 1 << 30)), lam=lam,
                                  out=out, bits=bits, mtl=mtl, cuts=cuts, normalize=normalize)
             flags = to_host(torch.cat([flags, missed if missed is not None else torch.zeros_like(flags[:1])]))
@@ -313,11 +316,12 @@ def _consensus_run(base, models, *, lambdas, k, lam, out_dtype, mtl=None, top_k=
     return out, bits
 
 
-def consensus(base, models, *, k, tall_lambda, lam, out_dtype, top_k=None, normalize=False):
-    """Consensus TA (``top_k`` None) or TIES (``top_k``: each model's top-k size) merge, one
-    pass after the select (:mod:`fastmerge.methods.consensus_ta`, ``consensus_ties``)."""
+def consensus(base, models, *, k, tall_lambda, lam, out_dtype, top_k=None, normalize=False, thresholds=None):
+    """Consensus TA (``top_k`` None) or TIES (``top_k``: each model's top-k size; or
+    ``thresholds``: keep ``|d| >= t``) merge, one pass after the select
+    (:mod:`fastmerge.methods.consensus_ta`, ``consensus_ties``)."""
     return _consensus_run(base, models, lambdas=tall_lambda, k=k, lam=lam, out_dtype=out_dtype,
-                          top_k=top_k, normalize=normalize)[0]
+                          top_k=top_k, normalize=normalize, thresholds=thresholds)[0]
 
 
 def tall_masks(base, models, lambdas, mtl=None):
