@@ -184,3 +184,41 @@ def test_consensus_ties_thresholds_equal_the_kthvalue_trim(backend):
         fastmerge.merge("consensus_ties", base, models, threshold=thr, density=0.5, backend=backend)
     with pytest.raises(ValueError, match="threshold"):
         fastmerge.merge("consensus_ties", base, models, threshold=-1.0, backend=backend)
+
+
+LARGE = [(dict(), 3), (dict(density=[0.1, 1.0, 0.0, 0.3]), 4), (dict(normalize=True, density=0.5), 2),
+         (dict(k=1, tall_lambda=[0.2, 0.4, 0.6, 0.8, 1.0], lam=0.8), 5), (dict(density=0.05), 8), (dict(), 1)]
+
+
+@pytest.mark.parametrize("params,K", LARGE)
+def test_consensus_ties_large_bit_identical(params, K):
+    """Past 2^20 elements (select_ranges' sampled bracket, many blocks on the fused loop): the
+    reference's bytes."""
+    base, models = models_for((1100, 1000), K, torch.float32, seed=K)
+    ref = fastmerge.merge("consensus_ties", base, models, backend="torch", **params)
+    assert torch.equal(fastmerge.merge("consensus_ties", base, models, backend="cpu", **params), ref)
+
+
+def test_consensus_ties_ties_low_precision_and_a_skewed_sample():
+    base, models = models_for((300, 211), 3, torch.float32, seed=4)
+    q = [((m - base) * 40).round() / 40 + base for m in models]  # many equal magnitudes at the cut
+    assert torch.equal(fastmerge.merge("consensus_ties", base, q, backend="cpu", density=0.3),
+                       fastmerge.merge("consensus_ties", base, q, backend="torch", density=0.3))
+    b16, m16 = models_for((300, 211), 3, torch.bfloat16, seed=5)
+    for out_dtype in (None, torch.float32):
+        assert torch.equal(fastmerge.merge("consensus_ties", b16, m16, backend="cpu", out_dtype=out_dtype),
+                           fastmerge.merge("consensus_ties", b16, m16, backend="torch", out_dtype=out_dtype))
+    # a sample that sees only zero deltas (they sit exactly at select_ranges' sampled runs): its
+    # bracket misses and the radix passes take over
+    n = 1 << 20
+    base = torch.randn(n)
+    models = [base + 0.05 * torch.randn(n) for _ in range(2)]
+    idx = (torch.arange(1024).unsqueeze(1) * 1024 + torch.arange(16)).reshape(-1)
+    for m in models:
+        m[idx] = base[idx]
+    assert torch.equal(fastmerge.merge("consensus_ties", base, models, backend="cpu"),
+                       fastmerge.merge("consensus_ties", base, models, backend="torch"))
+    bad = models[1].clone()
+    bad[12345] = float("nan")
+    with pytest.raises(fastmerge.NonFiniteError, match=r"models\[1\]"):
+        fastmerge.merge("consensus_ties", base, [models[0], bad], backend="cpu")
