@@ -392,8 +392,8 @@ def model_thresholds(jobs: List[Job], mine: List[int], base: Checkpoint, inputs:
     """FusionBench's TIES trimming over the whole model, exactly: per model, with ``N`` the
     number of elements of all merged tensors and ``k = int(N * density)``, the threshold is the
     ``(N - k)``-th smallest ``|delta|`` (``kthvalue``) and every element ``>=`` it is kept.
-    Found by a two-level radix select on the fp32 bit patterns (16 high bits, then the 16 low
-    bits inside the chosen bucket) with the histograms summed over all processes."""
+    Found by :func:`_radix_ranks` on the fp32 bit patterns, the histograms summed over all
+    processes."""
     K = len(inputs)
     merged = [i for i, j in enumerate(jobs) if j.kind == "merge"]
     N = sum(jobs[i].numel for i in merged)
@@ -415,25 +415,10 @@ def model_thresholds(jobs: List[Job], mine: List[int], base: Checkpoint, inputs:
                 inputs[k].release(job.name)
             base.release(job.name)
 
-    hi = torch.zeros(K, 1 << 15, dtype=torch.int64)
-    for k, bits in passes():
-        hi[k] += torch.bincount((bits >> 16).clamp_(max=(1 << 15) - 1), minlength=1 << 15)
-    hi = group.sum_(hi)
-    cum = hi.cumsum(1)
-    bucket, within = {}, {}
+    # the (N - k)-th smallest is the one at 0-based rank N - k - 1 (none asked of the others)
+    keys = _radix_ranks(passes, K, [[rank[k] - 1] if k in active else [] for k in range(K)], group)
     for k in active:
-        bk = int(torch.searchsorted(cum[k], torch.tensor(rank[k])))
-        bucket[k] = bk
-        within[k] = rank[k] - (int(cum[k, bk - 1]) if bk else 0)
-    lo = torch.zeros(K, 1 << 16, dtype=torch.int64)
-    for k, bits in passes():
-        sel = bits[(bits >> 16) == bucket[k]]
-        if sel.numel():
-            lo[k] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
-    lo = group.sum_(lo)
-    for k in active:
-        low = int(torch.searchsorted(lo[k].cumsum(0), torch.tensor(within[k])))
-        thr[k] = float(torch.tensor([(bucket[k] << 16) | low], dtype=torch.int32).view(torch.float32))
+        thr[k] = _float_of(keys[k][0])
     return thr
 
 
