@@ -348,12 +348,17 @@ def fisher_sum_squares(fishers, *, backend: Optional[str] = None, name: Optional
     V.check_dtype(fishers[0], names[len(fishers)])
     V.same_as(fishers[0], names[len(fishers)], fishers[1:], "fishers", 1)
     ops = _kernels(backend, fishers[0], "sum_squares")
-    if ops is None:
+    if ops is None:  # the kernels flag inf/nan and negative entries in their pass
         for t, f in enumerate(fishers):
-            V.check_finite(f, names[len(fishers) + t])
-            if f.numel() and float(f.min()) < 0:
-                raise ValueError(f"{names[len(fishers) + t]} has negative entries: a diagonal Fisher is >= 0")
+            _check_fisher(f, names[len(fishers) + t])
     return _sum_squares(fishers, ops, names)
+
+
+def _check_fisher(f: torch.Tensor, name: str) -> None:
+    """The reference's checks of one Fisher: finite and non-negative."""
+    V.check_finite(f, name)
+    if f.numel() and float(f.min()) < 0:
+        raise ValueError(f"{name} has negative entries: a diagonal Fisher is >= 0")
 
 
 def fisher_coefficients(weights, sq, eps: float) -> list:
@@ -391,7 +396,5 @@ def _fisher_inputs(ms: Sequence, fs: Sequence, name, backend):
     if ops is None:  # the kernels flag inf/nan and negative Fishers in their passes
         for t, f in enumerate(fs):
             V.check_finite(ms[t], names[t])
-            V.check_finite(f, names[len(ms) + t])
-            if f.numel() and float(f.min()) < 0:
-                raise ValueError(f"{names[len(ms) + t]} has negative entries: a diagonal Fisher is >= 0")
+            _check_fisher(f, names[len(ms) + t])
     return list(ms), list(fs), ops
