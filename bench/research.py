@@ -16,11 +16,9 @@ unified vector and K bit masks; fisher reads K models and K Fishers and writes o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,7 +26,7 @@ import fastmerge
 from fastmerge import research
 
 from . import upstream_research as up
-from .suite import copy_bandwidth, environment
+from .suite import copy_bandwidth, environment, save_json
 
 METHODS = ("consensus_ta", "consensus_ties", "tall_masks", "emr", "fisher", "pcb")
 MERGES = ("consensus_ta", "consensus_ties", "pcb")  # the fastmerge.merge methods among them
@@ -126,9 +124,9 @@ def main(argv=None):
     copy, rows = measure(shape, args.k, args.reps, methods)
     if args.json:
         meta = environment()
-        meta.update(copy_gbps=copy, command=" ".join(["python", "-m", "fastmerge.bench.research", *(argv or sys.argv[1:])]))
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        print(f"saved {args.json}")
+        meta.update(mode="research", copy_gbps=copy,
+                    command=" ".join(["python", "-m", "fastmerge.bench.research", *(argv or sys.argv[1:])]))
+        print(f"saved {save_json(rows, meta, args.json)}")
 
 
 if __name__ == "__main__":

@@ -13,18 +13,16 @@ read once, the output written once.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import fastmerge
 import fastmerge.backends.cpu as cpu_backend
 
-from .suite import bytes_moved, copy_bandwidth, environment
+from .suite import bytes_moved, copy_bandwidth, environment, save_json
 
 METHODS = ("ties", "breadcrumbs_ties", "breadcrumbs")
 
@@ -86,9 +84,9 @@ def main(argv=None):
     copy, rows = measure(shape, args.k, args.density, dtypes, args.reps)
     if args.json:
         meta = environment()
-        meta.update(copy_gbps=copy, command=" ".join(["python", "-m", "fastmerge.bench.select_merge", *(argv or sys.argv[1:])]))
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        print(f"saved {args.json}")
+        meta.update(mode="select_merge", copy_gbps=copy,
+                    command=" ".join(["python", "-m", "fastmerge.bench.select_merge", *(argv or sys.argv[1:])]))
+        print(f"saved {save_json(rows, meta, args.json)}")
 
 
 if __name__ == "__main__":
