@@ -223,28 +223,16 @@ std::tuple<std::vector<float>, std::vector<int>> arcee_select(uint64_t base, uin
             const int64_t i0 = blk * EW_BLOCK;
             const int len = (int)std::min<int64_t>(EW_BLOCK, n - i0);
             const uint16_t* __restrict k16 = key16 + i0;
-            for (int j0 = 0; j0 < len; j0 += 64) {
-                const int e = std::min(len, j0 + 64);
-                int any = 0;
-                for (int j = j0; j < e; ++j) any |= (k16[j] == b0) | (k16[j] == b1) | (k16[j] == b2);
-                if (!any) continue;
-                for (int j = j0; j < e; ++j) {
-                    if (k16[j] != b0 && k16[j] != b1 && k16[j] != b2) continue;
-                    const int64_t i = i0 + j;
-                    const float s = std::fabs(load_one(in.model, dt, i) - load_one(in.base, dt, i)) * klp[i / L];
-                    const uint32_t k = order_key(s);
-                    for (int q = 0; q < nq; ++q)
-                        if ((k >> 16) == (uint32_t)bin[q]) found[t][q].push_back(k);
-                }
-            }
+            for_matching(k16, len, [&](uint16_t v) { return (v == b0) | (v == b1) | (v == b2); }, [&](int j) {
+                const int64_t i = i0 + j;
+                const float s = std::fabs(load_one(in.model, dt, i) - load_one(in.base, dt, i)) * klp[i / L];
+                const uint32_t k = order_key(s);
+                for (int q = 0; q < nq; ++q)
+                    if ((k >> 16) == (uint32_t)bin[q]) found[t][q].push_back(k);
+            });
         }
     }
-    for (int q = 0; q < nq; ++q) {
-        std::vector<uint32_t> all;
-        for (int t = 0; t < snt; ++t) all.insert(all.end(), found[t][q].begin(), found[t][q].end());
-        std::nth_element(all.begin(), all.begin() + inner[q], all.end());
-        values[q] = key_value(all[inner[q]]);
-    }
+    for (int q = 0; q < nq; ++q) values[q] = nth_found(found, q, inner[q]);
     return {values, flags};
 }
 

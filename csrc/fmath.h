@@ -5,7 +5,9 @@
 // passes -ffp-contract=off), so a vector lane and a scalar call give the same bits.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
@@ -19,6 +21,30 @@ inline uint32_t order_key(float v) {
 }
 
 inline float key_value(uint32_t k) { return u2f((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k); }
+
+// The exact-selection rescan of arcee_fusion.cpp and pcb.cpp: f(j) for every j < len whose
+// stored 16-bit key k16[j] matches (the bins holding the wanted order statistics), 64 keys at a
+// time, so that the many stretches without a match cost one compare a key.
+template <class Match, class F>
+inline void for_matching(const uint16_t* __restrict k16, int len, Match match, F f) {
+    for (int j0 = 0; j0 < len; j0 += 64) {
+        const int e = std::min(len, j0 + 64);
+        int any = 0;
+        for (int j = j0; j < e; ++j) any |= (int)match(k16[j]);
+        if (!any) continue;
+        for (int j = j0; j < e; ++j)
+            if (match(k16[j])) f(j);
+    }
+}
+
+// The value of the order statistic `inner` (0-based, ascending) among the keys the threads
+// found for query q (found[thread][q]), as a float.
+inline float nth_found(const std::vector<std::vector<std::vector<uint32_t>>>& found, int q, int64_t inner) {
+    std::vector<uint32_t> all;
+    for (const auto& per_thread : found) all.insert(all.end(), per_thread[q].begin(), per_thread[q].end());
+    std::nth_element(all.begin(), all.begin() + inner, all.end());
+    return key_value(all[inner]);
+}
 
 // exp(x), x clamped to [-87, 88] (below: < 1e-37, above: near FLT_MAX): the range the callers
 // need (arcee's x <= 0 is x - row max; PCB's x lies in [0, 2 K] or is 2 |x| of tanh).

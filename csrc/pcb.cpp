@@ -164,34 +164,22 @@ pcb_select(uint64_t base, const std::vector<uint64_t>& models, int dt, int64_t n
             for (int k = 0; k < K; ++k) {
                 const uint16_t* __restrict k16 = key16.get() + (size_t)k * n + i0;
                 const uint16_t want = (uint16_t)bin[k];
-                for (int j0 = 0; j0 < len; j0 += 64) {
-                    const int e = std::min(len, j0 + 64);
-                    int any = 0;
-                    for (int j = j0; j < e; ++j) any |= k16[j] == want;
-                    if (!any) continue;
-                    for (int j = j0; j < e; ++j) {
-                        if (k16[j] != want) continue;
-                        const int64_t i = i0 + j;
-                        const float bv = load_one((const void*)base, dt, i);
-                        float tot = 0.0f, dk = 0.0f;
-                        for (int m = 0; m < K; ++m) {
-                            const float d = load_one((const void*)models[m], dt, i) - bv;
-                            tot = tot + d;
-                            dk = m == k ? d : dk;
-                        }
-                        float a;
-                        found[t][k].push_back(order_key(Pcb::score(dk, tot, lo[k], hi[k], Kf, &a)));
+                for_matching(k16, len, [&](uint16_t v) { return v == want; }, [&](int j) {
+                    const int64_t i = i0 + j;
+                    const float bv = load_one((const void*)base, dt, i);
+                    float tot = 0.0f, dk = 0.0f;
+                    for (int m = 0; m < K; ++m) {
+                        const float d = load_one((const void*)models[m], dt, i) - bv;
+                        tot = tot + d;
+                        dk = m == k ? d : dk;
                     }
-                }
+                    float a;
+                    found[t][k].push_back(order_key(Pcb::score(dk, tot, lo[k], hi[k], Kf, &a)));
+                });
             }
         }
     }
-    for (int k = 0; k < K; ++k) {
-        std::vector<uint32_t> all;
-        for (int t = 0; t < nt; ++t) all.insert(all.end(), found[t][k].begin(), found[t][k].end());
-        std::nth_element(all.begin(), all.begin() + inner[k], all.end());
-        q[k] = key_value(all[inner[k]]);
-    }
+    for (int k = 0; k < K; ++k) q[k] = nth_found(found, k, inner[k]);
     return {q, M, flags};
 }
 
