@@ -45,14 +45,7 @@ inline void ta_fused(const float* __restrict b, const float* const* xs, const fl
         const float bj = b[j];
         bb |= bad_bits(bj);
         float d[K];
-        float v = 0.0f;
-#pragma GCC unroll 8
-        for (int k = 0; k < K; ++k) {
-            const float xv = x[k][j];
-            bx[k] |= bad_bits(xv);
-            d[k] = xv - bj;
-            v = v + d[k];
-        }
+        float v = deltas_at<K>(x, j, bj, d, bx);
         if (MT) {
             v = mt[j];
             bm |= bad_bits(v);

@@ -78,6 +78,22 @@ static inline std::vector<int> ew_flags(const std::vector<int64_t>& v, size_t of
 // 1 in bit 31 where v is inf or nan (ew_nonfinite's test for one value, to OR across a loop)
 static inline uint32_t bad_bits(float v) { return (f2u(v) & 0x7f800000u) + 0x00800000u; }
 
+// Element j of the fused per-block loops (K a template constant): the deltas d[k] = x[k][j] - bj,
+// their sum in Python's order (0 + d_0 + d_1 + ...), returned, and the inputs' inf/nan bits
+// OR-ed into bx[k].
+template <int K>
+static inline float deltas_at(const float* const* x, int j, float bj, float* d, uint32_t* bx) {
+    float v = 0.0f;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+        const float xv = x[k][j];
+        bx[k] |= bad_bits(xv);
+        d[k] = xv - bj;
+        v = v + d[k];
+    }
+    return v;
+}
+
 #ifdef __AVX2__
 // 8 bits of a compare mask in numpy.packbits order (the first element in bit 7): a movemask
 // (element 0 in bit 0) bit-reversed through a table

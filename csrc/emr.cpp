@@ -34,15 +34,7 @@ inline void emr_fused(const float* __restrict b, const float* const* xs, int len
         const float bj = b[j];
         bb |= bad_bits(bj);
         float d[K];
-        float g = 0.0f;
-#pragma GCC unroll 8
-        for (int k = 0; k < K; ++k) {
-            const float xv = x[k][j];
-            bx[k] |= bad_bits(xv);
-            d[k] = xv - bj;
-            g = g + d[k];
-        }
-        g = g > 0.0f ? 1.0f : -1.0f;
+        const float g = deltas_at<K>(x, j, bj, d, bx) > 0.0f ? 1.0f : -1.0f;
         float top = 0.0f;
 #pragma GCC unroll 8
         for (int k = 0; k < K; ++k) {
