@@ -50,6 +50,7 @@ from .methods.pcb import ranks as _pcb_ranks
 from . import layers
 from . import mergeconfig as mc
 from . import vocab as vocab_
+from .backends._host import key_float
 from .safetensors_io import PACKED, Checkpoint, FormatError, Spec, Writer, confined, plan_layout, save_file
 
 COPY_FILES = ("config.json", "generation_config.json")
@@ -418,7 +419,7 @@ def model_thresholds(jobs: List[Job], mine: List[int], base: Checkpoint, inputs:
     # the (N - k)-th smallest is the one at 0-based rank N - k - 1 (none asked of the others)
     keys = _radix_ranks(passes, K, [[rank[k] - 1] if k in active else [] for k in range(K)], group)
     for k in active:
-        thr[k] = _float_of(keys[k][0])
+        thr[k] = key_float(keys[k][0])
     return thr
 
 
@@ -452,10 +453,6 @@ def _radix_ranks(stream, K: int, ranks: List[List[int]], group: Group) -> List[L
     return out
 
 
-def _float_of(bits: int) -> float:
-    return float(torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32))
-
-
 def _order_keys(x: torch.Tensor) -> torch.Tensor:
     """Unsigned order keys of fp32 values (-0 as +0) as int64: key order = float order."""
     u = (x + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -463,7 +460,7 @@ def _order_keys(x: torch.Tensor) -> torch.Tensor:
 
 
 def _from_order_key(key: int) -> float:
-    return _float_of(key & 0x7FFFFFFF if key & 0x80000000 else (~key) & 0xFFFFFFFF)
+    return key_float(key & 0x7FFFFFFF if key & 0x80000000 else (~key) & 0xFFFFFFFF)
 
 
 def pcb_model_stats(jobs: List[Job], mine: List[int], base: Checkpoint, inputs: List[Checkpoint],
@@ -495,8 +492,8 @@ def pcb_model_stats(jobs: List[Job], mine: List[int], base: Checkpoint, inputs: 
                 yield k, d.abs().view(torch.int32).to(torch.int64)
 
     bounds = _radix_ranks(abs_keys, K, [[r_lo, r_hi]] * K, group)
-    lo = [_float_of(b[0]) for b in bounds]
-    hi = [_float_of(b[1]) for b in bounds]
+    lo = [key_float(b[0]) for b in bounds]
+    hi = [key_float(b[1]) for b in bounds]
 
     def score_keys():
         for ds in deltas():

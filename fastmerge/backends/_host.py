@@ -107,6 +107,11 @@ def pack_bits(keep: torch.Tensor) -> torch.Tensor:
     return (padded.reshape(words, 64) * _BIT_WEIGHTS["w"]).sum(dim=1)
 
 
+def key_float(key: int) -> float:
+    """The float whose fp32 bit pattern is ``key`` (a magnitude key of the selects)."""
+    return struct.unpack("<f", struct.pack("<I", key & 0xFFFFFFFF))[0]
+
+
 def threshold_cuts(thresholds) -> list:
     """Top sets ``(T, J)`` (key > T or key == T and index <= J, keys the fp32 bits of ``|d|``)
     that keep ``|d| >= t`` for each magnitude ``t`` (rounded to fp32 as the comparison of an fp32

@@ -346,11 +346,6 @@ def fisher(models, fishers, coef, eps, *, out_dtype, names):
     return out
 
 
-def _key_float(key: int) -> float:
-    """The float whose fp32 bits are ``key`` (a magnitude key of select_ranges)."""
-    return float(torch.tensor([key], dtype=torch.int64).to(torch.int32).view(torch.float32)[0])
-
-
 def pcb(base, models, *, ranks, weights, lam, out_dtype, stats=None):
     """PCB's merge (:mod:`fastmerge.methods.pcb`, csrc/pcb.cpp): the clamp bounds of each
     ``|tau_t|`` by one multi-query radix select, the scores' order statistic and max by
@@ -360,12 +355,19 @@ def pcb(base, models, *, ranks, weights, lam, out_dtype, stats=None):
     if n == 0:
         return out
     K, ptrs, dt, nt = len(models), [m.data_ptr() for m in models], abi.dtype_code(base.dtype), _native.threads(n)
-    if stats is not None:
-        lo, hi, q, M = ([float(v) for v in x] for x in stats)
-        flags = lib.pcb_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), abi.dtype_code(out_dtype), n, lo, hi,
-                              q, M, [float(w) for w in weights], lam, nt)
-        _ew_raise(flags, K, out)
-        return out
+    if stats is None:
+        stats = _pcb_stats(lib, base, models, ptrs, dt, n, ranks, nt)
+    lo, hi, q, M = ([float(v) for v in x] for x in stats)
+    flags = lib.pcb_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), abi.dtype_code(out_dtype), n, lo, hi,
+                          q, M, [float(w) for w in weights], lam, nt)
+    _ew_raise(flags, K, out)
+    return out
+
+
+def _pcb_stats(lib, base, models, ptrs, dt, n, ranks, nt) -> tuple:
+    """PCB's per-task ``(lo, hi, q, M)`` over the tensor: the clamp bounds by select_ranges, the
+    score cut and max by pcb_select (which names a non-finite input)."""
+    K = len(models)
     r_lo, r_hi, r_q = ranks
     # the r-th smallest |tau| is the (n - r)-th largest: the T of a top set of n - r elements
     # (for r = 0, the whole tensor, select_ranges reports no T: its minimum is taken here)
@@ -377,7 +379,7 @@ def pcb(base, models, *, ranks, weights, lam, out_dtype, stats=None):
             _raise([int(not V.all_finite(m)) for m in models] + [int(not V.all_finite(base))],
                    V.input_names(None, K), True)
         for i, (k, r) in enumerate((k, r) for k in range(K) for r in (r_lo, r_hi) if r > 0):
-            bounds[k, r] = _key_float(res[2 * i])
+            bounds[k, r] = _host.key_float(res[2 * i])
     for k in range(K):
         for r in (r_lo, r_hi):
             if r == 0 and (k, 0) not in bounds:
@@ -388,7 +390,4 @@ def pcb(base, models, *, ranks, weights, lam, out_dtype, stats=None):
     hi = [bounds[k, r_hi] for k in range(K)]
     q, M, flags = lib.pcb_select(base.data_ptr(), ptrs, dt, n, lo, hi, r_q, nt)
     _ew_raise(flags, K)
-    flags = lib.pcb_merge(base.data_ptr(), ptrs, dt, out.data_ptr(), abi.dtype_code(out_dtype), n, lo, hi,
-                          list(q), list(M), [float(w) for w in weights], lam, nt)
-    _ew_raise(flags, K, out)
-    return out
+    return lo, hi, q, M
