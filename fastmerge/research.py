@@ -209,26 +209,18 @@ def emr(base, models, *, backend: Optional[str] = None) -> EMR:
         names, bdict, mdicts = _state_dicts(base, models, "base")
         if not mdicts:
             raise ValueError("models is empty: emr needs at least one model")
-        parts = {n: _emr_one(bdict[n], [m[n] for m in mdicts], backend, n) for n in names}
-        K = len(mdicts)
-        scale = [sum(parts[n][2][t] / max(parts[n][0].numel(), 1) for n in names) for t in range(K)]
-        kept = [sum(parts[n][3][t] / max(parts[n][0].numel(), 1) for n in names) for t in range(K)]
+        parts = {n: emr_parts(bdict[n], [m[n] for m in mdicts], backend=backend, name=n) for n in names}
         return EMR(dict(bdict), {n: parts[n][0] for n in names}, {n: parts[n][1] for n in names},
-                   rescalers(scale, kept))
-    uni, packed, abs_sum, kept_sum = _emr_one(base, models, backend, None)
-    n = max(uni.numel(), 1)
-    return EMR(base, uni, packed, rescalers([s / n for s in abs_sum], [s / n for s in kept_sum]))
+                   emr_rescalers([(p[0].numel(), p[2], p[3]) for p in parts.values()]))
+    uni, packed, abs_sum, kept_sum = emr_parts(base, models, backend=backend)
+    return EMR(base, uni, packed, emr_rescalers([(uni.numel(), abs_sum, kept_sum)]))
 
 
 def emr_parts(base, models, *, backend: Optional[str] = None, name: Optional[str] = None):
     """One tensor's share of :func:`emr` over a whole model: ``(tau_uni fp32, packed masks
-    uint8 [K, ceil(n / 8)], sum_j |tau_t[j]|, sum_j |tau_uni[j] m_t[j]|)``; the rescalers are
-    ``sum_p mean|tau_t| / sum_p mean|tau_uni m_t|`` over the tensors ``p`` (``fastmerge merge``
-    adds them up tensor by tensor). ``name`` names the tensor in errors."""
-    return _emr_one(base, models, backend, name)
-
-
-def _emr_one(base, models, backend, name):
+    uint8 [K, ceil(n / 8)], sum_j |tau_t[j]|, sum_j |tau_uni[j] m_t[j]|)``, the sums for
+    :func:`emr_rescalers` (``fastmerge merge`` collects them tensor by tensor). ``name`` names
+    the tensor in errors."""
     try:
         b, ms = checked("emr", _ANY, base, models)
     except (TypeError, ValueError) as e:
@@ -239,6 +231,17 @@ def _emr_one(base, models, backend, name):
     for t, label in zip([b, *ms], ["base", *model_names(len(ms))]):
         V.check_finite(t, label if name is None else f"{label} of tensor {name!r}")
     return _emr_tensor_ref(b, ms)
+
+
+def emr_rescalers(parts) -> torch.Tensor:
+    """EMR's rescalers over the tensors ``parts = [(numel, sum |tau_t|, sum |tau_uni m_t|)]``
+    (:func:`emr_parts`' sums): ``r_t = sum_p mean|tau_t| / sum_p mean|tau_uni m_t|`` in fp32, 0
+    where nothing is kept."""
+    parts = list(parts)
+    K = len(parts[0][1]) if parts else 0
+    scale = [sum(a[t] / max(n, 1) for n, a, _ in parts) for t in range(K)]
+    kept = [sum(k[t] / max(n, 1) for n, _, k in parts) for t in range(K)]
+    return rescalers(scale, kept)
 
 
 def rescalers(scale, kept) -> torch.Tensor:

@@ -817,7 +817,7 @@ class Merger:
         self.device = _device(options.device)
         self._check_backend()
         self.group = Group(self.device)
-        # emr: per merged tensor, its packed masks and the two per-task means of its rescalers
+        # emr: per merged tensor, its packed masks, size and the two per-task sums of its rescalers
         self.emr_parts: Dict[str, tuple] = {}
         self.stats: Dict[str, Checkpoint] = {}  # fisher / regmean: statistics folders, opened once
         self.pcb_stats: Optional[tuple] = None  # pcb with topk_scope: model: (lo, hi, q, M)
@@ -1254,8 +1254,7 @@ class Merger:
                                                                 name=job.name)
         except (ValueError, TypeError) as exc:
             raise MergeError(f"tensor {job.name}: {exc}") from None
-        n = max(uni.numel(), 1)
-        self.emr_parts[job.name] = (packed, [a / n for a in abs_sum], [k / n for k in kept_sum])
+        self.emr_parts[job.name] = (packed, uni.numel(), abs_sum, kept_sum)
         return (base.float() + uni.to(base.device)).to(job.out_dtype)
 
     def _write_emr(self) -> None:
@@ -1264,11 +1263,8 @@ class Merger:
         FusionBench's sums of per-tensor means), the models in config order in the metadata.
         :func:`load_emr` (``fastmerge.load_emr(OUT, BASE)``) rebuilds every task from it."""
         names = sorted(self.emr_parts)
-        K = len(next(iter(self.emr_parts.values()))[1]) if names else 0
-        scale = [sum(self.emr_parts[n][1][t] for n in names) for t in range(K)]
-        kept = [sum(self.emr_parts[n][2][t] for n in names) for t in range(K)]
         tensors = {f"masks.{n}": self.emr_parts[n][0] for n in names}
-        tensors["rescalers"] = research.rescalers(scale, kept)
+        tensors["rescalers"] = research.emr_rescalers(self.emr_parts[n][1:] for n in names)
         models = [m.path for m in self.written.inputs_of()]
         os.mkdir(os.path.join(self.tmp, research.EMR_DIR))
         save_file(os.path.join(self.tmp, research.EMR_DIR, research.EMR_FILE), tensors,
